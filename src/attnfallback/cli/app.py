@@ -1,0 +1,86 @@
+"""The `attnfallback` entry point: builds the Typer app from one module per command and maps
+errors to exit codes (0 ok, 1 unexpected, 2 bad usage or input, 3 attention unavailable under
+strict policy, 4 parity over tolerance)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+import click
+import typer
+
+from attnfallback.errors import AttnFallbackError
+
+# Each module defines `register(app)`; heavy imports (torch, transformers) stay inside commands.
+COMMANDS = ("probe", "plan", "load", "score", "events", "parity", "bench", "sweep", "demo")
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        name="attnfallback",
+        help="Portable transformer scorers: the fastest attention implementation this GPU supports.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    for name in COMMANDS:
+        module_name = f"attnfallback.cli.{name}"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:
+                continue
+            raise
+        module.register(app)
+    return app
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("ATTNFALLBACK_LOG", "WARNING").upper()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("attnfallback")
+    if not logger.handlers:
+        logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns (and, as a script, exits with) the exit code."""
+    _setup_logging()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    app = build_app()
+    try:
+        app(args=argv, standalone_mode=False, prog_name="attnfallback")
+    except AttnFallbackError as e:
+        typer.echo(f"error: {e}", err=True)
+        return _exit(e.exit_code, argv)
+    except click.exceptions.Exit as e:
+        return _exit(e.exit_code, argv)
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return _exit(130, argv)
+    except click.ClickException as e:
+        e.show()
+        return _exit(2 if isinstance(e, click.UsageError) else e.exit_code, argv)
+    except KeyboardInterrupt:
+        return _exit(130, argv)
+    except Exception as e:  # noqa: BLE001 - the last line of defence, turned into exit 1
+        if os.environ.get("ATTNFALLBACK_DEBUG"):
+            raise
+        typer.echo(f"error: unexpected {type(e).__name__}: {e} (set ATTNFALLBACK_DEBUG=1 for the traceback)", err=True)
+        return _exit(1, argv)
+    return _exit(0, argv)
+
+
+def _exit(code: int, argv) -> int:
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Every error attnfallback raises, and the exit code the command line gives each.
+
+    AttnFallbackError                 base; exit 1
+    ├── UsageError                    bad usage or bad input; exit 2
+    │   ├── UnknownNameError          an implementation, dtype, GPU class ... not known (.valid lists them)
+    │   ├── ModelNotFoundError        a model path or id that cannot be found (.path)
+    │   ├── InputError                a malformed input file (.path, .line, .expected, .found)
+    │   ├── ConfigError               a sweep configuration that does not hold (.path, .key)
+    │   └── RemoteCodeError           a model asking for remote code without --trust-remote-code
+    ├── AttentionUnavailable          strict policy and the preferred implementation cannot run; exit 3
+    │                                 (.reasons: {implementation: [reason, ...]}, .attempts)
+    ├── ParityError                   an implementation's outputs are over tolerance; exit 4
+    ├── ModelLoadError                loading failed for a reason no implementation explains; exit 1
+    ├── NonFiniteError                the model produced NaN/inf (.ids); exit 1
+    └── OutputError                   output cannot be written, or is locked by another run; exit 1
+
+Input checks raise one of these, never `assert`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+
+class AttnFallbackError(Exception):
+    """Base of all attnfallback errors."""
+
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(AttnFallbackError):
+    """Bad usage or bad input: the user can fix it."""
+
+    exit_code = 2
+
+
+class UnknownNameError(UsageError):
+    """A name (implementation, dtype, GPU class, task ...) that is not one of the valid ones."""
+
+    def __init__(self, kind: str, name: str, valid: Iterable[str]):
+        self.kind = kind
+        self.name = name
+        self.valid = list(valid)
+        super().__init__(f"unknown {kind} {name!r}; valid: {', '.join(self.valid)}")
+
+
+class ModelNotFoundError(UsageError):
+    """A model reference that is neither a usable directory nor reachable on the hub."""
+
+    def __init__(self, message: str, path: str | None = None):
+        self.path = path
+        super().__init__(message)
+
+
+class InputError(UsageError):
+    """A malformed input: names the file, the line, what was expected and what was found."""
+
+    def __init__(
+        self,
+        message: str,
+        path: str | None = None,
+        line: int | None = None,
+        expected: str | None = None,
+        found: str | None = None,
+    ):
+        self.path = path
+        self.line = line
+        self.expected = expected
+        self.found = found
+        where = path if line is None else f"{path}:{line}"
+        text = f"{where}: {message}" if where else message
+        if expected is not None:
+            text += f" (expected {expected}"
+            text += f", found {found})" if found is not None else ")"
+        super().__init__(text)
+
+
+class ConfigError(UsageError):
+    """A configuration file that does not hold."""
+
+    def __init__(self, message: str, path: str | None = None, key: str | None = None):
+        self.path = path
+        self.key = key
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class RemoteCodeError(UsageError):
+    """The model's config asks for code from the hub, and the user did not allow it."""
+
+
+class AttentionUnavailable(AttnFallbackError):
+    """Strict policy: the preferred attention implementation cannot run here."""
+
+    exit_code = 3
+
+    def __init__(
+        self,
+        requested: str,
+        reasons: Mapping[str, Sequence[str]],
+        attempts: Sequence[object] = (),
+        strict: bool = True,
+    ):
+        self.requested = requested
+        self.reasons = {impl: list(rs) for impl, rs in reasons.items()}
+        self.attempts = list(attempts)
+        self.strict = strict
+        if strict:
+            lines = [f"attention implementation {requested} is unavailable (strict policy):"]
+        else:
+            lines = ["no preferred attention implementation can run here:"]
+        for impl, rs in self.reasons.items():
+            for r in rs:
+                lines.append(f"  {impl}: {r}")
+        super().__init__("\n".join(lines))
+
+
+class ParityError(AttnFallbackError):
+    """An implementation's outputs differ from the reference by more than the tolerance."""
+
+    exit_code = 4
+
+
+class ModelLoadError(AttnFallbackError):
+    """Loading failed for a reason that no attention implementation explains."""
+
+
+class NonFiniteError(AttnFallbackError):
+    """The model produced NaN or inf for some rows."""
+
+    def __init__(self, message: str, ids: Sequence[object] = ()):
+        self.ids = list(ids)
+        super().__init__(message)
+
+
+class OutputError(AttnFallbackError):
+    """The output location cannot be written, or another run holds it."""
+
+    def __init__(self, message: str, path: str | None = None):
+        self.path = path
+        super().__init__(message)

@@ -1,0 +1,169 @@
+"""What a run asks for: the attention implementations it prefers, and what to do when they fail.
+
+`graceful` moves down the preference list (production evals); `strict` fails early, with every
+reason, unless the first preference runs (paper-grade timing); `fastest` measures the viable
+candidates and keeps the fastest. One switch, the same code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from attnfallback.errors import UnknownNameError
+
+
+class AttnImpl(str, Enum):
+    """Attention implementations by transformers' own names."""
+
+    FLASH_ATTENTION_4 = "flash_attention_4"
+    FLASH_ATTENTION_3 = "flash_attention_3"
+    FLASH_ATTENTION_2 = "flash_attention_2"
+    SDPA = "sdpa"
+    FLEX_ATTENTION = "flex_attention"
+    EAGER = "eager"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Mode(str, Enum):
+    GRACEFUL = "graceful"
+    STRICT = "strict"
+    FASTEST = "fastest"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+DEFAULT_PREFER: tuple[str, ...] = (
+    "flash_attention_4",
+    "flash_attention_3",
+    "flash_attention_2",
+    "sdpa",
+    "eager",
+)
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+ENV_POLICY = "ATTNFALLBACK_POLICY"
+ENV_PREFER = "ATTNFALLBACK_PREFER"
+ENV_EVENTS = "ATTNFALLBACK_EVENTS"
+
+
+def is_kernels_hub_id(name: str) -> bool:
+    """A kernels-hub implementation is named like `kernels-community/flash-attn`."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith(".")
+
+
+def parse_impl(name: str) -> str:
+    """Validate one implementation name; kernels-hub ids (`org/repo`) pass as they are."""
+    text = str(name).strip()
+    try:
+        return AttnImpl(text).value
+    except ValueError:
+        if is_kernels_hub_id(text):
+            return text
+        raise UnknownNameError(
+            "attention implementation", text, [i.value for i in AttnImpl] + ["<org>/<kernel> (kernels hub)"]
+        ) from None
+
+
+def parse_prefer(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    """A comma-separated string or a list of names -> validated tuple, duplicates dropped."""
+    if value is None:
+        return DEFAULT_PREFER
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = [parse_impl(i) for i in items if str(i).strip()]
+    if not names:
+        raise UnknownNameError("attention implementation", "", [i.value for i in AttnImpl])
+    return tuple(dict.fromkeys(names))
+
+
+def parse_mode(value: str | Mode) -> Mode:
+    try:
+        return Mode(str(value).strip().lower())
+    except ValueError:
+        raise UnknownNameError("policy", str(value), [m.value for m in Mode]) from None
+
+
+def parse_dtype(value: str | None) -> str:
+    """`auto`, `bfloat16`, `float16` or `float32` (bf16/fp16/fp32 accepted)."""
+    if value is None:
+        return "auto"
+    text = str(value).strip().lower().removeprefix("torch.")
+    text = _DTYPE_ALIASES.get(text, text)
+    if text not in DTYPES:
+        raise UnknownNameError("dtype", str(value), DTYPES)
+    return text
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a run chooses its attention implementation.
+
+    mode: graceful | strict | fastest; prefer: ordered implementation names;
+    verify: run a forward pass after loading; fastest_budget_s: time budget of `fastest`.
+    """
+
+    mode: Mode = Mode.GRACEFUL
+    prefer: tuple[str, ...] = DEFAULT_PREFER
+    verify: bool = True
+    fastest_budget_s: float = 20.0
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "mode", parse_mode(self.mode))
+        object.__setattr__(self, "prefer", parse_prefer(self.prefer))
+
+    @property
+    def is_strict(self) -> bool:
+        return self.mode is Mode.STRICT
+
+    @property
+    def requested(self) -> str:
+        return self.prefer[0]
+
+    @classmethod
+    def graceful(cls, prefer: str | Iterable[str] | None = None, **kw) -> Policy:
+        return cls(mode=Mode.GRACEFUL, prefer=parse_prefer(prefer), **kw)
+
+    @classmethod
+    def strict(cls, prefer: str | Iterable[str] | None = None, **kw) -> Policy:
+        return cls(mode=Mode.STRICT, prefer=parse_prefer(prefer), **kw)
+
+    @classmethod
+    def fastest(cls, prefer: str | Iterable[str] | None = None, **kw) -> Policy:
+        return cls(mode=Mode.FASTEST, prefer=parse_prefer(prefer), **kw)
+
+    @classmethod
+    def resolve(
+        cls,
+        mode: str | Mode | None = None,
+        prefer: str | Iterable[str] | None = None,
+        verify: bool = True,
+        env: Mapping[str, str] | None = None,
+    ) -> Policy:
+        """Arguments first, else ATTNFALLBACK_POLICY / ATTNFALLBACK_PREFER, else the defaults."""
+        env = os.environ if env is None else env
+        mode = mode if mode is not None else env.get(ENV_POLICY) or Mode.GRACEFUL
+        prefer = prefer if prefer is not None else env.get(ENV_PREFER) or None
+        return cls(mode=parse_mode(mode), prefer=parse_prefer(prefer), verify=verify)
+
+    def with_prefer(self, prefer: Iterable[str]) -> Policy:
+        return replace(self, prefer=parse_prefer(prefer))
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode.value, "prefer": list(self.prefer), "verify": self.verify}
+
+
+def events_dir_from_env(value: str | os.PathLike | None, env: Mapping[str, str] | None = None) -> str | None:
+    """The events directory from an argument, else ATTNFALLBACK_EVENTS, else None (no events)."""
+    if value is not None:
+        return os.fspath(value)
+    env = os.environ if env is None else env
+    return env.get(ENV_EVENTS) or None
