@@ -62,6 +62,13 @@ def _model_supports(name: str, facts: ModelFacts | None, flag: str, family: str)
     return []
 
 
+def _head_dim_at_most(name: str, facts: ModelFacts | None, limit: int) -> list[str]:
+    hd = facts.head_dim if facts else None
+    if hd is not None and hd > limit:
+        return [f"head_dim {hd} > {limit}, the largest {name} supports"]
+    return []
+
+
 def _package(name: str, version: str | None, package: str) -> list[str]:
     return [] if version else [f"package {package} is not installed"]
 
@@ -94,6 +101,7 @@ def check_flash_attention_3(device, software, facts, dtype) -> list[str]:
     reasons += _needs_transformers_support(name, software)
     reasons += _needs_half(name, dtype)
     reasons += _model_supports(name, facts, "supports_flash", "flash attention")
+    reasons += _head_dim_at_most(name, facts, 256)
     return reasons
 
 
@@ -105,9 +113,7 @@ def check_flash_attention_2(device, software, facts, dtype) -> list[str]:
     reasons += _package(name, software.flash_attn, "flash_attn")
     reasons += _needs_half(name, dtype)
     reasons += _model_supports(name, facts, "supports_flash", "flash attention")
-    hd = facts.head_dim if facts else None
-    if hd is not None and hd > 256:
-        reasons.append(f"head_dim {hd} > 256, the largest {name} supports")
+    reasons += _head_dim_at_most(name, facts, 256)
     return reasons
 
 

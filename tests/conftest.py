@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random models built from configs (no hub), and CUDA detection for `gpu` tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from attnfallback.model_facts import default_model_path
+
+    return default_model_path()
+
+
+def build_tiny_model(directory: Path, kind: str = "bert", **overrides) -> Path:
+    """A 2-layer random model of the given kind, saved with the MiniLM tokenizer (vocab 30522)."""
+    import torch
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        BertModel,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen2ForSequenceClassification,
+    )
+
+    from attnfallback.model_facts import default_model_path
+
+    torch.manual_seed(0)
+    if kind.startswith("bert"):
+        cfg = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=512)
+        cfg.update(overrides)
+        config = BertConfig(**cfg)
+        model = BertForSequenceClassification(config) if kind == "bert-classify" else BertModel(config)
+    else:
+        cfg = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=2048, pad_token_id=0)
+        cfg.update(overrides)
+        config = Qwen2Config(**cfg)
+        model = Qwen2ForSequenceClassification(config) if kind == "qwen2-classify" else Qwen2ForCausalLM(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    src = default_model_path()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"), "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
