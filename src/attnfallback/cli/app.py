@@ -9,7 +9,6 @@ import logging
 import os
 import sys
 
-import click
 import typer
 
 from attnfallback.errors import AttnFallbackError
@@ -54,19 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app = build_app()
     try:
-        app(args=argv, standalone_mode=False, prog_name="attnfallback")
+        # standalone mode: Typer itself turns usage errors into exit 2 and typer.Exit into its code
+        app(args=argv, prog_name="attnfallback")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        return _exit(code, argv)
     except AttnFallbackError as e:
         typer.echo(f"error: {e}", err=True)
         return _exit(e.exit_code, argv)
-    except click.exceptions.Exit as e:
-        return _exit(e.exit_code, argv)
-    except click.exceptions.Abort:
-        typer.echo("aborted", err=True)
-        return _exit(130, argv)
-    except click.ClickException as e:
-        e.show()
-        return _exit(2 if isinstance(e, click.UsageError) else e.exit_code, argv)
     except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
         return _exit(130, argv)
     except Exception as e:  # noqa: BLE001 - the last line of defence, turned into exit 1
         if os.environ.get("ATTNFALLBACK_DEBUG"):
