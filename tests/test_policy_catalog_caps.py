@@ -95,10 +95,20 @@ def test_assume_installed_and_unknown_package():
 
 
 def test_a_namespace_flash_attn_from_fa4_is_not_flash_attn_2(tmp_path, monkeypatch):
-    # FA4's wheel provides flash_attn/cute without the flash-attn distribution: not FA2.
+    # FA4's wheel provides flash_attn/cute and the distribution flash-attn-4, not flash-attn.
     (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
+    meta = tmp_path / "flash_attn_4-4.0.0b36.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: flash-attn-4\nVersion: 4.0.0b36\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert probe_software(env={}).flash_attn is None
+    try:
+        sw = probe_software(env={}, refresh=True)
+        assert sw.flash_attn_4 == "4.0.0b36"
+        assert sw.flash_attn is None
+    finally:
+        monkeypatch.undo()
+        probe_software(refresh=True)
 
 
 def test_import_is_light():

@@ -13,6 +13,7 @@ import importlib.util
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 
 from attnfallback import catalog
 from attnfallback.errors import UnknownNameError
@@ -171,9 +172,17 @@ def _hub_offline(env: Mapping[str, str]) -> bool:
     return any(env.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def probe_software(env: Mapping[str, str] | None = None) -> SoftwareCaps:
-    """Installed versions, found without importing optional packages."""
+def probe_software(env: Mapping[str, str] | None = None, refresh: bool = False) -> SoftwareCaps:
+    """Installed versions, found without importing optional packages (once per process
+    unless `refresh`; the hub's offline flag is read from `env` every time)."""
     env = os.environ if env is None else env
+    if refresh:
+        _probe_packages.cache_clear()
+    return replace(_probe_packages(), hub_offline=_hub_offline(env))
+
+
+@lru_cache(maxsize=1)
+def _probe_packages() -> SoftwareCaps:
     torch_version = cuda_version = None
     try:
         import torch
@@ -186,7 +195,6 @@ def probe_software(env: Mapping[str, str] | None = None) -> SoftwareCaps:
         torch=torch_version,
         cuda=cuda_version,
         transformers=_dist_version(["transformers"]),
-        hub_offline=_hub_offline(env),
         transformers_attn=_transformers_attention_names(),
         **{key: _optional_version(key) for key in OPTIONAL_PACKAGES},
     )

@@ -9,6 +9,7 @@ error, the log and the `attn_impl` audit event.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -161,6 +162,8 @@ def from_pretrained(facts: ModelFacts, auto_class: str, impl: str, dtype: str, t
     auto = getattr(transformers, auto_class)
     kwargs = dict(model_kwargs)
     kwargs.update(dtype=torch_dtype(dtype), attn_implementation=impl, trust_remote_code=trust_remote_code)
+    if facts.config is not None:
+        kwargs.setdefault("config", copy.copy(facts.config))  # read once, in read_facts
     if facts.ref.source == "hub":
         kwargs["revision"] = facts.revision
     else:

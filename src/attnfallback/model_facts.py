@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -101,6 +101,7 @@ class ModelFacts:
     is_encoder_decoder: bool
     identity: str
     revision: str | None
+    config: object = field(default=None, compare=False, repr=False)  # the transformers config read
 
     @property
     def model_id(self) -> str:
@@ -245,4 +246,5 @@ def read_facts(
         is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
         identity=identity,
         revision=resolved,
+        config=config,
     )
