@@ -1,0 +1,127 @@
+"""`attnfallback sweep CONFIG.toml`: every configuration x shard of a sweep, locally or on Ray."""
+
+from __future__ import annotations
+
+import typer
+
+from attnfallback.cli.common import JSON, print_json, stderr_console, stdout_console
+
+ENGINES = ("local", "ray")
+
+
+def run_sweep(config_path: str, resume: bool = False, engine: str = "local", address: str | None = None,
+              echo=None):
+    """Run the sweep a TOML file describes; returns the SweepResult (failed shards included)."""
+    from attnfallback.errors import UnknownNameError
+    from attnfallback.sweep.config import load_config
+
+    if engine not in ENGINES:
+        raise UnknownNameError("engine", engine, ENGINES)
+    if engine == "ray":
+        from attnfallback.sweep.ray_engine import require_ray
+
+        require_ray()  # before anything is read or written: exit 2 with the install line
+    config = load_config(config_path)
+    if engine == "ray":
+        from attnfallback.sweep.ray_engine import run_sweep_ray
+
+        return run_sweep_ray(config, resume=resume, address=address, echo=echo)
+    from attnfallback.sweep.local import run_local
+
+    return run_local(config, resume=resume, echo=echo)
+
+
+def format_table(rows: list[dict], columns: list[str], headers: dict[str, str] | None = None) -> list[str]:
+    """Rows as aligned text lines (the first line is the header)."""
+    headers = headers or {}
+
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, float):
+            return f"{value:.2f}"
+        return str(value)
+
+    grid = [[headers.get(c, c) for c in columns]] + [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in grid) for i in range(len(columns))]
+    return ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in grid]
+
+
+def shard_rows(result) -> list[dict]:
+    """One row per job: the events' view of how it loaded, and the job's exit."""
+    by_key = {(s["run_id"], s["shard"]): s for s in result.shards}
+    rows = []
+    for job in result.jobs:
+        s = by_key.get((job.run_id, job.shard), {})
+        reason = None
+        if s.get("reason"):
+            reason = f"{s['failed_impl']}: {s['reason']}" if s.get("failed_impl") else s["reason"]
+        elif not job.ok:
+            reason = job.error
+        status = "ok" if job.ok else ("strict failure" if s.get("strict_failure") else f"failed ({_exit_text(job.exit_code)})")
+        rows.append({"config": job.config, "shard": job.shard, "gpu": s.get("gpu_class"),
+                     "requested": s.get("requested"), "used": s.get("used"), "fell_back": s.get("fell_back"),
+                     "status": status, "rows": s.get("rows"), "seconds": job.seconds, "reason": reason})
+    return rows
+
+
+def _exit_text(code) -> str:
+    from attnfallback.sweep.local import describe_exit
+
+    return describe_exit(code)
+
+
+def render_sweep(result, console=None) -> None:
+    """The end-of-sweep report: every shard, the events summary, failures, outputs."""
+    console = console or stdout_console()
+    done = sum(1 for j in result.jobs if j.ok)
+    console.print(f"sweep {result.run_id} ({result.engine} engine): {len(result.jobs)} shard jobs, {done} complete, "
+                  f"{len(result.failed)} failed, {result.seconds:.1f} s", markup=False)
+    rows = shard_rows(result)
+    columns = ["shard", "gpu", "requested", "used", "fell_back", "status", "rows", "seconds", "reason"]
+    if len({r["config"] for r in rows}) > 1:
+        columns.insert(0, "config")
+    console.print("")
+    for line in format_table(rows, columns, {"fell_back": "fell back"}):
+        console.print(line, markup=False, highlight=False)
+    if result.summary:
+        console.print("\nevents summary by GPU class:")
+        for line in format_table(result.summary, ["gpu_class", "shards", "fell_back", "rate", "strict_failures", "top_reason"],
+                                 {"gpu_class": "gpu class", "fell_back": "fell back", "strict_failures": "strict failures",
+                                  "top_reason": "most common reason"}):
+            console.print(line, markup=False, highlight=False)
+    for job in result.failed:
+        console.print(f"\nshard {job.config} {job.shard} failed ({_exit_text(job.exit_code)}); log {job.log}",
+                      markup=False)
+        for line in (job.error_text or job.error or "").splitlines():
+            console.print(f"  {line.strip()}", markup=False, highlight=False)
+    console.print("")
+    for name, merged in result.merged.items():
+        console.print(f"output {name}: {merged['path']} ({merged['rows']} rows, {merged['order']} order)", markup=False)
+    console.print(f"events: {result.events} (attnfallback events fallbacks {result.events})", markup=False)
+    console.print(f"manifest: {result.manifest}", markup=False)
+    if result.failed:
+        console.print("resume the failed shards with --resume", markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("sweep")
+    def sweep_cmd(
+        config: str = typer.Argument(..., help="The sweep's TOML configuration."),
+        resume: bool = typer.Option(False, "--resume", help="Run only the shards that are not complete (same run id)."),
+        engine: str = typer.Option("local", "--engine", help="local (one process per shard) | ray (a Ray cluster)."),
+        address: str = typer.Option(None, "--address", help="Ray cluster address (engine ray; default: a local instance)."),
+        as_json: bool = JSON,
+    ):
+        """Run every configuration x shard of a sweep; report failed shards, merge outputs, summarise the events."""
+        progress = stderr_console()
+        result = run_sweep(config, resume=resume, engine=engine, address=address,
+                           echo=lambda line: progress.print(line, markup=False, highlight=False))
+        if as_json:
+            print_json(result.to_dict())
+        else:
+            render_sweep(result)
+        if result.exit_code:
+            raise typer.Exit(result.exit_code)

@@ -1,0 +1,187 @@
+"""Sweep configuration: the grid, names and run ids, placement, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from attnfallback.cli.app import main
+from attnfallback.errors import ConfigError
+from attnfallback.sweep.config import load_config, parse_config
+from attnfallback.sweep.local import Worker, job_env, plan_workers
+from attnfallback.sweep.state import claim_output
+
+
+@pytest.fixture()
+def texts(tmp_path) -> Path:
+    path = tmp_path / "texts.jsonl"
+    path.write_text("".join(json.dumps({"text": f"sentence {i}"}) + "\n" for i in range(5)))
+    return path
+
+
+def write_toml(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "sweep.toml"
+    path.write_text(body)
+    return path
+
+
+def test_single_configuration_relative_paths_and_jobs(tmp_path, texts):
+    path = write_toml(tmp_path, f"""
+output = "out"
+shards = 3
+workers = 2
+model = "default"
+input = "{texts.name}"
+text_column = "text"
+prefer = "flash_attention_2, sdpa"
+""")
+    config = load_config(path)
+    assert config.output == tmp_path / "out"
+    assert config.events == tmp_path / "out" / "events"
+    (spec,) = config.specs
+    assert spec.name == "main" and spec.input == str(texts) and spec.prefer == ("flash_attention_2", "sdpa")
+    jobs = config.jobs("run-1")
+    assert [str(j.shard) for j in jobs] == ["0/3", "1/3", "2/3"]
+    assert {j.run_id for j in jobs} == {"run-1"}
+    assert len({j.output for j in jobs}) == 3
+    args = jobs[1].score_args(device="cpu")
+    assert args[:2] == ["score", "default"]
+    assert args[args.index("--shard") + 1] == "1/3"
+    assert args[args.index("--prefer") + 1] == "flash_attention_2,sdpa"
+    assert args[args.index("--run-id") + 1] == "run-1"
+    assert "--resume" not in args and "--resume" in jobs[1].score_args(resume=True)
+
+
+def test_grid_multiplies_models_inputs_policies_each_with_its_own_run_id(tmp_path, texts):
+    other = tmp_path / "other.jsonl"
+    other.write_text(texts.read_text())
+    path = write_toml(tmp_path, f"""
+output = "out"
+shards = 2
+input = "{texts.name}"
+[grid]
+input = ["{texts.name}", "{other.name}"]
+policy = ["graceful", "strict"]
+""")
+    config = load_config(path)
+    names = [s.name for s in config.specs]
+    assert names == ["texts.graceful", "texts.strict", "other.graceful", "other.strict"]
+    jobs = config.jobs("sweep-7")
+    assert len(jobs) == 8
+    run_ids = {j.run_id for j in jobs}
+    assert run_ids == {f"sweep-7.{n}" for n in names}
+    # (run id, shard) identifies every job
+    assert len({(j.run_id, str(j.shard)) for j in jobs}) == 8
+
+
+def test_explicit_configs_override_the_defaults(tmp_path, texts):
+    config = parse_config({
+        "output": "out", "input": str(texts), "shards": 2,
+        "configs": [{"name": "a"}, {"name": "b", "shards": 3, "policy": "strict"}],
+    }, base=tmp_path)
+    a, b = config.specs
+    assert (a.name, a.shards, a.policy) == ("a", 2, "graceful")
+    assert (b.name, b.shards, b.policy) == ("b", 3, "strict")
+    assert len(config.jobs("r")) == 5
+
+
+@pytest.mark.parametrize("body, key, fragment", [
+    ('output = "o"\ninput = "{t}"\nshard = 2\n', "shard", "valid keys:"),
+    ('output = "o"\ninput = "{t}"\n[grid]\nmodels = ["default"]\n', "models", "valid keys:"),
+    ('output = "o"\ninput = "{t}"\n[[configs]]\nname = "x"\nworkers = 2\n', "workers", "valid keys:"),
+    ('output = "o"\ninput = "missing.csv"\n', "input", "not found"),
+    ('output = "o"\n', "input", "missing key 'input'"),
+    ('input = "{t}"\n', "output", "missing key 'output'"),
+    ('output = "o"\ninput = "{t}"\nshards = 0\n', "shards", ">= 1"),
+    ('output = "o"\ninput = "{t}"\nshards = "four"\n', "shards", "an integer"),
+    ('output = "o"\ninput = "{t}"\npolicy = "lenient"\n', "policy", "graceful"),
+    ('output = "o"\ninput = "{t}"\nprefer = ["flash_attention_9"]\n', "prefer", "sdpa"),
+    ('output = "o"\ninput = "{t}"\ntask = "rank"\n', "task", "embed"),
+    ('output = "o"\ninput = "{t}"\ndevices = "gpu"\n', "devices", '"auto"'),
+    ('output = "o"\ninput = "{t}"\nworkers = 0\n', "workers", ">= 1"),
+    ('output = "o"\ninput = "{t}"\n[grid]\npolicy = "strict"\n', "policy", "non-empty list"),
+])
+def test_bad_configurations_name_the_key(tmp_path, texts, body, key, fragment):
+    path = write_toml(tmp_path, body.format(t=texts.name))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == key
+    assert fragment in str(info.value)
+    assert str(path) in str(info.value)
+    assert info.value.exit_code == 2
+
+
+def test_unknown_key_lists_the_valid_ones(tmp_path, texts):
+    path = write_toml(tmp_path, f'output = "o"\ninput = "{texts.name}"\nshard = 2\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "'shard'" in message
+    for valid in ("shards", "workers", "devices", "prefer", "policy"):
+        assert valid in message
+
+
+def test_toml_syntax_error_is_bad_input(tmp_path, capsys):
+    path = write_toml(tmp_path, 'output = "o\n')
+    assert main(["sweep", str(path)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+
+
+def test_cli_unknown_key_exits_2(tmp_path, texts, capsys):
+    path = write_toml(tmp_path, f'output = "o"\ninput = "{texts.name}"\nmodle = "default"\n')
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'modle'" in err and "model" in err
+
+
+def test_output_directory_of_another_run_is_refused(tmp_path, texts):
+    base = {"output": str(tmp_path / "out"), "input": str(texts)}
+    first = claim_output(parse_config({**base, "run_id": "run-a"}), resume=False, engine="local")
+    assert first.run_id == "run-a" and (tmp_path / "out" / "sweep.json").is_file()
+    # the same run without --resume, another run with or without it: refused, exit 2
+    for run_id, resume in (("run-a", False), ("run-b", False), ("run-b", True), (None, False)):
+        with pytest.raises(ConfigError) as info:
+            claim_output(parse_config({**base, "run_id": run_id} if run_id else base), resume=resume, engine="local")
+        assert "run-a" in str(info.value) and info.value.exit_code == 2
+    # --resume with the same run id, or with none (taken from the manifest): accepted
+    assert claim_output(parse_config({**base, "run_id": "run-a"}), resume=True, engine="local").run_id == "run-a"
+    assert claim_output(parse_config(base), resume=True, engine="local").run_id == "run-a"
+
+
+def test_resume_refuses_a_changed_configuration(tmp_path, texts):
+    base = {"output": str(tmp_path / "out"), "input": str(texts), "run_id": "r"}
+    claim_output(parse_config({**base, "shards": 2}), resume=False, engine="local")
+    with pytest.raises(ConfigError, match="shards differ"):
+        claim_output(parse_config({**base, "shards": 3}), resume=True, engine="local")
+
+
+def test_non_empty_directory_without_manifest_is_refused(tmp_path, texts):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.parquet").write_bytes(b"someone else's")
+    with pytest.raises(ConfigError, match="not empty"):
+        claim_output(parse_config({"output": str(out), "input": str(texts)}), resume=True, engine="local")
+
+
+def test_placement_gpus_else_cpu_workers(tmp_path, texts):
+    base = {"output": "o", "input": str(texts), "shards": 4}
+    auto = parse_config({**base, "workers": 2}, base=tmp_path)
+    gpus = plan_workers(auto, gpus=["0", "1", "2"])
+    assert [(w.device, w.visible) for w in gpus] == [("cuda", "0"), ("cuda", "1"), ("cuda", "2")]
+    cpus = plan_workers(auto, gpus=[], cpu_count=2)
+    assert [(w.device, w.visible, w.threads) for w in cpus] == [("cpu", "", 1), ("cpu", "", 1)]
+    assert len(plan_workers(parse_config({**base, "devices": "cpu"}, base=tmp_path), gpus=["0"], cpu_count=8)) == 4
+    listed = plan_workers(parse_config({**base, "devices": [1, 3]}, base=tmp_path), gpus=[])
+    assert [w.visible for w in listed] == ["1", "3"]
+
+
+def test_job_environment_isolates_devices_and_identity(tmp_path, texts):
+    config = parse_config({"output": "o", "input": str(texts), "shards": 2}, base=tmp_path)
+    job = config.jobs("r")[1]
+    env = job_env(Worker("gpu3", "cuda", "3"), job, base={"ATTNFALLBACK_RUN_ID": "stale", "CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "3"
+    assert env["ATTNFALLBACK_RUN_ID"] == "r" and env["ATTNFALLBACK_SHARD"] == "1/2"
+    cpu = job_env(Worker("cpu0", "cpu", "", 1), job, base={})
+    assert cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["OMP_NUM_THREADS"] == "1"
