@@ -111,7 +111,7 @@ def plot_file(dirs: list[str], out: str, by: str = "gpu_class", strict_read: boo
 # --- output ---------------------------------------------------------------------------------
 
 def report_reading(log: EventLog, stream=None) -> None:
-    """Unreadable lines, skipped files and schema warnings, on stderr."""
+    """Unreadable lines and skipped files, on stderr (schema warnings go through logging)."""
     stream = stream or sys.stderr
     if log.unreadable:
         stream.write(f"warning: skipped {len(log.unreadable)} unreadable line(s) "
@@ -126,8 +126,6 @@ def report_reading(log: EventLog, stream=None) -> None:
             stream.write(f"  {item}\n")
         if len(log.skipped_files) > MAX_REPORTED:
             stream.write(f"  ... and {len(log.skipped_files) - MAX_REPORTED} more\n")
-    for message in log.warnings:
-        stream.write(f"warning: {message}\n")
 
 
 def _json_value(value: Any) -> Any:

@@ -14,7 +14,7 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
-from attnfallback.events.schema import EVENT_KINDS, SCHEMA, build_record, validate
+from attnfallback.events.schema import EVENT_KINDS, SCHEMA, build_record, check_fields, validate
 from attnfallback.events.sink import EventSink, new_run_id, safe_name
 
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ def emit_event(event: str, *, sink: EventSink | None = None, **fields: Any) -> d
     $ATTNFALLBACK_RUN_ID or one generated per process, shard $ATTNFALLBACK_SHARD or "0/1").
     With no location at all it writes nothing and only returns the record.
     """
+    check_fields(fields)
     target = sink or _default_sink or _sink_from_env()
     if target is None:
         return build_record(event, _process_run_id(), os.environ.get(ENV_SHARD) or "0/1", **fields)

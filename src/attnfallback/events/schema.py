@@ -50,6 +50,15 @@ def schema_version(schema: object) -> int | None:
     return int(tail) if tail.isdigit() else None
 
 
+def check_fields(fields: dict) -> None:
+    """Raise UsageError if `fields` tries to set a field the sink owns (schema, event, run_id, shard)."""
+    from attnfallback.errors import UsageError
+
+    clash = sorted(k for k in fields if k in COMMON_FIELDS and k not in OVERRIDABLE_FIELDS)
+    if clash:
+        raise UsageError(f"event field(s) {', '.join(clash)} are set by the sink and cannot be passed")
+
+
 def build_record(event: str, run_id: str, shard: str, **fields: Any) -> dict:
     """A new record: the common fields first, then `fields` in the order given.
 
@@ -62,9 +71,7 @@ def build_record(event: str, run_id: str, shard: str, **fields: Any) -> dict:
         raise UsageError(
             f"event kind must be a short identifier (letters, digits, _ . -), got {event!r}"
         )
-    clash = sorted(k for k in fields if k in COMMON_FIELDS and k not in OVERRIDABLE_FIELDS)
-    if clash:
-        raise UsageError(f"event field(s) {', '.join(clash)} are set by the sink and cannot be passed")
+    check_fields(fields)
     record: dict[str, Any] = {
         "schema": SCHEMA,
         "event": event,

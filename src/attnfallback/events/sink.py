@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from attnfallback.errors import OutputError, UsageError
-from attnfallback.events.schema import build_record
+from attnfallback.events.schema import build_record, check_fields
 
 FSYNC_KINDS = frozenset({"attn_impl", "attn_unavailable"})
 
@@ -125,6 +125,7 @@ class EventSink:
 
     def emit(self, event: str, **fields: Any) -> dict:
         """Write one event and return its record."""
+        check_fields(fields)
         record = build_record(event, self.run_id, self.shard, **fields)
         line = encode_line(record)
         sync = self.fsync or (self.fsync is None and event in FSYNC_KINDS)
