@@ -1,0 +1,71 @@
+"""`attnfallback score`: score one shard of an input file into a Parquet output."""
+
+from __future__ import annotations
+
+import typer
+
+from attnfallback.cli.common import DEVICE, DTYPE, EVENTS, JSON, POLICY, PREFER, REVISION, RUN_ID, SHARD, TRUST_REMOTE_CODE, print_json, split_list, stdout_console
+
+
+def render(data: dict) -> None:
+    console = stdout_console()
+    d = data["decision"]
+    if data.get("already_complete"):
+        console.print(f"{data['output']}: already complete ({data['rows_written']} rows); nothing to do")
+        return
+    console.print(f"{data['output']}: {data['rows_written']} rows written, {data['rows_skipped']} skipped "
+                  f"(of {data['rows_in']} in shard {data['shard']})")
+    if data["rows_skipped"]:
+        lines = ", ".join(str(s["line"]) for s in data["skipped"][:20])
+        more = f" and {data['rows_skipped'] - 20} more" if data["rows_skipped"] > 20 else ""
+        console.print(f"  skipped lines: {lines}{more}")
+    console.print(f"  {data['tokens']:,} tokens ({data['truncated']} texts truncated), {data['tokens_per_s']:,.0f} tokens/s, "
+                  f"{data['seconds']:.1f} s; attention {d.get('used')}" + (" (fell back)" if d.get("fell_back") else ""))
+    if data["nonfinite"]:
+        console.print(f"  [yellow]{data['nonfinite']} row(s) flagged non-finite[/yellow]")
+    if data["resumed_parts"]:
+        console.print(f"  resumed after {data['resumed_parts']} committed part(s)")
+    if data.get("events"):
+        console.print(f"  events: {data['events']}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("score")
+    def score_cmd(
+        model: str = typer.Argument(..., help="Local directory, hub id, or 'default'."),
+        input: str = typer.Option(..., "--input", help="JSONL, CSV/TSV or Parquet file (by extension)."),
+        output: str = typer.Option(..., "--output", help="Output Parquet file (committed atomically)."),
+        task: str = typer.Option("embed", "--task", help="embed | classify | pairs | logprob."),
+        text_column: str = typer.Option(None, "--text-column", help="Text column (default: 'text', else the only string column)."),
+        text_columns: str = typer.Option(None, "--text-columns", help="Two columns: a,b for pairs; prompt,completion for logprob."),
+        id_column: str = typer.Option(None, "--id-column", help="Id column (default: the 0-based row number)."),
+        shard: str = SHARD,
+        prefer: str = PREFER,
+        policy: str = POLICY,
+        dtype: str = DTYPE,
+        device: str = DEVICE,
+        batch_tokens: int = typer.Option(None, "--batch-tokens", help="Padded tokens per batch (default per device and attention implementation)."),
+        max_length: int = typer.Option(None, "--max-length", help="Truncate texts to this many tokens (counted)."),
+        events: str = EVENTS,
+        run_id: str = RUN_ID,
+        resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last committed part (or keep a completed output)."),
+        on_bad_row: str = typer.Option("error", "--on-bad-row", help="error | skip (skipped rows are listed with their lines)."),
+        on_nonfinite: str = typer.Option("error", "--on-nonfinite", help="error | flag (a `nonfinite` column)."),
+        part_rows: int = typer.Option(8192, "--part-rows", help="Rows per committed part (the unit of --resume)."),
+        quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+        revision: str = REVISION,
+        trust_remote_code: bool = TRUST_REMOTE_CODE,
+        as_json: bool = JSON,
+    ):
+        """Score MODEL over one shard of --input into --output (Parquet, id first, input order)."""
+        from attnfallback.scoring.job import ScoreJob, run_score
+
+        job = ScoreJob(
+            model=model, input=input, output=output, task=task, text_column=text_column,
+            text_columns=split_list(text_columns), id_column=id_column, shard=shard, prefer=prefer, policy=policy,
+            dtype=dtype, device=device, batch_tokens=batch_tokens, max_length=max_length, events=events, run_id=run_id,
+            resume=resume, on_bad_row=on_bad_row, on_nonfinite=on_nonfinite, quiet=quiet or as_json, revision=revision,
+            trust_remote_code=trust_remote_code, part_rows=part_rows,
+        )
+        data = run_score(job).to_dict()
+        print_json(data) if as_json else render(data)

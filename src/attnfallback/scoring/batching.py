@@ -1,0 +1,88 @@
+"""Token-budget batching: a stable length sort, batches bounded by padded tokens, and the
+inverse permutation that puts the outputs back in input order.
+
+Pure functions over lengths (numpy); no torch here, so they are cheap to test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Default token budgets (padded tokens per batch, rows x longest row). Eager materialises the
+# L x L attention scores of every head, so it gets a smaller budget and a bound on those cells.
+CPU_BATCH_TOKENS = 8192
+CUDA_BATCH_TOKENS = 65536
+CUDA_EAGER_BATCH_TOKENS = 16384
+EAGER_SCORE_BYTES = 1 << 30  # rows x heads x L x L x 4 bytes per batch
+
+
+def default_batch_tokens(device_kind: str, impl: str | None) -> int:
+    """The default padded-token budget for this device and attention implementation."""
+    if device_kind == "cuda":
+        return CUDA_EAGER_BATCH_TOKENS if impl == "eager" else CUDA_BATCH_TOKENS
+    return CPU_BATCH_TOKENS
+
+
+def eager_max_cells(impl: str | None, num_heads: int | None) -> int | None:
+    """For eager: the most rows x L x L cells a batch may hold (None: no such bound)."""
+    if impl != "eager":
+        return None
+    heads = max(int(num_heads or 1), 1)
+    return max(EAGER_SCORE_BYTES // (4 * heads), 1)
+
+
+def length_order(lengths: np.ndarray) -> np.ndarray:
+    """Row indices sorted longest first; ties keep input order (stable)."""
+    return np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+
+
+def inverse_permutation(order: np.ndarray) -> np.ndarray:
+    """`inv` such that `sorted_values[inv]` is in input order."""
+    inv = np.empty_like(order)
+    inv[order] = np.arange(len(order), dtype=order.dtype)
+    return inv
+
+
+@dataclass(frozen=True)
+class BatchSlice:
+    """Positions [start, stop) of the length-sorted order, padded to `length` tokens."""
+
+    start: int
+    stop: int
+    length: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.rows * self.length
+
+
+def plan_batches(sorted_lengths: np.ndarray, batch_tokens: int, max_cells: int | None = None,
+                 max_rows: int | None = None) -> list[BatchSlice]:
+    """Greedy batches over lengths sorted longest first.
+
+    A batch holds rows while rows x (its first, longest row's length) <= batch_tokens (and, for
+    eager, rows x length^2 <= max_cells); a row longer than the budget gets a batch of its own.
+    """
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be >= 1, found {batch_tokens}")
+    lengths = np.asarray(sorted_lengths, dtype=np.int64)
+    n = len(lengths)
+    batches: list[BatchSlice] = []
+    start = 0
+    while start < n:
+        length = max(int(lengths[start]), 1)
+        rows = max(batch_tokens // length, 1)
+        if max_cells is not None:
+            rows = min(rows, max(max_cells // (length * length), 1))
+        if max_rows is not None:
+            rows = min(rows, max_rows)
+        stop = min(start + rows, n)
+        batches.append(BatchSlice(start, stop, length))
+        start = stop
+    return batches

@@ -1,0 +1,404 @@
+"""`run_score`: one shard of a scoring job, from input rows to a committed Parquet output.
+
+    job = ScoreJob(model="default", input="texts.jsonl", output="out/emb.parquet", shard="3/8")
+    result = run_score(job)          # ScoreResult: rows in/written/skipped, tokens, seconds ...
+
+Order of work: check the input and its columns, take the output's lock and look at what a
+previous run left, load the model through the fallback (the loader writes `attn_impl`), write
+`shard_start`, score the shard's rows chunk by chunk (each chunk one committed part), write the
+final file atomically, write `shard_done`. Rows in = rows written + rows skipped, always.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from attnfallback.errors import AttnFallbackError, InputError, OutputError, UsageError
+from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec
+from attnfallback.scoring.tasks import TEXT_COLUMNS, parse_task
+
+log = logging.getLogger("attnfallback")
+
+DEFAULT_PART_ROWS = 8192
+MAX_LISTED_SKIPS = 10_000  # skipped rows listed in the event and the result (all are counted)
+BAD_ROW_MODES = ("error", "skip")
+NONFINITE_MODES = ("error", "flag")
+
+
+@dataclass
+class ScoreJob:
+    """Everything one `score` run needs; the CLI flags map one to one onto these fields."""
+
+    model: str = "default"
+    input: str = ""
+    output: str = ""
+    task: str = "embed"  # embed | classify | pairs | logprob
+    text_column: str | None = None
+    text_columns: list[str] | None = None
+    id_column: str | None = None
+    shard: str | None = None
+    prefer: str | list[str] | None = None
+    policy: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    batch_tokens: int | None = None
+    max_length: int | None = None
+    events: str | None = None
+    run_id: str | None = None
+    resume: bool = False
+    on_bad_row: str = "error"
+    on_nonfinite: str = "error"
+    quiet: bool = False
+    revision: str | None = None
+    trust_remote_code: bool = False
+    part_rows: int = DEFAULT_PART_ROWS  # rows per committed part (the unit of --resume)
+
+
+@dataclass
+class ScoreResult:
+    """What a run did. rows_in = rows_written + rows_skipped."""
+
+    output: str
+    rows_in: int
+    rows_written: int
+    rows_skipped: int
+    skipped: list[dict]  # {"row", "line", "reason"} (the first MAX_LISTED_SKIPS)
+    tokens: int
+    truncated: int
+    seconds: float
+    tokens_per_s: float
+    nonfinite: int
+    decision: dict
+    run_id: str
+    shard: str
+    parts: int = 0
+    resumed_parts: int = 0
+    oom_splits: int = 0
+    events: str | None = None
+    already_complete: bool = False
+    task: dict = field(default_factory=dict)
+
+    @property
+    def skipped_lines(self) -> list[int]:
+        return [s["line"] for s in self.skipped]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Counts:
+    rows_in: int = 0
+    rows_total: int = 0  # every row of the input, owned or not
+    skipped: list[dict] = field(default_factory=list)
+    skipped_count: int = 0
+
+
+def _validate_job(job: ScoreJob) -> str:
+    task = parse_task(job.task)
+    if not job.input:
+        raise UsageError("no input: pass --input FILE")
+    if not job.output:
+        raise UsageError("no output: pass --output FILE.parquet")
+    if job.on_bad_row not in BAD_ROW_MODES:
+        raise UsageError(f"--on-bad-row must be one of {', '.join(BAD_ROW_MODES)}, found {job.on_bad_row!r}")
+    if job.on_nonfinite not in NONFINITE_MODES:
+        raise UsageError(f"--on-nonfinite must be one of {', '.join(NONFINITE_MODES)}, found {job.on_nonfinite!r}")
+    if job.part_rows < 1:
+        raise UsageError(f"part_rows must be positive, found {job.part_rows}")
+    if job.batch_tokens is not None and job.batch_tokens < 1:
+        raise UsageError(f"--batch-tokens must be positive, found {job.batch_tokens}")
+    if job.max_length is not None and job.max_length < 2:
+        raise UsageError(f"--max-length must be at least 2, found {job.max_length}")
+    if job.text_columns is not None and len(job.text_columns) not in TEXT_COLUMNS[task]:
+        raise UsageError(f"task {task} takes {' or '.join(map(str, TEXT_COLUMNS[task]))} text column(s), found {len(job.text_columns)}")
+    if Path(job.input).resolve() == Path(job.output).resolve():
+        raise UsageError("the output would overwrite the input")
+    return task
+
+
+def _fingerprint(job: ScoreJob, task: str, source: InputSource, spec: InputSpec, shard: str, identity: str) -> dict:
+    """What must match for --resume to continue a previous run's parts."""
+    stat = source.path.stat()
+    return {
+        "model": str(job.model),
+        "model_identity": identity,
+        "revision": job.revision,
+        "task": task,
+        "input": str(source.path.resolve()),
+        "input_size": stat.st_size,
+        "input_mtime_ns": stat.st_mtime_ns,
+        "text_columns": spec.text_columns,
+        "id_column": spec.id_column,
+        "shard": shard,
+        "max_length": job.max_length,
+        "dtype": job.dtype,
+        "part_rows": job.part_rows,
+        "on_bad_row": job.on_bad_row,
+        "on_nonfinite": job.on_nonfinite,
+    }
+
+
+def _differences(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys)
+
+
+def _bad_row(counts: _Counts, row: InputRow) -> None:
+    counts.skipped_count += 1
+    if len(counts.skipped) < MAX_LISTED_SKIPS:
+        counts.skipped.append({"row": row.number, "line": row.line, "reason": row.problem})
+
+
+def validate_input(source: InputSource, spec: InputSpec) -> int:
+    """Read every row once; the first problem is an InputError (file:line). Returns the row count."""
+    total = 0
+    for row in iter_rows(source, spec):
+        total += 1
+        if row.problem is not None:
+            raise InputError(row.problem + " (--on-bad-row skip skips such rows and lists them)", path=str(source.path), line=row.line)
+    if total == 0:
+        raise InputError("empty input: no rows", path=str(source.path))
+    return total
+
+
+def shard_chunks(source: InputSource, spec: InputSpec, shard, job: ScoreJob, skip_chunks: int, counts: _Counts) -> Iterator:
+    """The shard's good rows in chunks of `part_rows`; the first `skip_chunks` are read, not yielded."""
+    from attnfallback.scoring.pipeline import Chunk
+
+    ids, texts, lines = [], [], []
+    index = 0
+    for row in iter_rows(source, spec):
+        counts.rows_total += 1
+        if not shard.owns(row.number):
+            continue
+        counts.rows_in += 1
+        if row.problem is not None:
+            if job.on_bad_row == "error":
+                raise InputError(row.problem, path=str(source.path), line=row.line)
+            _bad_row(counts, row)
+            continue
+        ids.append(row.id)
+        texts.append(row.texts)
+        lines.append(row.line)
+        if len(ids) == job.part_rows:
+            if index >= skip_chunks:
+                yield Chunk(index, ids, texts, lines)
+            index += 1
+            ids, texts, lines = [], [], []
+    if ids and index >= skip_chunks:
+        yield Chunk(index, ids, texts, lines)
+    if counts.rows_total == 0:
+        raise InputError("empty input: no rows", path=str(source.path))
+
+
+class _Progress:
+    """A rich progress line on stderr (rows/s, tokens/s); nothing when quiet or not a terminal."""
+
+    def __init__(self, enabled: bool, total: int | None, label: str):
+        self.enabled = enabled
+        self._progress = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+            console=Console(stderr=True), transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(label, total=total, rate="")
+        self._t0 = time.perf_counter()
+        self._rows = 0
+        self._tokens = 0
+
+    def advance(self, rows: int, tokens: int) -> None:
+        if self._progress is None:
+            return
+        self._rows += rows
+        self._tokens += tokens
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        rate = f"{self._rows / elapsed:,.0f} rows/s  {self._tokens / elapsed:,.0f} tokens/s"
+        self._progress.update(self._task, advance=rows, rate=rate)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def _emit(sink, kind: str, **fields) -> None:
+    if sink is None:
+        return
+    try:
+        sink.emit(kind, **fields)
+    except OutputError as e:
+        log.warning("could not write the %s event: %s", kind, e)
+
+
+def _open_sink(job: ScoreJob, run_id: str, shard: str):
+    from attnfallback.policy import events_dir_from_env
+
+    directory = events_dir_from_env(job.events)
+    if directory is None:
+        return None
+    from attnfallback.events import EventSink
+
+    return EventSink(directory, run_id=run_id, shard=shard)
+
+
+def run_score(job: ScoreJob) -> ScoreResult:
+    """Score one shard of `job.input` into `job.output` (see the module docstring)."""
+    from attnfallback.events import new_run_id
+    from attnfallback.model_facts import read_facts
+    from attnfallback.scoring.tasks import AUTO_CLASSES
+    from attnfallback.scoring.writer import PartStore
+    from attnfallback.sharding import parse_shard
+
+    t_start = time.perf_counter()
+    task = _validate_job(job)
+    shard = parse_shard(job.shard)
+    shard_text = str(shard)
+    run_id = job.run_id or os.environ.get("ATTNFALLBACK_RUN_ID") or new_run_id()
+    source = open_input(job.input)
+    spec = resolve_spec(source, 2 if task == "pairs" else 1, job.text_column, job.text_columns, job.id_column)
+    if job.on_bad_row == "error":
+        validate_input(source, spec)
+    sink = _open_sink(job, run_id, shard_text)
+    store = PartStore(job.output)
+    existing = store.open(run_id)
+    try:
+        facts = read_facts(job.model, revision=job.revision, auto_class=AUTO_CLASSES[task], trust_remote_code=job.trust_remote_code)
+        fingerprint = _fingerprint(job, task, source, spec, shard_text, facts.identity)
+        resume_parts = _check_existing(store, existing, job, fingerprint)
+        if isinstance(resume_parts, ScoreResult):
+            return resume_parts
+        return _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fingerprint, resume_parts, t_start)
+    except BaseException as e:
+        if sink is not None and not isinstance(e, KeyboardInterrupt):
+            _emit(sink, "shard_failed", error=type(e).__name__, message=str(e)[:2000],
+                  exit_code=getattr(e, "exit_code", 1), output=str(job.output), parts_committed=len(store.parts))
+        raise
+    finally:
+        store.close(remove_lock=True)
+        if sink is not None:
+            sink.close()
+
+
+def _check_existing(store, existing, job: ScoreJob, fingerprint: dict):
+    """None (start fresh), a list of parts to resume from, or a ScoreResult (already complete)."""
+    out = store.output
+    if existing.final_foreign:
+        raise OutputError(f"output {out} exists and was not written by attnfallback; remove it or choose another output", path=str(out))
+    if existing.final_metadata is not None:
+        meta = existing.final_metadata
+        if not job.resume:
+            raise OutputError(f"output {out} exists from a completed run ({meta.get('run_id')}); pass --resume to keep it, "
+                              "or remove it to score again", path=str(out))
+        diff = _differences(meta.get("fingerprint", {}), fingerprint)
+        if diff:
+            raise OutputError(f"output {out} exists from a different job ({diff}); remove it or choose another output", path=str(out))
+        store.discard_stale_parts()
+        result = ScoreResult(**{k: v for k, v in meta.get("result", {}).items() if k in ScoreResult.__dataclass_fields__})
+        result.already_complete = True
+        result.seconds = 0.0
+        return result
+    if existing.manifest is not None:
+        manifest = existing.manifest
+        if not job.resume:
+            raise OutputError(f"a partial output of run {manifest.get('run_id')} ({len(existing.parts)} part(s) committed) is in "
+                              f"{store.work}; pass --resume to continue it, or remove that directory to start over", path=str(store.work))
+        diff = _differences(manifest.get("fingerprint", {}), fingerprint)
+        if diff:
+            raise OutputError(f"cannot resume: the partial output in {store.work} is from a different job ({diff}); "
+                              "remove it to start over", path=str(store.work))
+        return existing.parts
+    return None
+
+
+def _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fingerprint, resume_parts, t_start) -> ScoreResult:
+    from attnfallback.scoring.pipeline import Scorer, build_table
+    from attnfallback.scoring.writer import PartInfo
+
+    scorer = Scorer.from_job(job, sink=sink)
+    scorer.id_type = spec.id_type
+    schema = scorer.output_schema
+    store.start(fingerprint, run_id, resume_parts)
+    resumed = len(store.parts)
+    _emit(sink, "shard_start", task=task, model=scorer.decision.facts.model_id, input=str(source.path), output=str(store.output),
+          impl=scorer.decision.used, dtype=scorer.decision.dtype, device=str(scorer.device), batch_tokens=scorer.batch_tokens,
+          max_length=scorer.max_length, part_rows=job.part_rows, resume_from_part=resumed,
+          rows_total=source.num_rows)
+    counts = _Counts()
+    tty = sys.stderr.isatty()
+    total = None if source.num_rows is None else len(range(shard.index, source.num_rows, shard.count))
+    progress = _Progress(not job.quiet and tty, total, f"score {shard_text}")
+    if resumed:
+        progress.advance(sum(p.rows for p in store.parts), 0)
+    t_score = time.perf_counter()
+    new_tokens = 0
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnfallback-write")
+    pending: list[Future] = []
+    try:
+        chunks = shard_chunks(source, spec, shard, job, resumed, counts)
+        for result in scorer.score_chunks(chunks):
+            table = build_table(schema, result.chunk.ids, result)
+            info = PartInfo(index=result.chunk.index, file=f"part-{result.chunk.index:05d}.parquet", rows=table.num_rows,
+                            tokens=result.tokens, padded_tokens=result.padded_tokens, truncated=result.truncated,
+                            nonfinite=int(result.nonfinite.sum()), impl=scorer.decision.used)
+            # parts are written in order by one thread, while the next chunk runs on the device
+            while pending and pending[0].done():
+                pending.pop(0).result()
+            if len(pending) >= 2:
+                pending.pop(0).result()
+            pending.append(writer.submit(store.commit_part, table, info))
+            new_tokens += result.tokens
+            progress.advance(table.num_rows, result.tokens)
+        for f in pending:
+            f.result()
+    finally:
+        writer.shutdown(wait=True)
+        progress.close()
+    score_s = time.perf_counter() - t_score
+
+    parts = store.parts
+    rows_written = sum(p.rows for p in parts)
+    if rows_written + counts.skipped_count != counts.rows_in:
+        raise OutputError(f"row accounting failed: {counts.rows_in} rows in, {rows_written} written, {counts.skipped_count} skipped",
+                          path=str(store.output))
+    tokens = sum(p.tokens for p in parts)
+    result = ScoreResult(
+        output=str(store.output),
+        rows_in=counts.rows_in,
+        rows_written=rows_written,
+        rows_skipped=counts.skipped_count,
+        skipped=counts.skipped,
+        tokens=tokens,
+        truncated=sum(p.truncated for p in parts),
+        seconds=round(time.perf_counter() - t_start, 4),
+        tokens_per_s=round(new_tokens / score_s, 1) if score_s > 0 else 0.0,
+        nonfinite=sum(p.nonfinite for p in parts),
+        decision=scorer.decision.to_dict(),
+        run_id=run_id,
+        shard=shard_text,
+        parts=len(parts),
+        resumed_parts=resumed,
+        oom_splits=scorer.oom_splits,
+        events=None if sink is None else str(sink.path),
+        task=scorer.describe(),
+    )
+    store.finish(schema, {"format": "attnfallback.output/1", "run_id": run_id, "fingerprint": fingerprint,
+                          "result": result.to_dict()})
+    _emit(sink, "shard_done", rows=result.rows_in, rows_written=result.rows_written, rows_skipped=result.rows_skipped,
+          skipped=[{"line": s["line"], "reason": s["reason"]} for s in result.skipped], tokens=result.tokens,
+          truncated=result.truncated, seconds=result.seconds, tokens_per_s=result.tokens_per_s, non_finite=result.nonfinite,
+          oom_splits=result.oom_splits, output=result.output, parts=result.parts, resumed_parts=resumed, impl=scorer.decision.used)
+    return result

@@ -1,0 +1,399 @@
+"""The scorer: a model loaded once through the fallback, and the loop that feeds it.
+
+    rows -> chunks --(worker thread: tokenize, length sort, token-budget batches, pinned tensors)-->
+    bounded queue --(this thread: non-blocking copy, forward under inference_mode, outputs kept on
+    the device)--> one copy to the host per chunk -> inverse permutation -> Arrow columns
+
+The forward thread never waits on the host per batch; a chunk's outputs come back in one copy.
+On CUDA out-of-memory a batch is split in halves and retried (an `oom_split` event), down to a
+single row, so no row is ever dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from attnfallback.errors import NonFiniteError, UsageError
+from attnfallback.scoring.batching import (
+    BatchSlice,
+    default_batch_tokens,
+    eager_max_cells,
+    inverse_permutation,
+    length_order,
+    plan_batches,
+)
+from attnfallback.scoring.inputs import InputSpec, rows_of_table
+from attnfallback.scoring.tasks import AUTO_CLASSES, TEXT_COLUMNS, Encoded, Task, TextEncoder, build_task, pad_rows, parse_task
+
+log = logging.getLogger("attnfallback")
+
+QUEUE_CHUNKS = 2  # chunks tokenized ahead of the forward pass
+
+
+@dataclass
+class Chunk:
+    """Rows of one part: their ids and texts (and lines, for error messages)."""
+
+    index: int
+    ids: list
+    texts: list[tuple[str, ...]]
+    lines: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class HostBatch:
+    """One padded batch on the host, ready to copy: rows are positions in the chunk."""
+
+    rows: np.ndarray
+    length: int
+    tensors: dict
+    tokens: int
+
+
+@dataclass
+class PreparedChunk:
+    chunk: Chunk
+    encoded: Encoded
+    order: np.ndarray
+    batches: list[HostBatch]
+    prepare_s: float = 0.0
+
+
+@dataclass
+class ChunkResult:
+    """Outputs of one chunk in input order, and what it took."""
+
+    chunk: Chunk
+    columns: dict  # output name -> pyarrow array
+    nonfinite: np.ndarray  # bool per row
+    tokens: int
+    padded_tokens: int
+    truncated: int
+    batches: int
+    oom_splits: int
+    seconds: float
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_DONE = object()
+
+
+class Scorer:
+    """A model loaded once (through `load_model`), reusable across chunks and tables (Ray actors).
+
+    `decision` is the loader's Decision; `output_schema` the output's Arrow schema (id first).
+    """
+
+    def __init__(self, loaded, job, task: Task, max_length: int, batch_tokens: int, max_cells: int | None):
+        import torch
+
+        self.loaded = loaded
+        self.job = job
+        self.task = task
+        self.max_length = max_length
+        self.batch_tokens = batch_tokens
+        self.max_cells = max_cells
+        self.device = loaded.device
+        self.on_cuda = self.device.type == "cuda"
+        self.encoder = TextEncoder(loaded.tokenizer, max_length, task.mode)
+        self.with_types = task.accepts_types
+        self.flag_nonfinite = job.on_nonfinite == "flag"
+        self.sink = loaded.sink
+        self.oom_splits = 0
+        self.id_type = "int64"
+        self._torch = torch
+
+    # -- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def from_job(cls, job, *, loaded=None, sink=None) -> Scorer:
+        """Load `job.model` for `job.task` through the fallback (or wrap an already loaded model)."""
+        from attnfallback.loader import load_model
+        from attnfallback.policy import Policy, parse_dtype
+
+        task_name = parse_task(job.task)
+        if job.on_nonfinite not in ("error", "flag"):
+            raise UsageError(f"--on-nonfinite must be error or flag, found {job.on_nonfinite!r}")
+        if loaded is None:
+            policy = Policy.resolve(mode=job.policy, prefer=job.prefer)
+            loaded = load_model(
+                job.model,
+                revision=job.revision,
+                auto_class=AUTO_CLASSES[task_name],
+                dtype=parse_dtype(job.dtype),
+                device=job.device,
+                policy=policy,
+                events=job.events,
+                run_id=job.run_id,
+                shard=job.shard,
+                trust_remote_code=job.trust_remote_code,
+                model_kwargs=_model_kwargs(task_name, job),
+                sink=sink,
+            )
+        columns = len(job.text_columns) if job.text_columns else 1
+        model_dir = loaded.facts.ref.location if loaded.facts.ref.is_local else _hub_snapshot(loaded.model)
+        task = build_task(task_name, loaded.model, loaded.tokenizer, model_dir, columns)
+        max_length = job.max_length or task.default_max_length()
+        if max_length < 2:
+            raise UsageError(f"--max-length must be at least 2, found {max_length}")
+        impl = loaded.decision.used
+        budget = job.batch_tokens or default_batch_tokens(loaded.device.type, impl)
+        if budget < 1:
+            raise UsageError(f"--batch-tokens must be positive, found {budget}")
+        heads = getattr(loaded.model.config.get_text_config() if hasattr(loaded.model.config, "get_text_config") else loaded.model.config,
+                        "num_attention_heads", None)
+        return cls(loaded, job, task, int(max_length), int(budget), eager_max_cells(impl, heads))
+
+    @property
+    def decision(self):
+        return self.loaded.decision
+
+    def output_schema_for(self, id_type: str = "int64"):
+        import pyarrow as pa
+
+        fields = [pa.field("id", pa.int64() if id_type == "int64" else pa.string())]
+        fields += self.task.output_fields()
+        if self.flag_nonfinite:
+            fields.append(pa.field("nonfinite", pa.bool_()))
+        return pa.schema(fields)
+
+    @property
+    def output_schema(self):
+        """The output schema; the id is int64 (row numbers) unless `id_type` was set to "string"."""
+        return self.output_schema_for(self.id_type)
+
+    def describe(self) -> dict:
+        return {**self.task.describe(), "max_length": self.max_length, "batch_tokens": self.batch_tokens,
+                "max_cells": self.max_cells, "device": str(self.device), "impl": self.decision.used}
+
+    # -- preparing (worker thread) ----------------------------------------------------------
+
+    def prepare(self, chunk: Chunk) -> PreparedChunk:
+        """Tokenize, sort by length (stable), plan token-budget batches, pad (and pin on CUDA)."""
+        t0 = time.perf_counter()
+        encoded = self.encoder.encode(chunk.texts)
+        order = length_order(encoded.lengths)
+        slices = plan_batches(encoded.lengths[order], self.batch_tokens, self.max_cells)
+        batches = [self._host_batch(encoded, order[s.start:s.stop], s.length) for s in slices]
+        return PreparedChunk(chunk, encoded, order, batches, time.perf_counter() - t0)
+
+    def _host_batch(self, encoded: Encoded, rows: np.ndarray, length: int) -> HostBatch:
+        torch = self._torch
+        arrays = pad_rows(encoded, rows, length, self.task.pad_id, self.with_types)
+        arrays.update(self.task.extra_arrays(encoded, rows, length))
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        if self.on_cuda:
+            tensors = {k: v.pin_memory() for k, v in tensors.items()}
+        return HostBatch(rows, length, tensors, int(encoded.lengths[rows].sum()))
+
+    # -- running (this thread) --------------------------------------------------------------
+
+    def run(self, prepared: PreparedChunk) -> ChunkResult:
+        """Forward every batch of a chunk; outputs back in input order, one host copy per chunk."""
+        torch = self._torch
+        t0 = time.perf_counter()
+        splits_before = self.oom_splits
+        pieces: dict[str, list] = {}
+        with torch.inference_mode():
+            for batch in prepared.batches:
+                outputs = self._forward(prepared.encoded, batch, depth=0)
+                for name, value in outputs.items():
+                    pieces.setdefault(name, []).append(value)
+            host = {}
+            for name, values in pieces.items():
+                joined = values[0] if len(values) == 1 else torch.cat(values, dim=0)
+                host[name] = joined.to("cpu", non_blocking=False).numpy()
+        n = len(prepared.chunk)
+        order = prepared.order
+        in_order = {}
+        for name, sorted_values in host.items():
+            restored = np.empty_like(sorted_values)
+            restored[order] = sorted_values
+            in_order[name] = restored
+        if not in_order:  # an empty chunk
+            in_order = {f.name: np.zeros((0,), dtype=np.float32) for f in self.task.output_fields()}
+        finite = np.ones(n, dtype=bool)
+        for value in in_order.values():
+            if value.dtype.kind == "f" and n:
+                finite &= np.isfinite(value.reshape(n, -1)).all(axis=1)
+        nonfinite = ~finite
+        if nonfinite.any() and not self.flag_nonfinite:
+            bad = [prepared.chunk.ids[i] for i in np.flatnonzero(nonfinite)]
+            shown = ", ".join(map(repr, bad[:20])) + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
+            raise NonFiniteError(f"the model produced NaN or inf for {len(bad)} row(s), ids: {shown} "
+                                 "(--on-nonfinite flag writes them with a `nonfinite` column instead)", ids=bad)
+        columns = self.task.to_arrow(in_order) if n else self._empty_columns()
+        return ChunkResult(
+            chunk=prepared.chunk,
+            columns=columns,
+            nonfinite=nonfinite,
+            tokens=int(prepared.encoded.lengths.sum()),
+            padded_tokens=sum(b.length * len(b.rows) for b in prepared.batches),
+            truncated=int(prepared.encoded.truncated.sum()),
+            batches=len(prepared.batches),
+            oom_splits=self.oom_splits - splits_before,
+            seconds=time.perf_counter() - t0,
+        )
+
+    def _empty_columns(self) -> dict:
+        import pyarrow as pa
+
+        return {f.name: pa.array([], type=f.type) for f in self.task.output_fields()}
+
+    def _forward(self, encoded: Encoded, batch: HostBatch, depth: int) -> dict:
+        torch = self._torch
+        failed = False
+        try:
+            on_device = {k: v.to(self.device, non_blocking=True) for k, v in batch.tensors.items()}
+            return self.task.forward(on_device)
+        except torch.OutOfMemoryError:
+            if len(batch.rows) == 1:
+                raise
+            failed = True
+        # outside the except block, so the failed attempt's tensors can be freed before retrying
+        if failed:
+            on_device = None
+            if self.on_cuda:
+                torch.cuda.empty_cache()
+            self.oom_splits += 1
+            mid = len(batch.rows) // 2
+            halves = (batch.rows[:mid], batch.rows[mid:])
+            if self.sink is not None:
+                self.sink.emit("oom_split", rows=len(batch.rows), length=batch.length, padded_tokens=len(batch.rows) * batch.length,
+                               tokens=batch.tokens, depth=depth, halves=[len(h) for h in halves], impl=self.decision.used)
+            log.warning("out of memory on a batch of %d rows x %d tokens: splitting in halves", len(batch.rows), batch.length)
+            results = [self._forward(encoded, self._host_batch(encoded, h, int(encoded.lengths[h].max())), depth + 1) for h in halves]
+            return {name: torch.cat([r[name] for r in results], dim=0) for name in results[0]}
+        raise AssertionError("unreachable")
+
+    def score_chunks(self, chunks: Iterable[Chunk]) -> Iterator[ChunkResult]:
+        """Score chunks in order; tokenization runs in a worker thread ahead of the forward pass."""
+        q: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce():
+            try:
+                for chunk in chunks:
+                    if stop.is_set() or not put(self.prepare(chunk)):
+                        return
+                put(_DONE)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+                put(_Failure(e))
+
+        worker = threading.Thread(target=produce, name="attnfallback-tokenize", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield self.run(item)
+        finally:
+            stop.set()
+            worker.join(timeout=5)
+
+    # -- tables (Ray) -----------------------------------------------------------------------
+
+    def score_table(self, table):
+        """Input columns (id + text columns) -> id + output columns, in the same row order.
+
+        The id is `job.id_column` if set, else a column named `id` if present, else the row's
+        position in the table. Bad rows raise InputError, or are dropped with on_bad_row=skip.
+        """
+        import pyarrow as pa
+
+        spec = self._table_spec(table)
+        ids, texts = [], []
+        for row in rows_of_table(table, spec):
+            if row.problem is not None:
+                if self.job.on_bad_row == "skip":
+                    continue
+                from attnfallback.errors import InputError
+
+                raise InputError(row.problem, path="<table>", line=row.line)
+            ids.append(row.id)
+            texts.append(row.texts)
+        result = self.run(self.prepare(Chunk(0, ids, texts)))
+        return build_table(self.output_schema_for(spec.id_type), ids, result)
+
+    def _table_spec(self, table) -> InputSpec:
+        import pyarrow as pa
+
+        names = list(self.job.text_columns) if self.job.text_columns else None
+        if names is None:
+            if self.job.text_column:
+                names = [self.job.text_column]
+            elif "text" in table.column_names:
+                names = ["text"]
+            else:
+                strings = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+                strings = [s for s in strings if s != (self.job.id_column or "id")]
+                if len(strings) != 1:
+                    raise UsageError(f"cannot tell the text column; pass text_column (the table has columns: {', '.join(table.column_names)})")
+                names = strings
+        id_column = self.job.id_column or ("id" if "id" in table.column_names else None)
+        id_type = "int64"
+        if id_column is not None:
+            field_type = table.schema.field(id_column).type if id_column in table.column_names else pa.int64()
+            id_type = "string" if (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)) else "int64"
+        return InputSpec(names, id_column, id_type)
+
+
+def build_table(schema, ids: list, result: ChunkResult):
+    """The output table of one chunk: id first, then the task's columns (and `nonfinite`)."""
+    import pyarrow as pa
+
+    arrays = [pa.array(ids, type=schema.field("id").type)]
+    for f in schema:
+        if f.name == "id":
+            continue
+        if f.name == "nonfinite":
+            arrays.append(pa.array(result.nonfinite, type=pa.bool_()))
+        else:
+            arrays.append(result.columns[f.name])
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _model_kwargs(task: str, job) -> dict:
+    """A cross-encoder checkpoint with a plain encoder gets one label, as sentence-transformers does."""
+    if task != "pairs":
+        return {}
+    from attnfallback.model_facts import read_facts
+
+    try:
+        facts = read_facts(job.model, revision=job.revision, auto_class="AutoModelForSequenceClassification",
+                           trust_remote_code=job.trust_remote_code)
+    except Exception:  # noqa: BLE001 - load_model reports the same problem properly
+        return {}
+    if facts.architecture and facts.architecture.endswith("ForSequenceClassification"):
+        return {}
+    return {"num_labels": 1}
+
+
+def _hub_snapshot(model) -> str | None:
+    return getattr(getattr(model, "config", None), "_name_or_path", None)

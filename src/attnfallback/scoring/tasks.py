@@ -1,0 +1,519 @@
+"""The four scoring tasks: what each loads, how it tokenizes, what it computes, what it writes.
+
+    embed     AutoModel + the model's sentence-transformers pooling (modules.json, 1_Pooling,
+              Normalize) -> `embedding` (list<float32>)
+    classify  AutoModelForSequenceClassification logits -> `score` (one label) or `scores` + `label`
+    pairs     the same over two text columns (cross-encoder) -> `score` (or `scores` + `label`)
+    logprob   AutoModelForCausalLM log-likelihood of the text, or of the completion given the
+              prompt (`--text-columns prompt,completion`) -> `logprob_sum`, `logprob_mean`, `tokens`
+
+Every output is computed in float32 on the device, whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attnfallback.errors import UnknownNameError, UsageError
+
+TASKS = ("embed", "classify", "pairs", "logprob")
+AUTO_CLASSES = {
+    "embed": "AutoModel",
+    "classify": "AutoModelForSequenceClassification",
+    "pairs": "AutoModelForSequenceClassification",
+    "logprob": "AutoModelForCausalLM",
+}
+# How many text columns each task reads: exactly 2 for pairs; 1, or prompt+completion for logprob.
+TEXT_COLUMNS = {"embed": (1,), "classify": (1,), "pairs": (2,), "logprob": (1, 2)}
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+_LEGACY_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+LOGITS_CHUNK_TOKENS = 4096  # logprob: positions per lm-head chunk (bounds the B x L x vocab logits)
+_UNSUPPORTED_LOGIT_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def parse_task(name: str) -> str:
+    text = str(name).strip().lower()
+    if text not in TASKS:
+        raise UnknownNameError("task", str(name), TASKS)
+    return text
+
+
+# --- sentence-transformers configuration -------------------------------------------------------
+
+@dataclass(frozen=True)
+class SentenceConfig:
+    """What the model's sentence-transformers files say: pooling, normalisation, max length."""
+
+    pooling: tuple[str, ...] = ("mean",)
+    normalize: bool = False
+    max_seq_length: int | None = None
+    do_lower_case: bool = False
+    include_prompt: bool = True
+    source: str = "default (no modules.json: mean pooling, no normalisation)"
+
+
+def read_sentence_config(model_dir: str | Path) -> SentenceConfig:
+    """Pooling and normalisation from modules.json / 1_Pooling/config.json / sentence_bert_config.json.
+
+    A module other than Transformer, Pooling and Normalize (Dense, say) is refused by name rather
+    than silently dropped.
+    """
+    root = Path(model_dir)
+    modules_path = root / "modules.json"
+    if not modules_path.is_file():
+        return SentenceConfig()
+    modules = _read_json(modules_path)
+    if not isinstance(modules, list):
+        raise UsageError(f"{modules_path}: expected a JSON list of modules")
+    pooling: tuple[str, ...] = ("mean",)
+    include_prompt = True
+    normalize = False
+    for module in sorted(modules, key=lambda m: m.get("idx", 0)):
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        if kind == "Transformer":
+            continue
+        if kind == "Pooling":
+            pooling, include_prompt = _read_pooling(root / str(module.get("path", "")) / "config.json")
+        elif kind == "Normalize":
+            normalize = True
+        else:
+            raise UsageError(f"{modules_path}: sentence-transformers module {module.get('type')!r} is not supported by "
+                             "`score --task embed` (supported: Transformer, Pooling, Normalize)")
+    max_len = None
+    lower = False
+    st_config = root / "sentence_bert_config.json"
+    if st_config.is_file():
+        data = _read_json(st_config)
+        if isinstance(data, dict):
+            max_len = data.get("max_seq_length")
+            lower = bool(data.get("do_lower_case", False))
+    return SentenceConfig(pooling, normalize, int(max_len) if max_len else None, lower, include_prompt, str(modules_path))
+
+
+def _read_pooling(path: Path) -> tuple[tuple[str, ...], bool]:
+    if not path.is_file():
+        return ("mean",), True
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a JSON object")
+    mode = data.get("pooling_mode")
+    if mode is None:
+        modes = tuple(m for key, m in _LEGACY_POOLING_KEYS.items() if data.get(key))
+    else:
+        modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    for m in modes:
+        if m not in POOLING_MODES:
+            raise UnknownNameError("pooling mode", m, POOLING_MODES)
+    return modes or ("mean",), bool(data.get("include_prompt", True))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: cannot read ({e})") from None
+
+
+# --- tokenization ------------------------------------------------------------------------------
+
+@dataclass
+class Encoded:
+    """Tokenized rows of one chunk (unpadded)."""
+
+    ids: list[list[int]]
+    type_ids: list[list[int]] | None
+    lengths: np.ndarray  # int64
+    truncated: np.ndarray  # bool
+    score_start: np.ndarray | None = None  # logprob: first position whose next token is scored
+    _flat: tuple[np.ndarray, np.ndarray | None, np.ndarray] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def flat(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """All ids concatenated (and type ids), with each row's offset: for vectorised padding."""
+        if self._flat is None:
+            total = int(self.lengths.sum())
+            ids = np.fromiter(itertools.chain.from_iterable(self.ids), dtype=np.int64, count=total)
+            types = None
+            if self.type_ids is not None:
+                types = np.fromiter(itertools.chain.from_iterable(self.type_ids), dtype=np.int64, count=total)
+            offsets = np.zeros(len(self.lengths), dtype=np.int64)
+            if len(self.lengths) > 1:
+                np.cumsum(self.lengths[:-1], out=offsets[1:])
+            self._flat = (ids, types, offsets)
+        return self._flat
+
+
+class TextEncoder:
+    """Tokenizes texts (or pairs) with the model's fast tokenizer, truncating at `max_length`
+    and recording which rows were truncated. Thread-safe: its settings never change after init."""
+
+    def __init__(self, tokenizer, max_length: int, mode: str = "single"):
+        self.max_length = int(max_length)
+        self.mode = mode  # single | pair | prompt_completion
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        self.fast = backend is not None
+        if self.fast:
+            from tokenizers import Tokenizer
+
+            def configured(direction: str, max_length: int):
+                copy = Tokenizer.from_str(backend.to_str())
+                copy.no_padding()
+                copy.enable_truncation(max_length, strategy="longest_first", direction=direction)
+                return copy
+
+            self._main = configured("right", self.max_length)
+            if mode == "prompt_completion":
+                # the completion is kept; the prompt gives way, from its left
+                self._prompt = configured("left", self.max_length)
+                self._completion = configured("right", max(self.max_length - 1, 1))
+
+    def encode(self, texts: list[tuple[str, ...]]) -> Encoded:
+        if self.mode == "prompt_completion":
+            return self._encode_prompt_completion(texts)
+        if self.fast:
+            inputs = [t[0] for t in texts] if self.mode == "single" else [(t[0], t[1]) for t in texts]
+            encodings = self._main.encode_batch(inputs, add_special_tokens=True)
+            ids = [e.ids for e in encodings]
+            type_ids = [e.type_ids for e in encodings]
+            truncated = np.fromiter((len(e.ids) >= self.max_length and bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
+        else:
+            ids, type_ids, truncated = self._encode_slow(texts)
+        lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
+        return Encoded(ids, type_ids, lengths, truncated)
+
+    def _encode_slow(self, texts):
+        pair = self.mode == "pair"
+        first = [t[0] for t in texts]
+        second = [t[1] for t in texts] if pair else None
+        out = self.tokenizer(first, second, truncation="longest_first", max_length=self.max_length, padding=False)
+        ids = out["input_ids"]
+        type_ids = out.get("token_type_ids") or [[0] * len(i) for i in ids]
+        truncated = np.zeros(len(ids), dtype=bool)
+        full_candidates = [i for i, row in enumerate(ids) if len(row) >= self.max_length]
+        if full_candidates:
+            sub_first = [first[i] for i in full_candidates]
+            sub_second = [second[i] for i in full_candidates] if pair else None
+            full = self.tokenizer(sub_first, sub_second, truncation=False, padding=False)["input_ids"]
+            for i, row in zip(full_candidates, full):
+                truncated[i] = len(row) > self.max_length
+        return ids, type_ids, truncated
+
+    def _encode_prompt_completion(self, texts) -> Encoded:
+        if not self.fast:
+            raise UsageError("logprob with prompt,completion columns needs a fast tokenizer")
+        completions = self._completion.encode_batch([t[1] for t in texts], add_special_tokens=False)
+        ids, starts, truncated = [], [], []
+        prompts = self._prompt.encode_batch([t[0] for t in texts], add_special_tokens=True)
+        for p, c in zip(prompts, completions):
+            room = self.max_length - len(c.ids)
+            p_ids = p.ids[-room:] if room > 0 else []
+            cut = bool(p.overflowing) or bool(c.overflowing) or len(p_ids) < len(p.ids)
+            if not p_ids:  # the first completion token needs at least one token of context
+                p_ids = p.ids[-1:]
+                c_ids = c.ids[: self.max_length - 1]
+                cut = True
+            else:
+                c_ids = c.ids
+            ids.append(p_ids + c_ids)
+            starts.append(len(p_ids) - 1)
+            truncated.append(cut)
+        lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
+        return Encoded(ids, None, lengths, np.array(truncated, dtype=bool), np.array(starts, dtype=np.int64))
+
+
+# --- padded batches ----------------------------------------------------------------------------
+
+def pad_rows(encoded: Encoded, rows: np.ndarray, length: int, pad_id: int, with_types: bool) -> dict[str, np.ndarray]:
+    """Right-padded int64 arrays for `rows` of `encoded`: input_ids, attention_mask (and token_type_ids)."""
+    flat_ids, flat_types, offsets = encoded.flat()
+    lens = encoded.lengths[rows]
+    positions = np.arange(length, dtype=np.int64)
+    mask = positions[None, :] < lens[:, None]
+    index = offsets[rows][:, None] + positions[None, :]
+    np.minimum(index, max(len(flat_ids) - 1, 0), out=index)
+    out = {
+        "input_ids": np.where(mask, flat_ids[index] if len(flat_ids) else 0, pad_id).astype(np.int64, copy=False),
+        "attention_mask": mask.astype(np.int64),
+    }
+    if with_types:
+        types = flat_types if flat_types is not None else np.zeros_like(flat_ids)
+        out["token_type_ids"] = np.where(mask, types[index] if len(types) else 0, 0).astype(np.int64, copy=False)
+    return out
+
+
+# --- tasks -------------------------------------------------------------------------------------
+
+class Task:
+    """A task bound to one loaded model: tokenization mode, forward, output columns."""
+
+    name = ""
+    mode = "single"
+
+    def __init__(self, model, tokenizer, model_dir: str | None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_dir = model_dir
+        params = inspect.signature(model.forward).parameters
+        self.accepts_types = "token_type_ids" in params
+        config_pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+        tok_pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = int(config_pad if config_pad is not None else tok_pad if tok_pad is not None else 0)
+
+    def default_max_length(self) -> int:
+        candidates = []
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(limit, int) and 0 < limit < 1_000_000:
+            candidates.append(limit)
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and positions > 0:
+            candidates.append(positions)
+        return min(candidates) if candidates else 512
+
+    def output_fields(self) -> list:
+        raise NotImplementedError
+
+    def forward(self, batch: dict) -> dict:
+        raise NotImplementedError
+
+    def model_inputs(self, batch: dict) -> dict:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self.accepts_types and "token_type_ids" in batch:
+            inputs["token_type_ids"] = batch["token_type_ids"]
+        return inputs
+
+    def extra_arrays(self, encoded: Encoded, rows: np.ndarray, length: int) -> dict[str, np.ndarray]:
+        """Task-specific host arrays for a batch (prepared off the forward thread)."""
+        return {}
+
+    def to_arrow(self, outputs: dict[str, np.ndarray]) -> dict:
+        """Output columns (name -> pyarrow array) from float32 numpy outputs in row order."""
+        import pyarrow as pa
+
+        columns = {}
+        for f in self.output_fields():
+            value = outputs[f.name]
+            if pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type):
+                columns[f.name] = _list_array(value)
+            else:
+                columns[f.name] = pa.array(value, type=f.type)
+        return columns
+
+    def describe(self) -> dict:
+        return {"task": self.name}
+
+
+def _list_array(matrix: np.ndarray):
+    import pyarrow as pa
+
+    rows, width = matrix.shape
+    offsets = np.arange(0, rows * width + 1, width, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1)))
+
+
+class EmbedTask(Task):
+    name = "embed"
+
+    def __init__(self, model, tokenizer, model_dir):
+        super().__init__(model, tokenizer, model_dir)
+        self.sentence = read_sentence_config(model_dir) if model_dir else SentenceConfig()
+        hidden = getattr(model.config, "hidden_size", None)
+        self.dim = int(hidden) * len(self.sentence.pooling) if hidden else None
+
+    def default_max_length(self) -> int:
+        base = super().default_max_length()
+        if self.sentence.max_seq_length:
+            return min(base, self.sentence.max_seq_length)
+        return base
+
+    def output_fields(self):
+        import pyarrow as pa
+
+        return [pa.field("embedding", pa.list_(pa.float32()))]
+
+    def forward(self, batch):
+        import torch
+
+        out = self.model(**self.model_inputs(batch))
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        hidden = hidden.float()
+        mask = batch["attention_mask"]
+        vectors = [pool(hidden, mask, mode) for mode in self.sentence.pooling]
+        vector = vectors[0] if len(vectors) == 1 else torch.cat(vectors, dim=-1)
+        if self.sentence.normalize:
+            vector = torch.nn.functional.normalize(vector, p=2, dim=1)
+        return {"embedding": vector}
+
+    def describe(self):
+        return {"task": self.name, "pooling": list(self.sentence.pooling), "normalize": self.sentence.normalize,
+                "config": self.sentence.source}
+
+
+def pool(hidden, mask, mode: str):
+    """sentence-transformers' pooling over right-padded float32 token embeddings."""
+    import torch
+
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values
+    if mode in ("mean", "mean_sqrt_len_tokens"):
+        summed = (hidden * m).sum(dim=1)
+        count = torch.clamp(m.sum(dim=1), min=1e-9)
+        return summed / (count if mode == "mean" else torch.sqrt(count))
+    if mode == "weightedmean":
+        weights = torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=hidden.dtype).view(1, -1, 1)
+        weighted = m * weights
+        return (hidden * weighted).sum(dim=1) / torch.clamp(weighted.sum(dim=1), min=1e-9)
+    if mode == "lasttoken":
+        last = (mask.sum(dim=1) - 1).clamp(min=0)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise UnknownNameError("pooling mode", mode, POOLING_MODES)
+
+
+class ClassifyTask(Task):
+    name = "classify"
+
+    def __init__(self, model, tokenizer, model_dir):
+        super().__init__(model, tokenizer, model_dir)
+        config = model.config
+        if getattr(config, "pad_token_id", None) is None and getattr(tokenizer, "pad_token_id", None) is not None:
+            # decoder classifiers find each row's last token by the pad id: it must be the one we pad with
+            config.pad_token_id = tokenizer.pad_token_id
+            self.pad_id = int(tokenizer.pad_token_id)
+        self.num_labels = int(getattr(config, "num_labels", 1) or 1)
+        id2label = getattr(config, "id2label", None) or {}
+        self.labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(self.num_labels)]
+
+    def output_fields(self):
+        import pyarrow as pa
+
+        if self.num_labels == 1:
+            return [pa.field("score", pa.float32())]
+        return [pa.field("scores", pa.list_(pa.float32())), pa.field("label", pa.string())]
+
+    def forward(self, batch):
+        logits = self.model(**self.model_inputs(batch)).logits.float()
+        if self.num_labels == 1:
+            return {"score": logits[:, 0]}
+        return {"scores": logits}
+
+    def to_arrow(self, outputs):
+        import pyarrow as pa
+
+        if self.num_labels == 1:
+            return {"score": pa.array(outputs["score"], type=pa.float32())}
+        scores = outputs["scores"]
+        best = np.argmax(np.nan_to_num(scores, nan=-np.inf), axis=1) if len(scores) else np.zeros(0, dtype=np.int64)
+        labels = np.asarray(self.labels, dtype=object)[best] if len(scores) else np.zeros(0, dtype=object)
+        return {"scores": _list_array(scores), "label": pa.array(labels.tolist(), type=pa.string())}
+
+    def describe(self):
+        return {"task": self.name, "labels": self.labels}
+
+
+class PairsTask(ClassifyTask):
+    name = "pairs"
+    mode = "pair"
+
+
+class LogprobTask(Task):
+    name = "logprob"
+
+    def __init__(self, model, tokenizer, model_dir, prompt_completion: bool = False):
+        super().__init__(model, tokenizer, model_dir)
+        self.mode = "prompt_completion" if prompt_completion else "single"
+        config = model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.chunked = not any(getattr(text_config, a, None) not in (None, 1, 1.0) for a in _UNSUPPORTED_LOGIT_ATTRS)
+        self.base = getattr(model, "base_model", None) if self.chunked else None
+        self.head = model.get_output_embeddings() if self.chunked else None
+        if self.base is None or self.head is None or self.base is model:
+            self.chunked = False
+
+    def output_fields(self):
+        import pyarrow as pa
+
+        return [pa.field("logprob_sum", pa.float32()), pa.field("logprob_mean", pa.float32()), pa.field("tokens", pa.int32())]
+
+    def extra_arrays(self, encoded, rows, length):
+        lens = encoded.lengths[rows]
+        starts = encoded.score_start[rows] if encoded.score_start is not None else np.zeros(len(rows), dtype=np.int64)
+        counts = np.maximum(lens - 1 - starts, 0)
+        row_of = np.repeat(np.arange(len(rows), dtype=np.int64), counts)
+        first = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) if len(rows) else np.zeros(0, np.int64)
+        pos = np.arange(int(counts.sum()), dtype=np.int64) + first
+        flat_ids, _, offsets = encoded.flat()
+        targets = flat_ids[offsets[rows][row_of] + pos + 1] if len(pos) else np.zeros(0, dtype=np.int64)
+        return {"_select": row_of * length + pos, "_row_of": row_of, "_targets": targets.astype(np.int64),
+                "_counts": counts.astype(np.int64)}
+
+    def forward(self, batch):
+        import torch
+
+        inputs = self.model_inputs(batch)
+        select, row_of, targets = batch["_select"], batch["_row_of"], batch["_targets"]
+        rows = batch["input_ids"].shape[0]
+        sums = torch.zeros(rows, dtype=torch.float32, device=batch["input_ids"].device)
+        total = int(select.shape[0])  # a host-side shape: no device sync
+        if self.chunked:
+            hidden = self.base(**inputs).last_hidden_state
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            for start in range(0, total, LOGITS_CHUNK_TOKENS):
+                stop = min(start + LOGITS_CHUNK_TOKENS, total)
+                logits = self.head(flat.index_select(0, select[start:stop])).float()
+                picked = logits.gather(1, targets[start:stop, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+                sums.index_add_(0, row_of[start:stop], picked)
+        else:
+            logits = self.model(**inputs).logits
+            flat = logits.reshape(-1, logits.shape[-1])
+            for start in range(0, total, LOGITS_CHUNK_TOKENS):
+                stop = min(start + LOGITS_CHUNK_TOKENS, total)
+                chunk = flat.index_select(0, select[start:stop]).float()
+                picked = chunk.gather(1, targets[start:stop, None])[:, 0] - torch.logsumexp(chunk, dim=-1)
+                sums.index_add_(0, row_of[start:stop], picked)
+        counts = batch["_counts"]
+        mean = sums / counts.clamp(min=1).to(torch.float32)
+        mean = torch.where(counts > 0, mean, torch.full_like(mean, float("nan")))
+        return {"logprob_sum": sums, "logprob_mean": mean, "tokens": counts.to(torch.float32)}
+
+    def to_arrow(self, outputs):
+        import pyarrow as pa
+
+        return {
+            "logprob_sum": pa.array(outputs["logprob_sum"], type=pa.float32()),
+            "logprob_mean": pa.array(outputs["logprob_mean"], type=pa.float32()),
+            "tokens": pa.array(outputs["tokens"].astype(np.int32), type=pa.int32()),
+        }
+
+    def describe(self):
+        return {"task": self.name, "mode": self.mode, "chunked_head": self.chunked}
+
+
+def build_task(name: str, model, tokenizer, model_dir: str | None, text_columns: int) -> Task:
+    """The task object for a loaded model."""
+    name = parse_task(name)
+    if name == "embed":
+        return EmbedTask(model, tokenizer, model_dir)
+    if name == "classify":
+        return ClassifyTask(model, tokenizer, model_dir)
+    if name == "pairs":
+        return PairsTask(model, tokenizer, model_dir)
+    return LogprobTask(model, tokenizer, model_dir, prompt_completion=text_columns == 2)

@@ -1,0 +1,321 @@
+"""Output of a scoring run: Parquet parts plus a manifest, committed atomically, resumable, locked.
+
+For an output `dir/out.parquet` the run keeps, next to it:
+
+    dir/.out.parquet.lock          flock held for the whole run: a second run is refused
+    dir/.out.parquet.parts/        part-00000.parquet ... and manifest.json (the committed parts)
+
+A part is written under a temporary name, fsynced and renamed; then the manifest (the only source
+of truth for what is committed) is rewritten the same way. At the end the parts are streamed into
+`dir/.out.parquet.tmp-<pid>`, fsynced and renamed to `dir/out.parquet`, which carries the run's
+summary in its key-value metadata; then the parts directory goes. A reader never sees a
+half-written `out.parquet`; a killed run leaves only hidden files, which `--resume` picks up.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from attnfallback.errors import OutputError
+
+MANIFEST_FORMAT = "attnfallback.parts/1"
+METADATA_KEY = b"attnfallback"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def _describe_os_error(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "no space left on device"
+    if e.errno in (errno.EROFS,):
+        return "read-only file system"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return e.strerror or str(e)
+
+
+class OutputLock:
+    """An exclusive, non-blocking flock on `path`; released by the kernel if the process dies."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, run_id: str) -> None:
+        import fcntl
+
+        for _ in range(10):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except OSError as e:
+                raise OutputError(f"cannot create the lock {self.path}: {_describe_os_error(e)}", path=str(self.path)) from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise OutputError(
+                    f"output {self.path.name.removeprefix('.').removesuffix('.lock')} is locked by another run"
+                    f"{holder}; two runs cannot write one output (lock: {self.path})",
+                    path=str(self.path),
+                ) from None
+            # the file may have been removed (a run finishing) between open and flock: retry on the new one
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "run_id": run_id}).encode())
+            self._fd = fd
+            return
+        raise OutputError(f"cannot take the lock {self.path}: it keeps being replaced", path=str(self.path))
+
+    def release(self, remove: bool = False) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if remove:
+            _unlink_quietly(self.path)
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f" (pid {data.get('pid')}, run id {data.get('run_id')})"
+    except (OSError, ValueError):
+        return ""
+
+
+@dataclass
+class PartInfo:
+    index: int
+    file: str
+    rows: int
+    tokens: int
+    padded_tokens: int
+    truncated: int
+    nonfinite: int
+    impl: str | None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Existing:
+    """What a previous run left at the output."""
+
+    final_metadata: dict | None = None  # a completed output written by attnfallback
+    final_foreign: bool = False  # a file we did not write
+    manifest: dict | None = None
+    parts: list[PartInfo] = field(default_factory=list)
+
+
+class PartStore:
+    """The parts, manifest and final file of one output."""
+
+    def __init__(self, output: str | os.PathLike):
+        self.output = Path(output)
+        if self.output.name in ("", ".", ".."):
+            raise OutputError(f"output {output!r} is not a file name", path=str(output))
+        self.parent = self.output.parent
+        self.work = self.parent / f".{self.output.name}.parts"
+        self.lock = OutputLock(self.parent / f".{self.output.name}.lock")
+        self.manifest: dict | None = None
+        self.parts: list[PartInfo] = []
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def open(self, run_id: str) -> Existing:
+        """Create the output's directory, take the lock, and report what is already there."""
+        if self.output.exists() and self.output.is_dir():
+            raise OutputError(f"output {self.output} is a directory; expected a file name such as out.parquet", path=str(self.output))
+        try:
+            self.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create the output directory {self.parent}: {_describe_os_error(e)}", path=str(self.parent)) from e
+        self.lock.acquire(run_id)
+        existing = Existing()
+        if self.output.exists():
+            meta = read_output_metadata(self.output)
+            if meta is None:
+                existing.final_foreign = True
+            else:
+                existing.final_metadata = meta
+        manifest_path = self.work / "manifest.json"
+        if manifest_path.exists():
+            try:
+                manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise OutputError(f"the manifest {manifest_path} of a previous run is unreadable ({e}); remove {self.work} to start over",
+                                  path=str(manifest_path)) from None
+            existing.manifest = manifest
+            existing.parts = self._valid_parts(manifest)
+        return existing
+
+    def _valid_parts(self, manifest: dict) -> list[PartInfo]:
+        """The committed parts that are still whole, in order (a gap ends the list)."""
+        parts = []
+        for i, entry in enumerate(manifest.get("parts", [])):
+            info = PartInfo(**entry)
+            path = self.work / info.file
+            if info.index != i or not path.is_file() or _parquet_rows(path) != info.rows:
+                break
+            parts.append(info)
+        return parts
+
+    def start(self, fingerprint: dict, run_id: str, resume_parts: list[PartInfo] | None) -> None:
+        """Begin a fresh manifest, or continue `resume_parts`; stale files are cleared."""
+        try:
+            if resume_parts is None and self.work.exists():
+                shutil.rmtree(self.work)
+            self.work.mkdir(parents=True, exist_ok=True)
+            self.parts = list(resume_parts or [])
+            keep = {p.file for p in self.parts} | {"manifest.json"}
+            for path in self.work.iterdir():
+                if path.name not in keep:
+                    _unlink_quietly(path)
+            self.manifest = {"format": MANIFEST_FORMAT, "run_id": run_id, "fingerprint": fingerprint, "parts": []}
+            self._write_manifest()
+        except OSError as e:
+            raise OutputError(f"cannot prepare {self.work}: {_describe_os_error(e)}", path=str(self.work)) from e
+
+    def _write_manifest(self) -> None:
+        assert self.manifest is not None
+        self.manifest["parts"] = [p.to_dict() for p in self.parts]
+        _write_bytes_atomic(self.work / "manifest.json", json.dumps(self.manifest, indent=1).encode())
+
+    # -- parts ------------------------------------------------------------------------------
+
+    def commit_part(self, table, info: PartInfo) -> None:
+        """Write one part (temporary name, fsync, rename), then record it in the manifest."""
+        import pyarrow.parquet as pq
+
+        if info.index != len(self.parts):
+            raise OutputError(f"part {info.index} committed out of order (expected {len(self.parts)})", path=str(self.work))
+        path = self.work / info.file
+        tmp = self.work / f".{info.file}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as fh:
+                pq.write_table(table, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(self.work)
+            self.parts.append(info)
+            self._write_manifest()
+        except OSError as e:
+            _unlink_quietly(tmp)
+            if self.parts and self.parts[-1] is info:
+                self.parts.pop()
+            raise OutputError(f"cannot write part {info.index} of {self.output} in {self.work}: {_describe_os_error(e)}",
+                              path=str(path)) from e
+
+    def read_part(self, info: PartInfo):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.work / info.file)
+
+    # -- finishing --------------------------------------------------------------------------
+
+    def finish(self, schema, metadata: dict) -> None:
+        """Stream the parts into the final file and rename it into place; remove the parts."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        meta = dict(schema.metadata or {})
+        meta[METADATA_KEY] = json.dumps(metadata, default=str).encode()
+        schema = schema.with_metadata(meta)
+        tmp = self.parent / f".{self.output.name}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as fh:
+                with pq.ParquetWriter(fh, schema) as writer:
+                    for info in self.parts:
+                        part = pq.read_table(self.work / info.file)
+                        writer.write_table(part.cast(schema) if part.schema != schema.remove_metadata() else part)
+                    if not self.parts:
+                        writer.write_table(pa.Table.from_batches([], schema=schema))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.output)
+            _fsync_dir(self.parent)
+        except OSError as e:
+            _unlink_quietly(tmp)
+            raise OutputError(f"cannot write {self.output}: {_describe_os_error(e)}", path=str(self.output)) from e
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def discard_stale_parts(self) -> None:
+        """A completed output with its parts still there (killed after the final rename)."""
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def close(self, remove_lock: bool = True) -> None:
+        self.lock.release(remove=remove_lock)
+
+
+def _parquet_rows(path: Path) -> int | None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowException, OSError):
+        return None
+
+
+def read_output_metadata(path: str | os.PathLike) -> dict | None:
+    """The run summary a completed output carries; None for a file attnfallback did not write."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path).schema_arrow.metadata or {}
+    except (pa.ArrowException, OSError):
+        return None
+    raw = meta.get(METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
