@@ -1,0 +1,668 @@
+"""Parity: the same rows through each attention implementation, compared with a reference.
+
+    report = run_parity("default", read_texts("stsb-en-test.csv"), impls=["sdpa"], dtype="bfloat16")
+    report.passed, report.tolerance, report.results["sdpa"].metrics["rel_l2"]
+
+The weights are read once per dtype: the model loads with the reference implementation and is
+switched in place (`set_attn_implementation`) to each candidate, which must pass the loader's
+verification forward first. Candidates that cannot run here are reported with their reasons.
+
+Default tolerance (on the relative L2 error of the outputs): twice the error the reference itself
+shows in this dtype against an fp32 run of itself on the same rows, never below
+`TOLERANCE_FLOOR[dtype]`. The floor matters when that calibration error is ~0, as it is in fp32
+(the reference *is* its own fp32 run): 1e-5 in fp32 (about 80 fp32 roundings, room for another
+summation order over a deep model; sdpa against eager on all-MiniLM-L6-v2 measured 4.6e-7 on CPU),
+and about one rounding of the outputs in the half types (unit roundoff: fp16 4.9e-4, bf16 3.9e-3).
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attnfallback.errors import InputError, UsageError
+
+log = logging.getLogger("attnfallback")
+
+TASKS = ("embed", "classify", "pairs")
+AUTO_CLASS_FOR_TASK = {
+    "embed": "AutoModel",
+    "classify": "AutoModelForSequenceClassification",
+    "pairs": "AutoModelForSequenceClassification",
+}
+TOLERANCE_FLOOR = {"float32": 1e-5, "float16": 5e-4, "bfloat16": 4e-3}
+DEFAULT_TOP_K = 10
+QUERY_ROWS = 8  # embeddings of unpaired texts: rank every row by similarity to each of these
+DEFAULT_BATCH_TOKENS = 8192
+STSB_COLUMNS = ("sentence1", "sentence2", "score")
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TextRows:
+    """Texts read from an input: one list per text column, and gold scores when the file has them."""
+
+    columns: list[list[str]]
+    names: list[str]
+    labels: np.ndarray | None = None
+    skipped: int = 0  # rows with a problem (null or empty text, malformed line), reported
+    source: str = ""
+
+    @property
+    def rows(self) -> int:
+        return len(self.columns[0]) if self.columns else 0
+
+    def texts(self) -> list[str]:
+        """Every text, row by row (row i's columns side by side), for single-text tasks."""
+        return [t for row in zip(*self.columns) for t in row]
+
+    def pairs(self) -> list[tuple[str, str]]:
+        if len(self.columns) != 2:
+            raise UsageError(f"the pairs task needs two text columns, found {len(self.columns)}")
+        return list(zip(self.columns[0], self.columns[1]))
+
+
+def _looks_like_stsb(path: Path) -> bool:
+    """The STS-B CSV as published: no header, rows of sentence1,sentence2,score."""
+    if path.suffix.lower() != ".csv":
+        return False
+    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+        first = next(csv.reader(fh), None)
+    if not first or len(first) != 3:
+        return False
+    try:
+        float(first[2])
+    except ValueError:
+        return False
+    return True
+
+
+def _read_stsb(path: Path, wanted: list[str], rows: int | None) -> TextRows:
+    columns: list[list[str]] = [[] for _ in wanted]
+    labels: list[float] = []
+    skipped = 0
+    with open(path, encoding="utf-8", newline="") as fh:
+        for line_no, fields in enumerate(csv.reader(fh), start=1):
+            if rows is not None and len(labels) >= rows:
+                break
+            if not fields:
+                continue
+            if len(fields) != 3:
+                raise InputError("malformed STS-B row", path=str(path), line=line_no, expected="3 fields (sentence1,sentence2,score)", found=f"{len(fields)} fields")
+            record = dict(zip(STSB_COLUMNS, fields))
+            if not all(record[name].strip() for name in wanted):
+                skipped += 1
+                continue
+            try:
+                labels.append(float(record["score"]))
+            except ValueError:
+                raise InputError("malformed STS-B score", path=str(path), line=line_no, expected="a number", found=repr(record["score"])) from None
+            for column, name in zip(columns, wanted):
+                column.append(record[name])
+    return TextRows(columns, list(wanted), np.asarray(labels, dtype=np.float64), skipped, str(path))
+
+
+def read_texts(
+    path: str | os.PathLike,
+    text_columns: list[str] | None = None,
+    rows: int | None = None,
+    task: str = "embed",
+) -> TextRows:
+    """Texts from a CSV/TSV, JSONL or Parquet file (the score command's reader).
+
+    A header-less CSV of `sentence1,sentence2,score` rows (STS-B as published) is read as such:
+    both sentences by default, and the scores kept as gold labels. `rows` keeps the first N rows.
+    Rows with a null or empty text are skipped and counted.
+    """
+    from attnfallback.scoring.inputs import iter_rows, open_input, resolve_spec
+
+    path = Path(path)
+    if rows is not None and rows < 1:
+        raise UsageError(f"--rows must be >= 1, found {rows}")
+    wanted = list(text_columns) if text_columns else None
+    if path.is_file() and _looks_like_stsb(path) and (wanted is None or set(wanted) <= set(STSB_COLUMNS[:2])):
+        return _read_stsb(path, wanted or list(STSB_COLUMNS[:2]), rows)
+    source = open_input(path)
+    spec = resolve_spec(source, 2 if task == "pairs" else 1, None, wanted, None)
+    columns: list[list[str]] = [[] for _ in spec.text_columns]
+    skipped = 0
+    for row in iter_rows(source, spec):
+        if rows is not None and row.number >= rows:
+            break
+        if row.problem is not None:
+            skipped += 1
+            log.warning("%s:%s: skipped (%s)", path, row.line, row.problem)
+            continue
+        for column, text in zip(columns, row.texts):
+            column.append(text)
+    if not columns[0]:
+        raise InputError("no usable rows", path=str(path), expected="at least one row with text", found=f"{skipped} skipped")
+    return TextRows(columns, list(spec.text_columns), None, skipped, str(path))
+
+
+# --- running the model over rows ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How token states become one embedding (sentence-transformers' Pooling and Normalize)."""
+
+    mode: str = "mean"  # mean | cls | max | lasttoken | mean_sqrt_len
+    normalize: bool = False
+    max_seq_length: int | None = None
+
+
+def read_pooling(model_dir: str | os.PathLike | None) -> Pooling:
+    """The pooling of a sentence-transformers model directory (modules.json, 1_Pooling); mean otherwise."""
+    if model_dir is None:
+        return Pooling()
+    root = Path(model_dir)
+    modules_file = root / "modules.json"
+    if not modules_file.is_file():
+        return Pooling()
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"unreadable modules.json ({e})", path=str(modules_file)) from None
+    mode, normalize = "mean", False
+    for module in modules:
+        kind = str(module.get("type", ""))
+        if kind.endswith("Normalize"):
+            normalize = True
+        if kind.endswith("Pooling"):
+            config_file = root / module.get("path", "") / "config.json"
+            if config_file.is_file():
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+                if "pooling_mode" in config:
+                    mode = str(config["pooling_mode"])
+                else:
+                    for name in ("cls_token", "max_tokens", "mean_sqrt_len_tokens", "lasttoken", "mean_tokens"):
+                        if config.get(f"pooling_mode_{name}"):
+                            mode = {"cls_token": "cls", "max_tokens": "max", "mean_sqrt_len_tokens": "mean_sqrt_len", "mean_tokens": "mean"}.get(name, name)
+                            break
+    max_len = None
+    st_config = root / "sentence_bert_config.json"
+    if st_config.is_file():
+        max_len = json.loads(st_config.read_text(encoding="utf-8")).get("max_seq_length")
+    return Pooling(mode, normalize, max_len)
+
+
+def _pool(hidden, mask, pooling: Pooling):
+    import torch
+
+    hidden = hidden.float()
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if pooling.mode == "cls":
+        out = hidden[:, 0]
+    elif pooling.mode == "max":
+        out = hidden.masked_fill(m == 0, float("-inf")).amax(dim=1)
+    elif pooling.mode == "lasttoken":
+        last = mask.long().sum(dim=1) - 1  # right padding
+        out = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    else:
+        summed = (hidden * m).sum(dim=1)
+        counts = m.sum(dim=1).clamp(min=1.0)
+        out = summed / (counts.sqrt() if pooling.mode == "mean_sqrt_len" else counts)
+    if pooling.normalize:
+        out = torch.nn.functional.normalize(out, dim=-1)
+    return out
+
+
+def max_length_for(loaded, pooling: Pooling | None = None) -> int:
+    """The longest input to feed: sentence-transformers' max_seq_length, the tokenizer's and the
+    model's position limits, whichever is smallest."""
+    limits = [getattr(loaded.model.config, "max_position_embeddings", None)]
+    limits.append(getattr(loaded.tokenizer, "model_max_length", None))
+    if pooling is not None:
+        limits.append(pooling.max_seq_length)
+    usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
+    return min(usable) if usable else 512
+
+
+def pad_batch(encoded, keys: list[str], rows, length: int, pad_id: int, device) -> dict:
+    """Right-padded tensors of the given rows of a tokenizer's (unpadded) output."""
+    import torch
+
+    batch = {}
+    for key in keys:
+        fill = pad_id if key == "input_ids" else 0
+        array = np.full((len(rows), length), fill, dtype=np.int64)
+        for j, i in enumerate(rows):
+            values = encoded[key][i]
+            array[j, : len(values)] = values
+        batch[key] = torch.from_numpy(array).to(device)
+    return batch
+
+
+def outputs_for(loaded, texts, task: str = "embed", *, batch_tokens: int = DEFAULT_BATCH_TOKENS, pooling: Pooling | None = None) -> np.ndarray:
+    """The model's outputs for `texts` as float32 (rows in input order).
+
+    embed: pooled (and normalized, as the model's sentence-transformers config says) embeddings;
+    classify: logits; pairs: logits of (text, text) pairs. Length-sorted token-budget batches.
+    """
+    import torch
+
+    from attnfallback.scoring.batching import inverse_permutation, length_order, plan_batches
+
+    if task not in TASKS:
+        from attnfallback.errors import UnknownNameError
+
+        raise UnknownNameError("parity task", task, TASKS)
+    tokenizer = loaded.tokenizer
+    if task == "embed" and pooling is None:
+        pooling = read_pooling(loaded.facts.ref.location if loaded.facts.ref.is_local else None)
+    max_len = max_length_for(loaded, pooling)
+    if task == "pairs":
+        first, second = zip(*texts) if texts else ((), ())
+        encoded = tokenizer(list(first), list(second), truncation=True, max_length=max_len)
+    else:
+        encoded = tokenizer(list(texts), truncation=True, max_length=max_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    if "attention_mask" not in encoded:
+        encoded["attention_mask"] = [[1] * len(ids) for ids in encoded["input_ids"]]
+    keys = [k for k in encoded.keys() if k in ("input_ids", "attention_mask", "token_type_ids")]
+    lengths = np.asarray([len(ids) for ids in encoded["input_ids"]])
+    order = length_order(lengths)
+    results = []
+    with torch.inference_mode():
+        for piece in plan_batches(lengths[order], batch_tokens):
+            batch = pad_batch(encoded, keys, order[piece.start : piece.stop], piece.length, pad_id, loaded.device)
+            out = loaded.model(**batch)
+            if task == "embed":
+                hidden = getattr(out, "last_hidden_state", None)
+                hidden = out[0] if hidden is None else hidden
+                results.append(_pool(hidden, batch["attention_mask"], pooling).cpu())
+            else:
+                results.append(out.logits.float().cpu())
+    stacked = torch.cat(results).numpy().astype(np.float32, copy=False)
+    return stacked[inverse_permutation(order)]
+
+
+# --- comparison --------------------------------------------------------------------------------
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    order = np.argsort(x, kind="stable")
+    ordered = x[order]
+    edges = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1], True])
+    starts, stops = edges[:-1], edges[1:]
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat((starts + stops - 1) / 2.0 + 1.0, stops - starts)
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (NaN when either side is constant)."""
+    ra, rb = average_ranks(a), average_ranks(b)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    denom = math.sqrt(float((ra * ra).sum()) * float((rb * rb).sum()))
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
+def kendall(a: np.ndarray, b: np.ndarray) -> float:
+    """Kendall's tau-b (scipy when installed, else an exact pairwise count in chunks)."""
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    try:
+        from scipy.stats import kendalltau
+    except ImportError:
+        kendalltau = None
+    if kendalltau is not None:
+        return float(kendalltau(a, b).statistic)
+    n = len(a)
+    s = ties_free_a = ties_free_b = 0.0
+    chunk = max(1, 4_000_000 // max(n, 1))
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        upper = np.arange(n)[None, :] > np.arange(start, stop)[:, None]
+        sa = np.sign(a[None, :] - a[start:stop, None]) * upper
+        sb = np.sign(b[None, :] - b[start:stop, None]) * upper
+        s += float((sa * sb).sum())
+        ties_free_a += float(np.abs(sa).sum())
+        ties_free_b += float(np.abs(sb).sum())
+    denom = math.sqrt(ties_free_a * ties_free_b)
+    return s / denom if denom > 0 else float("nan")
+
+
+def top_k_agreement(out_scores: np.ndarray, ref_scores: np.ndarray, k: int) -> float:
+    """Share of the reference's top-k (per row of a 2-D array) that the outputs rank top-k too."""
+    out2 = np.atleast_2d(out_scores)
+    ref2 = np.atleast_2d(ref_scores)
+    k = max(1, min(k, out2.shape[1]))
+    shares = []
+    for o, r in zip(out2, ref2):
+        top_o = set(np.argsort(-o, kind="stable")[:k].tolist())
+        top_r = set(np.argsort(-r, kind="stable")[:k].tolist())
+        shares.append(len(top_o & top_r) / k)
+    return float(np.mean(shares))
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def scalar_scores(outputs: np.ndarray, task: str, paired: bool) -> np.ndarray:
+    """The scores a user would rank by.
+
+    embed, paired texts (row 2i with row 2i+1): the cosine of each pair (STS-B's prediction);
+    embed, single texts: cosine of every row to each of the first QUERY_ROWS rows (one row of
+    scores per query, itself excluded); classify/pairs: the single logit, or the log-probability
+    of the last class when there are several.
+    """
+    if task == "embed":
+        unit = _unit_rows(outputs.astype(np.float64))
+        if paired:
+            return (unit[0::2] * unit[1::2]).sum(axis=1)
+        queries = min(QUERY_ROWS, len(unit))
+        sims = unit[:queries] @ unit.T
+        sims[np.arange(queries), np.arange(queries)] = -np.inf
+        return sims
+    logits = outputs.astype(np.float64)
+    if logits.ndim == 1 or logits.shape[1] == 1:
+        return logits.reshape(-1)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted[:, -1] - np.log(np.exp(shifted).sum(axis=1))
+
+
+def relative_l2(out: np.ndarray, ref: np.ndarray) -> float:
+    """||out - ref|| / ||ref|| over every value."""
+    ref64 = ref.astype(np.float64)
+    return float(np.linalg.norm(out.astype(np.float64) - ref64) / max(np.linalg.norm(ref64), 1e-30))
+
+
+def compare(out: np.ndarray, ref: np.ndarray, task: str, *, paired: bool = False, top_k: int = DEFAULT_TOP_K) -> dict:
+    """Metrics of `out` against the reference outputs `ref` (same rows, same order)."""
+    if out.shape != ref.shape:
+        raise ValueError(f"output shapes differ: {out.shape} against the reference's {ref.shape}")
+    metrics: dict[str, Any] = {
+        "rel_l2": relative_l2(out, ref),
+        "max_abs": float(np.abs(out.astype(np.float64) - ref.astype(np.float64)).max()) if out.size else 0.0,
+    }
+    if task == "embed":
+        cos = (_unit_rows(out.astype(np.float64)) * _unit_rows(ref.astype(np.float64))).sum(axis=1)
+        metrics["min_cosine"] = float(cos.min()) if len(cos) else float("nan")
+    s_out, s_ref = scalar_scores(out, task, paired), scalar_scores(ref, task, paired)
+    finite = np.isfinite(s_ref) & np.isfinite(s_out)
+    if finite.sum() >= 2:
+        metrics["spearman"] = spearman(s_out[finite], s_ref[finite])
+        metrics["kendall"] = kendall(s_out[finite], s_ref[finite])
+    else:
+        metrics["spearman"] = metrics["kendall"] = float("nan")
+    metrics["top_k"] = top_k
+    metrics["top_k_agreement"] = top_k_agreement(s_out, s_ref, top_k)
+    return metrics
+
+
+def label_spearman(outputs: np.ndarray, labels: np.ndarray | None, task: str, paired: bool) -> float | None:
+    """Spearman of the model's scores against gold labels (STS-B), when there is one score per label."""
+    if labels is None or (task == "embed" and not paired):
+        return None
+    scores = scalar_scores(outputs, task, paired)
+    return spearman(scores, labels) if scores.shape == labels.shape else None
+
+
+# --- tolerance ---------------------------------------------------------------------------------
+
+
+def default_tolerance(calibration_error: float, dtype: str) -> float:
+    """Twice the reference's own error against fp32, never below the dtype's floor."""
+    floor = TOLERANCE_FLOOR.get(dtype, TOLERANCE_FLOOR["float32"])
+    if not math.isfinite(calibration_error):
+        return floor
+    return max(2.0 * calibration_error, floor)
+
+
+@dataclass
+class Calibration:
+    """The reference in `dtype` against the reference in fp32, on the same rows."""
+
+    reference: str
+    dtype: str
+    error: float  # relative L2
+    floor: float
+    tolerance: float
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"reference": self.reference, "dtype": self.dtype, "rel_l2_vs_fp32": self.error,
+                "floor": self.floor, "tolerance": self.tolerance, "note": self.note}
+
+
+def calibrate(reference_outputs: np.ndarray, fp32_outputs: np.ndarray | None, reference: str, dtype: str) -> Calibration:
+    """The default tolerance from the reference's error in `dtype` against its fp32 run."""
+    floor = TOLERANCE_FLOOR.get(dtype, TOLERANCE_FLOOR["float32"])
+    if fp32_outputs is None:
+        note = "the reference runs in float32: it is its own fp32 run, so the floor applies"
+        return Calibration(reference, dtype, 0.0, floor, floor, note)
+    error = relative_l2(reference_outputs, fp32_outputs)
+    tolerance = default_tolerance(error, dtype)
+    note = "2x the reference's error against fp32" if tolerance > floor else "the floor (2x the calibration error is below it)"
+    return Calibration(reference, dtype, error, floor, tolerance, note)
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ImplResult:
+    impl: str
+    actual: str
+    metrics: dict
+    within: bool
+    label_spearman: float | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = {"impl": self.impl, "actual": self.actual, "within_tolerance": self.within, **self.metrics, "seconds": round(self.seconds, 3)}
+        if self.label_spearman is not None:
+            d["label_spearman"] = self.label_spearman
+        return d
+
+
+@dataclass
+class ParityReport:
+    model: dict
+    gpu: dict
+    task: str
+    reference: str
+    dtype: str
+    rows: int
+    texts: int
+    skipped: int
+    tolerance: float
+    tolerance_source: str  # calibrated | given
+    calibration: Calibration | None
+    results: dict[str, ImplResult] = field(default_factory=dict)
+    unavailable: dict[str, list[str]] = field(default_factory=dict)
+    reference_label_spearman: float | None = None
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def failures(self) -> list[str]:
+        return [name for name, r in self.results.items() if not r.within]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "gpu": self.gpu,
+            "task": self.task,
+            "reference": self.reference,
+            "dtype": self.dtype,
+            "rows": self.rows,
+            "texts": self.texts,
+            "skipped": self.skipped,
+            "tolerance": self.tolerance,
+            "tolerance_source": self.tolerance_source,
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
+            "reference_label_spearman": self.reference_label_spearman,
+            "results": {name: r.to_dict() for name, r in self.results.items()},
+            "unavailable": self.unavailable,
+            "passed": self.passed,
+            "failures": self.failures,
+            "versions": self.versions,
+        }
+
+
+class _NoEvents:
+    """A sink that drops events: parity's own loads are not a run's attention decisions."""
+
+    path = None
+
+    def emit(self, event: str, **fields) -> dict:
+        return {}
+
+
+NO_EVENTS = _NoEvents()
+
+
+def _free(loaded) -> None:
+    import torch
+
+    device = loaded.device
+    loaded.model = None
+    gc.collect()
+    if getattr(device, "type", "") == "cuda":
+        torch.cuda.empty_cache()
+
+
+def switch_to(loaded, impl: str) -> tuple[str | None, list[str]]:
+    """Switch a loaded model in place to `impl` and verify it: (the name transformers runs, reasons it cannot)."""
+    from attnfallback import loader
+
+    try:
+        loaded.model.set_attn_implementation(impl)
+    except loader.RECOVERABLE as e:
+        return None, [f"load failed: {loader._first_line(e)}"]
+    reasons = loader.verify_forward(loaded.model, loaded.facts, loaded.device)
+    actual = getattr(loaded.model.config, "_attn_implementation", None) or impl
+    return actual, reasons
+
+
+def plan_reasons(model: str, impls: list[str], *, dtype: str, device: str, auto_class: str, revision: str | None = None,
+                 trust_remote_code: bool = False) -> tuple[dict[str, list[str]], str]:
+    """Reasons each implementation cannot run here (none for viable ones), and the resolved dtype."""
+    from attnfallback import planner
+    from attnfallback.caps import probe_device, probe_software
+    from attnfallback.model_facts import read_facts
+    from attnfallback.policy import Policy
+
+    facts = read_facts(model, revision=revision, auto_class=auto_class, trust_remote_code=trust_remote_code)
+    dev = probe_device(device)
+    the_plan = planner.plan(facts, dev, probe_software(), Policy.graceful(impls), dtype, enforce_strict=False)
+    return {c.impl: list(c.reasons) for c in the_plan.candidates}, the_plan.dtype
+
+
+def run_parity(
+    model: str,
+    rows: TextRows,
+    *,
+    task: str = "embed",
+    impls: list[str] | None = None,
+    reference: str = "eager",
+    dtype: str = "auto",
+    device: str = "auto",
+    tolerance: float | None = None,
+    top_k: int = DEFAULT_TOP_K,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    revision: str | None = None,
+    auto_class: str | None = None,
+    trust_remote_code: bool = False,
+) -> ParityReport:
+    """Each implementation's outputs against the reference's on the same rows (see the module doc)."""
+    import time
+
+    from attnfallback.loader import load_model
+    from attnfallback.policy import DEFAULT_PREFER, Policy, parse_dtype, parse_impl
+
+    if task not in TASKS:
+        from attnfallback.errors import UnknownNameError
+
+        raise UnknownNameError("parity task", task, TASKS)
+    reference = parse_impl(reference)
+    impls = [parse_impl(i) for i in (impls or DEFAULT_PREFER)]
+    impls = [i for i in dict.fromkeys(impls) if i != reference]
+    if not impls:
+        raise UsageError(f"no implementation to compare with the reference {reference}")
+    if tolerance is not None and not (tolerance > 0):
+        raise UsageError(f"--tolerance must be > 0, found {tolerance}")
+    auto_class = auto_class or AUTO_CLASS_FOR_TASK[task]
+    inputs = rows.pairs() if task == "pairs" else rows.texts()
+    paired = task == "embed" and len(rows.columns) == 2
+
+    reasons, dtype_name = plan_reasons(model, [reference, *impls], dtype=parse_dtype(dtype), device=device,
+                                       auto_class=auto_class, revision=revision, trust_remote_code=trust_remote_code)
+    if reasons[reference]:
+        raise UsageError(f"the reference {reference} cannot run here: " + "; ".join(reasons[reference]))
+
+    def load(in_dtype: str):
+        return load_model(model, revision=revision, auto_class=auto_class, dtype=in_dtype, device=device,
+                          policy=Policy.strict([reference]), trust_remote_code=trust_remote_code, sink=NO_EVENTS)
+
+    fp32_outputs = None
+    if tolerance is None and dtype_name != "float32":
+        loaded32 = load("float32")
+        fp32_outputs = outputs_for(loaded32, inputs, task, batch_tokens=batch_tokens)
+        _free(loaded32)
+
+    loaded = load(dtype_name)
+    ref_outputs = outputs_for(loaded, inputs, task, batch_tokens=batch_tokens)
+    calibration = None
+    if tolerance is None:
+        calibration = calibrate(ref_outputs, fp32_outputs, reference, dtype_name)
+        tolerance, source = calibration.tolerance, "calibrated"
+    else:
+        source = "given"
+
+    decision = loaded.decision.to_dict()
+    report = ParityReport(
+        model=decision["model"], gpu=decision["gpu"], task=task, reference=reference, dtype=dtype_name,
+        rows=rows.rows, texts=len(inputs), skipped=rows.skipped, tolerance=float(tolerance), tolerance_source=source,
+        calibration=calibration, reference_label_spearman=label_spearman(ref_outputs, rows.labels, task, paired),
+        versions=decision["versions"],
+    )
+    for impl in impls:
+        if reasons.get(impl):
+            report.unavailable[impl] = reasons[impl]
+            continue
+        actual, why = switch_to(loaded, impl)
+        if why:
+            report.unavailable[impl] = why
+            continue
+        t0 = time.perf_counter()
+        try:
+            out = outputs_for(loaded, inputs, task, batch_tokens=batch_tokens)
+        except RuntimeError as e:  # out of memory, a kernel refusing a shape
+            from attnfallback.loader import _first_line
+
+            report.unavailable[impl] = [f"forward over the rows failed: {_first_line(e)}"]
+            continue
+        metrics = compare(out, ref_outputs, task, paired=paired, top_k=top_k)
+        within = bool(np.isfinite(out).all()) and metrics["rel_l2"] <= tolerance
+        report.results[impl] = ImplResult(impl, actual, metrics, within, label_spearman(out, rows.labels, task, paired),
+                                          time.perf_counter() - t0)
+    _free(loaded)
+    return report
+
+
+def parity_event_fields(report: ParityReport) -> dict:
+    """The fields of a `parity` event."""
+    return report.to_dict()
