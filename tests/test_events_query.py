@@ -193,6 +193,10 @@ def test_missing_or_empty_directories_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no events"):
         open_log(tmp_path / "empty")
+    (tmp_path / "empty" / "r").mkdir()
+    (tmp_path / "empty" / "r" / "0-of-1.jsonl").write_bytes(b"")
+    with pytest.raises(InputError, match="1 .jsonl file"):
+        open_log(tmp_path / "empty")
     write_lines(tmp_path / "bad" / "r" / "0.jsonl", [b"{oops"])
     with pytest.raises(InputError, match="unreadable"):
         open_log(tmp_path / "bad")

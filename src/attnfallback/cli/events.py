@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 FORMATS = ("table", "json", "csv")
 SUMMARY_BY = ("gpu_class", "model", "run", "host")
+SUMMARY_LABELS = {"gpu_class": "GPU class", "model": "model", "run": "run", "host": "host"}
 MAX_REPORTED = 10
 MAX_CELL = 60
 
@@ -101,7 +102,7 @@ def plot_file(dirs: list[str], out: str, by: str = "gpu_class", strict_read: boo
                     ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     ax.set_ylabel("shards that fell back (%)")
     ax.set_ylim(0, max(rates + [1.0]) * 1.15)
-    ax.set_title(f"attention fallback rate per {by.replace('_', ' ')}")
+    ax.set_title(f"attention fallback rate per {SUMMARY_LABELS[by]}")
     fig.tight_layout()
     fig.savefig(out_path)
     plt.close(fig)
