@@ -193,23 +193,26 @@ def test_jsonl_input_skips_empty_texts_and_counts_them(tmp_path):
     assert info.value.exit_code == 2 and "body" in str(info.value)
 
 
-def test_pooling_is_read_from_the_sentence_transformers_config(default_model_dir, tmp_path):
-    pooling = parity.read_pooling(default_model_dir)
-    assert pooling == parity.Pooling("mean", True, 256)
-    assert parity.read_pooling(tmp_path) == parity.Pooling()
-    (tmp_path / "modules.json").write_text(json.dumps([{"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
-    (tmp_path / "1_Pooling").mkdir()
-    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
-    assert parity.read_pooling(tmp_path) == parity.Pooling("cls", False, None)
-
-
-def test_embed_outputs_match_sentence_transformers(default_model_dir):
+def test_embed_outputs_come_from_the_scorer_and_match_sentence_transformers(default_model_dir):
     st = pytest.importorskip("sentence_transformers")
     from attnfallback.loader import load_model
     from attnfallback.policy import Policy
 
     texts = ["A man is playing a guitar.", "Two dogs run on the beach in the morning sun.", "Hi"]
     loaded = load_model("default", policy=Policy.graceful(["sdpa"]), sink=parity.NO_EVENTS)
-    ours = parity.outputs_for(loaded, texts, "embed")
+    ours = parity.outputs_for(loaded, [(t,) for t in texts], parity.score_job_for("default", "embed", 1))
     theirs = st.SentenceTransformer(str(default_model_dir), device="cpu").encode(texts, convert_to_numpy=True)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("task, kind", [("classify", "bert-classify"), ("logprob", "qwen2")])
+def test_score_tasks_compare_sdpa_with_eager(task, kind, tmp_path):
+    from conftest import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / kind, kind, **({"num_labels": 3} if kind == "bert-classify" else {}))
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i} " + "word " * (i % 7)}) + "\n" for i in range(24)))
+    report = parity.run_parity(str(model_dir), parity.read_texts(path), task=task, impls=["sdpa"])
+    metrics = report.results["sdpa"].metrics
+    assert report.passed and report.texts == 24 and "min_cosine" not in metrics
+    assert metrics["rel_l2"] <= report.tolerance and metrics["spearman"] > 0.99

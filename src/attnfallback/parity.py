@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import gc
-import json
 import logging
 import math
 import os
@@ -33,16 +32,10 @@ from attnfallback.errors import InputError, UsageError
 
 log = logging.getLogger("attnfallback")
 
-TASKS = ("embed", "classify", "pairs")
-AUTO_CLASS_FOR_TASK = {
-    "embed": "AutoModel",
-    "classify": "AutoModelForSequenceClassification",
-    "pairs": "AutoModelForSequenceClassification",
-}
+TASKS = ("embed", "classify", "pairs", "logprob")
 TOLERANCE_FLOOR = {"float32": 1e-5, "float16": 5e-4, "bfloat16": 4e-3}
 DEFAULT_TOP_K = 10
 QUERY_ROWS = 8  # embeddings of unpaired texts: rank every row by similarity to each of these
-DEFAULT_BATCH_TOKENS = 8192
 STSB_COLUMNS = ("sentence1", "sentence2", "score")
 
 
@@ -154,139 +147,44 @@ def read_texts(
 # --- running the model over rows ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Pooling:
-    """How token states become one embedding (sentence-transformers' Pooling and Normalize)."""
+def score_job_for(model: str, task: str, columns: int, batch_tokens: int | None = None, revision: str | None = None,
+                  trust_remote_code: bool = False):
+    """The scorer's job description for `task` over `columns` text columns (non-finite rows flagged, not fatal)."""
+    from attnfallback.scoring.job import ScoreJob
 
-    mode: str = "mean"  # mean | cls | max | lasttoken | mean_sqrt_len
-    normalize: bool = False
-    max_seq_length: int | None = None
-
-
-def read_pooling(model_dir: str | os.PathLike | None) -> Pooling:
-    """The pooling of a sentence-transformers model directory (modules.json, 1_Pooling); mean otherwise."""
-    if model_dir is None:
-        return Pooling()
-    root = Path(model_dir)
-    modules_file = root / "modules.json"
-    if not modules_file.is_file():
-        return Pooling()
-    try:
-        modules = json.loads(modules_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"unreadable modules.json ({e})", path=str(modules_file)) from None
-    mode, normalize = "mean", False
-    for module in modules:
-        kind = str(module.get("type", ""))
-        if kind.endswith("Normalize"):
-            normalize = True
-        if kind.endswith("Pooling"):
-            config_file = root / module.get("path", "") / "config.json"
-            if config_file.is_file():
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-                if "pooling_mode" in config:
-                    mode = str(config["pooling_mode"])
-                else:
-                    for name in ("cls_token", "max_tokens", "mean_sqrt_len_tokens", "lasttoken", "mean_tokens"):
-                        if config.get(f"pooling_mode_{name}"):
-                            mode = {"cls_token": "cls", "max_tokens": "max", "mean_sqrt_len_tokens": "mean_sqrt_len", "mean_tokens": "mean"}.get(name, name)
-                            break
-    max_len = None
-    st_config = root / "sentence_bert_config.json"
-    if st_config.is_file():
-        max_len = json.loads(st_config.read_text(encoding="utf-8")).get("max_seq_length")
-    return Pooling(mode, normalize, max_len)
+    text_columns = [f"text{i}" for i in range(columns)] if columns > 1 else None
+    return ScoreJob(model=model, task=task, text_columns=text_columns, batch_tokens=batch_tokens, on_nonfinite="flag",
+                    revision=revision, trust_remote_code=trust_remote_code)
 
 
-def _pool(hidden, mask, pooling: Pooling):
-    import torch
-
-    hidden = hidden.float()
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    if pooling.mode == "cls":
-        out = hidden[:, 0]
-    elif pooling.mode == "max":
-        out = hidden.masked_fill(m == 0, float("-inf")).amax(dim=1)
-    elif pooling.mode == "lasttoken":
-        last = mask.long().sum(dim=1) - 1  # right padding
-        out = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    else:
-        summed = (hidden * m).sum(dim=1)
-        counts = m.sum(dim=1).clamp(min=1.0)
-        out = summed / (counts.sqrt() if pooling.mode == "mean_sqrt_len" else counts)
-    if pooling.normalize:
-        out = torch.nn.functional.normalize(out, dim=-1)
-    return out
-
-
-def max_length_for(loaded, pooling: Pooling | None = None) -> int:
-    """The longest input to feed: sentence-transformers' max_seq_length, the tokenizer's and the
-    model's position limits, whichever is smallest."""
-    limits = [getattr(loaded.model.config, "max_position_embeddings", None)]
-    limits.append(getattr(loaded.tokenizer, "model_max_length", None))
-    if pooling is not None:
-        limits.append(pooling.max_seq_length)
-    usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
-    return min(usable) if usable else 512
-
-
-def pad_batch(encoded, keys: list[str], rows, length: int, pad_id: int, device) -> dict:
-    """Right-padded tensors of the given rows of a tokenizer's (unpadded) output."""
-    import torch
-
-    batch = {}
-    for key in keys:
-        fill = pad_id if key == "input_ids" else 0
-        array = np.full((len(rows), length), fill, dtype=np.int64)
-        for j, i in enumerate(rows):
-            values = encoded[key][i]
-            array[j, : len(values)] = values
-        batch[key] = torch.from_numpy(array).to(device)
-    return batch
-
-
-def outputs_for(loaded, texts, task: str = "embed", *, batch_tokens: int = DEFAULT_BATCH_TOKENS, pooling: Pooling | None = None) -> np.ndarray:
-    """The model's outputs for `texts` as float32 (rows in input order).
-
-    embed: pooled (and normalized, as the model's sentence-transformers config says) embeddings;
-    classify: logits; pairs: logits of (text, text) pairs. Length-sorted token-budget batches.
-    """
-    import torch
-
-    from attnfallback.scoring.batching import inverse_permutation, length_order, plan_batches
-
-    if task not in TASKS:
-        from attnfallback.errors import UnknownNameError
-
-        raise UnknownNameError("parity task", task, TASKS)
-    tokenizer = loaded.tokenizer
-    if task == "embed" and pooling is None:
-        pooling = read_pooling(loaded.facts.ref.location if loaded.facts.ref.is_local else None)
-    max_len = max_length_for(loaded, pooling)
+def inputs_for(rows: TextRows, task: str) -> list[tuple[str, ...]]:
+    """The scorer's row tuples: one text each (every column's texts, row by row), or the columns side by side."""
+    if task in ("pairs", "logprob") and len(rows.columns) == 2:
+        return list(zip(*rows.columns))
     if task == "pairs":
-        first, second = zip(*texts) if texts else ((), ())
-        encoded = tokenizer(list(first), list(second), truncation=True, max_length=max_len)
-    else:
-        encoded = tokenizer(list(texts), truncation=True, max_length=max_len)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    if "attention_mask" not in encoded:
-        encoded["attention_mask"] = [[1] * len(ids) for ids in encoded["input_ids"]]
-    keys = [k for k in encoded.keys() if k in ("input_ids", "attention_mask", "token_type_ids")]
-    lengths = np.asarray([len(ids) for ids in encoded["input_ids"]])
-    order = length_order(lengths)
-    results = []
-    with torch.inference_mode():
-        for piece in plan_batches(lengths[order], batch_tokens):
-            batch = pad_batch(encoded, keys, order[piece.start : piece.stop], piece.length, pad_id, loaded.device)
-            out = loaded.model(**batch)
-            if task == "embed":
-                hidden = getattr(out, "last_hidden_state", None)
-                hidden = out[0] if hidden is None else hidden
-                results.append(_pool(hidden, batch["attention_mask"], pooling).cpu())
-            else:
-                results.append(out.logits.float().cpu())
-    stacked = torch.cat(results).numpy().astype(np.float32, copy=False)
-    return stacked[inverse_permutation(order)]
+        rows.pairs()  # raises: pairs needs two columns
+    return [(t,) for t in rows.texts()]
+
+
+def outputs_for(loaded, inputs: list[tuple[str, ...]], job) -> np.ndarray:
+    """The model's outputs for `inputs`, float32, one row per input, in input order.
+
+    Runs the scorer's own task code (tokenization, length-sorted token-budget batches, pooling):
+    embed -> the embedding; classify/pairs -> the logits; logprob -> the log-likelihood sum.
+    """
+    from attnfallback.scoring.pipeline import Chunk, Scorer
+
+    scorer = Scorer.from_job(job, loaded=loaded)
+    result = scorer.run(scorer.prepare(Chunk(0, list(range(len(inputs))), list(inputs))))
+    n = len(inputs)
+    columns = result.columns
+    for name in ("embedding", "scores", "score", "logprob_sum"):
+        if name in columns:
+            column = columns[name]
+            if hasattr(column, "flatten"):  # a list column: one vector per row
+                return np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, -1)
+            return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, 1)
+    raise UsageError(f"the {job.task} task produced no comparable output (columns: {', '.join(columns)})")
 
 
 # --- comparison --------------------------------------------------------------------------------
@@ -582,13 +480,20 @@ def run_parity(
     device: str = "auto",
     tolerance: float | None = None,
     top_k: int = DEFAULT_TOP_K,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    batch_tokens: int | None = None,
     revision: str | None = None,
     auto_class: str | None = None,
     trust_remote_code: bool = False,
 ) -> ParityReport:
-    """Each implementation's outputs against the reference's on the same rows (see the module doc)."""
+    """Each implementation's outputs against the reference's on the same rows (see the module doc).
+
+    Every implementation runs the same batches: the scorer's token budget for the reference
+    (`batch_tokens` overrides it).
+    """
     import time
+
+    from attnfallback.scoring.pipeline import _model_kwargs
+    from attnfallback.scoring.tasks import AUTO_CLASSES
 
     from attnfallback.loader import load_model
     from attnfallback.policy import DEFAULT_PREFER, Policy, parse_dtype, parse_impl
@@ -604,9 +509,10 @@ def run_parity(
         raise UsageError(f"no implementation to compare with the reference {reference}")
     if tolerance is not None and not (tolerance > 0):
         raise UsageError(f"--tolerance must be > 0, found {tolerance}")
-    auto_class = auto_class or AUTO_CLASS_FOR_TASK[task]
-    inputs = rows.pairs() if task == "pairs" else rows.texts()
+    auto_class = auto_class or AUTO_CLASSES[task]
+    inputs = inputs_for(rows, task)
     paired = task == "embed" and len(rows.columns) == 2
+    job = score_job_for(model, task, len(inputs[0]) if inputs else 1, batch_tokens, revision, trust_remote_code)
 
     reasons, dtype_name = plan_reasons(model, [reference, *impls], dtype=parse_dtype(dtype), device=device,
                                        auto_class=auto_class, revision=revision, trust_remote_code=trust_remote_code)
@@ -615,16 +521,17 @@ def run_parity(
 
     def load(in_dtype: str):
         return load_model(model, revision=revision, auto_class=auto_class, dtype=in_dtype, device=device,
-                          policy=Policy.strict([reference]), trust_remote_code=trust_remote_code, sink=NO_EVENTS)
+                          policy=Policy.strict([reference]), trust_remote_code=trust_remote_code, sink=NO_EVENTS,
+                          model_kwargs=_model_kwargs(task, job))
 
     fp32_outputs = None
     if tolerance is None and dtype_name != "float32":
         loaded32 = load("float32")
-        fp32_outputs = outputs_for(loaded32, inputs, task, batch_tokens=batch_tokens)
+        fp32_outputs = outputs_for(loaded32, inputs, job)
         _free(loaded32)
 
     loaded = load(dtype_name)
-    ref_outputs = outputs_for(loaded, inputs, task, batch_tokens=batch_tokens)
+    ref_outputs = outputs_for(loaded, inputs, job)
     calibration = None
     if tolerance is None:
         calibration = calibrate(ref_outputs, fp32_outputs, reference, dtype_name)
@@ -649,7 +556,7 @@ def run_parity(
             continue
         t0 = time.perf_counter()
         try:
-            out = outputs_for(loaded, inputs, task, batch_tokens=batch_tokens)
+            out = outputs_for(loaded, inputs, job)
         except RuntimeError as e:  # out of memory, a kernel refusing a shape
             from attnfallback.loader import _first_line
 
