@@ -98,7 +98,9 @@ def emit_event(event: str, *, sink: EventSink | None = None, **fields: Any) -> d
 
 
 def open_log(*dirs: Any, strict_read: bool = False) -> EventLog:
-    """An `EventLog` over the events under `dirs` (directories or globs), queried with DuckDB."""
+    """An `EventLog` over the events under `dirs` (directories, files or globs), queried with
+    DuckDB. Torn or malformed lines are skipped and listed in `.unreadable`; with
+    `strict_read=True` the first one raises InputError naming file:line."""
     from attnfallback.events.query import EventLog
 
     return EventLog(*dirs, strict_read=strict_read)

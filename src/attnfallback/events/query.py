@@ -6,7 +6,7 @@
     log.sql("SELECT used, count(*) FROM attn_impl GROUP BY used")
 
 Reading: Python finds the `.jsonl` files and splits them into lines (files of other kinds are
-reported, not parsed); DuckDB checks and parses every line once. A torn or malformed line never
+reported, not parsed); DuckDB checks and parses the lines. A torn or malformed line never
 stops a query: it is skipped and listed in `unreadable` (file:line and the problem), or raised as
 `InputError` with `strict_read=True`. (DuckDB's own `read_json(ignore_errors=true)` would turn a
 torn line into a row of NULLs, an "event" that never happened; splitting lines ourselves keeps the
@@ -25,7 +25,6 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from attnfallback.errors import InputError, UsageError
@@ -296,7 +295,7 @@ class EventLog:
 
     def _load(self) -> None:
         execute = self.con.execute
-        execute(f"""
+        execute("""
             CREATE TEMP TABLE _lines AS
             SELECT f.file, l.line, l.text,
                    CASE WHEN l.invalid_utf8 THEN 'invalid UTF-8'
