@@ -1,0 +1,86 @@
+"""Helpers for the scoring tests: input files, seeded texts, tiny models with a twist."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+WORDS = ("the a man woman dog cat plays runs guitar piano quickly slowly over under big small red blue green "
+         "house river music book reads writes sings eats apple bread morning night city field").split()
+
+
+def seeded_texts(n: int, seed: int = 0, min_words: int = 1, max_words: int = 40) -> list[str]:
+    """Variable-length sentences, the same for the same seed."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def write_csv(path: Path, rows: list[dict], delimiter: str = ",") -> Path:
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]), delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict] | dict) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pydict(rows) if isinstance(rows, dict) else pa.Table.from_pylist(rows)
+    pq.write_table(table, path)
+    return path
+
+
+def read_output(path) -> dict:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pydict()
+
+
+def read_events(directory: Path) -> list[dict]:
+    records = []
+    for path in sorted(Path(directory).rglob("*.jsonl")):
+        records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records
+
+
+def add_sentence_config(directory: Path, pooling: str = "mean", normalize: bool = True, max_seq_length: int | None = None) -> Path:
+    """Turn a saved encoder into a sentence-transformers model: modules.json, 1_Pooling, Normalize."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (directory / "modules.json").write_text(json.dumps(modules))
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    hidden = json.loads((directory / "config.json").read_text())["hidden_size"]
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": hidden, "pooling_mode": pooling}))
+    if max_seq_length:
+        (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}))
+    return directory
+
+
+def poison_token(directory: Path, token: str = "piano") -> int:
+    """Set one token's input embedding to NaN in a saved BERT: rows holding that word give NaN."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    token_id = AutoTokenizer.from_pretrained(directory).convert_tokens_to_ids(token)
+    path = directory / "model.safetensors"
+    weights = load_file(path)
+    key = next(k for k in weights if k.endswith("word_embeddings.weight"))
+    weights[key][token_id] = float("nan")
+    save_file({k: v.contiguous() for k, v in weights.items()}, path, metadata={"format": "pt"})
+    return token_id

@@ -1,0 +1,114 @@
+"""Token-budget batching, padding and tokenization: pure pieces of the scorer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attnfallback.scoring.batching import (
+    CPU_BATCH_TOKENS,
+    CUDA_BATCH_TOKENS,
+    CUDA_EAGER_BATCH_TOKENS,
+    default_batch_tokens,
+    eager_max_cells,
+    inverse_permutation,
+    length_order,
+    plan_batches,
+)
+from attnfallback.scoring.tasks import Encoded, TextEncoder, pad_rows
+from scoring_helpers import seeded_texts
+
+
+def test_length_order_is_longest_first_and_stable():
+    lengths = np.array([3, 7, 3, 1, 7, 3])
+    order = length_order(lengths)
+    assert order.tolist() == [1, 4, 0, 2, 5, 3]
+
+
+def test_inverse_permutation_restores_input_order():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 50, size=101)
+    order = length_order(lengths)
+    sorted_values = lengths[order] * 10
+    restored = np.empty_like(sorted_values)
+    restored[order] = sorted_values
+    assert (restored == lengths * 10).all()
+    assert (sorted_values[inverse_permutation(order)] == lengths * 10).all()
+
+
+def test_batches_respect_the_padded_token_budget_and_cover_every_row():
+    rng = np.random.default_rng(1)
+    lengths = np.sort(rng.integers(1, 300, size=1000))[::-1]
+    batches = plan_batches(lengths, batch_tokens=2048)
+    assert batches[0].start == 0 and batches[-1].stop == len(lengths)
+    for a, b in zip(batches, batches[1:]):
+        assert a.stop == b.start
+    for b in batches:
+        assert b.length == lengths[b.start]
+        assert b.padded_tokens <= 2048 or b.rows == 1
+        assert lengths[b.start:b.stop].max() <= b.length
+
+
+def test_a_row_longer_than_the_budget_gets_a_batch_of_its_own():
+    batches = plan_batches(np.array([5000, 10, 10]), batch_tokens=1000)
+    assert [(b.start, b.stop) for b in batches] == [(0, 1), (1, 3)]
+
+
+def test_eager_bounds_the_attention_cells():
+    cells = eager_max_cells("eager", num_heads=16)
+    assert cells is not None and eager_max_cells("sdpa", 16) is None
+    lengths = np.full(64, 2048)
+    batches = plan_batches(lengths, batch_tokens=1 << 20, max_cells=cells)
+    assert all(b.rows * b.length * b.length <= cells or b.rows == 1 for b in batches)
+    assert len(batches) > 1
+
+
+def test_default_budgets_depend_on_device_and_implementation():
+    assert default_batch_tokens("cpu", "sdpa") == CPU_BATCH_TOKENS
+    assert default_batch_tokens("cuda", "flash_attention_2") == CUDA_BATCH_TOKENS
+    assert default_batch_tokens("cuda", "eager") == CUDA_EAGER_BATCH_TOKENS < CUDA_BATCH_TOKENS
+
+
+def test_pad_rows_right_pads_and_masks():
+    enc = Encoded([[5, 6, 7], [8], [9, 10]], [[0, 0, 0], [0], [1, 1]], np.array([3, 1, 2]), np.zeros(3, bool))
+    out = pad_rows(enc, np.array([2, 1]), length=3, pad_id=0, with_types=True)
+    assert out["input_ids"].tolist() == [[9, 10, 0], [8, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0]]
+    assert out["token_type_ids"].tolist() == [[1, 1, 0], [0, 0, 0]]
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+def test_encoder_matches_the_tokenizer_call_sentence_transformers_makes(minilm_tokenizer):
+    texts = seeded_texts(50, seed=3, max_words=80) + ["Ünïcödé and émojis 🙂 too", "x"]
+    enc = TextEncoder(minilm_tokenizer, max_length=32).encode([(t,) for t in texts])
+    ref = minilm_tokenizer(texts, truncation="longest_first", max_length=32, padding=False)
+    assert enc.ids == ref["input_ids"]
+    assert enc.type_ids == ref["token_type_ids"]
+    full = minilm_tokenizer(texts, padding=False)["input_ids"]
+    assert enc.truncated.tolist() == [len(f) > 32 for f in full]
+    assert enc.truncated.any() and not enc.truncated.all()
+
+
+def test_pair_encoding_matches_the_tokenizer(minilm_tokenizer):
+    a, b = seeded_texts(20, seed=4, max_words=30), seeded_texts(20, seed=5, max_words=30)
+    enc = TextEncoder(minilm_tokenizer, max_length=40, mode="pair").encode(list(zip(a, b)))
+    ref = minilm_tokenizer(a, b, truncation="longest_first", max_length=40, padding=False)
+    assert enc.ids == ref["input_ids"] and enc.type_ids == ref["token_type_ids"]
+
+
+def test_prompt_completion_keeps_the_completion_and_marks_where_scoring_starts(minilm_tokenizer):
+    enc = TextEncoder(minilm_tokenizer, max_length=12, mode="prompt_completion").encode(
+        [("the man plays", "the guitar"), ("a " * 40, "the dog runs")])
+    completion0 = minilm_tokenizer("the guitar", add_special_tokens=False)["input_ids"]
+    assert enc.ids[0][-len(completion0):] == completion0
+    assert enc.score_start[0] == len(enc.ids[0]) - len(completion0) - 1
+    assert not enc.truncated[0] and enc.truncated[1]
+    assert len(enc.ids[1]) <= 12
+    completion1 = minilm_tokenizer("the dog runs", add_special_tokens=False)["input_ids"]
+    assert enc.ids[1][-len(completion1):] == completion1
