@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -55,16 +56,20 @@ def fleet(shards: int, runs: int) -> list[tuple[str, list[FleetGroup]]]:
 def time_command(args: list[str], repeat: int) -> dict:
     """Wall seconds of `attnfallback ARGS` in a fresh interpreter, `repeat` times."""
     command = [sys.executable, "-m", "attnfallback.cli.app", *args]
-    times, out_bytes = [], 0
+    times, cpu, out_bytes = [], [], 0
     for _ in range(repeat):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True)
         times.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.decode()[-2000:]}")
         out_bytes = len(done.stdout)
     return {"command": "attnfallback " + " ".join(args), "runs_s": [round(t, 3) for t in times],
             "min_s": round(min(times), 3), "median_s": round(statistics.median(times), 3),
+            "median_cpu_s": round(statistics.median(cpu), 3),
             "stdout_bytes": out_bytes}
 
 
@@ -101,11 +106,13 @@ def main() -> None:
                               capture_output=True)
         startup_s = time.perf_counter() - start
 
+    load_average = os.getloadavg()
     report = {
         "shards": files, "events": events, "size_mb": round(size_mb, 2), "generate_s": round(generate_s, 2),
         "cli_startup_s": round(startup_s, 3) if done.returncode == 0 else None,
         "target_s": TARGET_S, "results": results,
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    "load_average_1_5_15": [round(x, 2) for x in load_average]},
         "note": "files were just written: page cache warm",
     }
     out = Path(args.out)
@@ -114,11 +121,12 @@ def main() -> None:
 
     print(f"fleet: {files} shards, {events} events, {size_mb:.1f} MB, generated in {generate_s:.1f} s; "
           f"CLI start-up (events --help) {startup_s:.2f} s; results in {out}")
-    print(f"{'command':<58} {'min s':>7} {'median s':>9} {'target':>7}")
+    print(f"load average {load_average[0]:.1f} on {os.cpu_count()} CPUs (wall times grow with it; CPU time less so)")
+    print(f"{'command':<52} {'min s':>7} {'median s':>9} {'cpu s':>7} {'target':>7}")
     for r in results:
         command = r["command"].replace(d, "DIR")
         verdict = "ok" if r["median_s"] < TARGET_S else "SLOW"
-        print(f"{command:<58} {r['min_s']:>7.3f} {r['median_s']:>9.3f} {verdict:>7}")
+        print(f"{command:<52} {r['min_s']:>7.3f} {r['median_s']:>9.3f} {r['median_cpu_s']:>7.3f} {verdict:>7}")
 
 
 if __name__ == "__main__":
