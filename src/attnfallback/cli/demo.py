@@ -23,9 +23,9 @@ def register(app: typer.Typer) -> None:
             raise UnknownNameError("demo policy", policy, ("graceful", "strict"))
         progress = stderr_console()
         progress.print(f"demo: {DEMO_SHARDS} shards of the STS-B test sentences, model default (all-MiniLM-L6-v2), "
-                       f"policy {policy}, prefer {' > '.join(DEMO_PREFER)}", markup=False)
+                       f"policy {policy}, prefer {' > '.join(DEMO_PREFER)}", markup=False, soft_wrap=True)
         result = run_demo(policy=policy, out=out,
-                          echo=lambda line: progress.print(line, markup=False, highlight=False))
+                          echo=lambda line: progress.print(line, markup=False, highlight=False, soft_wrap=True))
         if as_json:
             print_json(result.to_dict())
         else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from attnfallback.cli.common import JSON, print_json, stderr_console, stdout_console
@@ -92,14 +94,19 @@ def render_sweep(result, console=None) -> None:
                                  {"gpu_class": "gpu class", "fell_back": "fell back", "strict_failures": "strict failures",
                                   "top_reason": "most common reason"}):
             console.print(line, markup=False, highlight=False)
+    # shards that failed the same way are listed once
+    groups: dict[tuple, list] = {}
     for job in result.failed:
-        console.print(f"\nshard {job.config} {job.shard} failed ({_exit_text(job.exit_code)}); log {job.log}",
-                      markup=False)
-        for line in (job.error_text or job.error or "").splitlines():
-            console.print(f"  {line.strip()}", markup=False, highlight=False)
+        groups.setdefault((job.exit_code, job.error_text or job.error or ""), []).append(job)
+    for (code, text), jobs in groups.items():
+        names = ", ".join(f"{j.config} {j.shard}" if "config" in columns else j.shard for j in jobs)
+        console.print(f"\nfailed ({_exit_text(code)}): shard{'s' if len(jobs) > 1 else ''} {names} "
+                      f"(logs in {Path(jobs[0].log).parent})", markup=False, soft_wrap=True)
+        for line in text.splitlines():
+            console.print(f"  {line.strip()}", markup=False, highlight=False, soft_wrap=True)
     console.print("")
     for name, merged in result.merged.items():
-        console.print(f"output {name}: {merged['path']} ({merged['rows']} rows, {merged['order']} order)", markup=False)
+        console.print(f"output {name}: {merged['path']} ({merged['rows']} rows, {merged['order']})", markup=False)
     console.print(f"events: {result.events} (attnfallback events fallbacks {result.events})", markup=False)
     console.print(f"manifest: {result.manifest}", markup=False)
     if result.failed:
@@ -118,7 +125,7 @@ def register(app: typer.Typer) -> None:
         """Run every configuration x shard of a sweep; report failed shards, merge outputs, summarise the events."""
         progress = stderr_console()
         result = run_sweep(config, resume=resume, engine=engine, address=address,
-                           echo=lambda line: progress.print(line, markup=False, highlight=False))
+                           echo=lambda line: progress.print(line, markup=False, highlight=False, soft_wrap=True))
         if as_json:
             print_json(result.to_dict())
         else:

@@ -62,6 +62,7 @@ JOB_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "on_bad_row": ((str,), " | ".join(BAD_ROW)),
     "on_nonfinite": ((str,), " | ".join(NONFINITE)),
     "trust_remote_code": ((bool,), "true | false"),
+    "part_rows": ((int,), "a positive integer (rows per committed part, the unit of --resume)"),
     "shards": ((int,), "an integer >= 1"),
 }
 SWEEP_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -99,6 +100,7 @@ class JobSpec:
     on_bad_row: str = "error"
     on_nonfinite: str = "error"
     trust_remote_code: bool = False
+    part_rows: int | None = None
     shards: int = 1
 
     def to_dict(self) -> dict:
@@ -139,6 +141,7 @@ class SweepJob:
             "--prefer": ",".join(s.prefer) if s.prefer else None,
             "--batch-tokens": s.batch_tokens,
             "--max-length": s.max_length,
+            "--part-rows": s.part_rows,
         }
         for flag, value in optional.items():
             if value is not None:
@@ -325,7 +328,7 @@ def _build_spec(fields: dict, varying: dict, base: Path, where: str | None) -> J
     for key, allowed in (("on_bad_row", BAD_ROW), ("on_nonfinite", NONFINITE)):
         if fields.get(key, allowed[0]) not in allowed:
             raise fail(key, f"unknown value {fields[key]!r}; valid: {', '.join(allowed)}")
-    for key in ("batch_tokens", "max_length"):
+    for key in ("batch_tokens", "max_length", "part_rows"):
         if key in fields and fields[key] < 1:
             raise fail(key, f"must be >= 1, found {fields[key]}")
     text_columns = fields.get("text_columns")
@@ -352,6 +355,7 @@ def _build_spec(fields: dict, varying: dict, base: Path, where: str | None) -> J
         on_bad_row=fields.get("on_bad_row", "error"),
         on_nonfinite=fields.get("on_nonfinite", "error"),
         trust_remote_code=fields.get("trust_remote_code", False),
+        part_rows=fields.get("part_rows"),
         shards=shards,
     )
 

@@ -176,7 +176,7 @@ def merge_outputs(shard_outputs: list[Path], destination: Path, ids_are_row_numb
     if ids_are_row_numbers and all(pa.types.is_integer(t.schema.field(0).type) for t in tables):
         merged = pa.concat_tables(tables, promote_options="default")
         merged = merged.take(pc.sort_indices(merged.column(0), sort_keys=[(merged.column_names[0], "ascending")]))
-        order = "input (by row number)"
+        order = "input order (by row number)"
     elif all(t.num_rows == len(range(i, total, n)) for i, t in enumerate(tables)):
         # row r sits in shard r mod N at position r // N
         merged = pa.concat_tables(tables, promote_options="default")
@@ -184,10 +184,13 @@ def merge_outputs(shard_outputs: list[Path], destination: Path, ids_are_row_numb
         for t in tables[:-1]:
             offsets.append(offsets[-1] + t.num_rows)
         merged = merged.take(pa.array([offsets[r % n] + r // n for r in range(total)], type=pa.int64()))
-        order = "input (interleaved)"
+        order = "input order (interleaved)"
     else:
         merged = pa.concat_tables(tables, promote_options="default")
         order = "shard by shard (some rows were skipped)"
+    # the shards' own run summaries describe one shard each: the merged file says what it is
+    merged = merged.replace_schema_metadata({b"attnfallback.sweep": json.dumps(
+        {"merged_from": [str(p) for p in shard_outputs], "order": order}).encode()})
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
     pq.write_table(merged, tmp)

@@ -1,0 +1,510 @@
+"""The Ray engine: a scoring job (or a whole sweep) on a Ray cluster.
+
+Ray Data reads the input; every row gets its row number (the input order, which the local
+engine's outputs follow too); `map_batches` runs a pool of actors, each loading the model once
+through the scoring `Scorer` (so through `load_model`, with its fallback, verification and
+`attn_impl` event). Each actor is one shard in the events (`i/N`), with its own node's GPU class.
+Actors take `num_gpus=1` where the cluster has GPUs; on CPUs they take a fraction of a CPU so
+that Ray Data's read tasks always find one (whole-CPU actors on a 2-core machine starve the reads:
+a silent hang). The actors' outputs are written as Parquet, then joined into one file in input
+order, identical to what the local engine writes.
+
+Ray is optional (`pip install attnfallback[ray]`); without it this engine is a UsageError (exit 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from importlib.util import find_spec
+from pathlib import Path
+
+from attnfallback.errors import AttnFallbackError, OutputError, UsageError
+
+log = logging.getLogger("attnfallback")
+
+INSTALL_HINT = "pip install attnfallback[ray]"
+ROW_COLUMN = "__attnfallback_row__"
+DEFAULT_BATCH_ROWS = 1024
+BLOCKS_PER_ACTOR = 4
+ACTOR_START_TIMEOUT_S = 600  # every actor loads before work starts: each one is a shard
+
+
+def ray_available() -> bool:
+    """Ray and Ray Data are importable (without importing them)."""
+    try:
+        return find_spec("ray") is not None and find_spec("ray.data") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_ray() -> None:
+    """A UsageError (exit 2) naming the install command when Ray is missing."""
+    if not ray_available():
+        raise UsageError(f"the Ray engine needs Ray, which is not installed: {INSTALL_HINT}")
+
+
+@dataclass
+class ActorShard:
+    """What one actor (one shard in the events) did."""
+
+    shard: str
+    host: str | None = None
+    pid: int | None = None
+    gpu_class: str | None = None
+    used: str | None = None
+    requested: str | None = None
+    fell_back: bool | None = None
+    rows_in: int = 0
+    rows_written: int = 0
+    tokens: int = 0
+    busy_s: float = 0.0
+    non_finite: int = 0
+    error: str | None = None
+    exit_code: int | None = None
+    decision: dict | None = None  # the attn_impl fields
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "decision"}
+
+
+@dataclass
+class RayRun:
+    """A Ray scoring run: the result in `score`'s shape, and every actor's shard."""
+
+    result: object  # ScoreResult
+    shards: list[ActorShard] = field(default_factory=list)
+
+
+def _registry_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ShardRegistry:
+        """Hands each actor its shard index and collects what the actors did."""
+
+        def __init__(self):
+            self.next = 0
+            self.shards: dict[int, dict] = {}
+
+        def claim(self, info: dict) -> int:
+            index = self.next
+            self.next += 1
+            self.shards[index] = {**info, "rows_in": 0, "rows_written": 0, "tokens": 0, "busy_s": 0.0, "non_finite": 0}
+            return index
+
+        def loaded(self, index: int, info: dict) -> None:
+            self.shards[index].update(info)
+
+        def failed(self, index: int, error: str, exit_code: int) -> None:
+            self.shards[index].update(error=error, exit_code=exit_code)
+
+        def add(self, index: int, rows_in: int, rows_written: int, tokens: int, busy_s: float, non_finite: int) -> None:
+            s = self.shards[index]
+            s["non_finite"] += non_finite
+            s["rows_in"] += rows_in
+            s["rows_written"] += rows_written
+            s["tokens"] += tokens
+            s["busy_s"] += busy_s
+
+        def report(self) -> dict[int, dict]:
+            return self.shards
+
+    return ShardRegistry
+
+
+class ScoreActor:
+    """One shard: loads the model once, then scores the batches Ray Data hands it."""
+
+    def __init__(self, job, registry, actors: int, threads: int | None):
+        import socket
+
+        self.registry = registry
+        self.index = None
+        import ray
+
+        self.index = ray.get(registry.claim.remote({"host": socket.gethostname(), "pid": os.getpid()}))
+        self.shard = f"{self.index}/{actors}"
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        from attnfallback.scoring import Scorer
+
+        try:
+            self.scorer = Scorer.from_job(replace(job, shard=self.shard))
+        except AttnFallbackError as e:
+            registry.failed.remote(self.index, str(e), e.exit_code)
+            raise
+        except Exception as e:
+            registry.failed.remote(self.index, f"{type(e).__name__}: {e}", 1)
+            raise
+        decision = self.scorer.decision.to_dict()
+        registry.loaded.remote(self.index, {"gpu_class": decision["gpu"]["class"], "used": decision["used"],
+                                            "requested": decision["requested"], "fell_back": decision["fell_back"],
+                                            "decision": decision})
+        # score_table keeps the chunk's token count to itself: count it as it passes by
+        self.tokens = 0
+        run = self.scorer.run
+
+        def counting_run(prepared):
+            result = run(prepared)
+            self.tokens += result.tokens
+            return result
+
+        self.scorer.run = counting_run
+        self.id_column = job.id_column
+        if self.scorer.sink is not None:
+            self.scorer.sink.emit("shard_start", task=job.task, model=self.scorer.decision.facts.model_id, input=job.input,
+                                  impl=self.scorer.decision.used, dtype=self.scorer.decision.dtype,
+                                  device=str(self.scorer.device), batch_tokens=self.scorer.batch_tokens,
+                                  max_length=self.scorer.max_length, engine="ray")
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        t0 = time.perf_counter()
+        tokens_before = self.tokens
+        rows = batch.column(ROW_COLUMN)
+        try:
+            out = self.scorer.score_table(batch)
+        except AttnFallbackError as e:
+            self.registry.failed.remote(self.index, str(e), e.exit_code)
+            raise
+        if out.num_rows == batch.num_rows:
+            row_numbers = rows
+        else:  # rows skipped (on_bad_row = skip): find the survivors by their id
+            position = {v: i for i, v in enumerate(batch.column(self.id_column).to_pylist())}
+            row_numbers = pa.array([rows[position[v]].as_py() for v in out.column("id").to_pylist()], pa.int64())
+        out = out.append_column(ROW_COLUMN, row_numbers)
+        non_finite = 0
+        if "nonfinite" in out.column_names:
+            import pyarrow.compute as pc
+
+            non_finite = int(pc.sum(out.column("nonfinite")).as_py() or 0)
+        self.registry.add.remote(self.index, batch.num_rows, out.num_rows, self.tokens - tokens_before,
+                                 time.perf_counter() - t0, non_finite)
+        return out
+
+
+# --- running ----------------------------------------------------------------------------------
+
+class _RaySession:
+    """ray.init when Ray is not running yet (and ray.shutdown after); else the running one."""
+
+    def __init__(self, address: str | None):
+        self.address = address
+        self.started = False
+
+    def __enter__(self):
+        import ray
+
+        if not ray.is_initialized():
+            kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
+            if self.address:
+                kwargs["address"] = self.address
+            ray.init(**kwargs)
+            self.started = True
+        return ray
+
+    def __exit__(self, *exc):
+        if self.started:
+            import ray
+
+            ray.shutdown()
+
+
+def _read_dataset(source, text_columns: list[str], override_blocks: int):
+    """Ray Data reads the input the way the local reader does (CSV: every column a string)."""
+    import ray.data
+
+    path = str(source.path)
+    if source.format == "csv":
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+
+        return ray.data.read_csv(
+            path,
+            parse_options=pacsv.ParseOptions(delimiter=source.delimiter, newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in source.columns},
+                                                 strings_can_be_null=False),
+        )
+    if source.format == "jsonl":
+        return ray.data.read_json(path, lines=True)
+    return ray.data.read_parquet(path)
+
+
+def _with_row_numbers(ds, rows: int):
+    """Every row with its 0-based position in the input (Dataset.zip is positional)."""
+    import ray.data
+
+    numbers = ray.data.range(rows).rename_columns({"id": ROW_COLUMN})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zip's deprecation notice: ordering is preserved below
+        return ds.zip(numbers)
+
+
+def _resources(ray, actors: int, actor_cpus: float | None) -> tuple[dict, int, int | None]:
+    """(ray_remote_args per actor, actors, torch threads per actor) for this cluster."""
+    total = ray.cluster_resources()
+    gpus = int(total.get("GPU", 0))
+    cpus = float(total.get("CPU", 1))
+    if gpus > 0:
+        actors = min(actors, gpus)
+        return {"num_gpus": 1, "num_cpus": actor_cpus if actor_cpus is not None else 1}, actors, None
+    # leave a whole CPU to Ray Data's read and write tasks
+    share = actor_cpus if actor_cpus is not None else max(0.1, min(1.0, (cpus - 1) / actors))
+    return {"num_cpus": share}, actors, max(1, int(share))
+
+
+def run_score_ray(job, address: str | None = None, actors: int = 2, *, actor_cpus: float | None = None,
+                  batch_rows: int = DEFAULT_BATCH_ROWS, echo=None):
+    """Score `job` on Ray with `actors` actors (each a shard in the events); returns a ScoreResult.
+
+    The output (`job.output`, one Parquet file) holds the same rows, in the same order, as
+    `run_score(job)` writes. `address`: a Ray cluster (default: the running instance, else a
+    local one started and stopped here).
+    """
+    return _run_ray(job, address, actors, actor_cpus, batch_rows, echo).result
+
+
+def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
+    require_ray()
+    from attnfallback.events import new_run_id
+    from attnfallback.scoring.inputs import open_input, resolve_spec
+    from attnfallback.scoring.job import ScoreResult, _validate_job
+
+    if job.shard is not None:
+        raise UsageError("--shard with the Ray engine: Ray spreads the rows over its actors (each a shard in the "
+                         "events); pass --actors N instead")
+    if actors < 1:
+        raise UsageError(f"--actors must be >= 1, found {actors}")
+    task = _validate_job(job)
+    source = open_input(job.input)
+    spec = resolve_spec(source, 2 if task == "pairs" else 1, job.text_column, job.text_columns, job.id_column)
+    run_id = job.run_id or new_run_id()
+    output = Path(job.output)
+    if output.exists() and not job.resume:
+        raise OutputError(f"output {output} exists; remove it or choose another output (--resume keeps it)", path=str(output))
+    if output.exists():
+        from attnfallback.scoring.writer import read_output_metadata
+
+        meta = read_output_metadata(output) or {}
+        return RayRun(ScoreResult(output=str(output), rows_in=0, rows_written=0, rows_skipped=0, skipped=[], tokens=0,
+                                  truncated=0, seconds=0.0, tokens_per_s=0.0, nonfinite=0, decision={}, run_id=meta.get("run_id", run_id),
+                                  shard="ray", already_complete=True))
+    t0 = time.perf_counter()
+    actor_job = replace(job, text_column=None, text_columns=list(spec.text_columns),
+                        id_column=spec.id_column or ROW_COLUMN, run_id=run_id, shard=None, resume=False, quiet=True)
+    with _RaySession(address) as ray:
+        import ray.data
+
+        remote_args, actors, threads = _resources(ray, actors, actor_cpus)
+        context = ray.data.DataContext.get_current()
+        saved = (context.execution_options.preserve_order, context.enable_progress_bars, context.wait_for_min_actors_s)
+        context.execution_options.preserve_order = True  # the row numbers rely on it
+        context.enable_progress_bars = False
+        # Without this the pool starts with the first ready actor, and on a small input the others
+        # are torn down mid-load; with it, a cluster too small for the pool is an error, not a hang.
+        context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+        data_log = logging.getLogger("ray.data")
+        saved_level = data_log.level
+        data_log.setLevel(max(saved_level, logging.WARNING))
+        registry = _registry_class().remote()
+        parts = output.parent / f".{output.name}.ray-parts"
+        shutil.rmtree(parts, ignore_errors=True)
+        try:
+            ds = _read_dataset(source, spec.text_columns, actors * BLOCKS_PER_ACTOR)
+            rows_in = ds.count()
+            if rows_in == 0:
+                from attnfallback.errors import InputError
+
+                raise InputError("empty input: no rows", path=str(source.path))
+            columns = list(dict.fromkeys(spec.text_columns + ([spec.id_column] if spec.id_column else [])))
+            ds = _with_row_numbers(ds.select_columns(columns), rows_in)
+            ds = ds.repartition(max(1, min(rows_in, actors * BLOCKS_PER_ACTOR)))
+            scored = ds.map_batches(
+                ScoreActor,
+                fn_constructor_kwargs={"job": actor_job, "registry": registry, "actors": actors, "threads": threads},
+                batch_size=batch_rows, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+                **remote_args,
+            )
+            if echo:
+                echo(f"  ray: {rows_in} rows over {actors} actors ({', '.join(f'{k}={v}' for k, v in remote_args.items())})")
+            failure = None
+            try:
+                scored.write_parquet(str(parts))
+            except Exception as e:  # noqa: BLE001 - the registry says which shard failed and why
+                failure = e
+            shards = _collect(ray, registry, actors)
+            if failure is not None:
+                error = _failure_error(failure, shards)
+                error.shards = shards
+                raise error from failure
+            merged = _merge_ray_parts(parts, output, run_id)
+        finally:
+            context.execution_options.preserve_order, context.enable_progress_bars, context.wait_for_min_actors_s = saved
+            data_log.setLevel(saved_level)
+            shutil.rmtree(parts, ignore_errors=True)
+    rows_written = merged["rows"]
+    rows_skipped = rows_in - rows_written
+    if sum(s.rows_in for s in shards) != rows_in or sum(s.rows_written for s in shards) != rows_written:
+        raise OutputError(f"row accounting failed: {rows_in} rows in, {rows_written} written, "
+                          f"{sum(s.rows_in for s in shards)} seen by the actors", path=str(output))
+    seconds = time.perf_counter() - t0
+    tokens = sum(s.tokens for s in shards)
+    _emit_shard_done(job.events, run_id, shards, output)
+    first = next((s for s in shards if s.used), None)
+    result = ScoreResult(
+        output=str(output), rows_in=rows_in, rows_written=rows_written, rows_skipped=rows_skipped, skipped=[],
+        tokens=tokens, truncated=0, seconds=round(seconds, 4), tokens_per_s=round(tokens / seconds, 1) if seconds else 0.0,
+        nonfinite=merged["nonfinite"], decision=getattr(first, "decision", None) or {}, run_id=run_id,
+        shard=f"ray ({len(shards)} actors)", parts=len(shards),
+        events=job.events, task={"engine": "ray", "actors": [s.to_dict() for s in shards]},
+    )
+    return RayRun(result, shards)
+
+
+def _collect(ray, registry, actors: int) -> list[ActorShard]:
+    report = ray.get(registry.report.remote())
+    shards = []
+    for index in sorted(report):
+        info = report[index]
+        if info.get("used") is None and not info.get("error") and not info.get("rows_in"):
+            continue  # an actor torn down before it loaded: no shard
+        shards.append(ActorShard(shard=f"{index}/{actors}", **{k: v for k, v in info.items()
+                                                               if k in ActorShard.__dataclass_fields__ and k != "shard"}))
+    return shards
+
+
+def _failure_error(exc: BaseException, shards: list[ActorShard]) -> AttnFallbackError:
+    """The error a failed Ray run raises: the first failed shard's own message and exit code."""
+    failed = [s for s in shards if s.error]
+    if failed:
+        first = failed[0]
+        message = f"shard {first.shard} on {first.host}: {first.error}"
+        if len(failed) > 1:
+            message += f"\n(and {len(failed) - 1} more shard(s) failed; see the events)"
+        err = AttnFallbackError(message)
+        err.exit_code = first.exit_code or 1
+        return err
+    text = str(exc).strip().splitlines()
+    return AttnFallbackError(f"the Ray job failed: {type(exc).__name__}: {text[0] if text else ''}")
+
+
+def _merge_ray_parts(parts: Path, output: Path, run_id: str) -> dict:
+    """The actors' Parquet files -> one file in input order (by row number), written atomically."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    files = sorted(parts.glob("*.parquet"))
+    tables = [pq.read_table(f) for f in files]
+    table = pa.concat_tables(tables, promote_options="default") if tables else None
+    if table is None:
+        raise OutputError(f"the Ray job wrote no output under {parts}", path=str(parts))
+    table = table.take(pc.sort_indices(table.column(ROW_COLUMN))).drop_columns([ROW_COLUMN])
+    table = table.replace_schema_metadata({b"attnfallback.ray": json.dumps({"run_id": run_id, "engine": "ray"}).encode()})
+    nonfinite = int(pc.sum(table.column("nonfinite")).as_py() or 0) if "nonfinite" in table.column_names else 0
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, output)
+    return {"path": str(output), "rows": table.num_rows, "nonfinite": nonfinite}
+
+
+def _emit_shard_done(events, run_id: str, shards: list[ActorShard], output: Path) -> None:
+    """One `shard_done` per actor, written by the driver for the actor's host and process."""
+    from attnfallback.events import EventSink
+    from attnfallback.policy import events_dir_from_env
+
+    directory = events_dir_from_env(events)
+    if directory is None:
+        return
+    for s in shards:
+        with EventSink(directory, run_id=run_id, shard=s.shard) as sink:
+            sink.emit("shard_done", rows=s.rows_in, rows_written=s.rows_written, rows_skipped=s.rows_in - s.rows_written,
+                      tokens=s.tokens, seconds=round(s.busy_s, 4),
+                      tokens_per_s=round(s.tokens / s.busy_s, 1) if s.busy_s else 0.0, non_finite=s.non_finite,
+                      output=str(output), impl=s.used, engine="ray", host=s.host, pid=s.pid)
+
+
+# --- sweeps -----------------------------------------------------------------------------------
+
+def score_job_for(spec, output: Path, events: Path, run_id: str):
+    """The ScoreJob of one sweep configuration (every shard: Ray's actors split the rows)."""
+    from attnfallback.scoring import ScoreJob
+
+    extra = {"part_rows": spec.part_rows} if spec.part_rows else {}
+    return ScoreJob(model=spec.model, input=spec.input, output=str(output), task=spec.task, text_column=spec.text_column,
+                    text_columns=list(spec.text_columns) if spec.text_columns else None, id_column=spec.id_column,
+                    prefer=list(spec.prefer) if spec.prefer else None, policy=spec.policy, dtype=spec.dtype,
+                    batch_tokens=spec.batch_tokens, max_length=spec.max_length, events=str(events), run_id=run_id,
+                    on_bad_row=spec.on_bad_row, on_nonfinite=spec.on_nonfinite, quiet=True, revision=spec.revision,
+                    trust_remote_code=spec.trust_remote_code, **extra)
+
+
+def run_sweep_ray(config, *, resume: bool = False, address: str | None = None, echo=None,
+                  actor_cpus: float | None = None, batch_rows: int = DEFAULT_BATCH_ROWS):
+    """Run a sweep on Ray: each configuration one Ray Data job with `shards` actors (each a shard
+    in the events); its output is one Parquet file in input order. Failures are reported per
+    configuration and shard, not raised; `resume` re-runs only configurations not complete."""
+    require_ray()
+    from attnfallback.sweep.local import JobResult, SweepResult, read_run_events
+    from attnfallback.sweep.state import claim_output
+
+    t0 = time.perf_counter()
+    state = claim_output(config, resume, engine="ray")
+    jobs: list[JobResult] = []
+    merged: dict[str, dict] = {}
+    with _RaySession(address):
+        for spec in config.specs:
+            run_id = config.run_id_of(spec, state.run_id)
+            output = config.config_dir(spec) / "scores.parquet"
+            key = f"{spec.name}/ray"
+            previous = state.jobs.get(key, {})
+            if resume and state.is_done(key, output):
+                jobs += [JobResult(spec.name, s["shard"], run_id, "complete", 0, str(output), "", s.get("host"), s.get("busy_s"))
+                         for s in previous.get("shards", [])]
+                merged[spec.name] = {"path": str(output), "rows": previous.get("rows"), "order": "input order (by row number)"}
+                continue
+            output.unlink(missing_ok=True)  # a completed output is only ever one the manifest calls done
+            state.update_job(key, status="running", run_id=run_id, output=str(output), exit_code=None, error=None)
+            if echo:
+                echo(f"  start  {spec.name} on Ray ({spec.shards} actors)")
+            t_job = time.perf_counter()
+            try:
+                run = _run_ray(score_job_for(spec, output, config.events, run_id), None, spec.shards, actor_cpus,
+                               batch_rows, echo)
+            except AttnFallbackError as e:
+                shards = getattr(e, "shards", [])
+                state.update_job(key, status="failed", exit_code=e.exit_code, error=str(e).splitlines()[0],
+                                 shards=[s.to_dict() for s in shards])
+                if echo:
+                    echo(f"  FAILED {spec.name} exit {e.exit_code}: {str(e).splitlines()[-1].strip()}")
+                failed = [s for s in shards if s.error] or [ActorShard(shard=f"?/{spec.shards}")]
+                for s in failed:
+                    text = s.error or str(e)
+                    jobs.append(JobResult(spec.name, s.shard, run_id, "failed", s.exit_code or e.exit_code, str(output), "",
+                                          s.host, None, text.strip().splitlines()[-1].strip(), text))
+                continue
+            seconds = round(time.perf_counter() - t_job, 3)
+            state.update_job(key, status="done", exit_code=0, seconds=seconds, rows=run.result.rows_written,
+                             shards=[s.to_dict() for s in run.shards])
+            merged[spec.name] = {"path": str(output), "rows": run.result.rows_written, "order": "input order (by row number)"}
+            state.outputs[spec.name] = str(output)
+            if echo:
+                echo(f"  done   {spec.name} {seconds:6.1f} s ({', '.join(f'{s.shard} {s.used}' for s in run.shards)})")
+            jobs += [JobResult(spec.name, s.shard, run_id, "done", 0, str(output), "", f"{s.host}:{s.pid}",
+                               round(s.busy_s, 3), score=s.to_dict()) for s in run.shards]
+    state.save()
+    result = SweepResult(state.run_id, "ray", str(config.output), str(config.events), str(state.path), jobs, merged)
+    result.shards, result.summary = read_run_events(config.events, sorted({j.run_id for j in jobs}))
+    result.seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,127 @@
+"""Ray engine on a local Ray instance on the CPU (two actors): the same output as `score`, each actor
+a shard in the events, strict failures with exit 3. One Ray instance for the module (start-up costs
+seconds); actors take half a CPU each so Ray Data's read tasks are never starved (a silent hang)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from attnfallback.errors import UsageError
+from attnfallback.sweep.ray_engine import ray_available
+
+pytestmark = [pytest.mark.ray, pytest.mark.skipif(not ray_available(), reason="ray is not installed (pip install attnfallback[ray])")]
+
+ROWS = 60
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def write_texts(path: Path, rows: int = ROWS, empty_at: int | None = None) -> Path:
+    rng = random.Random(3)
+    words = "ray actors score shards on nodes of several gpu classes and fall back when flash is missing".split()
+    lines = []
+    for i in range(rows):
+        text = "" if i == empty_at else " ".join(rng.choice(words) for _ in range(rng.randint(2, 30)))
+        lines.append({"key": f"k{i:03d}", "text": text})
+    if path.suffix == ".csv":
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(pa.table({"key": [r["key"] for r in lines], "text": [r["text"] for r in lines]}), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return path
+
+
+def assert_same_output(actual_path, expected_path):
+    import numpy as np
+
+    actual, expected = pq.read_table(actual_path), pq.read_table(expected_path)
+    assert actual.schema.remove_metadata() == expected.schema.remove_metadata()
+    assert actual.column("id").to_pylist() == expected.column("id").to_pylist()
+    a = np.asarray(actual.column("embedding").to_pylist())
+    b = np.asarray(expected.column("embedding").to_pylist())
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)  # other batch compositions: rounding only
+
+
+def test_sweep_on_ray_matches_score_and_each_actor_is_a_shard(ray_local, tiny_bert, tmp_path):
+    from attnfallback.scoring import ScoreJob, run_score
+    from attnfallback.sweep.config import parse_config
+    from attnfallback.sweep.ray_engine import run_sweep_ray
+
+    write_texts(tmp_path / "texts.jsonl")
+    config = parse_config({"output": "out", "input": "texts.jsonl", "model": str(tiny_bert), "shards": 2,
+                           "run_id": "ray-test", "prefer": ["flash_attention_2", "sdpa", "eager"]}, base=tmp_path)
+    result = run_sweep_ray(config)
+    assert result.exit_code == 0, [j.error_text for j in result.failed]
+    assert [j.shard for j in result.jobs] == ["0/2", "1/2"]
+
+    single = run_score(ScoreJob(model=str(tiny_bert), input=str(tmp_path / "texts.jsonl"), output=str(tmp_path / "single.parquet"),
+                                device="cpu", prefer=["flash_attention_2", "sdpa", "eager"], quiet=True))
+    assert_same_output(result.merged["main"]["path"], single.output)
+
+    # the events: one attn_impl per actor with its node's GPU class, and a shard_done per actor
+    shards = result.shards
+    assert [s["shard"] for s in shards] == ["0/2", "1/2"]
+    assert all(s["run_id"] == "ray-test" and s["gpu_class"] == "cpu" and s["used"] == "sdpa" and s["done"] for s in shards), shards
+    assert sum(s["rows"] for s in shards) == ROWS
+    assert result.summary[0]["shards"] == 2 and result.summary[0]["fell_back"] == 2
+
+    # resume: the configuration is complete, nothing runs again
+    again = run_sweep_ray(config, resume=True)
+    assert [j.status for j in again.jobs] == ["complete", "complete"] and again.exit_code == 0
+
+
+def test_score_on_ray_with_string_ids_and_skipped_rows(ray_local, tiny_bert, tmp_path):
+    from attnfallback.scoring import ScoreJob, run_score
+    from attnfallback.sweep.ray_engine import run_score_ray
+
+    texts = write_texts(tmp_path / "texts.csv", empty_at=5)
+    common = dict(model=str(tiny_bert), input=str(texts), id_column="key", text_column="text", on_bad_row="skip",
+                  device="cpu", quiet=True, prefer=["sdpa", "eager"])
+    ray_result = run_score_ray(ScoreJob(output=str(tmp_path / "ray.parquet"), events=str(tmp_path / "events"), **common),
+                               actors=2)
+    local = run_score(ScoreJob(output=str(tmp_path / "local.parquet"), **common))
+    assert (ray_result.rows_in, ray_result.rows_written, ray_result.rows_skipped) == (ROWS, ROWS - 1, 1)
+    assert ray_result.rows_in == ray_result.rows_written + ray_result.rows_skipped
+    assert_same_output(ray_result.output, local.output)
+    assert pq.read_table(ray_result.output).column("id").to_pylist()[:6] == ["k000", "k001", "k002", "k003", "k004", "k006"]
+
+
+def test_strict_failure_on_ray_exits_3_with_reasons_in_the_events(ray_local, tiny_bert, tmp_path):
+    from attnfallback.events import open_log
+    from attnfallback.sweep.config import parse_config
+    from attnfallback.sweep.ray_engine import run_sweep_ray
+
+    write_texts(tmp_path / "texts.jsonl", rows=8)
+    config = parse_config({"output": "out", "input": "texts.jsonl", "model": str(tiny_bert), "shards": 2,
+                           "policy": "strict", "prefer": ["flash_attention_2", "sdpa"]}, base=tmp_path)
+    result = run_sweep_ray(config)
+    assert result.exit_code == 3
+    assert result.failed and all("flash_attention_2" in j.error_text for j in result.failed)
+    with open_log(config.events) as log:
+        failures = log.fallbacks().to_pylist()
+    assert failures and {f["outcome"] for f in failures} == {"unavailable"}
+    assert all(f["requested"] == "flash_attention_2" for f in failures)
+
+
+def test_shard_flag_is_refused_on_ray(tmp_path):
+    from attnfallback.scoring import ScoreJob
+    from attnfallback.sweep.ray_engine import run_score_ray
+
+    texts = write_texts(tmp_path / "texts.jsonl", rows=2)
+    with pytest.raises(UsageError, match="--actors"):
+        run_score_ray(ScoreJob(input=str(texts), output=str(tmp_path / "o.parquet"), shard="0/2"), actors=2)

@@ -1,0 +1,174 @@
+"""Local engine: 2 CPU workers, 4 shards; a shard killed mid-run is reported, --resume completes it,
+and the merged output equals a single `score` run, every row exactly once."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from attnfallback.cli.app import main
+from attnfallback.sweep.config import parse_config
+from attnfallback.sweep.local import run_local
+
+ROWS = 240
+PART_ROWS = 8
+KILLED = 1  # the shard index killed mid-run
+
+
+def make_texts(path: Path, rows: int = ROWS) -> Path:
+    rng = random.Random(7)
+    words = "the a model shard graceful strict attention kernel falls back to sdpa on this GPU class when flash is missing".split()
+    with open(path, "w") as f:
+        for i in range(rows):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 40)))}) + "\n")
+    return path
+
+
+def committed_parts(output: Path) -> int:
+    manifest = output.parent / f".{output.name}.parts" / "manifest.json"
+    try:
+        return len(json.loads(manifest.read_text())["parts"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("sweep-local")
+    make_texts(base / "texts.jsonl")
+    (base / "sweep.toml").write_text(f"""
+output = "out"
+run_id = "local-test"
+shards = 4
+workers = 2
+devices = "cpu"
+model = "default"
+task = "embed"
+input = "texts.jsonl"
+part_rows = {PART_ROWS}
+prefer = ["flash_attention_2", "sdpa", "eager"]
+""")
+    return base
+
+
+@pytest.fixture(scope="module")
+def killed_run(sweep_dir):
+    """The first run: shard 1/4 is killed with SIGKILL once it has committed a part."""
+    from attnfallback.sweep.config import load_config
+
+    kills: list[int] = []
+
+    def on_start(job, proc):
+        if job.shard.index != KILLED:
+            return
+
+        def kill_after_first_part():
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and time.monotonic() < deadline:
+                if committed_parts(job.output) >= 1:
+                    proc.send_signal(signal.SIGKILL)
+                    kills.append(committed_parts(job.output))
+                    return
+                time.sleep(0.005)
+
+        threading.Thread(target=kill_after_first_part, daemon=True).start()
+
+    result = run_local(load_config(sweep_dir / "sweep.toml"), on_start=on_start)
+    return result, kills
+
+
+@pytest.fixture(scope="module")
+def resumed_run(sweep_dir, killed_run):
+    from attnfallback.sweep.config import load_config
+
+    return run_local(load_config(sweep_dir / "sweep.toml"), resume=True)
+
+
+def test_killed_shard_is_reported_while_the_others_finish(killed_run):
+    result, kills = killed_run
+    assert kills, "the shard finished before it could be killed"
+    by_shard = {j.shard: j for j in result.jobs}
+    killed = by_shard[f"{KILLED}/4"]
+    assert killed.status == "failed" and killed.exit_code == -signal.SIGKILL
+    assert "SIGKILL" in killed.error
+    assert [s for s, j in by_shard.items() if j.ok] == [s for s in ("0/4", "1/4", "2/4", "3/4") if s != f"{KILLED}/4"]
+    assert result.exit_code == 1
+    assert result.merged == {}  # no merged output while a shard is missing
+    manifest = json.loads(Path(result.manifest).read_text())
+    assert manifest["jobs"][f"main/{KILLED}/4"]["status"] == "failed"
+
+
+def test_resume_runs_only_the_incomplete_shard_and_every_row_is_there_once(sweep_dir, resumed_run):
+    result = resumed_run
+    assert result.exit_code == 0
+    statuses = {j.shard: j.status for j in result.jobs}
+    assert statuses == {"0/4": "complete", "1/4": "done", "2/4": "complete", "3/4": "complete"}
+    resumed = next(j for j in result.jobs if j.status == "done")
+    assert resumed.score["resumed_parts"] >= 1  # continued from its committed parts
+    merged = pq.read_table(result.merged["main"]["path"])
+    assert merged.column("id").to_pylist() == list(range(ROWS))
+    for job in result.jobs:  # each shard holds exactly the rows it owns
+        index = int(job.shard.split("/")[0])
+        assert pq.read_table(job.output).column("id").to_pylist() == list(range(index, ROWS, 4))
+
+
+def test_merged_output_equals_a_single_score_run(sweep_dir, resumed_run, tmp_path):
+    import numpy as np
+
+    from attnfallback.scoring import ScoreJob, run_score
+
+    single = run_score(ScoreJob(model="default", input=str(sweep_dir / "texts.jsonl"), output=str(tmp_path / "single.parquet"),
+                                device="cpu", prefer=["flash_attention_2", "sdpa", "eager"], quiet=True))
+    expected = pq.read_table(single.output)
+    merged = pq.read_table(resumed_run.merged["main"]["path"])
+    assert merged.schema.remove_metadata() == expected.schema.remove_metadata()
+    assert merged.column("id").to_pylist() == expected.column("id").to_pylist()
+    a = np.asarray(merged.column("embedding").to_pylist())
+    b = np.asarray(expected.column("embedding").to_pylist())
+    # other batch compositions and thread counts: float rounding only
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_events_summary_of_the_run(resumed_run):
+    shards = resumed_run.shards
+    assert [s["shard"] for s in shards] == ["0/4", "1/4", "2/4", "3/4"]
+    assert all(s["done"] and s["used"] == "sdpa" and s["fell_back"] for s in shards)
+    assert all(s["failed_impl"] == "flash_attention_2" and "CUDA" in s["reason"] for s in shards)
+    assert sum(s["rows"] for s in shards) == ROWS
+    (row,) = resumed_run.summary
+    assert (row["gpu_class"], row["shards"], row["fell_back"], row["strict_failures"]) == ("cpu", 4, 4, 0)
+
+
+def test_cli_refuses_the_finished_directory_without_resume(sweep_dir, resumed_run, capsys):
+    assert main(["sweep", str(sweep_dir / "sweep.toml")]) == 2
+    assert "already holds the results of run 'local-test'" in capsys.readouterr().err
+    # with --resume every shard is complete: nothing runs, exit 0, the report is printed
+    assert main(["sweep", str(sweep_dir / "sweep.toml"), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "4 shard jobs, 4 complete, 0 failed" in out and "flash_attention_2: no CUDA GPU" in out
+
+
+def test_ray_engine_without_ray_says_how_to_install(sweep_dir, monkeypatch, capsys):
+    import attnfallback.sweep.ray_engine as ray_engine
+
+    monkeypatch.setattr(ray_engine, "ray_available", lambda: False)
+    assert main(["sweep", str(sweep_dir / "sweep.toml"), "--engine", "ray"]) == 2
+    assert "pip install attnfallback[ray]" in capsys.readouterr().err
+
+
+def test_strict_shards_fail_with_exit_3_and_their_reasons(tmp_path):
+    make_texts(tmp_path / "texts.jsonl", rows=10)
+    config = parse_config({"output": "out", "input": "texts.jsonl", "shards": 2, "workers": 2, "devices": "cpu",
+                           "policy": "strict", "prefer": ["flash_attention_2", "sdpa"]}, base=tmp_path)
+    result = run_local(config)
+    assert result.exit_code == 3
+    assert [j.exit_code for j in result.jobs] == [3, 3]
+    assert all("flash_attention_2" in j.error_text and "strict" in j.error_text for j in result.jobs)
+    assert [s["strict_failure"] for s in result.shards] == [True, True]
