@@ -126,3 +126,9 @@ def test_hub_id_and_revision_load_through_the_hub_code_path(tmp_path, tiny_bert)
     assert data["model"]["identity"] == f"rev:{revision}"
     missing = subprocess.run(cmd[:4] + ["acme/other"] + cmd[5:], env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "acme/other" in missing.stderr
+
+
+def test_log_lines_reach_the_current_stderr(capsys):
+    for _ in range(2):  # the second call must not write to the first call's stream
+        assert main(["load", "default", "--prefer", "flash_attention_2,sdpa"]) == 0
+        assert "requested flash_attention_2, using sdpa" in capsys.readouterr().err
