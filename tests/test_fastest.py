@@ -15,7 +15,8 @@ from attnfallback.loader import load_model
 from attnfallback.parity import NO_EVENTS
 from attnfallback.policy import Policy
 
-SAMPLE = "normal:16:4:32"
+SAMPLE = [12, 16, 20, 24] * 4  # token lengths: a small calibration sample keeps the real passes cheap
+SAMPLE_DIST = "normal:16:4:32"
 
 
 @pytest.fixture(autouse=True)
@@ -166,12 +167,24 @@ def test_load_model_under_policy_fastest_records_the_measurement_in_the_event(ti
 
     speeds = InjectedSpeeds({"sdpa": 0.05, "eager": 0.01})
     monkeypatch.setattr(bench, "wall_timer", lambda device: speeds)
-    monkeypatch.setenv(fastest.ENV_SAMPLE, SAMPLE)
+    monkeypatch.setenv(fastest.ENV_SAMPLE, SAMPLE_DIST)
+    monkeypatch.setitem(fastest.SAMPLE_TOKENS, "cpu", 256)  # a few sequences drawn from it
     loaded = load_model(str(tiny_bert), policy=Policy.fastest(["flash_attention_2", "sdpa", "eager"]), events=tmp_path / "ev", run_id="f1")
     assert loaded.decision.used == "eager"
     (path,) = (tmp_path / "ev").rglob("*.jsonl")
     (event,) = [json.loads(line) for line in path.read_text().splitlines()]
     assert validate(event) == [] and event["used"] == "eager" and event["policy"]["mode"] == "fastest"
-    assert event["measured"]["cache"] == "miss" and event["measured"]["sample"]["distribution"] == SAMPLE
+    assert event["measured"]["cache"] == "miss" and event["measured"]["sample"]["distribution"] == SAMPLE_DIST
     assert event["measured"]["tokens_per_s"]["eager"] > event["measured"]["tokens_per_s"]["sdpa"]
     assert list((tmp_path / "cache").glob("fastest-*.json"))  # $ATTNFALLBACK_CACHE
+
+
+@pytest.mark.gpu
+def test_fastest_on_the_gpu_measures_then_answers_from_the_cache(tmp_path):
+    policy = dataclasses.replace(Policy.fastest(["flash_attention_4", "sdpa", "eager"]), fastest_budget_s=10, extra={"fastest_sample": "short"})
+    first = load_model("default", policy=policy, device="cuda", sink=NO_EVENTS)
+    m = first.decision.measured
+    assert m["cache"] == "miss" and first.decision.used == max(m["tokens_per_s"], key=m["tokens_per_s"].get)
+    assert first.model.config._attn_implementation == first.decision.used
+    again = load_model("default", policy=policy, device="cuda", sink=NO_EVENTS)
+    assert again.decision.measured["cache"] == "hit" and again.decision.used == first.decision.used

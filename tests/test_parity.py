@@ -216,3 +216,17 @@ def test_score_tasks_compare_sdpa_with_eager(task, kind, tmp_path):
     metrics = report.results["sdpa"].metrics
     assert report.passed and report.texts == 24 and "min_cosine" not in metrics
     assert metrics["rel_l2"] <= report.tolerance and metrics["spearman"] > 0.99
+
+
+@pytest.mark.gpu
+def test_flash_and_sdpa_against_eager_in_bfloat16_on_the_gpu(stsb_csv):
+    from attnfallback.caps import probe_software
+
+    report = parity.run_parity("default", parity.read_texts(stsb_csv, rows=200), impls=["flash_attention_4", "sdpa"],
+                               dtype="bfloat16", device="cuda")
+    assert report.calibration.error > 0 and report.tolerance == pytest.approx(max(2 * report.calibration.error, parity.TOLERANCE_FLOOR["bfloat16"]))
+    assert report.passed and "sdpa" in report.results
+    if probe_software().flash_attn_4:
+        assert report.results["flash_attention_4"].metrics["spearman"] > 0.999
+    else:
+        assert any("flash-attn-4" in r for r in report.unavailable["flash_attention_4"])

@@ -5,7 +5,9 @@ switched in place to each other candidate (never re-read), which must pass the v
 forward, and timed on a calibration sample within the policy's time budget; the fastest stays.
 Compilation (flex_attention, FlashAttention-4's first call) is the warm-up pass: reported as
 `compile_s`, never counted in tokens/s, but spent from the budget, so candidates that compile are
-measured last. The choice is cached in a small JSON file keyed by (GPU class, model identity,
+measured last; the budget decides whether a candidate starts, so the last one measured may run a
+little past it. Compilation already paid by the loader's verification forward shows in
+`timing.verify_s`, not here. The choice is cached in a small JSON file keyed by (GPU class, model identity,
 model class, dtype, candidate set, package versions, workload shape), so later shards on the same
 class load, verify and skip the measurement.
 
