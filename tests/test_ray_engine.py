@@ -62,43 +62,34 @@ def test_sweep_on_ray_matches_score_and_each_actor_is_a_shard(ray_local, tiny_be
     from attnfallback.sweep.config import parse_config
     from attnfallback.sweep.ray_engine import run_sweep_ray
 
-    write_texts(tmp_path / "texts.jsonl")
-    config = parse_config({"output": "out", "input": "texts.jsonl", "model": str(tiny_bert), "shards": 2,
-                           "run_id": "ray-test", "prefer": ["flash_attention_2", "sdpa", "eager"]}, base=tmp_path)
+    # CSV with string ids and one empty text, skipped: the same rows, ids and order as `score`
+    texts = write_texts(tmp_path / "texts.csv", empty_at=5)
+    common = {"model": str(tiny_bert), "id_column": "key", "text_column": "text", "on_bad_row": "skip",
+              "prefer": ["flash_attention_2", "sdpa", "eager"]}
+    config = parse_config({"output": "out", "input": texts.name, "shards": 2, "run_id": "ray-test", **common}, base=tmp_path)
     result = run_sweep_ray(config)
     assert result.exit_code == 0, [j.error_text for j in result.failed]
     assert [j.shard for j in result.jobs] == ["0/2", "1/2"]
 
-    single = run_score(ScoreJob(model=str(tiny_bert), input=str(tmp_path / "texts.jsonl"), output=str(tmp_path / "single.parquet"),
-                                device="cpu", prefer=["flash_attention_2", "sdpa", "eager"], quiet=True))
+    single = run_score(ScoreJob(input=str(texts), output=str(tmp_path / "single.parquet"), device="cpu", quiet=True, **common))
+    assert (single.rows_written, single.rows_skipped) == (ROWS - 1, 1)
     assert_same_output(result.merged["main"]["path"], single.output)
+    ids = pq.read_table(result.merged["main"]["path"]).column("id").to_pylist()
+    assert ids[:6] == ["k000", "k001", "k002", "k003", "k004", "k006"]
 
-    # the events: one attn_impl per actor with its node's GPU class, and a shard_done per actor
+    # the events: one attn_impl per actor with its node's GPU class, and a shard_done per actor;
+    # rows in = rows written + rows skipped over the actors
     shards = result.shards
     assert [s["shard"] for s in shards] == ["0/2", "1/2"]
     assert all(s["run_id"] == "ray-test" and s["gpu_class"] == "cpu" and s["used"] == "sdpa" and s["done"] for s in shards), shards
     assert sum(s["rows"] for s in shards) == ROWS
+    assert sum(j.score["rows_written"] for j in result.jobs) == ROWS - 1
+    assert all(j.score["rows_in"] > 0 for j in result.jobs)  # both actors scored
     assert result.summary[0]["shards"] == 2 and result.summary[0]["fell_back"] == 2
 
     # resume: the configuration is complete, nothing runs again
     again = run_sweep_ray(config, resume=True)
     assert [j.status for j in again.jobs] == ["complete", "complete"] and again.exit_code == 0
-
-
-def test_score_on_ray_with_string_ids_and_skipped_rows(ray_local, tiny_bert, tmp_path):
-    from attnfallback.scoring import ScoreJob, run_score
-    from attnfallback.sweep.ray_engine import run_score_ray
-
-    texts = write_texts(tmp_path / "texts.csv", empty_at=5)
-    common = dict(model=str(tiny_bert), input=str(texts), id_column="key", text_column="text", on_bad_row="skip",
-                  device="cpu", quiet=True, prefer=["sdpa", "eager"])
-    ray_result = run_score_ray(ScoreJob(output=str(tmp_path / "ray.parquet"), events=str(tmp_path / "events"), **common),
-                               actors=2)
-    local = run_score(ScoreJob(output=str(tmp_path / "local.parquet"), **common))
-    assert (ray_result.rows_in, ray_result.rows_written, ray_result.rows_skipped) == (ROWS, ROWS - 1, 1)
-    assert ray_result.rows_in == ray_result.rows_written + ray_result.rows_skipped
-    assert_same_output(ray_result.output, local.output)
-    assert pq.read_table(ray_result.output).column("id").to_pylist()[:6] == ["k000", "k001", "k002", "k003", "k004", "k006"]
 
 
 def test_strict_failure_on_ray_exits_3_with_reasons_in_the_events(ray_local, tiny_bert, tmp_path):

@@ -14,11 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from attnfallback.cli.app import main
-from attnfallback.sweep.config import parse_config
 from attnfallback.sweep.local import run_local
 
-ROWS = 240
-PART_ROWS = 8
+ROWS = 160
+PART_ROWS = 4
 KILLED = 1  # the shard index killed mid-run
 
 
@@ -27,7 +26,7 @@ def make_texts(path: Path, rows: int = ROWS) -> Path:
     words = "the a model shard graceful strict attention kernel falls back to sdpa on this GPU class when flash is missing".split()
     with open(path, "w") as f:
         for i in range(rows):
-            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 40)))}) + "\n")
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 16)))}) + "\n")
     return path
 
 
@@ -161,14 +160,3 @@ def test_ray_engine_without_ray_says_how_to_install(sweep_dir, monkeypatch, caps
     monkeypatch.setattr(ray_engine, "ray_available", lambda: False)
     assert main(["sweep", str(sweep_dir / "sweep.toml"), "--engine", "ray"]) == 2
     assert "pip install attnfallback[ray]" in capsys.readouterr().err
-
-
-def test_strict_shards_fail_with_exit_3_and_their_reasons(tmp_path):
-    make_texts(tmp_path / "texts.jsonl", rows=10)
-    config = parse_config({"output": "out", "input": "texts.jsonl", "shards": 2, "workers": 2, "devices": "cpu",
-                           "policy": "strict", "prefer": ["flash_attention_2", "sdpa"]}, base=tmp_path)
-    result = run_local(config)
-    assert result.exit_code == 3
-    assert [j.exit_code for j in result.jobs] == [3, 3]
-    assert all("flash_attention_2" in j.error_text and "strict" in j.error_text for j in result.jobs)
-    assert [s["strict_failure"] for s in result.shards] == [True, True]

@@ -100,8 +100,9 @@ def render_sweep(result, console=None) -> None:
         groups.setdefault((job.exit_code, job.error_text or job.error or ""), []).append(job)
     for (code, text), jobs in groups.items():
         names = ", ".join(f"{j.config} {j.shard}" if "config" in columns else j.shard for j in jobs)
-        console.print(f"\nfailed ({_exit_text(code)}): shard{'s' if len(jobs) > 1 else ''} {names} "
-                      f"(logs in {Path(jobs[0].log).parent})", markup=False, soft_wrap=True)
+        where = f" (logs in {Path(jobs[0].log).parent})" if jobs[0].log else ""
+        console.print(f"\nfailed ({_exit_text(code)}): shard{'s' if len(jobs) > 1 else ''} {names}{where}",
+                      markup=False, soft_wrap=True)
         for line in text.splitlines():
             console.print(f"  {line.strip()}", markup=False, highlight=False, soft_wrap=True)
     console.print("")

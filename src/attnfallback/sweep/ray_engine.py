@@ -123,10 +123,9 @@ class ScoreActor:
     def __init__(self, job, registry, actors: int, threads: int | None):
         import socket
 
-        self.registry = registry
-        self.index = None
         import ray
 
+        self.registry = registry
         self.index = ray.get(registry.claim.remote({"host": socket.gethostname(), "pid": os.getpid()}))
         self.shard = f"{self.index}/{actors}"
         if threads:
@@ -137,16 +136,12 @@ class ScoreActor:
 
         try:
             self.scorer = Scorer.from_job(replace(job, shard=self.shard))
-        except AttnFallbackError as e:
-            registry.failed.remote(self.index, str(e), e.exit_code)
-            raise
         except Exception as e:
-            registry.failed.remote(self.index, f"{type(e).__name__}: {e}", 1)
-            raise
+            self._fail(e)
         decision = self.scorer.decision.to_dict()
-        registry.loaded.remote(self.index, {"gpu_class": decision["gpu"]["class"], "used": decision["used"],
-                                            "requested": decision["requested"], "fell_back": decision["fell_back"],
-                                            "decision": decision})
+        ray.get(registry.loaded.remote(self.index, {
+            "gpu_class": decision["gpu"]["class"], "used": decision["used"], "requested": decision["requested"],
+            "fell_back": decision["fell_back"], "decision": decision}))
         # score_table keeps the chunk's token count to itself: count it as it passes by
         self.tokens = 0
         run = self.scorer.run
@@ -164,6 +159,21 @@ class ScoreActor:
                                   device=str(self.scorer.device), batch_tokens=self.scorer.batch_tokens,
                                   max_length=self.scorer.max_length, engine="ray")
 
+    def _fail(self, e: Exception):
+        """Tell the registry (the driver reports it, exit code included), then fail this actor.
+
+        Raised again as a RuntimeError: some of our exceptions (AttentionUnavailable) do not
+        survive pickling, and Ray would turn them into an unreadable internal error.
+        """
+        import ray
+
+        if isinstance(e, AttnFallbackError):
+            message, code = str(e), e.exit_code
+        else:
+            message, code = f"{type(e).__name__}: {e}", 1
+        ray.get(self.registry.failed.remote(self.index, message, code))  # delivered before this actor dies
+        raise RuntimeError(f"shard {self.shard}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
     def __call__(self, batch):
         import pyarrow as pa
 
@@ -172,9 +182,8 @@ class ScoreActor:
         rows = batch.column(ROW_COLUMN)
         try:
             out = self.scorer.score_table(batch)
-        except AttnFallbackError as e:
-            self.registry.failed.remote(self.index, str(e), e.exit_code)
-            raise
+        except Exception as e:
+            self._fail(e)
         if out.num_rows == batch.num_rows:
             row_numbers = rows
         else:  # rows skipped (on_bad_row = skip): find the survivors by their id
@@ -204,7 +213,8 @@ class _RaySession:
         import ray
 
         if not ray.is_initialized():
-            kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
+            # the actors' failures reach the report through the registry; their logs stay on the nodes
+            kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
             if self.address:
                 kwargs["address"] = self.address
             ray.init(**kwargs)
@@ -218,7 +228,7 @@ class _RaySession:
             ray.shutdown()
 
 
-def _read_dataset(source, text_columns: list[str], override_blocks: int):
+def _read_dataset(source):
     """Ray Data reads the input the way the local reader does (CSV: every column a string)."""
     import ray.data
 
@@ -248,10 +258,10 @@ def _with_row_numbers(ds, rows: int):
         return ds.zip(numbers)
 
 
-def _resources(ray, actors: int, actor_cpus: float | None) -> tuple[dict, int, int | None]:
+def _resources(ray, actors: int, actor_cpus: float | None, device: str = "auto") -> tuple[dict, int, int | None]:
     """(ray_remote_args per actor, actors, torch threads per actor) for this cluster."""
     total = ray.cluster_resources()
-    gpus = int(total.get("GPU", 0))
+    gpus = 0 if device == "cpu" else int(total.get("GPU", 0))
     cpus = float(total.get("CPU", 1))
     if gpus > 0:
         actors = min(actors, gpus)
@@ -303,22 +313,25 @@ def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
     with _RaySession(address) as ray:
         import ray.data
 
-        remote_args, actors, threads = _resources(ray, actors, actor_cpus)
+        remote_args, actors, threads = _resources(ray, actors, actor_cpus, job.device)
         context = ray.data.DataContext.get_current()
-        saved = (context.execution_options.preserve_order, context.enable_progress_bars, context.wait_for_min_actors_s)
-        context.execution_options.preserve_order = True  # the row numbers rely on it
+        options = context.execution_options
+        saved = (options.preserve_order, context.enable_progress_bars, context.wait_for_min_actors_s)
+        options.preserve_order = True  # the row numbers rely on it
         context.enable_progress_bars = False
         # Without this the pool starts with the first ready actor, and on a small input the others
         # are torn down mid-load; with it, a cluster too small for the pool is an error, not a hang.
         context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-        data_log = logging.getLogger("ray.data")
-        saved_level = data_log.level
-        data_log.setLevel(max(saved_level, logging.WARNING))
+        # a failed actor is reported through the registry: Ray Data's own traces of it are noise
+        quiet = {name: logging.getLogger(name) for name in ("ray.data", "ray.data.exceptions")}
+        saved_levels = {name: logger.level for name, logger in quiet.items()}
+        quiet["ray.data"].setLevel(max(saved_levels["ray.data"], logging.ERROR))
+        quiet["ray.data.exceptions"].setLevel(logging.CRITICAL)
         registry = _registry_class().remote()
         parts = output.parent / f".{output.name}.ray-parts"
         shutil.rmtree(parts, ignore_errors=True)
         try:
-            ds = _read_dataset(source, spec.text_columns, actors * BLOCKS_PER_ACTOR)
+            ds = _read_dataset(source)
             rows_in = ds.count()
             if rows_in == 0:
                 from attnfallback.errors import InputError
@@ -326,7 +339,11 @@ def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
                 raise InputError("empty input: no rows", path=str(source.path))
             columns = list(dict.fromkeys(spec.text_columns + ([spec.id_column] if spec.id_column else [])))
             ds = _with_row_numbers(ds.select_columns(columns), rows_in)
-            ds = ds.repartition(max(1, min(rows_in, actors * BLOCKS_PER_ACTOR)))
+            blocks = max(1, min(rows_in, actors * BLOCKS_PER_ACTOR))
+            ds = ds.repartition(blocks)
+            # Ray Data bundles blocks up to a batch before handing them to an actor: a batch larger
+            # than a block's share would send a small input to one actor only
+            batch_rows = max(1, min(batch_rows, -(-rows_in // blocks)))
             scored = ds.map_batches(
                 ScoreActor,
                 fn_constructor_kwargs={"job": actor_job, "registry": registry, "actors": actors, "threads": threads},
@@ -347,8 +364,9 @@ def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
                 raise error from failure
             merged = _merge_ray_parts(parts, output, run_id)
         finally:
-            context.execution_options.preserve_order, context.enable_progress_bars, context.wait_for_min_actors_s = saved
-            data_log.setLevel(saved_level)
+            options.preserve_order, context.enable_progress_bars, context.wait_for_min_actors_s = saved
+            for name, logger in quiet.items():
+                logger.setLevel(saved_levels[name])
             shutil.rmtree(parts, ignore_errors=True)
     rows_written = merged["rows"]
     rows_skipped = rows_in - rows_written
@@ -504,7 +522,23 @@ def run_sweep_ray(config, *, resume: bool = False, address: str | None = None, e
             jobs += [JobResult(spec.name, s.shard, run_id, "done", 0, str(output), "", f"{s.host}:{s.pid}",
                                round(s.busy_s, 3), score=s.to_dict()) for s in run.shards]
     state.save()
+    run_ids = sorted({config.run_id_of(spec, state.run_id) for spec in config.specs})
+    shard_rows, summary = read_run_events(config.events, run_ids)
+    # Ray stops a job at its first failed actor: the others' failures are in the events only
+    known = {(j.run_id, j.shard) for j in jobs}
+    names = {config.run_id_of(spec, state.run_id): spec.name for spec in config.specs}
+    for row in shard_rows:
+        if (row["run_id"], row["shard"]) not in known and row["strict_failure"]:
+            reason = f"{row['failed_impl']}: {row['reason']}" if row.get("failed_impl") else (row.get("reason") or "")
+            jobs.append(JobResult(names.get(row["run_id"], row["run_id"]), row["shard"], row["run_id"], "failed", 3, "", "",
+                                  row.get("host"), None, reason, reason))
+    jobs.sort(key=lambda j: (list(names.values()).index(j.config) if j.config in names.values() else 0, _shard_index(j.shard)))
     result = SweepResult(state.run_id, "ray", str(config.output), str(config.events), str(state.path), jobs, merged)
-    result.shards, result.summary = read_run_events(config.events, sorted({j.run_id for j in jobs}))
+    result.shards, result.summary = shard_rows, summary
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _shard_index(shard: str) -> int:
+    head = shard.split("/", 1)[0]
+    return int(head) if head.isdigit() else -1
