@@ -94,6 +94,7 @@ def write_cache(path: Path, entry: dict) -> str | None:
         fd, tmp = tempfile.mkstemp(prefix=".fastest-", suffix=".json", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(entry, fh, indent=2, sort_keys=True)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; other shards' users read it too
         os.replace(tmp, path)
     except OSError as e:
         log.warning("fastest: cannot write cache file %s (%s)", path, e)
