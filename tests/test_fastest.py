@@ -188,3 +188,12 @@ def test_fastest_on_the_gpu_measures_then_answers_from_the_cache(tmp_path):
     assert first.model.config._attn_implementation == first.decision.used
     again = load_model("default", policy=policy, device="cuda", sink=NO_EVENTS)
     assert again.decision.measured["cache"] == "hit" and again.decision.used == first.decision.used
+
+
+def test_an_unwritable_cache_is_reported_and_the_choice_still_made(tiny_bert, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory should be")
+    loaded = graceful(tiny_bert)
+    fastest.choose_fastest(loaded, ["sdpa", "eager"], sample=SAMPLE, cache_dir=blocker, timer=InjectedSpeeds({"sdpa": 0.05, "eager": 0.01}))
+    m = loaded.decision.measured
+    assert loaded.decision.used == "eager" and m["cache_written"] is False and m["cache_error"]

@@ -89,6 +89,7 @@ def read_cache(path: Path, key: dict) -> dict | None:
 
 def write_cache(path: Path, entry: dict) -> str | None:
     """Write atomically (temp file + rename); the error as text when it cannot be written."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".fastest-", suffix=".json", dir=path.parent)
@@ -97,6 +98,8 @@ def write_cache(path: Path, entry: dict) -> str | None:
         os.chmod(tmp, 0o644)  # mkstemp makes it private; other shards' users read it too
         os.replace(tmp, path)
     except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
         log.warning("fastest: cannot write cache file %s (%s)", path, e)
         return str(e)
     return None
