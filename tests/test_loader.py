@@ -189,3 +189,17 @@ def test_local_identity_changes_with_the_weights(tiny_bert, tmp_path):
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert read_facts(copy).identity != read_facts(tiny_bert).identity
+
+
+def test_a_measured_fastest_choice_is_not_a_fallback():
+    from attnfallback.caps import DeviceCaps
+    from attnfallback.loader import Attempt, Decision
+    from attnfallback.model_facts import read_facts
+
+    facts = read_facts("default")
+    d = Decision("flash_attention_4", "sdpa", [Attempt("flash_attention_4", "verify", True)], Policy.fastest(), "bfloat16", DeviceCaps.from_class("H100"), facts, {})
+    assert d.fell_back  # nothing measured: the first preference does not run
+    d.measured = {"tokens_per_s": {"flash_attention_4": 3.0e6, "sdpa": 4.7e6}}
+    assert not d.fell_back  # both ran; sdpa was measured faster
+    d.measured = {"tokens_per_s": {"sdpa": 4.7e6}}
+    assert d.fell_back  # the first preference was never measured: it could not run

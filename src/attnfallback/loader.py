@@ -60,7 +60,12 @@ class Decision:
 
     @property
     def fell_back(self) -> bool:
-        return self.used != self.requested
+        """Something other than the first preference runs because the first could not.
+        Under `fastest`, a measured choice among runnable candidates is not a fallback."""
+        if self.used == self.requested:
+            return False
+        measured = (self.measured or {}).get("tokens_per_s") or {}
+        return self.requested not in measured
 
     @property
     def first_reason(self) -> str | None:
@@ -319,9 +324,17 @@ def load_model(
         from attnfallback.fastest import choose_fastest
 
         choose_fastest(result, [c.impl for c in the_plan.candidates if c.viable])
+    if torch_device.type == "cuda" and policy.verify:
+        from attnfallback.kernels_seen import attention_kernels
+
+        t0 = time.perf_counter()
+        decision.kernels = attention_kernels(loaded, facts, torch_device)
+        decision.timing["kernels_s"] = time.perf_counter() - t0
 
     if decision.fell_back:
         log.warning("attention: requested %s, using %s (%s)", decision.requested, decision.used, decision.first_reason)
+    elif decision.used != decision.requested:
+        log.info("attention: using %s, measured fastest of %s", decision.used, ", ".join(decision.measured["tokens_per_s"]))
     else:
         log.info("attention: using %s as requested", decision.used)
     if sink is not None:
