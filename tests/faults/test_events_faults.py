@@ -117,31 +117,40 @@ HOSTILE_RUN_IDS = ["../../escaped", "/tmp/abs-escape", "..", "a/../../b", ".hidd
 
 @fault("Hostile run ids",
        how="`load --events DIR --run-id R` for R in ../../escaped, /tmp/abs-escape, .., a/../../b, "
-           ".hidden, 300 x's, `run id; rm -rf ~`; also through $ATTNFALLBACK_RUN_ID",
+           ".hidden, 300 x's, `run id; rm -rf ~`; `score --run-id ../../escaped-score`; $ATTNFALLBACK_RUN_ID=../../from-env",
        expected="each run's file lands inside DIR under a sanitised, distinct name; the record keeps "
                 "the run id as given; nothing written outside DIR")
 def test_hostile_run_ids_stay_inside_the_events_dir(tiny_bert, tmp_path, workdir, cli, monkeypatch, observe):
     from attnfallback.events import open_log
 
     events = tmp_path / "events"
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "one row"}\n')
     before = snapshot(tmp_path)
     abs_escape = Path("/tmp/abs-escape")
     for run_id in HOSTILE_RUN_IDS:
         result = cli("load", tiny_bert, "--prefer", "eager", "--events", events, "--run-id", run_id, "--json")
         assert result.code == 0, result
         assert Path(json.loads(result.out)["events"]).resolve().is_relative_to(events.resolve())
+    scored = cli("score", tiny_bert, "--input", source, "--output", tmp_path / "out" / "o.parquet", "--events", events,
+                 "--run-id", "../../escaped-score", "--quiet")
+    assert scored.code == 0, scored
     monkeypatch.setenv("ATTNFALLBACK_RUN_ID", "../../from-env")
     assert cli("load", tiny_bert, "--prefer", "eager", "--events", events).code == 0
     created = snapshot(tmp_path) - before
-    outside = sorted(p for p in created if not p.startswith("events/"))
+    outside = sorted(p for p in created if not p.startswith(("events/", "out/")))
     assert outside == [] and not abs_escape.exists()
+    for run_id in HOSTILE_RUN_IDS + ["../../escaped-score", "../../from-env"]:
+        unsanitised = events / run_id / "0-of-1.jsonl"  # where a run id taken as a path would write
+        if not unsanitised.resolve().is_relative_to(events.resolve()):
+            assert not unsanitised.exists(), unsanitised
     files = sorted(events.rglob("*.jsonl"))
-    assert len(files) == len(HOSTILE_RUN_IDS) + 1 and all(f.parent.parent == events for f in files)
+    assert len(files) == len(HOSTILE_RUN_IDS) + 2 and all(f.parent.parent == events for f in files)
     with open_log(events) as log:
         recorded = {r["run_id"] for r in log.sql("SELECT run_id FROM events").to_pylist()}
-    assert recorded == set(HOSTILE_RUN_IDS) | {"../../from-env"}
+    assert recorded == set(HOSTILE_RUN_IDS) | {"../../from-env", "../../escaped-score"}
     names = sorted({f.parent.name for f in files})
-    observe(f"{len(files)} runs, {len(files)} distinct directories inside DIR "
+    observe(f"{len(files)} runs (load and score), {len(files)} distinct directories inside DIR "
             f"(e.g. `{names[0]}`), run ids kept verbatim in the records, 0 paths outside DIR")
 
 

@@ -422,3 +422,80 @@ def test_two_runs_one_output(tiny_bert, texts_input, tmp_path, cli, observe):
     assert len(done) == 1 and done[0]["pid"] == first.pid
     observe(f"B: exit {second.code} and {second_resume.code} with --resume, `{second.error_line}`; "
             f"nothing changed under the output meanwhile; A: exit 0, 120/120 rows, one shard_done")
+
+
+# --- what a resume or a rerun must not overwrite ------------------------------------------------
+
+@fault("Input or settings changed before --resume",
+       how="a run SIGKILLed after its 2nd committed part; then the input gains a row (or --max-length changes) "
+           "and the run is resumed",
+       expected="--resume refused (exit non-zero) naming what changed; the committed parts untouched; the "
+                "unchanged job then resumes to every row once")
+def test_resume_refuses_a_changed_job(tiny_bert, tmp_path, observe):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in make_texts(100, seed=6)])
+    out = tmp_path / "out" / "out.parquet"
+    logs = tmp_path / "logs"
+
+    def argv(*extra):
+        return ["score", tiny_bert, "--input", source, "--output", out, "--part-rows", 20, "--prefer", "sdpa", "--quiet", *extra]
+
+    killed = runner.run(argv(), cwd=tmp_path, logs=logs, injection=Injection(kill_step="rename_after", occurrence=5))
+    assert killed.code == -9, killed  # renames: manifest, part 0, manifest, part 1, manifest: 2 parts committed
+    parts = out.parent / ".out.parquet.parts"
+    committed = {p.name: p.read_bytes() for p in parts.iterdir()}
+    original, stat = source.read_bytes(), source.stat()
+    source.write_bytes(original + b'{"text": "a row added before the resume"}\n')
+    changed_input = runner.run(argv("--resume"), cwd=tmp_path, logs=logs)
+    source.write_bytes(original)
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the very same input again
+    changed_length = runner.run(argv("--resume", "--max-length", 16), cwd=tmp_path, logs=logs)
+    for result, needle in ((changed_input, "input_size"), (changed_length, "max_length")):
+        assert result.code not in (0, -9) and "cannot resume" in result.error_line and needle in result.error_line, result
+    assert not out.exists()
+    assert {p.name: p.read_bytes() for p in parts.iterdir() if not p.name.startswith(".")} == \
+        {k: v for k, v in committed.items() if not k.startswith(".")}
+    resumed = runner.run(argv("--resume", "--json"), cwd=tmp_path, logs=logs)
+    assert resumed.code == 0, resumed
+    import json
+
+    data = json.loads(resumed.out)
+    _, ids, _ = read_output(out)
+    assert data["resumed_parts"] == 2 and ids == list(range(100))
+    observe(f"changed input: exit {changed_input.code}, `{changed_input.error_line}`; changed --max-length: exit "
+            f"{changed_length.code}; parts untouched; unchanged --resume: exit 0 from part 2, 100/100 rows")
+
+
+@fault("Output name holding a file attnfallback did not write",
+       how="--output pointing at an existing Parquet file of the user's (and, separately, at an existing directory)",
+       expected="refused (exit non-zero) naming the path; the user's file byte-for-byte unchanged",
+       group="input")
+def test_foreign_output_is_not_overwritten(tiny_bert, texts_input, tmp_path, cli, observe):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "precious.parquet"
+    pq.write_table(pa.table({"x": [1, 2, 3]}), out)
+    before = out.read_bytes()
+    result = cli("score", tiny_bert, "--input", texts_input, "--output", out, "--quiet")
+    (tmp_path / "a-directory.parquet").mkdir()
+    directory = cli("score", tiny_bert, "--input", texts_input, "--output", tmp_path / "a-directory.parquet", "--quiet")
+    assert result.code not in (0, -9) and str(out) in result.error_line, result
+    assert directory.code not in (0, -9) and "a-directory.parquet" in directory.error_line, directory
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-directory.parquet", "precious.parquet"]
+    observe(f"exit {result.code}: `{result.error_line}`; directory: exit {directory.code}; the file unchanged")
+
+
+@fault("Events location that cannot be written",
+       how="--events pointing at a regular file (so no directory can be made under it)",
+       expected="the run stops with exit non-zero naming the events path, rather than scoring without its audit "
+                "trail; no output written")
+def test_unwritable_events_location(tiny_bert, texts_input, tmp_path, cli, observe):
+    events = tmp_path / "events-is-a-file"
+    events.write_text("not a directory")
+    out = tmp_path / "out" / "out.parquet"
+    result = cli("score", tiny_bert, "--input", texts_input, "--output", out, "--events", events, "--quiet")
+    assert result.code not in (0, -9), result
+    assert str(events) in result.error_line
+    assert not out.exists() and not (out.parent / ".out.parquet.lock").exists()
+    observe(f"exit {result.code}: `{result.error_line}`; no output")

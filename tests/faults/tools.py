@@ -51,9 +51,12 @@ def read_events(directory) -> list[dict]:
 
 
 def mount_tmpfs(path: Path, size: str, read_only: bool = False) -> str | None:
-    """Mount a tmpfs of `size` at `path` (root only); None if it worked, else why not."""
+    """Mount a tmpfs of `size` at `path` (root only); None if it worked, else why not.
+    $ATTNFALLBACK_FAULTS_NO_MOUNT=1 refuses, to exercise the fallbacks of a machine without root."""
     import subprocess
 
+    if os.environ.get("ATTNFALLBACK_FAULTS_NO_MOUNT") == "1":
+        return "mounting disabled by ATTNFALLBACK_FAULTS_NO_MOUNT"
     if os.geteuid() != 0:
         return "not root"
     path.mkdir(parents=True, exist_ok=True)
