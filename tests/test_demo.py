@@ -28,7 +28,8 @@ def test_the_packaged_stsb_copy_is_complete():
 
 def test_spearman_matches_scipy_with_ties():
     import numpy as np
-    from scipy.stats import spearmanr
+
+    spearmanr = pytest.importorskip("scipy.stats").spearmanr
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=300)

@@ -116,3 +116,15 @@ def test_shard_flag_is_refused_on_ray(tmp_path):
     texts = write_texts(tmp_path / "texts.jsonl", rows=2)
     with pytest.raises(UsageError, match="--actors"):
         run_score_ray(ScoreJob(input=str(texts), output=str(tmp_path / "o.parquet"), shard="0/2"), actors=2)
+
+
+def test_score_engine_dispatch_refuses_unknown_engines_and_stray_addresses(tmp_path):
+    from attnfallback.errors import UnknownNameError
+    from attnfallback.scoring import ScoreJob
+    from attnfallback.sweep.ray_engine import run_score_engine
+
+    job = ScoreJob(input=str(tmp_path / "t.jsonl"), output=str(tmp_path / "o.parquet"))
+    with pytest.raises(UnknownNameError, match="local, ray"):
+        run_score_engine(job, engine="spark")
+    with pytest.raises(UsageError, match="--engine ray"):
+        run_score_engine(job, engine="local", address="ray://head:10001")

@@ -25,7 +25,7 @@ def make_texts(path: Path, rows: int = ROWS) -> Path:
     rng = random.Random(7)
     words = "the a model shard graceful strict attention kernel falls back to sdpa on this GPU class when flash is missing".split()
     with open(path, "w") as f:
-        for i in range(rows):
+        for _ in range(rows):
             f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 16)))}) + "\n")
     return path
 

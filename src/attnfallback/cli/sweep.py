@@ -8,21 +8,20 @@ import typer
 
 from attnfallback.cli.common import JSON, print_json, stderr_console, stdout_console
 
-ENGINES = ("local", "ray")
-
 
 def run_sweep(config_path: str, resume: bool = False, engine: str = "local", address: str | None = None,
               echo=None):
     """Run the sweep a TOML file describes; returns the SweepResult (failed shards included)."""
-    from attnfallback.errors import UnknownNameError
+    from attnfallback.errors import UnknownNameError, UsageError
     from attnfallback.sweep.config import load_config
+    from attnfallback.sweep.ray_engine import ENGINES, require_ray
 
     if engine not in ENGINES:
         raise UnknownNameError("engine", engine, ENGINES)
     if engine == "ray":
-        from attnfallback.sweep.ray_engine import require_ray
-
         require_ray()  # before anything is read or written: exit 2 with the install line
+    elif address is not None:
+        raise UsageError("--address needs --engine ray")
     config = load_config(config_path)
     if engine == "ray":
         from attnfallback.sweep.ray_engine import run_sweep_ray
@@ -48,15 +47,15 @@ def format_table(rows: list[dict], columns: list[str], headers: dict[str, str] |
 
     grid = [[headers.get(c, c) for c in columns]] + [[cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(line[i]) for line in grid) for i in range(len(columns))]
-    return ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in grid]
+    return ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in grid]
 
 
 def shard_rows(result) -> list[dict]:
-    """One row per job: the events' view of how it loaded, and the job's exit."""
+    """One row per job: the events' view of how it loaded (else the job's own report), and its exit."""
     by_key = {(s["run_id"], s["shard"]): s for s in result.shards}
     rows = []
     for job in result.jobs:
-        s = by_key.get((job.run_id, job.shard), {})
+        s = by_key.get((job.run_id, job.shard)) or _from_job_report(job)
         reason = None
         if s.get("reason"):
             reason = f"{s['failed_impl']}: {s['reason']}" if s.get("failed_impl") else s["reason"]
@@ -67,6 +66,20 @@ def shard_rows(result) -> list[dict]:
                      "requested": s.get("requested"), "used": s.get("used"), "fell_back": s.get("fell_back"),
                      "status": status, "rows": s.get("rows"), "seconds": job.seconds, "reason": reason})
     return rows
+
+
+def _from_job_report(job) -> dict:
+    """What a shard's own `score --json` report says, where the events cannot be queried."""
+    score = job.score or {}
+    decision = score.get("decision") or {}
+    if not decision:
+        return {}
+    failed = next((a for a in decision.get("attempts", []) if not a.get("ok") and a.get("reasons")), None)
+    return {"gpu_class": (decision.get("gpu") or {}).get("class"), "requested": decision.get("requested"),
+            "used": decision.get("used"), "fell_back": decision.get("fell_back"),
+            "failed_impl": failed["impl"] if failed and decision.get("fell_back") else None,
+            "reason": failed["reasons"][0] if failed and decision.get("fell_back") else None,
+            "rows": score.get("rows_in")}
 
 
 def _exit_text(code) -> str:

@@ -256,7 +256,7 @@ def parse_config(data: Mapping[str, Any], base: str | os.PathLike = ".", path: s
     specs: list[JobSpec] = []
     for entry in entries:
         for combo in itertools.product(*(grid[k] for k in grid_keys)):
-            varying = dict(zip(grid_keys, combo))
+            varying = dict(zip(grid_keys, combo, strict=True))
             spec = _build_spec({**defaults, **entry, **varying}, varying, base, where)
             specs.append(replace(spec, name=_config_name(entry.get("name"), varying)))
     _check_names(specs, where)

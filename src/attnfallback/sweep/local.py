@@ -20,9 +20,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from importlib.util import find_spec
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from attnfallback.sweep.config import SweepConfig, SweepJob
 from attnfallback.sweep.state import SweepState, claim_output, merge_outputs
@@ -322,7 +322,8 @@ def run_local(
             pending.append(job)
     if echo:
         where = ", ".join(w.name for w in workers)
-        echo(f"sweep {state.run_id}: {len(jobs)} jobs ({len(pending)} to run) on {len(workers)} workers ({where})")
+        echo(f"sweep {state.run_id}: {len(jobs)} jobs ({len(pending)} to run) on {len(workers)} "
+             f"worker{'s' if len(workers) != 1 else ''} ({where})")
     runner = _Runner(state, workers, resume, on_start, echo)
     if pending:
         runner.run(pending)
@@ -360,6 +361,9 @@ def read_run_events(events: Path, run_ids: list[str]) -> tuple[list[dict], list[
     from attnfallback.errors import InputError
     from attnfallback.events import open_log
 
+    if find_spec("duckdb") is None:
+        log.warning("the events summary needs duckdb (pip install duckdb); the shards' own reports are shown instead")
+        return [], []
     try:
         with open_log(events) as event_log:
             marks = ", ".join("?" for _ in run_ids)

@@ -282,6 +282,24 @@ def run_score_ray(job, address: str | None = None, actors: int = 2, *, actor_cpu
     return _run_ray(job, address, actors, actor_cpus, batch_rows, echo).result
 
 
+ENGINES = ("local", "ray")
+
+
+def run_score_engine(job, engine: str = "local", address: str | None = None, actors: int = 2):
+    """`score --engine local|ray`: run_score(job) here, or run_score_ray on a Ray cluster."""
+    from attnfallback.errors import UnknownNameError
+
+    if engine == "ray":
+        return run_score_ray(job, address=address, actors=actors)
+    if engine != "local":
+        raise UnknownNameError("engine", engine, ENGINES)
+    if address is not None:
+        raise UsageError("--address needs --engine ray")
+    from attnfallback.scoring import run_score
+
+    return run_score(job)
+
+
 def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
     require_ray()
     from attnfallback.events import new_run_id
