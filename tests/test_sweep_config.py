@@ -150,6 +150,16 @@ def test_output_directory_of_another_run_is_refused(tmp_path, texts):
     assert claim_output(parse_config(base), resume=True, engine="local").run_id == "run-a"
 
 
+def test_a_new_run_never_appends_to_an_earlier_runs_events(tmp_path, texts):
+    events = tmp_path / "events"
+    (events / "run-a").mkdir(parents=True)
+    (events / "run-a" / "0-of-1.jsonl").write_text("{}\n")
+    config = parse_config({"output": str(tmp_path / "fresh"), "events": str(events), "input": str(texts), "run_id": "run-a"})
+    with pytest.raises(ConfigError, match="already holds events of run 'run-a'") as info:
+        claim_output(config, resume=False, engine="local")
+    assert info.value.key == "run_id" and not (tmp_path / "fresh").exists()
+
+
 def test_resume_refuses_a_changed_configuration(tmp_path, texts):
     base = {"output": str(tmp_path / "out"), "input": str(texts), "run_id": "r"}
     claim_output(parse_config({**base, "shards": 2}), resume=False, engine="local")

@@ -103,7 +103,8 @@ def render_sweep(result, console=None) -> None:
         console.print(line, markup=False, highlight=False)
     if result.summary:
         console.print("\nevents summary by GPU class:")
-        for line in format_table(result.summary, ["gpu_class", "shards", "fell_back", "rate", "strict_failures", "top_reason"],
+        summary = [{**row, "rate": None if row.get("rate") is None else f"{row['rate']:.1%}"} for row in result.summary]
+        for line in format_table(summary, ["gpu_class", "shards", "fell_back", "rate", "strict_failures", "top_reason"],
                                  {"gpu_class": "gpu class", "fell_back": "fell back", "strict_failures": "strict failures",
                                   "top_reason": "most common reason"}):
             console.print(line, markup=False, highlight=False)

@@ -499,6 +499,9 @@ def run_sweep_ray(config, *, resume: bool = False, address: str | None = None, e
     state = claim_output(config, resume, engine="ray")
     jobs: list[JobResult] = []
     merged: dict[str, dict] = {}
+    if echo:
+        echo(f"sweep {state.run_id}: {len(config.specs)} configuration{'s' if len(config.specs) != 1 else ''} on Ray, "
+             "each shard one actor")
     with _RaySession(address):
         for spec in config.specs:
             run_id = config.run_id_of(spec, state.run_id)

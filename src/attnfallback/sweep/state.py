@@ -134,13 +134,28 @@ def claim_output(config: SweepConfig, resume: bool, engine: str) -> SweepState:
         raise ConfigError(
             f"output directory {output} is not empty and holds no sweep manifest ({MANIFEST}): "
             "it may hold another run's results; choose an empty or new directory", where, "output")
+    run_id = config.run_id or new_run_id()
+    _refuse_used_run_id(config, run_id, where)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create output directory {output}: {e}", path=str(output)) from None
-    state = SweepState(config, config.run_id or new_run_id(), engine)
+    state = SweepState(config, run_id, engine)
     state.save()
     return state
+
+
+def _refuse_used_run_id(config: SweepConfig, run_id: str, where: str | None) -> None:
+    """A new run must not append to the events of an earlier run with the same id (its output gone)."""
+    from attnfallback.events import safe_name
+
+    for spec in config.specs:
+        folder = config.events / safe_name(config.run_id_of(spec, run_id))
+        if folder.is_dir() and any(folder.iterdir()):
+            raise ConfigError(
+                f"events directory {config.events} already holds events of run {config.run_id_of(spec, run_id)!r}: "
+                "give this run another run_id (or another events directory), or resume that run in its own output "
+                "directory", where, "run_id")
 
 
 def _changed_configs(previous: list[dict], config: SweepConfig) -> list[str]:
