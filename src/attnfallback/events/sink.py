@@ -121,7 +121,24 @@ class EventSink:
     def _open_locked(self) -> int:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
-        return os.open(self.path, flags, 0o644)
+        fd = os.open(self.path, flags, 0o644)
+        try:
+            self._terminate_torn_tail(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    def _terminate_torn_tail(self, fd: int) -> None:
+        """A writer killed mid-line left a fragment with no newline: end it, so the next event
+        starts a line of its own (the fragment stays, reported by the reader as one torn line)."""
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return
+        with open(self.path, "rb") as fh:
+            fh.seek(size - 1)
+            if fh.read(1) != b"\n":
+                os.write(fd, b"\n")
 
     def emit(self, event: str, **fields: Any) -> dict:
         """Write one event and return its record."""
