@@ -1,6 +1,9 @@
 """Regenerate docs/reliability.md: run the fault suite, then write the table of faults.
 
     python -m tests.faults.report            # from the repository root; extra args go to pytest
+    python -m tests.faults.report --gpu-junit gpu.xml --gpu-label "NVIDIA H100 80GB HBM3"
+        # rows of `gpu` tests skipped here take what a GPU machine saw (pytest -m gpu
+        # -o junit_family=legacy --junitxml gpu.xml tests/faults there)
 
 Rows (fault or input, how injected, expected, test) come from the registry (registry.py); the
 observed column is what this run saw: the outcome of each row's test and the note it recorded
@@ -84,6 +87,15 @@ def render(rows: list[Fault], outcomes: dict[str, dict], summary: str) -> str:
         "gap whose fix has not landed, with its reason).",
         "",
         summary,
+        "",
+        "How faults are injected: a process to kill is a real child process, forked from a server that",
+        "imported torch and transformers once (`tests/faults/runner.py`), and SIGKILLed either by the test",
+        "after a random delay or by itself at the n-th call of one step (model load, verify forward,",
+        "tokenization, forward, part write, fsync, rename); a full disk is a small tmpfs mounted as root",
+        "(without root: a file-size limit, EFBIG), a read-only location a read-only tmpfs (without root: a",
+        "chmod 555 directory); a GPU's out-of-memory error and the flash kernels' Ampere error are raised",
+        "by patched functions on this CPU (and, in the `gpu` row, by a capped CUDA allocator); a NaN model",
+        "is a tiny BERT with one NaN word embedding. The `slow` rows run in CI as well.",
     ]
     for group in GROUPS:
         group_rows = [r for r in rows if r.group == group]
@@ -113,16 +125,46 @@ def parse(text: str) -> list[dict]:
     return rows
 
 
+def junit_outcomes(path: str, label: str) -> dict[str, dict]:
+    """Outcomes of a pytest run on another machine (a JUnit XML written with -o junit_family=legacy,
+    e.g. the `gpu` tests on a GPU machine), keyed by test id, marked with `label`."""
+    import xml.etree.ElementTree as ET
+
+    results = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        module, _, cls = case.get("classname", "").partition("::")
+        node = f"{module.replace('.', '/')}.py::{case.get('name')}"
+        notes = [p.get("value") for p in case.iter("property") if p.get("name") == "observed"]
+        entry = {"outcome": "pass", "notes": [f"{n} [{label}]" for n in notes], "message": "", "seconds": float(case.get("time", 0))}
+        for tag, outcome in (("failure", "FAIL"), ("error", "ERROR"), ("skipped", "skipped")):
+            element = case.find(tag)
+            if element is not None:
+                entry["outcome"] = outcome
+                entry["message"] = f"{element.get('message', '')} [{label}]"
+        results[node] = entry
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     import pytest
 
-    extra = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu-junit", help="JUnit XML of the `gpu` rows run on a GPU machine; fills the rows skipped here")
+    parser.add_argument("--gpu-label", default="GPU machine", help="where that XML was written, e.g. 'NVIDIA H100, 2026-11-22'")
+    options, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     rows = load_all()
     plugin = Outcomes()
     t0 = time.perf_counter()
     code = pytest.main([str(Path(__file__).parent), "-q", "-p", "no:cacheprovider", "--rootdir", str(REPO_ROOT),
                         f"--ignore={Path(__file__).with_name('test_reliability_doc.py')}", *extra], plugins=[plugin])
     seconds = time.perf_counter() - t0
+    if options.gpu_junit:
+        for node, entry in junit_outcomes(options.gpu_junit, options.gpu_label).items():
+            local = plugin.results.get(node)
+            if local is None or local["outcome"] in (None, "skipped"):
+                plugin.results[node] = entry
     counts: dict[str, int] = {}
     for r in rows:
         entry = plugin.results.get(r.test)
@@ -135,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     tally = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     summary = (f"Last generated {stamp} by `{COMMAND}` on {platform.system()} {platform.machine()}, "
                f"{_cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}, "
-               f"transformers {transformers.__version__}: {len(rows)} rows ({tally}); the suite took {seconds:.0f} s.")
+               f"transformers {transformers.__version__}: {len(rows)} rows ({tally}); the suite took {seconds:.0f} s"
+               + (f"; rows of `gpu` tests as run on {options.gpu_label} (`pytest -m gpu tests/faults` there)."
+                  if options.gpu_junit else "."))
     DOC_PATH.parent.mkdir(parents=True, exist_ok=True)
     DOC_PATH.write_text(render(rows, plugin.results, summary), encoding="utf-8")
     print(f"\nwrote {DOC_PATH.relative_to(REPO_ROOT)}: {len(rows)} rows ({tally}); pytest exit {int(code)}")

@@ -81,33 +81,50 @@ def test_event_writers_killed_at_random_moments(tmp_path, observe):
             f"none out of order); {torn} torn last line(s) reported")
 
 
-@fault("Torn event line, then the shard resumes",
-       how="a writer writes half of its 6th event and SIGKILLs itself; a second writer (same run and "
-           "shard, as a resumed run) appends 5 events to the same file",
-       expected="the torn fragment reported as one unreadable line (file:line), exit 2 only with "
-                "--strict-read; all 10 complete events read back, none glued to the fragment")
-def test_torn_line_then_resumed_writer(tmp_path, cli, observe):
-    directory = tmp_path / "events"
-    first = start_writer(directory, "resume", "0/1", "--tear-after", "5", "--label", "first")
-    out, _ = first.communicate(timeout=60)
-    assert first.returncode == -signal.SIGKILL and out.split() == ["0", "1", "2", "3", "4"]
+def tear(directory) -> Path:
+    """A writer that wrote 5 events, then half of its 6th, and died; the file it left."""
+    writer = start_writer(directory, "resume", "0/1", "--tear-after", "5", "--label", "first")
+    out, _ = writer.communicate(timeout=60)
+    assert writer.returncode == -signal.SIGKILL and out.split() == ["0", "1", "2", "3", "4"]
     (path,) = directory.rglob("*.jsonl")
     assert not path.read_bytes().endswith(b"\n")  # the fault really happened
+    return path
 
-    result = cli("events", "runs", directory)
+
+@fault("Torn event line",
+       how="a writer writes 5 events and half of its 6th, then SIGKILLs itself (as a write cut short by a full "
+           "disk or a power loss leaves a file)",
+       expected="queries still answer from the 5 complete events; the fragment reported on stderr as one "
+                "unreadable line naming file:6; --strict-read makes it exit 2 naming file:6")
+def test_torn_line_is_reported(tmp_path, cli, observe):
+    directory = tmp_path / "events"
+    path = tear(directory)
+    result = cli("events", "runs", directory, "--format", "json")
     assert result.code == 0 and "torn last line" in result.err and f"{path}:6" in result.err
+    seqs, unreadable = progress_by_writer(directory)
+    assert seqs == {"first": [0, 1, 2, 3, 4]} and [(u.line, u.problem) for u in unreadable] == [
+        (6, "torn last line (incomplete JSON, no newline)")]
     strict = cli("events", "runs", directory, "--strict-read")
     assert strict.code == 2 and f"{path}:6" in strict.error_line
+    observe(f"exit 0, 5 events read, stderr `{path.name}:6: torn last line (incomplete JSON, no newline)`; "
+            f"--strict-read: exit 2 `{strict.error_line.replace(str(directory), 'DIR')}`")
 
+
+@fault("Torn event line, then the shard resumes",
+       how="after the torn line above, a second writer (same run and shard, as a resumed run) appends 5 events to "
+           "the same file",
+       expected="all 10 complete events read back, none glued to the fragment; the fragment stays one "
+                "unreadable line")
+def test_torn_line_then_resumed_writer(tmp_path, observe):
+    directory = tmp_path / "events"
+    tear(directory)
     second = start_writer(directory, "resume", "0/1", "--limit", "5", "--label", "second")
     second.communicate(timeout=60)
     assert second.returncode == 0
     seqs, unreadable = progress_by_writer(directory)
-    observe(f"before resume: exit 0 with `{path.name}:6: torn last line` on stderr, --strict-read exit 2; "
-            f"after resume: {sum(map(len, seqs.values()))}/10 complete events read, "
-            f"{len(unreadable)} unreadable line(s)")
+    observe(f"{sum(map(len, seqs.values()))}/10 complete events read ({seqs}), {len(unreadable)} unreadable line(s)")
     assert seqs == {"first": [0, 1, 2, 3, 4], "second": [0, 1, 2, 3, 4]}, (
-        "a resumed writer's first event was glued to the torn fragment and lost"
+        "the resumed writer's first event was glued to the torn fragment and lost"
     )
     assert len(unreadable) == 1 and unreadable[0].line == 6
 

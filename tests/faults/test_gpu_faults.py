@@ -13,9 +13,6 @@ from .tools import make_texts, read_events, write_jsonl
 
 pytestmark = pytest.mark.gpu
 
-CAP_GIB = 1.5
-
-
 def _embeddings(path):
     import pyarrow.parquet as pq
 
@@ -25,27 +22,27 @@ def _embeddings(path):
 
 
 @pytest.fixture
-def capped_cuda_memory():
-    """The CUDA caching allocator limited to CAP_GIB for this process, restored afterwards."""
+def cap_cuda_memory():
+    """`cap(bytes)` limits the CUDA caching allocator of this process; undone afterwards."""
     import torch
 
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    torch.cuda.empty_cache()
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(CAP_GIB * 2**30 / total, 1.0))
-    yield
+    def cap(limit: int) -> None:
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(limit / total, 1.0))
+
+    yield cap
     torch.cuda.set_per_process_memory_fraction(1.0)
     torch.cuda.empty_cache()
 
 
 @fault("Real CUDA out-of-memory in the middle of a shard (GPU)",
-       how=f"CUDA allocator capped at {CAP_GIB} GiB with set_per_process_memory_fraction; eager attention, float32, "
-           "--batch-tokens 131072; the 1st part 64 short texts, the 2nd 256 texts of ~500 tokens (~2 GiB of "
-           "attention scores per batch)",
+       how="CUDA allocator capped (set_per_process_memory_fraction) at half the peak of an uncapped run; eager "
+           "attention, float32, --batch-tokens 131072; the 1st part 64 short texts, the following ones 256 texts "
+           "of 512 tokens",
        expected="the long batch is split in halves until it fits (oom_split events), exit 0, every row once, "
                 "values equal to an uncapped run within 1e-4")
-def test_real_cuda_oom_mid_shard(tmp_path, cli, request, observe):
+def test_real_cuda_oom_mid_shard(tmp_path, cli, cap_cuda_memory, observe):
     import torch
 
     if not torch.cuda.is_available():
@@ -63,12 +60,17 @@ def test_real_cuda_oom_mid_shard(tmp_path, cli, request, observe):
                 "--prefer", "eager", "--batch-tokens", 131072, "--max-length", 512, "--part-rows", 64,
                 "--events", events, "--quiet", "--json"]
 
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     free = cli(*argv(tmp_path / "free.parquet", tmp_path / "free-events"))
     assert free.code == 0, free
+    peak = torch.cuda.max_memory_allocated() - base
     free_ids, free_values = _embeddings(tmp_path / "free.parquet")
     assert [e for e in read_events(tmp_path / "free-events") if e["event"] == "oom_split"] == []
 
-    request.getfixturevalue("capped_cuda_memory")
+    cap = base + peak // 2  # the largest batch no longer fits; its halves may
+    cap_cuda_memory(cap)
     capped = cli(*argv(tmp_path / "capped.parquet", tmp_path / "events"))
     assert capped.code == 0, capped
     data = json.loads(capped.out)
@@ -79,4 +81,5 @@ def test_real_cuda_oom_mid_shard(tmp_path, cli, request, observe):
     diff = float(np.abs(values - free_values).max())
     assert diff <= 1e-4
     observe(f"{len(splits)} real CUDA OOMs -> oom_split (first: {splits[0]['rows']} rows x {splits[0]['length']} tokens -> "
-            f"{splits[0]['halves']}); exit 0, 320/320 rows, max |diff| vs uncapped {diff:.1e}; used {data['decision']['used']}")
+            f"{splits[0]['halves']}); cap {cap / 2**30:.2f} GiB (uncapped peak {peak / 2**30:.2f} GiB); exit 0, 320/320 rows, "
+            f"max |diff| vs uncapped {diff:.1e}; used {data['decision']['used']}")

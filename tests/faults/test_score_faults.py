@@ -126,7 +126,7 @@ def read_only_dir(tmp_path):
        how="output inside a read-only tmpfs (root; otherwise a chmod 555 directory), directly and in a "
            "subdirectory still to be created",
        expected="exit non-zero before the model loads, naming the location and `read-only file system`; "
-                "nothing written; a shard_failed event says what happened")
+                "nothing written")
 def test_read_only_output(tiny_bert, texts_input, read_only_dir, tmp_path, cli, observe):
     location, how = read_only_dir
     events = tmp_path / "events"
@@ -139,11 +139,25 @@ def test_read_only_output(tiny_bert, texts_input, read_only_dir, tmp_path, cli, 
         assert "read-only file system" in result.error_line or "permission denied" in result.error_line, result.error_line
         results.append(result)
     assert snapshot(location) == set()
-    recorded = read_events(events)
     observe(f"{how}: exit {results[0].code} (`{results[0].error_line}`), exit {results[1].code} for a new "
-            f"subdirectory; nothing written; events: {[e['event'] for e in recorded] or 'none'}")
+            f"subdirectory; nothing written")
+
+
+@pytest.mark.xfail(strict=True, reason="scoring/job.py: run_score opens the output (PartStore.open) before the "
+                                       "try block that writes shard_failed, so a failure there leaves no event")
+@fault("Read-only output location: the events say so",
+       how="the read-only case above with --events on a writable disk",
+       expected="a shard_failed event for each run, naming the error (issue 8: the events say what happened)")
+def test_read_only_output_is_recorded(tiny_bert, texts_input, read_only_dir, tmp_path, cli, observe):
+    location, how = read_only_dir
+    events = tmp_path / "events"
+    result = cli("score", tiny_bert, "--input", texts_input, "--output", location / "out.parquet", "--events", events,
+                 "--run-id", "ro", "--quiet")
+    assert result.code not in (0, 2, -9), result
+    recorded = read_events(events)
+    observe(f"exit {result.code}; events: {[e['event'] for e in recorded] or 'none'}")
     failed = [e for e in recorded if e["event"] == "shard_failed"]
-    assert {e["run_id"] for e in failed} == {"ro-0", "ro-1"}, "no event records the failure"
+    assert len(failed) == 1 and "read-only" in failed[0]["message"], "no event records the failure"
 
 
 # --- verification failure at the first forward --------------------------------------------------

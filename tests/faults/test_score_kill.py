@@ -78,7 +78,7 @@ def kill_plan(seed: int, counts: dict, clean_seconds: float) -> list:
            "tokenization, forward, half-written part, fsync, before/after each rename of part, manifest and final "
            f"file), 4 at a random time; every 4th seed kills the resumed run too; {ROWS} rows, {ROWS // PART_ROWS} parts",
        expected="after --resume: exit 0, every input row exactly once, in input order, values bit-identical to a "
-                "clean run; while killed, the output name is absent or complete; only the output left behind")
+                "clean run; while killed, the output name is absent or complete")
 def test_sigkill_then_resume(kill_job, observe):
     job = kill_job
     landed: Counter = Counter()
@@ -122,9 +122,47 @@ def test_sigkill_then_resume(kill_job, observe):
             no_done.append(f"seed {seed} ({' then '.join(labels)}): {len(done)} shard_done events")
         left = sorted(p.name for p in out_dir.iterdir() if p.name != "out.parquet")
         leftovers += [f"seed {seed} ({' then '.join(labels)}): {name}" for name in left]
+    # stale temporary files and missing shard_done events have rows of their own (below)
     observe(f"{SEEDS}/{SEEDS} resumed outputs: {ROWS} rows, each once, in order, bit-identical to the clean run; "
             f"kills landed: {', '.join(f'{k} {v}' for k, v in sorted(landed.items()))} "
-            f"({resumed_kills} in resumed runs); stale files beside the output: {len(leftovers)}; "
-            f"seeds without a shard_done event: {len(no_done)}")
-    assert not leftovers and not no_done, (f"stale files beside the output after a successful resume: {leftovers}; "
-                                           f"events that do not say the shard finished: {no_done}")
+            f"({resumed_kills} in resumed runs); seeds leaving a stale file beside the output: {len(leftovers)}; "
+            f"seeds whose events lack shard_done: {len(no_done)}")
+
+
+def kill_at_last(job, step: str, name: str):
+    """Kill a run at the last call of `step`, resume it; the output directory and events."""
+    out = job.root / name / "out.parquet"
+    events = job.root / f"{name}-events"
+    killed = runner.run(job.argv(out, events, name), cwd=job.root, logs=job.root / "logs",
+                        injection=Injection(kill_step=step, occurrence=job.counts[step]))
+    assert killed.code == -9, killed
+    resumed = runner.run(job.argv(out, events, name, "--resume"), cwd=job.root, logs=job.root / "logs")
+    assert resumed.code == 0, resumed
+    ids, values = read_output(out)
+    assert ids == job.ids and np.array_equal(values, job.values)
+    return sorted(p.name for p in out.parent.iterdir()), read_events(events)
+
+
+@pytest.mark.xfail(strict=True, reason="scoring/writer.py: the final file's temporary `.out.parquet.tmp-<pid>` of a "
+                                       "killed run is never removed (PartStore.open/start clean only the parts directory)")
+@fault("SIGKILL while the final file is written",
+       how="SIGKILL just before the rename of the complete temporary final file into place, then --resume",
+       expected="the resumed run leaves only the output: no temporary file of the killed run beside it")
+def test_kill_before_final_rename_leaves_no_temporary(kill_job, observe):
+    names, _ = kill_at_last(kill_job, "rename_before", "final-write")
+    observe(f"resumed: exit 0, output complete; files beside it: {[n for n in names if n != 'out.parquet'] or 'none'}")
+    assert names == ["out.parquet"]
+
+
+@pytest.mark.xfail(strict=True, reason="scoring/job.py: --resume of an output that is already complete returns "
+                                       "early without a shard_done event, so a run killed between the final rename "
+                                       "and shard_done is never recorded as done")
+@fault("SIGKILL between the final rename and shard_done",
+       how="SIGKILL right after the final file is renamed into place (before the shard_done event), then --resume",
+       expected="--resume finds the output complete (exit 0) and the events then record the shard as done "
+                "(a shard_done event)")
+def test_kill_after_final_rename_is_recorded_on_resume(kill_job, observe):
+    _, events = kill_at_last(kill_job, "rename_after", "final-rename")
+    kinds = [e["event"] for e in events]
+    observe(f"resumed: exit 0, output complete; events {kinds}")
+    assert "shard_done" in kinds
