@@ -129,6 +129,11 @@ def test_toml_syntax_error_is_bad_input(tmp_path, capsys):
     assert "not valid TOML" in capsys.readouterr().err
 
 
+def test_missing_configuration_file_exits_2(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path / "nope.toml")]) == 2
+    assert "nope.toml not found" in capsys.readouterr().err
+
+
 def test_cli_unknown_key_exits_2(tmp_path, texts, capsys):
     path = write_toml(tmp_path, f'output = "o"\ninput = "{texts.name}"\nmodle = "default"\n')
     assert main(["sweep", str(path)]) == 2
