@@ -9,6 +9,7 @@ loss by default.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -132,13 +133,19 @@ class EventSink:
     def _terminate_torn_tail(self, fd: int) -> None:
         """A writer killed mid-line left a fragment with no newline: end it, so the next event
         starts a line of its own (the fragment stays, reported by the reader as one torn line)."""
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return
-        with open(self.path, "rb") as fh:
-            fh.seek(size - 1)
-            if fh.read(1) != b"\n":
-                os.write(fd, b"\n")
+        # Under the file lock every live writer's line is complete, so a tail without a newline
+        # can only be a dead writer's fragment.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return
+            with open(self.path, "rb") as fh:
+                fh.seek(size - 1)
+                if fh.read(1) != b"\n":
+                    os.write(fd, b"\n")
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def emit(self, event: str, **fields: Any) -> dict:
         """Write one event and return its record."""
@@ -150,11 +157,15 @@ class EventSink:
             try:
                 if self._fd is None:
                     self._fd = self._open_locked()
-                written = os.write(self._fd, line)
-                # A regular file only writes short on a full disk or a signal; finish the line
-                # rather than leave it torn (the reader would report it).
-                while written < len(line):
-                    written += os.write(self._fd, line[written:])
+                fcntl.flock(self._fd, fcntl.LOCK_EX)  # see _terminate_torn_tail
+                try:
+                    written = os.write(self._fd, line)
+                    # A regular file only writes short on a full disk or a signal; finish the line
+                    # rather than leave it torn (the reader would report it).
+                    while written < len(line):
+                        written += os.write(self._fd, line[written:])
+                finally:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
                 if sync:
                     os.fsync(self._fd)
             except OSError as e:
