@@ -34,6 +34,18 @@ class AttnFallbackError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self):
+        # Subclasses take their context as constructor arguments; rebuild from the instance's
+        # attributes instead, so errors cross process boundaries (Ray actors, pools) intact.
+        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
+
+
+def _rebuild(cls, message: str, state: dict) -> AttnFallbackError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err
+
 
 class UsageError(AttnFallbackError):
     """Bad usage or bad input: the user can fix it."""
