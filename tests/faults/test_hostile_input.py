@@ -69,9 +69,7 @@ CASES = [
     Case("csv-unterminated-quote", "CSV with an unterminated quote",
          how="CSV `id,text` of 4 rows whose 3rd line opens a quote that never closes",
          expected="exit 2 naming `in.csv:3` (the rows after it are not swallowed into one text)",
-         params=(_csv(b'id,text\n1,fine\n2,"unterminated\n3,a row\n4,another row\n'), ("--text-column", "text"), ["in.csv:3"]),
-         marks=(pytest.mark.xfail(strict=True, reason="scoring/inputs.py reads CSV without csv strict=True: the open "
-                                                      "quote swallows every later line into one text, exit 0, rows lost"),)),
+         params=(_csv(b'id,text\n1,fine\n2,"unterminated\n3,a row\n4,another row\n'), ("--text-column", "text"), ["in.csv:3"])),
     Case("invalid-utf8-csv", "Invalid UTF-8 in CSV",
          how="CSV whose 3rd line holds the byte 0xff",
          expected="exit 2, `in.csv:3: invalid UTF-8`",

@@ -143,8 +143,6 @@ def test_read_only_output(tiny_bert, texts_input, read_only_dir, tmp_path, cli, 
             f"subdirectory; nothing written")
 
 
-@pytest.mark.xfail(strict=True, reason="scoring/job.py: run_score opens the output (PartStore.open) before the "
-                                       "try block that writes shard_failed, so a failure there leaves no event")
 @fault("Read-only output location: the events say so",
        how="the read-only case above with --events on a writable disk",
        expected="a shard_failed event for each run, naming the error (issue 8: the events say what happened)")

@@ -143,8 +143,6 @@ def kill_at_last(job, step: str, name: str):
     return sorted(p.name for p in out.parent.iterdir()), read_events(events)
 
 
-@pytest.mark.xfail(strict=True, reason="scoring/writer.py: the final file's temporary `.out.parquet.tmp-<pid>` of a "
-                                       "killed run is never removed (PartStore.open/start clean only the parts directory)")
 @fault("SIGKILL while the final file is written",
        how="SIGKILL just before the rename of the complete temporary final file into place, then --resume",
        expected="the resumed run leaves only the output: no temporary file of the killed run beside it")
@@ -154,9 +152,6 @@ def test_kill_before_final_rename_leaves_no_temporary(kill_job, observe):
     assert names == ["out.parquet"]
 
 
-@pytest.mark.xfail(strict=True, reason="scoring/job.py: --resume of an output that is already complete returns "
-                                       "early without a shard_done event, so a run killed between the final rename "
-                                       "and shard_done is never recorded as done")
 @fault("SIGKILL between the final rename and shard_done",
        how="SIGKILL right after the final file is renamed into place (before the shard_done event), then --resume",
        expected="--resume finds the output complete (exit 0) and the events then record the shard as done "

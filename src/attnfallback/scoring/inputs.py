@@ -104,7 +104,7 @@ def _open_parquet(path: Path) -> InputSource:
 def _open_csv(path: Path) -> InputSource:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
-        reader = csv.reader(fh, delimiter=delimiter)
+        reader = csv.reader(fh, delimiter=delimiter, strict=True)
         try:
             header = next(reader)
         except StopIteration:
@@ -299,7 +299,7 @@ def _csv_rows(source: InputSource, spec: InputSpec) -> Iterator[InputRow]:
     width = len(source.columns)
     number = 0
     with open(source.path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
-        reader = csv.reader(fh, delimiter=source.delimiter)
+        reader = csv.reader(fh, delimiter=source.delimiter, strict=True)
         try:
             next(reader)  # the header
         except (StopIteration, csv.Error):
@@ -311,7 +311,9 @@ def _csv_rows(source: InputSource, spec: InputSpec) -> Iterator[InputRow]:
             except StopIteration:
                 return
             except csv.Error as e:
-                yield InputRow(number, start_line, None, (), f"malformed CSV ({e})")
+                # strict: a quote left open raises here instead of swallowing the lines after it
+                span = f", lines {start_line}-{reader.line_num}" if reader.line_num > start_line else ""
+                yield InputRow(number, start_line, None, (), f"malformed CSV ({e}{span})")
                 number += 1
                 continue
             if not fields:

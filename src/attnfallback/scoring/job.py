@@ -274,13 +274,18 @@ def run_score(job: ScoreJob) -> ScoreResult:
         validate_input(source, spec)
     sink = _open_sink(job, run_id, shard_text)
     store = PartStore(job.output)
-    existing = store.open(run_id)
     try:
+        existing = store.open(run_id)
         facts = read_facts(job.model, revision=job.revision, auto_class=AUTO_CLASSES[task], trust_remote_code=job.trust_remote_code)
         fingerprint = _fingerprint(job, task, source, spec, shard_text, facts.identity)
         resume_parts = _check_existing(store, existing, job, fingerprint)
         if isinstance(resume_parts, ScoreResult):
-            return resume_parts
+            # complete already (a run killed between the final rename and its shard_done, or a
+            # re-run): record it, so the events never miss a finished shard
+            done = resume_parts
+            _emit(sink, "shard_done", rows=done.rows_in, rows_written=done.rows_written, rows_skipped=done.rows_skipped,
+                  tokens=done.tokens, seconds=0.0, non_finite=done.nonfinite, output=done.output, already_complete=True)
+            return done
         return _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fingerprint, resume_parts, t_start)
     except BaseException as e:
         if sink is not None and not isinstance(e, KeyboardInterrupt):

@@ -176,6 +176,10 @@ class PartStore:
         except OSError as e:
             raise OutputError(f"cannot create the output directory {self.parent}: {_describe_os_error(e)}", path=str(self.parent)) from e
         self.lock.acquire(run_id)
+        # a run killed while writing the final file left its temporary behind; under the lock
+        # no live run is writing one
+        for stale in self.parent.glob(f".{self.output.name}.tmp-*"):
+            _unlink_quietly(stale)
         existing = Existing()
         if self.output.exists():
             meta = read_output_metadata(self.output)
