@@ -53,12 +53,16 @@ def register(app: typer.Typer) -> None:
         on_nonfinite: str = typer.Option("error", "--on-nonfinite", help="error | flag (a `nonfinite` column)."),
         part_rows: int = typer.Option(8192, "--part-rows", help="Rows per committed part (the unit of --resume)."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+        engine: str = typer.Option("local", "--engine", help="local | ray (pip install attnfallback[ray])."),
+        address: str = typer.Option(None, "--address", help="Ray cluster address (with --engine ray; default: a local Ray)."),
+        actors: int = typer.Option(2, "--actors", help="Ray actors, each one shard in the events (with --engine ray)."),
         revision: str = REVISION,
         trust_remote_code: bool = TRUST_REMOTE_CODE,
         as_json: bool = JSON,
     ):
         """Score MODEL over one shard of --input into --output (Parquet, id first, input order)."""
-        from attnfallback.scoring.job import ScoreJob, run_score
+        from attnfallback.scoring.job import ScoreJob
+        from attnfallback.sweep.ray_engine import run_score_engine
 
         job = ScoreJob(
             model=model, input=input, output=output, task=task, text_column=text_column,
@@ -67,5 +71,5 @@ def register(app: typer.Typer) -> None:
             resume=resume, on_bad_row=on_bad_row, on_nonfinite=on_nonfinite, quiet=quiet or as_json, revision=revision,
             trust_remote_code=trust_remote_code, part_rows=part_rows,
         )
-        data = run_score(job).to_dict()
+        data = run_score_engine(job, engine, address=address, actors=actors).to_dict()
         print_json(data) if as_json else render(data)
