@@ -198,7 +198,9 @@ class Scorer:
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
         if self.on_cuda:
             tensors = {k: v.pin_memory() for k, v in tensors.items()}
-        return HostBatch(rows, length, tensors, int(encoded.lengths[rows].sum()))
+        lengths = encoded.lengths[rows]
+        tensors["_no_padding"] = bool(len(rows) and lengths.min() == length)  # host-side flag, not copied
+        return HostBatch(rows, length, tensors, int(lengths.sum()))
 
     # -- running (this thread) --------------------------------------------------------------
 
@@ -258,7 +260,7 @@ class Scorer:
         torch = self._torch
         failed = False
         try:
-            on_device = {k: v.to(self.device, non_blocking=True) for k, v in batch.tensors.items()}
+            on_device = {k: v.to(self.device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.tensors.items()}
             return self.task.forward(on_device)
         except torch.OutOfMemoryError:
             if len(batch.rows) == 1:

@@ -293,7 +293,11 @@ class Task:
         raise NotImplementedError
 
     def model_inputs(self, batch: dict) -> dict:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        inputs = {"input_ids": batch["input_ids"]}
+        if not batch.get("_no_padding", False):
+            # without padding the mask says nothing: leaving it out spares transformers a check of
+            # its values (a host sync on CUDA) and lets SDPA and the flash kernels take the plain path
+            inputs["attention_mask"] = batch["attention_mask"]
         if self.accepts_types and "token_type_ids" in batch:
             inputs["token_type_ids"] = batch["token_type_ids"]
         return inputs

@@ -1,0 +1,408 @@
+"""Scoring throughput, every variant in one process, same seeded data, same model, same device.
+
+    python bench/score_throughput.py --device cpu --model default --data stsb
+    python bench/score_throughput.py --device cuda --model bert-base-random --texts 20000
+    python bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000
+    python bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 400 --mean-words 580 \
+        --max-words 1870 --impls flash_attention_4,sdpa,eager --batch-tokens 131072 --skip hf-dataset-order-bs32
+
+Variants (tokenization included unless said otherwise; model load excluded everywhere):
+    st-encode-bs32 / st-encode-bs256   sentence-transformers `encode` (embedding models only)
+    hf-dataset-order-bs32              plain transformers, input order, padded batches of 32
+    hf-sorted-budget                   plain transformers, length-sorted token-budget batches, one thread
+    attnfallback-score                 the `score` pipeline (Scorer.score_chunks + Arrow tables)
+    forward-only-sorted                the forward alone on pre-tokenized sorted batches already on the
+                                       device (on cuda: the GPU-only rate, the ceiling the pipeline is
+                                       measured against)
+`--impls a,b` repeats the last two for each attention implementation (set_attn_implementation).
+On cuda it also measures the bf16 matmul rate (the second ceiling) and reports model FLOP use.
+
+Random-weight models are built from configs (no hub) with the MiniLM tokenizer (vocab 30522):
+bert-base-random = BERT-base shape (12 layers, hidden 768, 12 heads) with a sentence-transformers
+mean-pooling config; qwen2-0.5b-random = Qwen2-0.5B shape (24 layers, hidden 896, 14 heads, 2 KV heads,
+intermediate 4864) as a 1-label sequence classifier (a reward model), vocab_size 30522 to match
+the MiniLM tokenizer (the real model has 151,936: only the embedding table differs in size).
+transformers 5 loads that tokenizer for a qwen2 model as a Qwen2Tokenizer, which splits the
+MiniLM vocabulary into about one token per character (about 4.3 tokens per word here): the
+defaults below are set in words so that the token lengths match the workloads (mean ~64 tokens
+for BERT, ~270 for the reward model; 580 words ~ 2.4k tokens for the long one).
+
+Each variant runs once to warm up, then --repeats times interleaved; the median is reported.
+Prints a table of tokens/s and ratios last; writes bench/results/score_throughput-*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
+    "you were her she there one all we their been has when who will more no if out so said what up its about into "
+    "than them can only other new some could time these two may then do first any my now such like our over man "
+    "me even most made after also did many before must through back years where much your way well down should "
+    "because each just those people how too little state good very make world still own see men work long get here "
+    "between both life being under never day same another know while last might us great old year off come since "
+    "against go came right used take three music river morning garden window language computer experiment "
+    "measurement structure transformer attention sentence embedding benchmark throughput implementation"
+).split()
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def synthetic_texts(n: int, mean_words: float, max_words: int, seed: int) -> list[str]:
+    """Variable-length texts: word counts log-normal around `mean_words`, capped at `max_words`."""
+    rng = random.Random(seed)
+    sigma = 0.6
+    mu = math.log(max(mean_words, 1.0)) - sigma * sigma / 2
+    texts = []
+    for _ in range(n):
+        words = min(max(int(rng.lognormvariate(mu, sigma)), 1), max_words)
+        texts.append(" ".join(rng.choice(WORDS) for _ in range(words)))
+    return texts
+
+
+def stsb_texts() -> list[str]:
+    """Both sentences of every STS-B test pair (packaged copy, else ../shared)."""
+    from importlib import resources
+
+    candidates = [Path(str(resources.files("attnfallback") / "data" / "stsb-en-test.csv")),
+                  REPO.parent / "shared" / "data" / "stsb" / "stsb-en-test.csv"]
+    for path in candidates:
+        if path.is_file():
+            with open(path, encoding="utf-8", newline="") as fh:
+                rows = [r for r in csv.reader(fh) if r]
+            return [r[0] for r in rows] + [r[1] for r in rows]
+    sys.exit("STS-B test split not found (attnfallback/data/stsb-en-test.csv or ../shared/data/stsb)")
+
+
+# --- models --------------------------------------------------------------------------------------
+
+def build_random_model(kind: str, directory: Path) -> Path:
+    """A random-weight model of a real shape, saved with the MiniLM tokenizer (no hub)."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel, Qwen2Config, Qwen2ForSequenceClassification
+
+    from attnfallback.model_facts import default_model_path
+
+    torch.manual_seed(0)
+    if kind == "bert-base-random":
+        model = BertModel(BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                     intermediate_size=3072, max_position_embeddings=512))
+    elif kind == "qwen2-0.5b-random":
+        model = Qwen2ForSequenceClassification(Qwen2Config(
+            vocab_size=30522, hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+            intermediate_size=4864, max_position_embeddings=32768, rope_theta=1_000_000.0, tie_word_embeddings=True,
+            num_labels=1, pad_token_id=0))
+    else:
+        raise SystemExit(f"unknown model {kind}")
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    src = default_model_path()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, directory / name)
+    if kind == "bert-base-random":
+        (directory / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+        (directory / "1_Pooling").mkdir(exist_ok=True)
+        (directory / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 768, "pooling_mode": "mean"}))
+        (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512, "do_lower_case": False}))
+    return directory
+
+
+# --- variants ------------------------------------------------------------------------------------
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_st_variant(model_dir: str, device: str, dtype, impl: str, batch_size: int, texts: list[str]):
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(model_dir, device=device, local_files_only=True,
+                             model_kwargs={"dtype": dtype, "attn_implementation": impl})
+
+    def run():
+        st.encode(texts, batch_size=batch_size, convert_to_numpy=True)
+    return run
+
+
+def make_hf_dataset_order(scorer, texts: list[str], batch_size: int):
+    """The loop most people write: input order, pad each batch of 32, copy each output back."""
+    import torch
+
+    tok, task, device, max_length = scorer.loaded.tokenizer, scorer.task, scorer.device, scorer.max_length
+
+    def run():
+        outs = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+                batch = {k: v.to(device) for k, v in enc.items()}
+                result = task.forward(batch)
+                outs.append({k: v.cpu() for k, v in result.items()})
+        return outs
+    return run
+
+
+def make_hf_sorted(scorer, texts: list[str]):
+    """Plain transformers with the same length-sorted token-budget batches, no threads, no pinning."""
+    import numpy as np
+    import torch
+
+    from attnfallback.scoring.batching import length_order, plan_batches
+
+    tok, task, device, max_length = scorer.loaded.tokenizer, scorer.task, scorer.device, scorer.max_length
+
+    def run():
+        enc = tok(texts, truncation=True, max_length=max_length, padding=False)
+        lengths = np.array([len(x) for x in enc["input_ids"]])
+        order = length_order(lengths)
+        outs = []
+        with torch.inference_mode():
+            for s in plan_batches(lengths[order], scorer.batch_tokens, scorer.max_cells):
+                rows = order[s.start:s.stop]
+                feats = [{k: enc[k][i] for k in enc.keys()} for i in rows]
+                batch = tok.pad(feats, return_tensors="pt")
+                batch = {k: v.to(device) for k, v in batch.items()}
+                result = task.forward(batch)
+                outs.append({k: v.cpu() for k, v in result.items()})
+        return outs
+    return run
+
+
+def make_ours(scorer, texts: list[str], part_rows: int):
+    from attnfallback.scoring.pipeline import Chunk, build_table
+
+    schema = scorer.output_schema
+    chunks = [Chunk(i, list(range(s, min(s + part_rows, len(texts)))), [(t,) for t in texts[s:s + part_rows]])
+              for i, s in enumerate(range(0, len(texts), part_rows))]
+
+    def run():
+        rows = 0
+        for result in scorer.score_chunks(iter(chunks)):
+            rows += build_table(schema, result.chunk.ids, result).num_rows
+        assert rows == len(texts)
+    return run
+
+
+def make_gpu_only(scorer, texts: list[str]):
+    """Pre-tokenized, length-sorted batches already on the device: the forward pass alone."""
+    import torch
+
+    prepared = scorer.prepare(__import__("attnfallback.scoring.pipeline", fromlist=["Chunk"]).Chunk(0, list(range(len(texts))), [(t,) for t in texts]))
+    batches = [{k: v.to(scorer.device) if hasattr(v, "to") else v for k, v in b.tensors.items()} for b in prepared.batches]
+    sync(str(scorer.device))
+
+    def run():
+        with torch.inference_mode():
+            outs = [scorer.task.forward(b) for b in batches]
+        sync(str(scorer.device))
+        return outs
+    return run
+
+
+def matmul_tflops(device: str, seconds: float = 2.0) -> float | None:
+    """The bf16 matmul rate this GPU reaches (8192^3), TFLOP/s."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(10):
+            a @ b
+        count += 10
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * count / (time.perf_counter() - t0) / 1e12
+
+
+def model_flops_per_token(model) -> float:
+    """2 x parameters outside the embeddings (the matmul work per token; attention scores excluded)."""
+    total = 0
+    for name, p in model.named_parameters():
+        if "embed" in name:
+            continue
+        total += p.numel()
+    return 2.0 * total
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--model", default="default", choices=["default", "bert-base-random", "qwen2-0.5b-random"])
+    ap.add_argument("--data", default=None, choices=["stsb", "synthetic"], help="default: stsb for `default`, else synthetic")
+    ap.add_argument("--texts", type=int, default=None, help="synthetic texts (default 20000 on cuda, 2000 on cpu)")
+    ap.add_argument("--mean-words", type=float, default=None, help="mean words per text (default 55 ~ 64 tokens; 63 ~ 270 tokens for qwen2)")
+    ap.add_argument("--max-words", type=int, default=None)
+    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--prefer", default=None, help="attention preference for the loader (default: the library's)")
+    ap.add_argument("--impls", default=None, help="also run ours and gpu-only with each of these implementations")
+    ap.add_argument("--batch-tokens", type=int, default=None)
+    ap.add_argument("--max-length", type=int, default=None, help="default: the model's (8192 for qwen2-0.5b-random)")
+    ap.add_argument("--hf-batch", type=int, default=32)
+    ap.add_argument("--part-rows", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma-separated variants to leave out")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from attnfallback.loader import torch_dtype
+    from attnfallback.scoring import ScoreJob, Scorer
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    is_embedder = args.model in ("default", "bert-base-random")
+    data = args.data or ("stsb" if args.model == "default" else "synthetic")
+    if data == "stsb":
+        texts = stsb_texts()
+    else:
+        n = args.texts or (20000 if device == "cuda" else 2000)
+        mean_words = args.mean_words or (55 if is_embedder else 63)
+        texts = synthetic_texts(n, mean_words, args.max_words or int(mean_words * 8), args.seed)
+
+    tmp = tempfile.TemporaryDirectory(prefix="score-bench-")
+    model_ref = "default" if args.model == "default" else str(build_random_model(args.model, Path(tmp.name) / args.model))
+    task = "embed" if is_embedder else "classify"
+    max_length = args.max_length or (None if is_embedder else 8192)
+    job = ScoreJob(model=model_ref, task=task, device=device, dtype=dtype, prefer=args.prefer, batch_tokens=args.batch_tokens,
+                   max_length=max_length, quiet=True)
+    scorer = Scorer.from_job(job)
+    model_dir = scorer.loaded.facts.ref.location
+    impl = scorer.decision.used
+    tokens = int(scorer.encoder.encode([(t,) for t in texts]).lengths.sum())
+    skip = set(filter(None, args.skip.split(",")))
+
+    variants: dict[str, object] = {}
+    if is_embedder:
+        for bs in (32, 256):
+            name = f"st-encode-bs{bs}"
+            if name not in skip:
+                variants[name] = make_st_variant(model_dir, device, torch_dtype(dtype), impl, bs, texts)
+    if f"hf-dataset-order-bs{args.hf_batch}" not in skip:
+        variants[f"hf-dataset-order-bs{args.hf_batch}"] = make_hf_dataset_order(scorer, texts, args.hf_batch)
+    if "hf-sorted-budget" not in skip:
+        variants["hf-sorted-budget"] = make_hf_sorted(scorer, texts)
+    impls = [i.strip() for i in args.impls.split(",")] if args.impls else [impl]
+    ours_names, gpu_names = {}, {}
+    for name_impl in impls:
+        suffix = "" if len(impls) == 1 else f" [{name_impl}]"
+
+        def switch(target=name_impl):
+            if scorer.loaded.model.config._attn_implementation != target:
+                scorer.loaded.model.set_attn_implementation(target)
+
+        ours = make_ours(scorer, texts, args.part_rows)
+        variants["attnfallback-score" + suffix] = (switch, ours)
+        ours_names[name_impl] = "attnfallback-score" + suffix
+        if "forward-only-sorted" not in skip:
+            gpu = make_gpu_only(scorer, texts)
+            variants["forward-only-sorted" + suffix] = (switch, gpu)
+            gpu_names[name_impl] = "forward-only-sorted" + suffix
+
+    def call(fn):
+        if isinstance(fn, tuple):
+            fn[0]()
+            fn = fn[1]
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - t0
+
+    failures = {}
+    for name, fn in list(variants.items()):  # warm-up
+        try:
+            call(fn)
+        except torch.OutOfMemoryError as e:
+            failures[name] = f"out of memory: {str(e).splitlines()[0]}"
+            del variants[name]
+            torch.cuda.empty_cache()
+        print(f"warmed {name}", file=sys.stderr, flush=True)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, fn in variants.items():
+            times[name].append(call(fn))
+    scorer.loaded.model.set_attn_implementation(impl) if scorer.loaded.model.config._attn_implementation != impl else None
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rate = {k: tokens / v for k, v in med.items()}
+    flops_per_token = model_flops_per_token(scorer.loaded.model)
+    peak = matmul_tflops(device)
+    ours_main = ours_names.get(impl) or next(iter(ours_names.values()))
+    ratios = {}
+    for name in rate:
+        if name != ours_main:
+            ratios[f"{ours_main} / {name}"] = rate[ours_main] / rate[name]
+    for name_impl, gname in gpu_names.items():
+        if gname in rate and ours_names[name_impl] in rate:
+            ratios[f"{ours_names[name_impl]} / {gname}"] = rate[ours_names[name_impl]] / rate[gname]
+
+    result = {
+        "model": args.model, "model_dir": model_dir, "task": task, "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(), "dtype": dtype, "impl": impl, "impls": impls, "data": data,
+        "texts": len(texts), "tokens": tokens, "mean_tokens": tokens / len(texts), "batch_tokens": scorer.batch_tokens,
+        "max_length": scorer.max_length, "repeats": args.repeats, "seconds": times, "median_s": med, "tokens_per_s": rate,
+        "ratios": ratios, "failures": failures, "bf16_matmul_tflops": peak, "model_flops_per_token": flops_per_token,
+        "mfu": {k: (v * flops_per_token / 1e12) / peak for k, v in rate.items()} if peak else None,
+        "versions": scorer.decision.versions, "argv": sys.argv[1:],
+    }
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / f"score_throughput-{args.model}-{device}-{data}-{len(texts)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    console.print(f"{args.model} ({task}, {dtype}, {impl}) on {result['device_name']}, {len(texts)} texts, {tokens:,} tokens "
+                  f"(mean {tokens / len(texts):.0f}), batch_tokens {scorer.batch_tokens}, median of {args.repeats}")
+    if peak:
+        console.print(f"bf16 matmul: {peak:.0f} TFLOP/s; model {flops_per_token / 1e9:.2f} GFLOP/token")
+    table = Table("variant", "seconds", "tokens/s", f"{ours_main} is x faster" + (" / MFU" if peak else ""), box=None)
+    for name in rate:
+        rel = rate[ours_main] / rate[name]
+        extra = f" / {result['mfu'][name] * 100:.0f}%" if peak else ""
+        table.add_row(name, f"{med[name]:.3f}", f"{rate[name]:,.0f}", f"{rel:.2f}{extra}")
+    for name, why in failures.items():
+        table.add_row(name, "-", "-", why)
+    console.print(table)
+    for k, v in ratios.items():
+        console.print(f"  {k}: {v:.2f}")
+    console.print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
