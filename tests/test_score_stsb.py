@@ -42,6 +42,7 @@ def stsb():
 
 @pytest.mark.slow
 def test_stsb_spearman_is_the_published_82_03_and_embeddings_equal_sentence_transformers(stsb, tmp_path):
+    import torch
     from scipy.stats import spearmanr
     from sentence_transformers import SentenceTransformer
 
@@ -51,7 +52,8 @@ def test_stsb_spearman_is_the_published_82_03_and_embeddings_equal_sentence_tran
     n = len(gold)
     # both sentences of every pair, one file: rows 0..n-1 the first sentences, n..2n-1 the second
     path = write_jsonl(tmp_path / "stsb.jsonl", [{"text": t} for t in first + second])
-    result = run_score(ScoreJob(model="default", input=str(path), output=str(tmp_path / "emb.parquet"), quiet=True))
+    result = run_score(ScoreJob(model="default", input=str(path), output=str(tmp_path / "emb.parquet"), device="cpu",
+                                dtype="float32", quiet=True))
     out = read_output(tmp_path / "emb.parquet")
     assert out["id"] == list(range(2 * n)) and result.rows_written == 2 * n
     emb = np.array(out["embedding"], dtype=np.float32)
@@ -59,7 +61,7 @@ def test_stsb_spearman_is_the_published_82_03_and_embeddings_equal_sentence_tran
     spearman = spearmanr(cosine, gold).statistic * 100
     assert round(spearman, 2) == 82.03, f"Spearman x100 = {spearman:.4f} with {result.decision['used']}"
 
-    st = SentenceTransformer(str(default_model_path()), device="cpu", local_files_only=True)
+    st = SentenceTransformer(str(default_model_path()), device="cpu", local_files_only=True, model_kwargs={"dtype": torch.float32})
     reference = st.encode(first + second, batch_size=32, convert_to_numpy=True).astype(np.float32)
     agreement = (emb * reference).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(reference, axis=1))
     assert agreement.min() >= 0.99999, f"lowest cosine to sentence-transformers: {agreement.min()} ({result.decision['used']})"

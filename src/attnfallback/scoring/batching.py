@@ -12,7 +12,7 @@ import numpy as np
 
 # Default token budgets (padded tokens per batch, rows x longest row). Eager materialises the
 # L x L attention scores of every head, so it gets a smaller budget and a bound on those cells.
-CPU_BATCH_TOKENS = 8192
+CPU_BATCH_TOKENS = 2048
 CUDA_BATCH_TOKENS = 65536
 CUDA_EAGER_BATCH_TOKENS = 16384
 EAGER_SCORE_BYTES = 1 << 30  # rows x heads x L x L x 4 bytes per batch

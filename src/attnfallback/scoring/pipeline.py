@@ -2,9 +2,11 @@
 
     rows -> chunks --(worker thread: tokenize, length sort, token-budget batches, pinned tensors)-->
     bounded queue --(this thread: non-blocking copy, forward under inference_mode, outputs kept on
-    the device)--> one copy to the host per chunk -> inverse permutation -> Arrow columns
+    the device)--> one asynchronous copy to the host per chunk --(finisher thread on CUDA: inverse
+    permutation, finiteness, Arrow columns)--> results in order
 
-The forward thread never waits on the host per batch; a chunk's outputs come back in one copy.
+The forward thread never waits on the host per batch; a chunk's outputs come back in one copy,
+turned into columns while the next chunk runs.
 On CUDA out-of-memory a batch is split in halves and retried (an `oom_split` event), down to a
 single row, so no row is ever dropped.
 """
@@ -15,7 +17,9 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,6 +74,18 @@ class PreparedChunk:
 
 
 @dataclass
+class Launched:
+    """A chunk whose batches are queued on the device, its outputs on their way to the host."""
+
+    prepared: PreparedChunk
+    host: dict  # output name -> host tensor (pinned on CUDA; filled once `event` has passed)
+    event: object | None
+    keep: list
+    oom_splits: int
+    seconds: float
+
+
+@dataclass
 class ChunkResult:
     """Outputs of one chunk in input order, and what it took."""
 
@@ -115,6 +131,8 @@ class Scorer:
         self.sink = loaded.sink
         self.oom_splits = 0
         self.id_type = "int64"
+        # where the time goes (seconds): prepare on the worker, waiting for it, launch, finish
+        self.timing = {"prepare_s": 0.0, "wait_s": 0.0, "launch_s": 0.0, "finish_s": 0.0}
         self._torch = torch
 
     # -- construction -----------------------------------------------------------------------
@@ -189,7 +207,9 @@ class Scorer:
         order = length_order(encoded.lengths)
         slices = plan_batches(encoded.lengths[order], self.batch_tokens, self.max_cells)
         batches = [self._host_batch(encoded, order[s.start:s.stop], s.length) for s in slices]
-        return PreparedChunk(chunk, encoded, order, batches, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.timing["prepare_s"] += seconds
+        return PreparedChunk(chunk, encoded, order, batches, seconds)
 
     def _host_batch(self, encoded: Encoded, rows: np.ndarray, length: int) -> HostBatch:
         torch = self._torch
@@ -206,28 +226,57 @@ class Scorer:
 
     def run(self, prepared: PreparedChunk) -> ChunkResult:
         """Forward every batch of a chunk; outputs back in input order, one host copy per chunk."""
+        return self.finish(self.launch(prepared))
+
+    def launch(self, prepared: PreparedChunk) -> Launched:
+        """Queue the chunk's batches on the device and an asynchronous copy of the outputs back.
+
+        On CUDA nothing here waits for the GPU (out-of-memory aside), so the next chunk can be
+        queued while `finish` turns this one into columns on another thread.
+        """
         torch = self._torch
         t0 = time.perf_counter()
         splits_before = self.oom_splits
         pieces: dict[str, list] = {}
+        host: dict = {}
+        keep: list = []
+        event = None
         with torch.inference_mode():
             for batch in prepared.batches:
                 outputs = self._forward(prepared.encoded, batch, depth=0)
                 for name, value in outputs.items():
                     pieces.setdefault(name, []).append(value)
-            host = {}
             for name, values in pieces.items():
                 joined = values[0] if len(values) == 1 else torch.cat(values, dim=0)
-                host[name] = joined.to("cpu", non_blocking=False).numpy()
+                if self.on_cuda:
+                    buffer = torch.empty(joined.shape, dtype=joined.dtype, pin_memory=True)
+                    buffer.copy_(joined, non_blocking=True)
+                    keep.append(joined)  # alive until the copy is done
+                    host[name] = buffer
+                else:
+                    host[name] = joined
+            if self.on_cuda:
+                event = torch.cuda.Event()
+                event.record()
+        seconds = time.perf_counter() - t0
+        self.timing["launch_s"] += seconds
+        return Launched(prepared, host, event, keep, self.oom_splits - splits_before, seconds)
+
+    def finish(self, launched: Launched) -> ChunkResult:
+        """Wait for a launched chunk's outputs; restore input order, check finiteness, make columns."""
+        t0 = time.perf_counter()
+        if launched.event is not None:
+            launched.event.synchronize()
+        launched.keep.clear()
+        prepared = launched.prepared
         n = len(prepared.chunk)
         order = prepared.order
         in_order = {}
-        for name, sorted_values in host.items():
+        for name, tensor in launched.host.items():
+            sorted_values = tensor.numpy()
             restored = np.empty_like(sorted_values)
             restored[order] = sorted_values
             in_order[name] = restored
-        if not in_order:  # an empty chunk
-            in_order = {f.name: np.zeros((0,), dtype=np.float32) for f in self.task.output_fields()}
         finite = np.ones(n, dtype=bool)
         for value in in_order.values():
             if value.dtype.kind == "f" and n:
@@ -239,6 +288,7 @@ class Scorer:
             raise NonFiniteError(f"the model produced NaN or inf for {len(bad)} row(s), ids: {shown} "
                                  "(--on-nonfinite flag writes them with a `nonfinite` column instead)", ids=bad)
         columns = self.task.to_arrow(in_order) if n else self._empty_columns()
+        self.timing["finish_s"] += time.perf_counter() - t0
         return ChunkResult(
             chunk=prepared.chunk,
             columns=columns,
@@ -247,8 +297,8 @@ class Scorer:
             padded_tokens=sum(b.length * len(b.rows) for b in prepared.batches),
             truncated=int(prepared.encoded.truncated.sum()),
             batches=len(prepared.batches),
-            oom_splits=self.oom_splits - splits_before,
-            seconds=time.perf_counter() - t0,
+            oom_splits=launched.oom_splits,
+            seconds=launched.seconds + time.perf_counter() - t0,
         )
 
     def _empty_columns(self) -> dict:
@@ -307,16 +357,31 @@ class Scorer:
 
         worker = threading.Thread(target=produce, name="attnfallback-tokenize", daemon=True)
         worker.start()
+        # on CUDA a chunk is finished (host copy awaited, columns built) on another thread while
+        # the next one runs on the GPU; on the CPU that work would only compete for the cores
+        finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnfallback-finish") if self.on_cuda else None
+        pending: deque = deque()
         try:
             while True:
+                t_wait = time.perf_counter()
                 item = q.get()
+                self.timing["wait_s"] += time.perf_counter() - t_wait
                 if item is _DONE:
-                    return
+                    break
                 if isinstance(item, _Failure):
                     raise item.exc
-                yield self.run(item)
+                if finisher is None:
+                    yield self.run(item)
+                    continue
+                pending.append(finisher.submit(self.finish, self.launch(item)))
+                while len(pending) > 1 or (pending and pending[0].done()):
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
         finally:
             stop.set()
+            if finisher is not None:
+                finisher.shutdown(wait=True)
             worker.join(timeout=5)
 
     # -- tables (Ray) -----------------------------------------------------------------------

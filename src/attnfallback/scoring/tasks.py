@@ -179,6 +179,8 @@ class TextEncoder:
                 return copy
 
             self._main = configured("right", self.max_length)
+            # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which nothing here reads
+            self._batch = getattr(self._main, "encode_batch_fast", self._main.encode_batch)
             if mode == "prompt_completion":
                 # the completion is kept; the prompt gives way, from its left
                 self._prompt = configured("left", self.max_length)
@@ -189,7 +191,7 @@ class TextEncoder:
             return self._encode_prompt_completion(texts)
         if self.fast:
             inputs = [t[0] for t in texts] if self.mode == "single" else [(t[0], t[1]) for t in texts]
-            encodings = self._main.encode_batch(inputs, add_special_tokens=True)
+            encodings = self._batch(inputs, add_special_tokens=True)
             ids = [e.ids for e in encodings]
             type_ids = [e.type_ids for e in encodings]
             truncated = np.fromiter((len(e.ids) >= self.max_length and bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
@@ -272,6 +274,7 @@ class Task:
         self.model_dir = model_dir
         params = inspect.signature(model.forward).parameters
         self.accepts_types = "token_type_ids" in params
+        self.causal = is_causal_model(model)
         config_pad = getattr(getattr(model, "config", None), "pad_token_id", None)
         tok_pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(config_pad if config_pad is not None else tok_pad if tok_pad is not None else 0)
@@ -293,13 +296,25 @@ class Task:
         raise NotImplementedError
 
     def model_inputs(self, batch: dict) -> dict:
+        """The model's inputs. Batches are right-padded, so the attention mask is passed only where
+        it changes a real token's output, and in a form transformers uses as it is: a 2D mask makes
+        it check the mask's values first (a host sync per batch on CUDA) and build a full L x L mask."""
         inputs = {"input_ids": batch["input_ids"]}
-        if not batch.get("_no_padding", False):
-            # without padding the mask says nothing: leaving it out spares transformers a check of
-            # its values (a host sync on CUDA) and lets SDPA and the flash kernels take the plain path
-            inputs["attention_mask"] = batch["attention_mask"]
         if self.accepts_types and "token_type_ids" in batch:
             inputs["token_type_ids"] = batch["token_type_ids"]
+        if self.causal or batch.get("_no_padding", False):
+            # causal attention never lets a real token see the padding after it; without padding
+            # the mask says nothing. Either way SDPA and the flash kernels take their plain path.
+            return inputs
+        mask = batch["attention_mask"]
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        if impl == "sdpa":
+            inputs["attention_mask"] = mask.bool()[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
+        elif impl == "eager":
+            dtype = self.model.dtype
+            inputs["attention_mask"] = (1.0 - mask[:, None, None, :].to(dtype)) * torch_finfo_min(dtype)
+        else:  # flash and flex implementations want the 2D mask (they unpad or build their own)
+            inputs["attention_mask"] = mask
         return inputs
 
     def extra_arrays(self, encoded: Encoded, rows: np.ndarray, length: int) -> dict[str, np.ndarray]:
@@ -321,6 +336,18 @@ class Task:
 
     def describe(self) -> dict:
         return {"task": self.name}
+
+
+def torch_finfo_min(dtype) -> float:
+    import torch
+
+    return torch.finfo(dtype).min
+
+
+def is_causal_model(model) -> bool:
+    """True when every attention module of the model is causal (decoder-only models)."""
+    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    return bool(flags) and all(flags)
 
 
 def _list_array(matrix: np.ndarray):
