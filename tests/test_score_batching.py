@@ -49,6 +49,21 @@ def test_batches_respect_the_padded_token_budget_and_cover_every_row():
         assert lengths[b.start:b.stop].max() <= b.length
 
 
+def test_batches_close_early_in_a_long_tail_and_pad_less():
+    rng = np.random.default_rng(2)
+    lengths = np.sort(np.minimum(rng.lognormal(4.0, 0.6, size=8192).astype(int) + 1, 512))[::-1]
+    greedy = plan_batches(lengths, 65536, cut_ratio=0)
+    tail_aware = plan_batches(lengths, 65536)
+    padded = lambda bs: sum(b.padded_tokens for b in bs)  # noqa: E731
+    assert padded(tail_aware) < 0.95 * padded(greedy)
+    assert len(tail_aware) > len(greedy)
+    for b in tail_aware:
+        assert b.padded_tokens <= 65536 or b.rows == 1
+        if b.padded_tokens >= 65536 // 8 and b.stop < len(lengths) and b.padded_tokens + b.length <= 65536:
+            # closed early only where the next row is much shorter
+            assert lengths[b.stop] < 0.85 * b.length or b.rows * b.length + b.length > 65536
+
+
 def test_a_row_longer_than_the_budget_gets_a_batch_of_its_own():
     batches = plan_batches(np.array([5000, 10, 10]), batch_tokens=1000)
     assert [(b.start, b.stop) for b in batches] == [(0, 1), (1, 3)]

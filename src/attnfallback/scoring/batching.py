@@ -16,6 +16,7 @@ CPU_BATCH_TOKENS = 2048
 CUDA_BATCH_TOKENS = 65536
 CUDA_EAGER_BATCH_TOKENS = 16384
 EAGER_SCORE_BYTES = 1 << 30  # rows x heads x L x L x 4 bytes per batch
+CUT_RATIO = 0.85  # see plan_batches
 
 
 def default_batch_tokens(device_kind: str, impl: str | None) -> int:
@@ -63,26 +64,36 @@ class BatchSlice:
 
 
 def plan_batches(sorted_lengths: np.ndarray, batch_tokens: int, max_cells: int | None = None,
-                 max_rows: int | None = None) -> list[BatchSlice]:
-    """Greedy batches over lengths sorted longest first.
+                 max_rows: int | None = None, cut_ratio: float = CUT_RATIO) -> list[BatchSlice]:
+    """Batches over lengths sorted longest first.
 
     A batch holds rows while rows x (its first, longest row's length) <= batch_tokens (and, for
     eager, rows x length^2 <= max_cells); a row longer than the budget gets a batch of its own.
+    Once a batch holds batch_tokens / 8 padded tokens it also closes before the first row shorter
+    than `cut_ratio` x its longest: in the long tail of a chunk, where lengths fall quickly, this
+    bounds the padding (measured: 1.45M -> 1.27M padded tokens for 1.16M real ones, 20k texts in
+    chunks of 8192, a 64k budget) at the price of more, smaller batches.
     """
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens must be >= 1, found {batch_tokens}")
-    lengths = np.asarray(sorted_lengths, dtype=np.int64)
+    lengths = np.maximum(np.asarray(sorted_lengths, dtype=np.int64), 1)
     n = len(lengths)
+    min_fill = max(batch_tokens // 8, 1)
     batches: list[BatchSlice] = []
     start = 0
     while start < n:
-        length = max(int(lengths[start]), 1)
+        length = int(lengths[start])
         rows = max(batch_tokens // length, 1)
         if max_cells is not None:
             rows = min(rows, max(max_cells // (length * length), 1))
         if max_rows is not None:
             rows = min(rows, max_rows)
         stop = min(start + rows, n)
+        first_optional = start + max(min_fill // length, 1)
+        if cut_ratio and first_optional < stop:
+            shorter = np.flatnonzero(lengths[first_optional:stop] < cut_ratio * length)
+            if len(shorter):
+                stop = first_optional + int(shorter[0])
         batches.append(BatchSlice(start, stop, length))
         start = stop
     return batches
