@@ -58,3 +58,19 @@ def test_bad_input_exits_2_with_a_message_naming_it(model_dir, tmp_path, capsys,
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_a_model_asking_for_remote_code_is_refused_without_the_flag(model_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    remote = tmp_path / "remote"
+    shutil.copytree(model_dir, remote)
+    config = json.loads((remote / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
+    (remote / "config.json").write_text(json.dumps(config))
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "fine"}])
+    code = main(["score", str(remote), "--input", str(path), "--output", str(tmp_path / "o.parquet"), "--quiet"])
+    assert code == 2
+    assert "--trust-remote-code" in capsys.readouterr().err
+    assert not (tmp_path / "o.parquet").exists() and not (tmp_path / ".o.parquet.parts").exists()

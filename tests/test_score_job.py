@@ -125,10 +125,13 @@ def test_skipped_rows_are_listed_and_every_row_is_accounted_for(st_bert, tmp_pat
 
 
 def test_texts_over_max_length_are_truncated_and_counted(st_bert, tmp_path):
-    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "word " * 3000}, {"text": "short one"}, {"text": "x " * 9}])
+    huge = "word " * 60_000  # 300k characters: cut before tokenizing, still counted as truncated
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "word " * 3000}, {"text": "short one"}, {"text": "x " * 9}, {"text": huge}])
     result = run_score(job_for(st_bert, path, tmp_path / "out.parquet", max_length=12))
-    assert result.truncated == 1 and result.rows_written == 3
-    assert result.tokens == 12 + 4 + 11
+    assert result.truncated == 2 and result.rows_written == 4
+    assert result.tokens == 12 + 4 + 11 + 12
+    out = np.array(read_output(tmp_path / "out.parquet")["embedding"])
+    assert np.abs(out[0] - out[3]).max() < 1e-6  # the same first 12 tokens, cut or not
 
 
 def test_output_of_a_completed_run_is_refused_unless_resume(st_bert, input_file, tmp_path):

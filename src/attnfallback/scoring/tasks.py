@@ -41,6 +41,7 @@ _LEGACY_POOLING_KEYS = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
+HUGE_CHARS_PER_TOKEN = 100  # texts longer than max_length x this (chars) are cut before tokenizing
 LOGITS_CHUNK_TOKENS = 4096  # logprob: positions per lm-head chunk (bounds the B x L x vocab logits)
 _UNSUPPORTED_LOGIT_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -187,18 +188,38 @@ class TextEncoder:
                 self._completion = configured("right", max(self.max_length - 1, 1))
 
     def encode(self, texts: list[tuple[str, ...]]) -> Encoded:
+        texts, cut = self._cut_huge(texts)
         if self.mode == "prompt_completion":
-            return self._encode_prompt_completion(texts)
-        if self.fast:
+            encoded = self._encode_prompt_completion(texts)
+        elif self.fast:
             inputs = [t[0] for t in texts] if self.mode == "single" else [(t[0], t[1]) for t in texts]
             encodings = self._batch(inputs, add_special_tokens=True)
             ids = [e.ids for e in encodings]
             type_ids = [e.type_ids for e in encodings]
             truncated = np.fromiter((len(e.ids) >= self.max_length and bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
+            lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
+            encoded = Encoded(ids, type_ids, lengths, truncated)
         else:
             ids, type_ids, truncated = self._encode_slow(texts)
-        lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
-        return Encoded(ids, type_ids, lengths, truncated)
+            lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
+            encoded = Encoded(ids, type_ids, lengths, truncated)
+        if cut:
+            encoded.truncated[cut] = True
+        return encoded
+
+    def _cut_huge(self, texts: list[tuple[str, ...]]) -> tuple[list[tuple[str, ...]], list[int]]:
+        """Texts far longer than any `max_length` tokens can span are cut (by characters) before
+        tokenizing: a 10 MB row would otherwise be tokenized whole, then truncated. The limit,
+        100 characters per token allowed, leaves real text's first max_length tokens unchanged."""
+        limit = max(self.max_length * HUGE_CHARS_PER_TOKEN, 100_000)
+        cut = [i for i, t in enumerate(texts) if any(len(part) > limit for part in t)]
+        if not cut:
+            return texts, cut
+        texts = list(texts)
+        for i in cut:
+            texts[i] = tuple(part[:limit] if self.mode != "prompt_completion" or j == 1 else part[-limit:]
+                             for j, part in enumerate(texts[i]))
+        return texts, cut
 
     def _encode_slow(self, texts):
         pair = self.mode == "pair"
