@@ -25,7 +25,7 @@ def model_dir(tmp_path_factory):
 def test_score_prints_the_result_as_json(model_dir, tmp_path, capsys):
     path = write_jsonl(tmp_path / "in.jsonl", [{"text": "one"}, {"text": ""}, {"text": "three"}])
     code = main(["score", str(model_dir), "--input", str(path), "--output", str(tmp_path / "o.parquet"),
-                 "--on-bad-row", "skip", "--json"])
+                 "--on-bad-row", "skip", "--device", "cpu", "--json"])
     assert code == 0
     data = json.loads(capsys.readouterr().out)
     assert data["rows_in"] == 3 and data["rows_written"] == 2 and data["rows_skipped"] == 1
@@ -54,7 +54,7 @@ def test_bad_input_exits_2_with_a_message_naming_it(model_dir, tmp_path, capsys,
         path.write_text("\n")
     elif case == "bad-shard":
         extra = ["--shard", "3/2"]
-    code = main(["score", str(model_dir), "--input", str(path), "--output", str(tmp_path / "o.parquet"), "--quiet", *extra])
+    code = main(["score", str(model_dir), "--input", str(path), "--output", str(tmp_path / "o.parquet"), "--quiet", "--device", "cpu", *extra])
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o.parquet").exists()

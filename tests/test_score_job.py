@@ -39,6 +39,7 @@ def input_file(tmp_path, texts):
 
 def job_for(model, input_file, output, **kw) -> ScoreJob:
     kw.setdefault("quiet", True)
+    kw.setdefault("device", "cpu")  # compared with float32 references computed on the CPU, also on a GPU machine
     return ScoreJob(model=str(model), input=str(input_file), output=str(output), **kw)
 
 
@@ -395,7 +396,7 @@ def test_logprob_of_texts_and_of_completions(tiny_qwen2, tmp_path, texts):
 def test_scorer_scores_tables_in_order_and_is_reusable(st_bert, texts):
     import pyarrow as pa
 
-    scorer = Scorer.from_job(ScoreJob(model=str(st_bert), batch_tokens=200))
+    scorer = Scorer.from_job(ScoreJob(model=str(st_bert), batch_tokens=200, device="cpu"))
     assert scorer.decision.used in ("sdpa", "eager")
     assert [f.name for f in scorer.output_schema] == ["id", "embedding"]
     table = pa.table({"id": list(range(100, 130)), "text": texts[:30]})

@@ -45,7 +45,7 @@ def test_sentence_transformer_through_the_fallback_reads_weights_once_and_encode
 
     from attnfallback.model_facts import default_model_path
 
-    st = load_sentence_transformer("default", Policy.graceful(["flash_attention_2", "eager"]), events=tmp_path, run_id="st")
+    st = load_sentence_transformer("default", Policy.graceful(["flash_attention_2", "eager"]), device="cpu", events=tmp_path, run_id="st")
     assert isinstance(st, SentenceTransformer)
     assert weight_reads == ["BertModel"]
     d = st.attn_decision
@@ -62,7 +62,7 @@ def test_sentence_transformer_through_the_fallback_reads_weights_once_and_encode
 
 def test_strict_policy_fails_before_sentence_transformers_builds_anything(weight_reads):
     with pytest.raises(AttentionUnavailable) as e:
-        load_sentence_transformer("default", "strict", prefer=["flash_attention_2"])
+        load_sentence_transformer("default", "strict", prefer=["flash_attention_2"], device="cpu")
     assert e.value.exit_code == 3 and weight_reads == []
 
 
@@ -72,7 +72,7 @@ def test_cross_encoder_through_the_fallback(tmp_path, weight_reads):
 
     model_dir = build_tiny_model(tmp_path / "ce", "bert-classify", num_labels=1)
     weight_reads.clear()
-    ce = load_cross_encoder(model_dir, Policy.graceful(["sdpa"]))
+    ce = load_cross_encoder(model_dir, Policy.graceful(["sdpa"]), device="cpu")
     assert isinstance(ce, CrossEncoder) and weight_reads == ["BertForSequenceClassification"]
     assert ce.attn_decision.used == "sdpa"
     pairs = [("a man plays guitar", "someone makes music"), ("the dog runs", "a red apple")]
