@@ -271,7 +271,7 @@ def run_score(job: ScoreJob) -> ScoreResult:
     source = open_input(job.input)
     spec = resolve_spec(source, 2 if task == "pairs" else 1, job.text_column, job.text_columns, job.id_column)
     if job.on_bad_row == "error":
-        validate_input(source, spec)
+        source.num_rows = validate_input(source, spec)  # known now: the progress bar gets a total
     sink = _open_sink(job, run_id, shard_text)
     store = PartStore(job.output)
     try:
