@@ -321,6 +321,13 @@ class Scorer:
             on_device = None
             if self.on_cuda:
                 torch.cuda.empty_cache()
+            if self.decision.policy.is_strict:
+                # strict is for paper-grade runs: a split batch is not the run that was asked for
+                from attnfallback.errors import AttentionUnavailable
+
+                reason = (f"out of memory on a batch of {len(batch.rows)} rows x {batch.length} tokens; strict policy "
+                          "does not split batches (graceful would); lower --batch-tokens or use --policy graceful")
+                raise AttentionUnavailable(self.decision.used, {self.decision.used: [reason]})
             self.oom_splits += 1
             mid = len(batch.rows) // 2
             halves = (batch.rows[:mid], batch.rows[mid:])
