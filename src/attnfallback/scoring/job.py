@@ -329,11 +329,28 @@ def _check_existing(store, existing, job: ScoreJob, fingerprint: dict):
     return None
 
 
+FASTEST_SAMPLE_ROWS = 256
+
+
+def _fastest_sample(job: ScoreJob, source, spec, shard) -> list[str] | None:
+    """Under policy `fastest`: the first texts of this shard, the calibration sample its
+    candidates are timed on (the job's own lengths, not a generic distribution)."""
+    from itertools import islice
+
+    from attnfallback.policy import Mode, Policy
+    from attnfallback.scoring.inputs import iter_rows
+
+    if Policy.resolve(mode=job.policy, prefer=job.prefer).mode is not Mode.FASTEST:
+        return None
+    rows = (r for r in iter_rows(source, spec) if r.problem is None and shard.owns(r.number))
+    return [" ".join(r.texts) for r in islice(rows, FASTEST_SAMPLE_ROWS)] or None
+
+
 def _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fingerprint, resume_parts, t_start) -> ScoreResult:
     from attnfallback.scoring.pipeline import Scorer, build_table
     from attnfallback.scoring.writer import PartInfo
 
-    scorer = Scorer.from_job(job, sink=sink)
+    scorer = Scorer.from_job(job, sink=sink, sample_texts=_fastest_sample(job, source, spec, shard))
     scorer.id_type = spec.id_type
     schema = scorer.output_schema
     store.start(fingerprint, run_id, resume_parts)

@@ -138,16 +138,21 @@ class Scorer:
     # -- construction -----------------------------------------------------------------------
 
     @classmethod
-    def from_job(cls, job, *, loaded=None, sink=None) -> Scorer:
-        """Load `job.model` for `job.task` through the fallback (or wrap an already loaded model)."""
+    def from_job(cls, job, *, loaded=None, sink=None, sample_texts: list[str] | None = None) -> Scorer:
+        """Load `job.model` for `job.task` through the fallback (or wrap an already loaded model).
+        Under policy `fastest`, `sample_texts` (the job's own) are what the candidates are timed on."""
+        from dataclasses import replace
+
         from attnfallback.loader import load_model
-        from attnfallback.policy import Policy, parse_dtype
+        from attnfallback.policy import Mode, Policy, parse_dtype
 
         task_name = parse_task(job.task)
         if job.on_nonfinite not in ("error", "flag"):
             raise UsageError(f"--on-nonfinite must be error or flag, found {job.on_nonfinite!r}")
         if loaded is None:
             policy = Policy.resolve(mode=job.policy, prefer=job.prefer)
+            if policy.mode is Mode.FASTEST and sample_texts:
+                policy = replace(policy, extra={**policy.extra, "fastest_sample": list(sample_texts)})
             loaded = load_model(
                 job.model,
                 revision=job.revision,
