@@ -25,6 +25,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Variables that steer a run from the environment; a developer's shell must not leak them into
+# tests (ATTNFALLBACK_DEFAULT_MODEL_DIR is kept: a GPU image without the package needs it).
+AMBIENT_VARS = ("ATTNFALLBACK_EVENTS", "ATTNFALLBACK_POLICY", "ATTNFALLBACK_PREFER", "ATTNFALLBACK_RUN_ID", "ATTNFALLBACK_SHARD")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_from_the_environment(monkeypatch):
+    """No ambient policy or events location, and no default event sink left by a test."""
+    for var in AMBIENT_VARS:
+        monkeypatch.delenv(var, raising=False)
+    yield
+    from attnfallback.events import set_default_sink
+
+    set_default_sink(None)
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     from attnfallback.model_facts import default_model_path

@@ -14,16 +14,6 @@ import pytest
 from attnfallback.cli.app import main
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    for var in ("ATTNFALLBACK_EVENTS", "ATTNFALLBACK_POLICY", "ATTNFALLBACK_PREFER"):
-        monkeypatch.delenv(var, raising=False)
-    yield
-    from attnfallback.events import set_default_sink
-
-    set_default_sink(None)
-
-
 def run_json(capsys, argv):
     code = main(argv)
     out, err = capsys.readouterr()

@@ -22,15 +22,6 @@ from attnfallback.events.schema import SCHEMA
 from attnfallback.events.synthetic import FleetGroup, decision_fields
 
 
-@pytest.fixture(autouse=True)
-def _no_ambient_events(monkeypatch):
-    for name in ("ATTNFALLBACK_EVENTS", "ATTNFALLBACK_RUN_ID", "ATTNFALLBACK_SHARD"):
-        monkeypatch.delenv(name, raising=False)
-    events.set_default_sink(None)
-    yield
-    events.set_default_sink(None)
-
-
 def files_under(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file()}
 

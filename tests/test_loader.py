@@ -10,19 +10,11 @@ import torch
 
 from attnfallback import loader
 from attnfallback.errors import AttentionUnavailable, RemoteCodeError
-from attnfallback.events import set_default_sink, validate
+from attnfallback.events import validate
 from attnfallback.loader import load_model
 from attnfallback.policy import Policy
 
 AMPERE_ERROR = "FlashAttention only supports Ampere GPUs or newer."
-
-
-@pytest.fixture(autouse=True)
-def _no_env_events(monkeypatch):
-    for var in ("ATTNFALLBACK_EVENTS", "ATTNFALLBACK_POLICY", "ATTNFALLBACK_PREFER", "ATTNFALLBACK_RUN_ID", "ATTNFALLBACK_SHARD"):
-        monkeypatch.delenv(var, raising=False)
-    yield
-    set_default_sink(None)
 
 
 @pytest.fixture

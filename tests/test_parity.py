@@ -13,17 +13,9 @@ import pytest
 from attnfallback import parity
 from attnfallback.cli.app import main
 from attnfallback.errors import InputError, UsageError
-from attnfallback.events import set_default_sink, validate
+from attnfallback.events import validate
 
 STSB_ROWS = 100  # 200 sentences: enough for rankings to mean something, quick on two cores
-
-
-@pytest.fixture(autouse=True)
-def _no_env(monkeypatch):
-    for var in ("ATTNFALLBACK_EVENTS", "ATTNFALLBACK_POLICY", "ATTNFALLBACK_PREFER", "ATTNFALLBACK_RUN_ID", "ATTNFALLBACK_SHARD"):
-        monkeypatch.delenv(var, raising=False)
-    yield
-    set_default_sink(None)
 
 
 @pytest.fixture(scope="module")

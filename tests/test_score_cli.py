@@ -11,12 +11,6 @@ from conftest import build_tiny_model
 from scoring_helpers import add_sentence_config, write_jsonl
 
 
-@pytest.fixture(autouse=True)
-def _no_env(monkeypatch):
-    for var in ("ATTNFALLBACK_EVENTS", "ATTNFALLBACK_POLICY", "ATTNFALLBACK_PREFER", "ATTNFALLBACK_RUN_ID", "ATTNFALLBACK_SHARD"):
-        monkeypatch.delenv(var, raising=False)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return add_sentence_config(build_tiny_model(tmp_path_factory.mktemp("cli-bert"), "bert"))

@@ -16,12 +16,6 @@ from scoring_helpers import add_sentence_config, poison_token, read_events, read
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _no_env(monkeypatch):
-    for var in ("ATTNFALLBACK_EVENTS", "ATTNFALLBACK_POLICY", "ATTNFALLBACK_PREFER", "ATTNFALLBACK_RUN_ID", "ATTNFALLBACK_SHARD"):
-        monkeypatch.delenv(var, raising=False)
-
-
 @pytest.fixture(scope="module")
 def st_bert(tmp_path_factory):
     return add_sentence_config(build_tiny_model(tmp_path_factory.mktemp("st-bert"), "bert"), pooling="mean", normalize=True)

@@ -14,16 +14,6 @@ from conftest import build_tiny_model
 from scoring_helpers import read_events, seeded_texts
 
 
-@pytest.fixture(autouse=True)
-def _no_env(monkeypatch):
-    for var in ("ATTNFALLBACK_EVENTS", "ATTNFALLBACK_POLICY", "ATTNFALLBACK_PREFER", "ATTNFALLBACK_RUN_ID", "ATTNFALLBACK_SHARD"):
-        monkeypatch.delenv(var, raising=False)
-    yield
-    from attnfallback.events import set_default_sink
-
-    set_default_sink(None)
-
-
 @pytest.fixture
 def weight_reads(monkeypatch):
     """Every from_pretrained of a model class, by anyone (loader or sentence-transformers)."""
