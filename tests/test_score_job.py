@@ -402,3 +402,23 @@ def test_scorer_scores_tables_in_order_and_is_reusable(st_bert, texts):
     assert again.column("id").to_pylist() == [0, 1, 2, 3, 4]
     with pytest.raises(InputError, match="empty text"):
         scorer.score_table(pa.table({"text": ["fine", ""]}))
+
+
+def test_a_first_chunk_prepared_in_pieces_gives_the_same_result(st_bert):
+    from attnfallback.scoring.pipeline import RAMP_MIN_ROWS, Chunk, build_table
+
+    texts = seeded_texts(RAMP_MIN_ROWS + 300, seed=8, max_words=30)
+    chunks = [Chunk(0, list(range(RAMP_MIN_ROWS)), [(t,) for t in texts[:RAMP_MIN_ROWS]]),
+              Chunk(1, list(range(RAMP_MIN_ROWS, len(texts))), [(t,) for t in texts[RAMP_MIN_ROWS:]])]
+    scorer = Scorer.from_job(ScoreJob(model=str(st_bert), batch_tokens=512, device="cpu"))
+    tables = {}
+    for ramp in (False, True):
+        scorer.ramp = ramp
+        prepared_before = scorer.timing["prepare_s"]
+        results = list(scorer.score_chunks(iter(chunks)))
+        assert [r.chunk.index for r in results] == [0, 1] and scorer.timing["prepare_s"] > prepared_before
+        tables[ramp] = [build_table(scorer.output_schema, r.chunk.ids, r) for r in results]
+    for plain, ramped in zip(tables[False], tables[True]):
+        assert plain.column("id").to_pylist() == ramped.column("id").to_pylist()
+        a, b = np.array(plain.column("embedding").to_pylist()), np.array(ramped.column("embedding").to_pylist())
+        assert np.abs(a - b).max() < 1e-6

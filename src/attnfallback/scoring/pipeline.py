@@ -38,7 +38,9 @@ from attnfallback.scoring.tasks import AUTO_CLASSES, TEXT_COLUMNS, Encoded, Task
 
 log = logging.getLogger("attnfallback")
 
-QUEUE_CHUNKS = 2  # chunks tokenized ahead of the forward pass
+QUEUE_CHUNKS = 2  # chunks (or pieces of the first) tokenized ahead of the forward pass
+RAMP_MIN_ROWS = 1024  # CUDA: a first chunk at least this long is prepared in growing pieces
+RAMP_FRACTIONS = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 
 
 @dataclass
@@ -131,6 +133,7 @@ class Scorer:
         self.sink = loaded.sink
         self.oom_splits = 0
         self.id_type = "int64"
+        self.ramp = self.on_cuda  # prepare the first chunk in growing pieces (see score_chunks)
         # where the time goes (seconds): prepare on the worker, waiting for it, launch, finish
         self.timing = {"prepare_s": 0.0, "wait_s": 0.0, "launch_s": 0.0, "finish_s": 0.0}
         self._torch = torch
@@ -345,7 +348,12 @@ class Scorer:
         raise AssertionError("unreachable")
 
     def score_chunks(self, chunks: Iterable[Chunk]) -> Iterator[ChunkResult]:
-        """Score chunks in order; tokenization runs in a worker thread ahead of the forward pass."""
+        """Score chunks in order; tokenization runs in a worker thread ahead of the forward pass.
+
+        On CUDA the first chunk is prepared in growing pieces (1/16, 1/16, 1/8, 1/4, 1/2 of its
+        rows, each sorted on its own), so the GPU starts after a sixteenth of the chunk is
+        tokenized instead of all of it; the pieces' outputs are joined back into one result.
+        """
         q: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
         stop = threading.Event()
 
@@ -360,9 +368,14 @@ class Scorer:
 
         def produce():
             try:
+                first = True
                 for chunk in chunks:
-                    if stop.is_set() or not put(self.prepare(chunk)):
-                        return
+                    ramp = first and self.ramp and len(chunk) >= RAMP_MIN_ROWS
+                    pieces = ramp_pieces(chunk) if ramp else [chunk]
+                    first = False
+                    for i, piece in enumerate(pieces):
+                        if stop.is_set() or not put((self.prepare(piece), i == len(pieces) - 1)):
+                            return
                 put(_DONE)
             except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
                 put(_Failure(e))
@@ -372,7 +385,17 @@ class Scorer:
         # on CUDA a chunk is finished (host copy awaited, columns built) on another thread while
         # the next one runs on the GPU; on the CPU that work would only compete for the cores
         finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnfallback-finish") if self.on_cuda else None
-        pending: deque = deque()
+        pending: deque = deque()  # (future, last piece of its chunk)
+        pieces_done: list[ChunkResult] = []
+
+        def collect(result: ChunkResult, last: bool) -> ChunkResult | None:
+            pieces_done.append(result)
+            if not last:
+                return None
+            merged = merge_results(pieces_done)
+            pieces_done.clear()
+            return merged
+
         try:
             while True:
                 t_wait = time.perf_counter()
@@ -382,14 +405,23 @@ class Scorer:
                     break
                 if isinstance(item, _Failure):
                     raise item.exc
+                prepared, last = item
                 if finisher is None:
-                    yield self.run(item)
+                    merged = collect(self.run(prepared), last)
+                    if merged is not None:
+                        yield merged
                     continue
-                pending.append(finisher.submit(self.finish, self.launch(item)))
-                while len(pending) > 1 or (pending and pending[0].done()):
-                    yield pending.popleft().result()
+                pending.append((finisher.submit(self.finish, self.launch(prepared)), last))
+                while len(pending) > 1 or (pending and pending[0][0].done()):
+                    future, is_last = pending.popleft()
+                    merged = collect(future.result(), is_last)
+                    if merged is not None:
+                        yield merged
             while pending:
-                yield pending.popleft().result()
+                future, is_last = pending.popleft()
+                merged = collect(future.result(), is_last)
+                if merged is not None:
+                    yield merged
         finally:
             stop.set()
             if finisher is not None:
@@ -441,6 +473,39 @@ class Scorer:
             field_type = table.schema.field(id_column).type if id_column in table.column_names else pa.int64()
             id_type = "string" if (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)) else "int64"
         return InputSpec(names, id_column, id_type)
+
+
+def ramp_pieces(chunk: Chunk) -> list[Chunk]:
+    """`chunk` cut into consecutive pieces of 1/16, 1/16, 1/8, 1/4 and 1/2 of its rows."""
+    n = len(chunk)
+    bounds, total = [0], 0.0
+    for fraction in RAMP_FRACTIONS:
+        total += fraction
+        bounds.append(min(int(round(total * n)), n))
+    bounds[-1] = n
+    return [Chunk(chunk.index, chunk.ids[a:b], chunk.texts[a:b], chunk.lines[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def merge_results(results: list[ChunkResult]) -> ChunkResult:
+    """The results of consecutive pieces of one chunk, as the chunk's result."""
+    if len(results) == 1:
+        return results[0]
+    import pyarrow as pa
+
+    first = results[0].chunk
+    chunk = Chunk(first.index, [i for r in results for i in r.chunk.ids], [t for r in results for t in r.chunk.texts],
+                  [line for r in results for line in r.chunk.lines])
+    return ChunkResult(
+        chunk=chunk,
+        columns={name: pa.concat_arrays([r.columns[name] for r in results]) for name in results[0].columns},
+        nonfinite=np.concatenate([r.nonfinite for r in results]),
+        tokens=sum(r.tokens for r in results),
+        padded_tokens=sum(r.padded_tokens for r in results),
+        truncated=sum(r.truncated for r in results),
+        batches=sum(r.batches for r in results),
+        oom_splits=sum(r.oom_splits for r in results),
+        seconds=sum(r.seconds for r in results),
+    )
 
 
 def build_table(schema, ids: list, result: ChunkResult):
