@@ -37,7 +37,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import platform
 import random
 import statistics

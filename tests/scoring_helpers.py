@@ -73,7 +73,6 @@ def add_sentence_config(directory: Path, pooling: str = "mean", normalize: bool 
 
 def poison_token(directory: Path, token: str = "piano") -> int:
     """Set one token's input embedding to NaN in a saved BERT: rows holding that word give NaN."""
-    import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from attnfallback.errors import AttnFallbackError, InputError, OutputError, UsageError
+from attnfallback.errors import InputError, OutputError, UsageError
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec
 from attnfallback.scoring.tasks import TEXT_COLUMNS, parse_task
 

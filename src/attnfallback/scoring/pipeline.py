@@ -25,16 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from attnfallback.errors import NonFiniteError, UsageError
-from attnfallback.scoring.batching import (
-    BatchSlice,
-    default_batch_tokens,
-    eager_max_cells,
-    inverse_permutation,
-    length_order,
-    plan_batches,
-)
+from attnfallback.scoring.batching import default_batch_tokens, eager_max_cells, length_order, plan_batches
 from attnfallback.scoring.inputs import InputSpec, rows_of_table
-from attnfallback.scoring.tasks import AUTO_CLASSES, TEXT_COLUMNS, Encoded, Task, TextEncoder, build_task, pad_rows, parse_task
+from attnfallback.scoring.tasks import AUTO_CLASSES, Encoded, Task, TextEncoder, build_task, pad_rows, parse_task
 
 log = logging.getLogger("attnfallback")
 
