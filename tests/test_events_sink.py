@@ -331,3 +331,18 @@ def test_sigkilled_writer_loses_no_complete_event(tmp_path):
     with pytest.raises(InputError) as error:
         open_log(tmp_path, strict_read=True)
     assert f"{path}:{complete + 1}" in str(error.value)
+
+
+def test_open_sink_resolves_arguments_then_environment(tmp_path, monkeypatch):
+    assert events.open_sink(None) is None  # no directory anywhere: no events
+    monkeypatch.setenv("ATTNFALLBACK_EVENTS", str(tmp_path / "env"))
+    monkeypatch.setenv("ATTNFALLBACK_RUN_ID", "env-run")
+    monkeypatch.setenv("ATTNFALLBACK_SHARD", "2/4")
+    from_env = events.open_sink()
+    assert (from_env.directory, from_env.run_id, from_env.shard) == (tmp_path / "env", "env-run", "2/4")
+    given = events.open_sink(tmp_path / "arg", run_id="arg-run", shard="1/3")
+    assert (given.directory, given.run_id, given.shard) == (tmp_path / "arg", "arg-run", "1/3")
+    monkeypatch.delenv("ATTNFALLBACK_RUN_ID")
+    monkeypatch.delenv("ATTNFALLBACK_SHARD")
+    first, second = events.open_sink(), events.open_sink()
+    assert first.run_id == second.run_id and first.shard == "0/1"  # one run id per process

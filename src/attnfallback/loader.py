@@ -20,7 +20,7 @@ from attnfallback import planner
 from attnfallback.caps import DeviceCaps, SoftwareCaps, probe_device, probe_software
 from attnfallback.errors import AttentionUnavailable, ModelLoadError
 from attnfallback.model_facts import ModelFacts, ModelRef, read_facts, resolve_ref
-from attnfallback.policy import Mode, Policy, events_dir_from_env
+from attnfallback.policy import Mode, Policy
 
 log = logging.getLogger("attnfallback")
 
@@ -212,13 +212,11 @@ def _resolve_device(device: str, device_caps: DeviceCaps | None) -> DeviceCaps:
 def _open_sink(events, run_id, shard, sink):
     if sink is not None:
         return sink
-    directory = events_dir_from_env(events)
-    if directory is None:
-        return None
-    from attnfallback.events import EventSink, set_default_sink
+    from attnfallback.events import open_sink, set_default_sink
 
-    opened = EventSink(directory, run_id=run_id or os.environ.get("ATTNFALLBACK_RUN_ID"), shard=shard or os.environ.get("ATTNFALLBACK_SHARD") or "0/1")
-    set_default_sink(opened)
+    opened = open_sink(events, run_id, shard)
+    if opened is not None:
+        set_default_sink(opened)
     return opened
 
 

@@ -32,7 +32,6 @@ def run_parity_command(
     """Run parity and write the `parity` event; the report as a dict (check `passed`)."""
     from attnfallback.errors import UsageError
     from attnfallback.parity import parity_event_fields, read_texts, run_parity
-    from attnfallback.policy import events_dir_from_env
     from attnfallback.sharding import parse_shard
 
     if text_column and text_columns:
@@ -46,11 +45,11 @@ def run_parity_command(
                         trust_remote_code=trust_remote_code)
     data = report.to_dict()
     data["input"] = str(input_path)
-    directory = events_dir_from_env(events)
-    if directory is not None:
-        from attnfallback.events import EventSink
+    from attnfallback.events import open_sink
 
-        with EventSink(directory, run_id=run_id, shard=shard or "0/1") as sink:
+    sink = open_sink(events, run_id, shard)
+    if sink is not None:
+        with sink:
             sink.emit("parity", input=str(input_path), **parity_event_fields(report))
             data["events"] = str(sink.path)
     return data

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from attnfallback.events.schema import EVENT_KINDS, SCHEMA, build_record, check_fields, validate
 from attnfallback.events.sink import EventSink, new_run_id, safe_name
+from attnfallback.policy import events_dir_from_env
 
 if TYPE_CHECKING:
     from attnfallback.events.query import EventLog
@@ -29,12 +30,12 @@ __all__ = [
     "get_default_sink",
     "new_run_id",
     "open_log",
+    "open_sink",
     "safe_name",
     "set_default_sink",
     "validate",
 ]
 
-ENV_EVENTS = "ATTNFALLBACK_EVENTS"
 ENV_RUN_ID = "ATTNFALLBACK_RUN_ID"
 ENV_SHARD = "ATTNFALLBACK_SHARD"
 
@@ -67,9 +68,19 @@ def _process_run_id() -> str:
         return _env_run_id
 
 
+def open_sink(directory=None, run_id: str | None = None, shard: str | None = None) -> EventSink | None:
+    """A sink for `directory` (else $ATTNFALLBACK_EVENTS; None when neither is set), run id
+    `run_id` (else $ATTNFALLBACK_RUN_ID, else this process's), shard `shard` (else
+    $ATTNFALLBACK_SHARD, else "0/1")."""
+    directory = events_dir_from_env(directory)
+    if directory is None:
+        return None
+    return EventSink(directory, run_id=run_id or _process_run_id(), shard=shard or os.environ.get(ENV_SHARD) or "0/1")
+
+
 def _sink_from_env() -> EventSink | None:
     """A sink for $ATTNFALLBACK_EVENTS, one per (dir, run id, shard)."""
-    directory = os.environ.get(ENV_EVENTS)
+    directory = events_dir_from_env(None)
     if not directory:
         return None
     run_id = _process_run_id()

@@ -245,14 +245,9 @@ def _emit(sink, kind: str, **fields) -> None:
 
 
 def _open_sink(job: ScoreJob, run_id: str, shard: str):
-    from attnfallback.policy import events_dir_from_env
+    from attnfallback.events import open_sink
 
-    directory = events_dir_from_env(job.events)
-    if directory is None:
-        return None
-    from attnfallback.events import EventSink
-
-    return EventSink(directory, run_id=run_id, shard=shard)
+    return open_sink(job.events, run_id, shard)
 
 
 def run_score(job: ScoreJob) -> ScoreResult:

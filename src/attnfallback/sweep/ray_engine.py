@@ -457,14 +457,13 @@ def _merge_ray_parts(parts: Path, output: Path, run_id: str) -> dict:
 
 def _emit_shard_done(events, run_id: str, shards: list[ActorShard], output: Path) -> None:
     """One `shard_done` per actor, written by the driver for the actor's host and process."""
-    from attnfallback.events import EventSink
-    from attnfallback.policy import events_dir_from_env
+    from attnfallback.events import open_sink
 
-    directory = events_dir_from_env(events)
-    if directory is None:
-        return
     for s in shards:
-        with EventSink(directory, run_id=run_id, shard=s.shard) as sink:
+        sink = open_sink(events, run_id, s.shard)
+        if sink is None:
+            return
+        with sink:
             sink.emit("shard_done", rows=s.rows_in, rows_written=s.rows_written, rows_skipped=s.rows_in - s.rows_written,
                       tokens=s.tokens, seconds=round(s.busy_s, 4),
                       tokens_per_s=round(s.tokens / s.busy_s, 1) if s.busy_s else 0.0, non_finite=s.non_finite,
