@@ -59,6 +59,7 @@ class ScoreJob:
     revision: str | None = None
     trust_remote_code: bool = False
     part_rows: int = DEFAULT_PART_ROWS  # rows per committed part (the unit of --resume)
+    packing: str = "auto"  # auto: padding-free batches where the implementation is a varlen flash kernel | off
 
 
 @dataclass
@@ -115,6 +116,8 @@ def _validate_job(job: ScoreJob) -> str:
         raise UsageError(f"part_rows must be positive, found {job.part_rows}")
     if job.batch_tokens is not None and job.batch_tokens < 1:
         raise UsageError(f"--batch-tokens must be positive, found {job.batch_tokens}")
+    if job.packing not in ("auto", "off"):
+        raise UsageError(f"--packing must be auto or off, found {job.packing!r}")
     if job.max_length is not None and job.max_length < 2:
         raise UsageError(f"--max-length must be at least 2, found {job.max_length}")
     if job.text_columns is not None and len(job.text_columns) not in TEXT_COLUMNS[task]:

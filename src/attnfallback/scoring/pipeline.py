@@ -27,13 +27,30 @@ import numpy as np
 from attnfallback.errors import NonFiniteError, UsageError
 from attnfallback.scoring.batching import default_batch_tokens, eager_max_cells, length_order, plan_batches
 from attnfallback.scoring.inputs import InputSpec, rows_of_table
-from attnfallback.scoring.tasks import AUTO_CLASSES, Encoded, Task, TextEncoder, build_task, pad_rows, parse_task
+from attnfallback.scoring.tasks import (
+    AUTO_CLASSES,
+    Encoded,
+    Task,
+    TextEncoder,
+    build_task,
+    pack_rows,
+    pad_rows,
+    parse_task,
+    supports_varlen,
+)
 
 log = logging.getLogger("attnfallback")
 
 QUEUE_CHUNKS = 2  # chunks (or pieces of the first) tokenized ahead of the forward pass
 RAMP_MIN_ROWS = 1024  # CUDA: a first chunk at least this long is prepared in growing pieces
 RAMP_FRACTIONS = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+PACKING_MODES = ("auto", "off")
+PACKING_CHECK_TEXTS = (  # rows of different lengths: packed and padded outputs must agree on them
+    ("Attention fallback packing check: the third row is the longest of these three.",),
+    ("Short row.",),
+    ("A longer row, so that the packed sequence holds rows of three different lengths, and every row "
+     "after the first would see its neighbours if the kernel ignored the boundaries between rows.",),
+)
 
 
 @dataclass
@@ -51,12 +68,14 @@ class Chunk:
 
 @dataclass
 class HostBatch:
-    """One padded batch on the host, ready to copy: rows are positions in the chunk."""
+    """One batch on the host, ready to copy: rows are positions in the chunk. Padded to
+    `length` tokens a row, or packed into one sequence (`cells` = `tokens`, no padding)."""
 
     rows: np.ndarray
     length: int
     tensors: dict
     tokens: int
+    cells: int = 0  # token positions the forward computes (rows x length when padded)
 
 
 @dataclass
@@ -127,6 +146,10 @@ class Scorer:
         self.oom_splits = 0
         self.id_type = "int64"
         self.ramp = self.on_cuda  # prepare the first chunk in growing pieces (see score_chunks)
+        self.packing = getattr(job, "packing", "auto")
+        self.pack = False  # batches packed padding-free (see refresh_packing)
+        self.packing_note = "off"
+        self._packing_checked: dict[str, str | None] = {}  # impl -> None (agrees) or why not
         # where the time goes (seconds): prepare on the worker, waiting for it, launch, finish
         self.timing = {"prepare_s": 0.0, "wait_s": 0.0, "launch_s": 0.0, "finish_s": 0.0}
         self._torch = torch
@@ -175,7 +198,9 @@ class Scorer:
             raise UsageError(f"--batch-tokens must be positive, found {budget}")
         heads = getattr(loaded.model.config.get_text_config() if hasattr(loaded.model.config, "get_text_config") else loaded.model.config,
                         "num_attention_heads", None)
-        return cls(loaded, job, task, int(max_length), int(budget), eager_max_cells(impl, heads))
+        scorer = cls(loaded, job, task, int(max_length), int(budget), eager_max_cells(impl, heads))
+        scorer.refresh_packing()
+        return scorer
 
     @property
     def decision(self):
@@ -197,7 +222,61 @@ class Scorer:
 
     def describe(self) -> dict:
         return {**self.task.describe(), "max_length": self.max_length, "batch_tokens": self.batch_tokens,
-                "max_cells": self.max_cells, "device": str(self.device), "impl": self.decision.used}
+                "max_cells": self.max_cells, "device": str(self.device), "impl": self.decision.used,
+                "packing": self.packing_note}
+
+    # -- packing ----------------------------------------------------------------------------
+
+    def refresh_packing(self) -> bool:
+        """Decide whether batches are packed (padding-free) for the model's current implementation.
+
+        Packed when `packing` is auto, the implementation is a varlen flash kernel, the task can
+        pool a packed sequence, and a check on three rows of different lengths gives the padded
+        path's outputs (once per implementation): a model whose code drops the row boundaries is
+        caught there, not in the results. Call again after changing the implementation.
+        """
+        if self.packing not in PACKING_MODES:
+            raise UsageError(f"--packing must be one of {', '.join(PACKING_MODES)}, found {self.packing!r}")
+        impl = getattr(self.loaded.model.config, "_attn_implementation", None)
+        obstacle = None
+        if self.packing == "off":
+            obstacle = "turned off"
+        elif not supports_varlen(impl):
+            obstacle = f"{impl} has no varlen path"
+        else:
+            obstacle = self.task.packing_obstacle()
+            if obstacle is None:
+                if impl not in self._packing_checked:
+                    self._packing_checked[impl] = self._check_packing()
+                obstacle = self._packing_checked[impl]
+                if obstacle is not None:
+                    log.warning("batches are padded, not packed: %s", obstacle)
+        self.pack = obstacle is None
+        self.packing_note = "on" if self.pack else f"off ({obstacle})"
+        return self.pack
+
+    def _check_packing(self) -> str | None:
+        """None when packed and padded batches give the same outputs on a few rows, else why not."""
+        torch = self._torch
+        encoded = self.encoder.encode(list(PACKING_CHECK_TEXTS) if self.task.mode == "single"
+                                      else [t * 2 for t in PACKING_CHECK_TEXTS])
+        rows = length_order(encoded.lengths)
+        padded = self._padded_batch(encoded, rows, int(encoded.lengths.max()))
+        packed = self._packed_batch(encoded, rows)
+        try:
+            with torch.inference_mode():
+                want = self.task.forward(self._on_device(padded))
+                got = self.task.forward(self._on_device(packed))
+        except Exception as e:  # noqa: BLE001 - any failure means: do not pack
+            return f"a packed forward failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        tolerance = 1e-3 if self.loaded.model.dtype == torch.float32 else 5e-2
+        for name, value in want.items():
+            a, b = value.float(), got[name].float()
+            scale = float(a.abs().max()) or 1.0
+            error = float((a - b).abs().max()) / scale
+            if not error <= tolerance:
+                return f"packed and padded outputs differ on the check rows ({name}: {error:.2g} of the largest value)"
+        return None
 
     # -- preparing (worker thread) ----------------------------------------------------------
 
@@ -213,15 +292,34 @@ class Scorer:
         return PreparedChunk(chunk, encoded, order, batches, seconds)
 
     def _host_batch(self, encoded: Encoded, rows: np.ndarray, length: int) -> HostBatch:
+        return self._packed_batch(encoded, rows) if self.pack else self._padded_batch(encoded, rows, length)
+
+    def _tensors(self, arrays: dict) -> dict:
         torch = self._torch
-        arrays = pad_rows(encoded, rows, length, self.task.pad_id, self.with_types)
-        arrays.update(self.task.extra_arrays(encoded, rows, length))
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
         if self.on_cuda:
             tensors = {k: v.pin_memory() for k, v in tensors.items()}
+        return tensors
+
+    def _padded_batch(self, encoded: Encoded, rows: np.ndarray, length: int) -> HostBatch:
+        arrays = pad_rows(encoded, rows, length, self.task.pad_id, self.with_types)
+        arrays.update(self.task.extra_arrays(encoded, rows, length))
+        tensors = self._tensors(arrays)
         lengths = encoded.lengths[rows]
         tensors["_no_padding"] = bool(len(rows) and lengths.min() == length)  # host-side flag, not copied
-        return HostBatch(rows, length, tensors, int(lengths.sum()))
+        return HostBatch(rows, length, tensors, int(lengths.sum()), len(rows) * length)
+
+    def _packed_batch(self, encoded: Encoded, rows: np.ndarray) -> HostBatch:
+        tensors = self._tensors(pack_rows(encoded, rows, self.with_types))
+        lengths = encoded.lengths[rows]
+        longest = int(lengths.max()) if len(rows) else 0
+        tensors["_packed"] = True  # host-side values, not copied
+        tensors["_max_length"] = longest
+        tokens = int(lengths.sum())
+        return HostBatch(rows, longest, tensors, tokens, tokens)
+
+    def _on_device(self, batch: HostBatch) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.tensors.items()}
 
     # -- running (this thread) --------------------------------------------------------------
 
@@ -295,7 +393,7 @@ class Scorer:
             columns=columns,
             nonfinite=nonfinite,
             tokens=int(prepared.encoded.lengths.sum()),
-            padded_tokens=sum(b.length * len(b.rows) for b in prepared.batches),
+            padded_tokens=sum(b.cells for b in prepared.batches),
             truncated=int(prepared.encoded.truncated.sum()),
             batches=len(prepared.batches),
             oom_splits=launched.oom_splits,
@@ -311,7 +409,7 @@ class Scorer:
         torch = self._torch
         failed = False
         try:
-            on_device = {k: v.to(self.device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.tensors.items()}
+            on_device = self._on_device(batch)
             return self.task.forward(on_device)
         except torch.OutOfMemoryError:
             if len(batch.rows) == 1:
@@ -333,7 +431,7 @@ class Scorer:
             mid = len(batch.rows) // 2
             halves = (batch.rows[:mid], batch.rows[mid:])
             if self.sink is not None:
-                self.sink.emit("oom_split", rows=len(batch.rows), length=batch.length, padded_tokens=len(batch.rows) * batch.length,
+                self.sink.emit("oom_split", rows=len(batch.rows), length=batch.length, padded_tokens=batch.cells,
                                tokens=batch.tokens, depth=depth, halves=[len(h) for h in halves], impl=self.decision.used)
             log.warning("out of memory on a batch of %d rows x %d tokens: splitting in halves", len(batch.rows), batch.length)
             results = [self._forward(encoded, self._host_batch(encoded, h, int(encoded.lengths[h].max())), depth + 1) for h in halves]

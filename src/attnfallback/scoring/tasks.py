@@ -44,6 +44,14 @@ _LEGACY_POOLING_KEYS = {
 HUGE_CHARS_PER_TOKEN = 100  # texts longer than max_length x this (chars) are cut before tokenizing
 LOGITS_CHUNK_TOKENS = 4096  # logprob: positions per lm-head chunk (bounds the B x L x vocab logits)
 _UNSUPPORTED_LOGIT_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# Implementations whose transformers path honours cu_seq_lens_q/k (varlen): a batch may be packed
+# into one padding-free sequence. Anything else would attend across the packed rows.
+PACKING_IMPLS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+
+def supports_varlen(impl: str | None) -> bool:
+    """True when `impl` keeps the rows of a packed batch apart (cu_seq_lens)."""
+    return impl in PACKING_IMPLS
 
 
 def parse_task(name: str) -> str:
@@ -281,6 +289,41 @@ def pad_rows(encoded: Encoded, rows: np.ndarray, length: int, pad_id: int, with_
     return out
 
 
+def pack_rows(encoded: Encoded, rows: np.ndarray, with_types: bool) -> dict[str, np.ndarray]:
+    """`rows` of `encoded` concatenated into one padding-free sequence of shape (1, T).
+
+    position_ids restart at 0 for every row; `cu_seqlens` (int32, n + 1) are the rows' boundaries
+    the varlen kernels take; `_segment` (T,) is each token's row, `_lengths` (n,) each row's
+    length: what pooling needs."""
+    flat_ids, flat_types, offsets = encoded.flat()
+    lens = encoded.lengths[rows].astype(np.int64)
+    cu = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lens, out=cu[1:])
+    segment = np.repeat(np.arange(len(rows), dtype=np.int64), lens)
+    positions = np.arange(int(cu[-1]), dtype=np.int64) - cu[:-1][segment]
+    index = offsets[rows][segment] + positions
+    out = {
+        "input_ids": flat_ids[index][None, :],
+        "position_ids": positions[None, :],
+        "cu_seqlens": cu.astype(np.int32),
+        "_segment": segment,
+        "_lengths": lens,
+    }
+    if with_types:
+        types = flat_types[index] if flat_types is not None else np.zeros_like(index)
+        out["token_type_ids"] = types[None, :]
+    return out
+
+
+def _accepts(fn, name: str) -> bool:
+    params = inspect.signature(fn).parameters
+    return name in params
+
+
+def _accepts_kwargs(fn) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+
+
 # --- tasks -------------------------------------------------------------------------------------
 
 class Task:
@@ -342,6 +385,29 @@ class Task:
         """Task-specific host arrays for a batch (prepared off the forward thread)."""
         return {}
 
+    # -- packing (padding-free batches for the varlen flash kernels) --------------------------
+
+    def packing_obstacle(self) -> str | None:
+        """Why this task cannot run packed batches on this model (None: it can)."""
+        return f"task {self.name} does not pack"
+
+    def packed_inputs(self, batch: dict) -> dict:
+        """Model inputs for a packed batch: one sequence, per-row positions and boundaries."""
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        if not supports_varlen(impl):
+            # a packed batch under a dense implementation would attend across rows: never silently
+            raise RuntimeError(f"a packed batch reached attention implementation {impl!r}, which cannot keep rows apart")
+        cu = batch["cu_seqlens"]
+        longest = int(batch["_max_length"])  # a host int: no device sync inside the kernels' wrapper
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+                  "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+        if self.accepts_types and "token_type_ids" in batch:
+            inputs["token_type_ids"] = batch["token_type_ids"]
+        return inputs
+
+    def forward_packed(self, batch: dict) -> dict:
+        raise NotImplementedError
+
     def to_arrow(self, outputs: dict[str, np.ndarray]) -> dict:
         """Output columns (name -> pyarrow array) from float32 numpy outputs in row order."""
         import pyarrow as pa
@@ -399,9 +465,28 @@ class EmbedTask(Task):
 
         return [pa.field("embedding", pa.list_(pa.float32()))]
 
+    def packing_obstacle(self):
+        forward = self.model.forward
+        if not (_accepts(forward, "position_ids") and _accepts_kwargs(forward)):
+            return f"{type(self.model).__name__}.forward takes no position_ids and attention kwargs"
+        return None
+
+    def forward_packed(self, batch):
+        import torch
+
+        out = self.model(**self.packed_inputs(batch))
+        hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[0].float()
+        vectors = [pool_packed(hidden, batch, mode) for mode in self.sentence.pooling]
+        vector = vectors[0] if len(vectors) == 1 else torch.cat(vectors, dim=-1)
+        if self.sentence.normalize:
+            vector = torch.nn.functional.normalize(vector, p=2, dim=1)
+        return {"embedding": vector}
+
     def forward(self, batch):
         import torch
 
+        if batch.get("_packed"):
+            return self.forward_packed(batch)
         out = self.model(**self.model_inputs(batch))
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         hidden = hidden.float()
@@ -440,6 +525,32 @@ def pool(hidden, mask, mode: str):
     raise UnknownNameError("pooling mode", mode, POOLING_MODES)
 
 
+def pool_packed(hidden, batch: dict, mode: str):
+    """`pool` over a packed (T, H) float32 sequence: the same numbers, no padding."""
+    import torch
+
+    segment, lengths = batch["_segment"], batch["_lengths"]
+    cu = batch["cu_seqlens"].long()
+    rows, width = lengths.shape[0], hidden.shape[1]
+    if mode == "cls":
+        return hidden.index_select(0, cu[:-1])
+    if mode == "lasttoken":
+        return hidden.index_select(0, cu[1:] - 1)
+    if mode == "max":
+        out = torch.full((rows, width), float("-inf"), device=hidden.device, dtype=hidden.dtype)
+        return out.scatter_reduce_(0, segment[:, None].expand(-1, width), hidden, reduce="amax", include_self=True)
+    count = lengths.to(hidden.dtype)[:, None]
+    if mode in ("mean", "mean_sqrt_len_tokens"):
+        summed = torch.zeros((rows, width), device=hidden.device, dtype=hidden.dtype).index_add_(0, segment, hidden)
+        return summed / (count.clamp(min=1e-9) if mode == "mean" else torch.sqrt(count))
+    if mode == "weightedmean":
+        weights = (batch["position_ids"][0] + 1).to(hidden.dtype)
+        summed = torch.zeros((rows, width), device=hidden.device, dtype=hidden.dtype).index_add_(0, segment, hidden * weights[:, None])
+        total = torch.zeros(rows, device=hidden.device, dtype=hidden.dtype).index_add_(0, segment, weights)
+        return summed / total.clamp(min=1e-9)[:, None]
+    raise UnknownNameError("pooling mode", mode, POOLING_MODES)
+
+
 class ClassifyTask(Task):
     name = "classify"
 
@@ -461,7 +572,35 @@ class ClassifyTask(Task):
             return [pa.field("score", pa.float32())]
         return [pa.field("scores", pa.list_(pa.float32())), pa.field("label", pa.string())]
 
+    def packing_obstacle(self):
+        # decoder classifiers (reward models): a base model plus a linear `score` head on each
+        # row's last token, which a packed batch gives directly; encoder heads (pooler,
+        # classifier on [CLS]) are not packed
+        import torch
+
+        base, head = getattr(self.model, "base_model", None), getattr(self.model, "score", None)
+        if not self.causal:
+            return "only decoder-only classifiers are packed"
+        if base is None or base is self.model or not isinstance(head, torch.nn.Linear):
+            return f"{type(self.model).__name__} has no base model plus linear `score` head"
+        if not (_accepts(base.forward, "position_ids") and _accepts_kwargs(base.forward)):
+            return f"{type(base).__name__}.forward takes no position_ids and attention kwargs"
+        return None
+
+    def forward_packed(self, batch):
+        inputs = self.packed_inputs(batch)
+        if _accepts(self.model.base_model.forward, "use_cache"):
+            inputs["use_cache"] = False
+        hidden = self.model.base_model(**inputs).last_hidden_state[0]
+        last = batch["cu_seqlens"][1:].long() - 1
+        logits = self.model.score(hidden.index_select(0, last)).float()
+        if self.num_labels == 1:
+            return {"score": logits[:, 0]}
+        return {"scores": logits}
+
     def forward(self, batch):
+        if batch.get("_packed"):
+            return self.forward_packed(batch)
         logits = self.model(**self.model_inputs(batch)).logits.float()
         if self.num_labels == 1:
             return {"score": logits[:, 0]}
