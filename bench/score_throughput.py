@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import platform
@@ -219,6 +220,61 @@ def make_gpu_only(scorer, texts: list[str]):
     return run
 
 
+NO_ATTENTION = "bench_no_attention"
+
+
+def register_no_attention() -> None:
+    """An attention function that returns V as it is (repeated over query heads): the rest of the
+    forward at its full cost, attention at none. Packs too (it never mixes positions)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    from attnfallback.scoring import tasks
+
+    def no_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        if value.shape[1] != query.shape[1]:
+            value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+        return value.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(NO_ATTENTION, no_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NO_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    if NO_ATTENTION not in tasks.PACKING_IMPLS:
+        tasks.PACKING_IMPLS = tasks.PACKING_IMPLS + (NO_ATTENTION,)
+
+
+def run_growth(scorer, job_kwargs: dict, texts: list[str], sizes: list[int], repeats: int, workdir: Path) -> dict:
+    """`run_score` end to end (input file read, parts written) on the first N texts for each N, the
+    model loaded once: tokens/s per size. Repeats interleaved, after one warm-up run of the smallest."""
+    from attnfallback.scoring import ScoreJob, run_score
+
+    inputs = {}
+    for n in sizes:
+        path = workdir / f"growth-{n}.jsonl"
+        with open(path, "w", encoding="utf-8") as fh:
+            for t in texts[:n]:
+                fh.write(json.dumps({"text": t}) + "\n")
+        inputs[n] = path
+    runs: dict[int, list[dict]] = {n: [] for n in sizes}
+    for attempt in range(repeats + 1):
+        for n in (sizes[:1] if attempt == 0 else sizes):  # the warm-up: the smallest size once
+            out = workdir / f"growth-{n}-{attempt}.parquet"
+            t0 = time.perf_counter()
+            result = run_score(ScoreJob(input=str(inputs[n]), output=str(out), **job_kwargs), scorer=scorer)
+            wall = time.perf_counter() - t0
+            assert result.rows_written == n
+            if attempt:
+                runs[n].append({"wall_s": wall, "tokens": result.tokens, "loop_tokens_per_s": result.tokens_per_s})
+            out.unlink()
+            print(f"growth {n}: {result.tokens / wall:,.0f} tokens/s end to end", file=sys.stderr, flush=True)
+    table = {}
+    for n, rs in runs.items():
+        wall = statistics.median(r["wall_s"] for r in rs)
+        table[n] = {"texts": n, "tokens": rs[0]["tokens"], "median_wall_s": wall, "tokens_per_s": rs[0]["tokens"] / wall,
+                    "loop_tokens_per_s": statistics.median(r["loop_tokens_per_s"] for r in rs), "runs": rs}
+    rates = [v["tokens_per_s"] for v in table.values()]
+    return {"sizes": table, "max_over_min": max(rates) / min(rates)}
+
+
 def matmul_tflops(device: str, seconds: float = 2.0) -> float | None:
     """The bf16 matmul rate this GPU reaches (8192^3), TFLOP/s."""
     import torch
@@ -266,10 +322,16 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=None)
     ap.add_argument("--max-length", type=int, default=None, help="default: the model's (8192 for qwen2-0.5b-random)")
     ap.add_argument("--hf-batch", type=int, default=32)
+    ap.add_argument("--hf-impl", default=None, help="attention implementation of the plain-transformers variants (default: score's)")
     ap.add_argument("--part-rows", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma-separated variants to leave out")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare-packing", action="store_true", help="where batches are packed, also run them padded")
+    ap.add_argument("--attention-bound", action="store_true",
+                    help="also run the forward with attention replaced by a copy of V (the most any implementation can gain)")
+    ap.add_argument("--growth", default=None, help="e.g. 1000,10000,100000: only run `run_score` end to end on that many "
+                                                   "texts each, model loaded once (growth of tokens/s with the data)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -303,32 +365,86 @@ def main() -> None:
     tokens = int(scorer.encoder.encode([(t,) for t in texts]).lengths.sum())
     skip = set(filter(None, args.skip.split(",")))
 
+    if args.growth:
+        sizes = sorted({int(x) for x in args.growth.split(",")})
+        if max(sizes) > len(texts):
+            sys.exit(f"--growth {max(sizes)} needs --texts >= {max(sizes)}")
+        job_kwargs = dict(model=model_ref, task=task, device=device, dtype=dtype, prefer=args.prefer,
+                          batch_tokens=args.batch_tokens, max_length=max_length, quiet=True)
+        growth = run_growth(scorer, job_kwargs, texts, sizes, args.repeats, Path(tmp.name))
+        result = {"mode": "growth", "model": args.model, "task": task, "device": device, "dtype": dtype, "impl": impl,
+                  "packing": scorer.packing_note, "data": data, "repeats": args.repeats, "argv": sys.argv[1:],
+                  "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+                  "versions": scorer.decision.versions, **growth}
+        out = Path(args.out) if args.out else REPO / "bench" / "results" / f"score_growth-{args.model}-{device}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"{args.model} ({task}, {dtype}, {impl}, packing {scorer.packing_note}) on {result['device_name']}: "
+              f"run_score end to end, model loaded once, median of {args.repeats}")
+        print(f"{'texts':>8} {'tokens':>11} {'wall s':>8} {'tokens/s':>11} {'loop tokens/s':>14}")
+        for n, v in growth["sizes"].items():
+            print(f"{n:>8,} {v['tokens']:>11,} {v['median_wall_s']:>8.3f} {v['tokens_per_s']:>11,.0f} {v['loop_tokens_per_s']:>14,.0f}")
+        print(f"max / min tokens/s: {growth['max_over_min']:.3f}")
+        print(f"written to {out}")
+        return
+
     variants: dict[str, object] = {}
     if is_embedder:
         for bs in (32, 256):
             name = f"st-encode-bs{bs}"
             if name not in skip:
                 variants[name] = make_st_variant(model_dir, device, torch_dtype(dtype), impl, bs, texts)
+    # plain transformers runs on the implementation `score` chose unless --hf-impl says otherwise
+    hf_impl = args.hf_impl or impl
+    hf_tag = "" if hf_impl == impl else f" [{hf_impl}]"
+
+    def to_hf_impl():
+        if scorer.loaded.model.config._attn_implementation != hf_impl:
+            scorer.loaded.model.set_attn_implementation(hf_impl)
+
     if f"hf-dataset-order-bs{args.hf_batch}" not in skip:
-        variants[f"hf-dataset-order-bs{args.hf_batch}"] = make_hf_dataset_order(scorer, texts, args.hf_batch)
+        variants[f"hf-dataset-order-bs{args.hf_batch}" + hf_tag] = (to_hf_impl, make_hf_dataset_order(scorer, texts, args.hf_batch))
     if "hf-sorted-budget" not in skip:
-        variants["hf-sorted-budget"] = make_hf_sorted(scorer, texts)
+        variants["hf-sorted-budget" + hf_tag] = (to_hf_impl, make_hf_sorted(scorer, texts))
     impls = [i.strip() for i in args.impls.split(",")] if args.impls else [impl]
     ours_names, gpu_names = {}, {}
+    packing_notes = {}
+
+    def switch(target: str, packing: str = "auto"):
+        if scorer.loaded.model.config._attn_implementation != target:
+            scorer.loaded.model.set_attn_implementation(target)
+        scorer.packing = packing
+        scorer.refresh_packing()
+
     for name_impl in impls:
-        suffix = "" if len(impls) == 1 else f" [{name_impl}]"
-
-        def switch(target=name_impl):
-            if scorer.loaded.model.config._attn_implementation != target:
-                scorer.loaded.model.set_attn_implementation(target)
-
-        ours = make_ours(scorer, texts, args.part_rows)
-        variants["attnfallback-score" + suffix] = (switch, ours)
-        ours_names[name_impl] = "attnfallback-score" + suffix
-        if "forward-only-sorted" not in skip:
-            gpu = make_gpu_only(scorer, texts)
-            variants["forward-only-sorted" + suffix] = (switch, gpu)
-            gpu_names[name_impl] = "forward-only-sorted" + suffix
+        switch(name_impl)
+        packing_notes[name_impl] = scorer.packing_note
+        ways = [("auto", "")]
+        if scorer.pack and args.compare_packing:
+            ways.append(("off", "padded"))
+        for packing, label in ways:
+            switch(name_impl, packing)
+            tags = ([name_impl] if len(impls) > 1 else []) + ([label] if label else [])
+            suffix = f" [{', '.join(tags)}]" if tags else ""
+            to_this = functools.partial(switch, name_impl, packing)
+            variants["attnfallback-score" + suffix] = (to_this, make_ours(scorer, texts, args.part_rows))
+            if not label:
+                ours_names[name_impl] = "attnfallback-score" + suffix
+            if "forward-only-sorted" not in skip:
+                variants["forward-only-sorted" + suffix] = (to_this, make_gpu_only(scorer, texts))
+                if not label:
+                    gpu_names[name_impl] = "forward-only-sorted" + suffix
+    if args.attention_bound:
+        # the forward with attention replaced by a copy of V: what every other layer costs. No
+        # attention implementation can make these batches faster than this (Amdahl's bound).
+        register_no_attention()
+        for packing, label in (("off", "padded"), ("auto", "packed")):
+            switch(NO_ATTENTION, packing)
+            if packing == "auto" and not scorer.pack:
+                continue
+            variants[f"forward-only-sorted [no attention, {label}]"] = (functools.partial(switch, NO_ATTENTION, packing),
+                                                                     make_gpu_only(scorer, texts))
+    switch(impl)
 
     def call(fn):
         if isinstance(fn, tuple):
@@ -353,7 +469,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, fn in variants.items():
             times[name].append(call(fn))
-    scorer.loaded.model.set_attn_implementation(impl) if scorer.loaded.model.config._attn_implementation != impl else None
+    switch(impl)
 
     # the pipeline's own account of one run (the last): prepare (worker thread), waiting for the
     # worker, launching on the device, finishing chunks (finisher thread on cuda)
@@ -387,16 +503,18 @@ def main() -> None:
         "ratios": ratios, "failures": failures, "bf16_matmul_tflops": peak, "model_flops_per_token": flops_per_token,
         "mfu": {k: (v * flops_per_token / 1e12) / peak for k, v in rate.items()} if peak else None,
         "pipeline_timing": pipeline_timing, "versions": scorer.decision.versions, "argv": sys.argv[1:],
+        "packing": packing_notes,
     }
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"score_throughput-{args.model}-{device}-{data}-{len(texts)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(highlight=False)
-    console.print(f"{args.model} ({task}, {dtype}, {impl}) on {result['device_name']}, {len(texts)} texts, {tokens:,} tokens "
+    console.print(f"{args.model} ({task}, {dtype}, {impl}, packing {packing_notes.get(impl, '-')}) on {result['device_name']}, {len(texts)} texts, {tokens:,} tokens "
                   f"(mean {tokens / len(texts):.0f}), batch_tokens {scorer.batch_tokens}, median of {args.repeats}")
     if peak:
         console.print(f"bf16 matmul: {peak:.0f} TFLOP/s; model {flops_per_token / 1e9:.2f} GFLOP/token")
@@ -404,12 +522,12 @@ def main() -> None:
     for name in rate:
         rel = rate[ours_main] / rate[name]
         extra = f" / {result['mfu'][name] * 100:.0f}%" if peak else ""
-        table.add_row(name, f"{med[name]:.3f}", f"{rate[name]:,.0f}", f"{rel:.2f}{extra}")
+        table.add_row(escape(name), f"{med[name]:.3f}", f"{rate[name]:,.0f}", f"{rel:.2f}{extra}")
     for name, why in failures.items():
-        table.add_row(name, "-", "-", why)
+        table.add_row(escape(name), "-", "-", escape(why))
     console.print(table)
     for k, v in ratios.items():
-        console.print(f"  {k}: {v:.2f}")
+        console.print(escape(f"  {k}: {v:.2f}"))
     if pipeline_timing:
         console.print("  pipeline, one more run: " + ", ".join(f"{k} {v:.3f}" for k, v in pipeline_timing.items()))
     console.print(f"written to {out}")

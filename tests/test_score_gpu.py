@@ -87,3 +87,37 @@ def test_scorer_table_on_cuda_keeps_order(texts):
     assert scorer.device.type == "cuda"
     out = scorer.score_table(pa.table({"id": list(range(50, 0, -1)), "text": texts[:50]}))
     assert out.column("id").to_pylist() == list(range(50, 0, -1))
+
+
+@pytest.mark.parametrize("kind, task", [("bert", "embed"), ("qwen2-classify", "classify")])
+def test_packed_batches_on_a_flash_kernel_equal_padded_sdpa(tmp_path, kind, task):
+    from attnfallback.scoring.pipeline import Chunk
+    from attnfallback.scoring.tasks import PACKING_IMPLS
+    from conftest import build_tiny_model
+
+    # head_dim 64, which every flash kernel takes
+    overrides = dict(hidden_size=128, num_attention_heads=2, intermediate_size=256)
+    if kind.startswith("qwen2"):
+        overrides.update(num_key_value_heads=1, num_labels=1)
+    model_dir = build_tiny_model(tmp_path / kind, kind, **overrides)
+    texts = seeded_texts(200, seed=4, max_words=90)
+    chunk = Chunk(0, list(range(len(texts))), [(t,) for t in texts])
+    flash = Scorer.from_job(ScoreJob(model=str(model_dir), task=task, device="cuda", dtype="bfloat16",
+                                     prefer="flash_attention_4,flash_attention_3,flash_attention_2,sdpa", batch_tokens=4096))
+    if flash.decision.used not in PACKING_IMPLS:
+        pytest.skip(f"no flash implementation here ({flash.decision.used})")
+    assert flash.pack and flash.describe()["packing"] == "on"
+    packed = next(flash.score_chunks(iter([chunk])))
+    assert packed.padded_tokens == packed.tokens and packed.batches > 1
+    dense = Scorer.from_job(ScoreJob(model=str(model_dir), task=task, device="cuda", dtype="bfloat16", prefer="sdpa",
+                                     batch_tokens=4096))
+    assert not dense.pack
+    padded = next(dense.score_chunks(iter([chunk])))
+    assert padded.padded_tokens > padded.tokens
+    name = "embedding" if task == "embed" else "score"
+    a = np.array(packed.columns[name].to_pylist(), dtype=np.float32)
+    b = np.array(padded.columns[name].to_pylist(), dtype=np.float32)
+    if task == "embed":
+        assert cosine_rows(a, b).min() >= 0.99
+    else:
+        assert np.abs(a - b).max() <= 0.05 * np.abs(b).max() and np.std(b) > 0

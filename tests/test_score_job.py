@@ -422,3 +422,17 @@ def test_a_first_chunk_prepared_in_pieces_gives_the_same_result(st_bert):
         assert plain.column("id").to_pylist() == ramped.column("id").to_pylist()
         a, b = np.array(plain.column("embedding").to_pylist()), np.array(ramped.column("embedding").to_pylist())
         assert np.abs(a - b).max() < 1e-6
+
+
+def test_a_loaded_scorer_is_reused_across_runs(st_bert, input_file, texts, tmp_path):
+    fresh = run_score(job_for(st_bert, input_file, tmp_path / "fresh.parquet"))
+    scorer = Scorer.from_job(job_for(st_bert, input_file, tmp_path / "unused.parquet"))
+    second = write_jsonl(tmp_path / "second.jsonl", [{"text": t} for t in texts[:7]])
+    reused = run_score(job_for(st_bert, input_file, tmp_path / "reused.parquet"), scorer=scorer)
+    again = run_score(job_for(st_bert, second, tmp_path / "again.parquet"), scorer=scorer)
+    assert reused.rows_written == fresh.rows_written == 61 and again.rows_written == 7
+    a, b = read_output(tmp_path / "reused.parquet"), read_output(tmp_path / "fresh.parquet")
+    assert a["id"] == b["id"] and np.abs(np.array(a["embedding"]) - np.array(b["embedding"])).max() < TOL
+    assert np.abs(np.array(read_output(tmp_path / "again.parquet")["embedding"]) - np.array(b["embedding"][:7])).max() < TOL
+    with pytest.raises(UsageError, match="loaded for task embed, the job is for classify"):
+        run_score(job_for(st_bert, input_file, tmp_path / "wrong.parquet", task="classify"), scorer=scorer)

@@ -253,8 +253,11 @@ def _open_sink(job: ScoreJob, run_id: str, shard: str):
     return open_sink(job.events, run_id, shard)
 
 
-def run_score(job: ScoreJob) -> ScoreResult:
-    """Score one shard of `job.input` into `job.output` (see the module docstring)."""
+def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
+    """Score one shard of `job.input` into `job.output` (see the module docstring).
+
+    `scorer`: a Scorer already loaded for the same model and task (`Scorer.from_job`), reused
+    instead of loading the model again, as a process that scores many shards would."""
     from attnfallback.events import new_run_id
     from attnfallback.model_facts import read_facts
     from attnfallback.scoring.tasks import AUTO_CLASSES
@@ -284,7 +287,7 @@ def run_score(job: ScoreJob) -> ScoreResult:
             _emit(sink, "shard_done", rows=done.rows_in, rows_written=done.rows_written, rows_skipped=done.rows_skipped,
                   tokens=done.tokens, seconds=0.0, non_finite=done.nonfinite, output=done.output, already_complete=True)
             return done
-        return _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fingerprint, resume_parts, t_start)
+        return _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fingerprint, resume_parts, t_start, scorer)
     except BaseException as e:
         if sink is not None and not isinstance(e, KeyboardInterrupt):
             _emit(sink, "shard_failed", error=type(e).__name__, message=str(e)[:2000],
@@ -344,11 +347,15 @@ def _fastest_sample(job: ScoreJob, source, spec, shard) -> list[str] | None:
     return [" ".join(r.texts) for r in islice(rows, FASTEST_SAMPLE_ROWS)] or None
 
 
-def _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fingerprint, resume_parts, t_start) -> ScoreResult:
+def _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fingerprint, resume_parts, t_start,
+           scorer=None) -> ScoreResult:
     from attnfallback.scoring.pipeline import Scorer, build_table
     from attnfallback.scoring.writer import PartInfo
 
-    scorer = Scorer.from_job(job, sink=sink, sample_texts=_fastest_sample(job, source, spec, shard))
+    if scorer is None:
+        scorer = Scorer.from_job(job, sink=sink, sample_texts=_fastest_sample(job, source, spec, shard))
+    elif scorer.task.name != task:
+        raise UsageError(f"the scorer given was loaded for task {scorer.task.name}, the job is for {task}")
     scorer.id_type = spec.id_type
     schema = scorer.output_schema
     store.start(fingerprint, run_id, resume_parts)

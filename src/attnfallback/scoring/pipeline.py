@@ -42,7 +42,7 @@ from attnfallback.scoring.tasks import (
 log = logging.getLogger("attnfallback")
 
 QUEUE_CHUNKS = 2  # chunks (or pieces of the first) tokenized ahead of the forward pass
-RAMP_MIN_ROWS = 1024  # CUDA: a first chunk at least this long is prepared in growing pieces
+RAMP_MIN_ROWS = 256  # CUDA: a first chunk at least this long is prepared in growing pieces
 RAMP_FRACTIONS = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 PACKING_MODES = ("auto", "off")
 PACKING_CHECK_TEXTS = (  # rows of different lengths: packed and padded outputs must agree on them
