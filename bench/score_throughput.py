@@ -394,14 +394,25 @@ def main() -> None:
             name = f"st-encode-bs{bs}"
             if name not in skip:
                 variants[name] = make_st_variant(model_dir, device, torch_dtype(dtype), impl, bs, texts)
+    from attnfallback.scoring.batching import default_batch_tokens, eager_max_cells
+
+    heads = scorer.loaded.model.config.num_attention_heads
+
+    def switch(target: str, packing: str = "auto"):
+        """The implementation, its packing, and the budget the pipeline would give it (eager: its own)."""
+        if scorer.loaded.model.config._attn_implementation != target:
+            scorer.loaded.model.set_attn_implementation(target)
+        if args.batch_tokens is None:
+            scorer.batch_tokens = default_batch_tokens(device, target)
+        scorer.max_cells = eager_max_cells(target, heads)
+        scorer.packing = packing
+        scorer.refresh_packing()
+
     # plain transformers runs on the implementation `score` chose unless --hf-impl says otherwise
     hf_impl = args.hf_impl or impl
     hf_tag = "" if hf_impl == impl else f" [{hf_impl}]"
 
-    def to_hf_impl():
-        if scorer.loaded.model.config._attn_implementation != hf_impl:
-            scorer.loaded.model.set_attn_implementation(hf_impl)
-
+    to_hf_impl = functools.partial(switch, hf_impl)
     if f"hf-dataset-order-bs{args.hf_batch}" not in skip:
         variants[f"hf-dataset-order-bs{args.hf_batch}" + hf_tag] = (to_hf_impl, make_hf_dataset_order(scorer, texts, args.hf_batch))
     if "hf-sorted-budget" not in skip:
@@ -409,12 +420,6 @@ def main() -> None:
     impls = [i.strip() for i in args.impls.split(",")] if args.impls else [impl]
     ours_names, gpu_names = {}, {}
     packing_notes = {}
-
-    def switch(target: str, packing: str = "auto"):
-        if scorer.loaded.model.config._attn_implementation != target:
-            scorer.loaded.model.set_attn_implementation(target)
-        scorer.packing = packing
-        scorer.refresh_packing()
 
     for name_impl in impls:
         switch(name_impl)

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The H100 runs behind bench/NOTES.md, in the order the lent machine allows (see ../shared/gpu):
+# FlashAttention-4 comes in two carried folders made by ../shared/gpu/fa4-kit.sh.
+#
+#   call 1 (carry .gpu-wheels/fa4-1 .gpu-wheels/pytest):  bash bench/h100.sh stage
+#   call 2 (carry .gpu-wheels/fa4-2 .gpu-wheels/tok):     bash bench/h100.sh throughput
+#   call 3 (carry .gpu-wheels/minilm):                    bash bench/h100.sh long
+#   call 4 (carry .gpu-wheels/tok):                       bash bench/h100.sh growth
+#
+# .gpu-wheels/tok holds the MiniLM tokenizer and config (the random-weight bench models use it);
+# .gpu-wheels/minilm the whole embedded model (the gpu tests score with it). Results go to $OUT.
+set -uo pipefail
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+
+setup_env() {
+    source /tmp/fa4/env.sh
+    export PYTHONPATH=$PWD/src:/tmp/pyt:${PYTHONPATH:-}
+    export HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+}
+
+step() {  # name, seconds, command...: run one step, keep its output, never stop the others
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+    echo "== $name: exit $? after $((SECONDS - t0)) s"
+    tail -n 30 "$OUT/$name.txt"
+}
+
+case "${1:-}" in
+stage)
+    bash .gpu-wheels/fa4-1/stage.sh
+    python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .gpu-wheels/pytest/*.whl
+    ;;
+throughput)
+    source .gpu-wheels/fa4-2/install.sh || exit 3
+    setup_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step bert 220 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --compare-packing \
+        --out "$OUT/bert.json"
+    step qwen 260 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --repeats 2 \
+        --compare-packing --out "$OUT/qwen.json"
+    step growth-bert 100 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
+        --growth 1000,10000,100000 --repeats 3 --out "$OUT/growth-bert.json"
+    ;;
+long)
+    setup_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/minilm
+    step pytest-gpu 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ --junitxml "$OUT/gpu-junit.xml"
+    step long 300 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 400 --mean-words 555 \
+        --max-words 1900 --impls flash_attention_4,sdpa,eager --attention-bound --hf-impl sdpa --skip hf-dataset-order-bs32 \
+        --repeats 2 --out "$OUT/long.json"
+    ;;
+growth)
+    setup_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step growth-qwen 180 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
+        --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen.json"
+    ;;
+*)
+    echo "usage: bash bench/h100.sh stage|throughput|long|growth" >&2
+    exit 2
+    ;;
+esac
