@@ -5,7 +5,6 @@
 #   call 1 (carry .gpu-wheels/fa4-1 .gpu-wheels/pytest):  bash bench/h100.sh stage
 #   call 2 (carry .gpu-wheels/fa4-2 .gpu-wheels/tok):     bash bench/h100.sh throughput
 #   call 3 (carry .gpu-wheels/minilm):                    bash bench/h100.sh long
-#   call 4 (carry .gpu-wheels/tok):                       bash bench/h100.sh growth
 #
 # .gpu-wheels/tok holds the MiniLM tokenizer and config (the random-weight bench models use it);
 # .gpu-wheels/minilm the whole embedded model (the gpu tests score with it). Results go to $OUT.
@@ -36,32 +35,31 @@ stage)
     python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .gpu-wheels/pytest/*.whl
     ;;
 throughput)
+    # the first two rows, as on the image without flash-attn (sdpa), then where the host
+    # time of a forward goes with FlashAttention-4 and with sdpa
     source .gpu-wheels/fa4-2/install.sh || exit 3
     setup_env
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
-    step bert 220 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --compare-packing \
-        --out "$OUT/bert.json"
-    step qwen 260 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --repeats 2 \
-        --compare-packing --out "$OUT/qwen.json"
-    step growth-bert 100 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
-        --growth 1000,10000,100000 --repeats 3 --out "$OUT/growth-bert.json"
+    step bert-sdpa 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
+        --skip st-encode-bs32,hf-dataset-order-bs32 --out "$OUT/bert-sdpa.json"
+    step qwen-sdpa 200 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --repeats 2 \
+        --prefer sdpa --out "$OUT/qwen-sdpa.json"
+    step host-overhead 150 python3 bench/host_overhead.py --model qwen2-0.5b-random --texts 6000 \
+        --impls flash_attention_4,sdpa --out "$OUT/host-overhead-qwen.json"
     ;;
 long)
+    # the long-text row with FlashAttention-4, the gpu tests, and growth 1k -> 100k
     setup_env
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/minilm
-    step pytest-gpu 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ --junitxml "$OUT/gpu-junit.xml"
-    step long 300 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 400 --mean-words 555 \
+    step pytest-gpu 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ --junitxml "$OUT/gpu-junit.xml"
+    step long 260 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 400 --mean-words 555 \
         --max-words 1900 --impls flash_attention_4,sdpa,eager --attention-bound --hf-impl sdpa --skip hf-dataset-order-bs32 \
         --repeats 2 --out "$OUT/long.json"
-    ;;
-growth)
-    setup_env
-    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
-    step growth-qwen 180 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
+    step growth-qwen 200 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
         --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen.json"
     ;;
 *)
-    echo "usage: bash bench/h100.sh stage|throughput|long|growth" >&2
+    echo "usage: bash bench/h100.sh stage|throughput|long" >&2
     exit 2
     ;;
 esac
