@@ -5,6 +5,7 @@
 #   call 1 (carry .gpu-wheels/fa4-1 .gpu-wheels/pytest):  bash bench/h100.sh stage
 #   call 2 (carry .gpu-wheels/fa4-2 .gpu-wheels/tok):     bash bench/h100.sh throughput
 #   call 3 (carry .gpu-wheels/minilm):                    bash bench/h100.sh long
+#   any call (carry .gpu-wheels/tok), no FlashAttention-4: bash bench/h100.sh sdpa
 #
 # .gpu-wheels/tok holds the MiniLM tokenizer and config (the random-weight bench models use it);
 # .gpu-wheels/minilm the whole embedded model (the gpu tests score with it). Results go to $OUT.
@@ -58,8 +59,22 @@ long)
     step growth-qwen 200 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
         --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen.json"
     ;;
+sdpa)
+    # no FlashAttention-4 needed (as on the image): the first two rows with the worker's cost, and growth
+    setup_env() { export PYTHONPATH=$PWD/src HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1; }
+    setup_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step bert-sdpa 110 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
+        --prepared-ahead --skip st-encode-bs32,hf-dataset-order-bs32 --out "$OUT/bert-sdpa.json"
+    step growth-bert-sdpa 90 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 3 --out "$OUT/growth-bert-sdpa.json"
+    step qwen-sdpa 200 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --repeats 2 \
+        --prefer sdpa --prepared-ahead --out "$OUT/qwen-sdpa.json"
+    step growth-qwen-sdpa 180 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-sdpa.json"
+    ;;
 *)
-    echo "usage: bash bench/h100.sh stage|throughput|long" >&2
+    echo "usage: bash bench/h100.sh stage|throughput|long|sdpa" >&2
     exit 2
     ;;
 esac
