@@ -59,6 +59,17 @@ long)
     step growth-qwen 200 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
         --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen.json"
     ;;
+gil)
+    # the worker's cost to the forward thread: prepared ahead, and under shorter GIL switch intervals
+    export PYTHONPATH=$PWD/src HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step bert-gil 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
+        --prepared-ahead --switch-intervals 0.001,0.0002,0.00005 --skip st-encode-bs32,hf-dataset-order-bs32 \
+        --repeats 5 --out "$OUT/bert-gil.json"
+    step qwen-gil 150 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --prefer sdpa \
+        --prepared-ahead --switch-intervals 0.0002 --skip hf-dataset-order-bs32,hf-sorted-budget --repeats 3 \
+        --out "$OUT/qwen-gil.json"
+    ;;
 sdpa)
     # no FlashAttention-4 needed (as on the image): the first two rows with the worker's cost, and growth
     setup_env() { export PYTHONPATH=$PWD/src HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1; }
@@ -74,7 +85,7 @@ sdpa)
         --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-sdpa.json"
     ;;
 *)
-    echo "usage: bash bench/h100.sh stage|throughput|long|sdpa" >&2
+    echo "usage: bash bench/h100.sh stage|throughput|long|sdpa|gil" >&2
     exit 2
     ;;
 esac

@@ -222,6 +222,19 @@ def make_ours(scorer, texts: list[str], part_rows: int, prepared_ahead: bool = F
     return run
 
 
+def with_switch_interval(seconds: float, run):
+    """`run` under another GIL switch interval (how long a thread waiting for the GIL waits at most
+    before the holder is asked to drop it; 5 ms by default), restored afterwards."""
+    def wrapped():
+        before = sys.getswitchinterval()
+        sys.setswitchinterval(seconds)
+        try:
+            return run()
+        finally:
+            sys.setswitchinterval(before)
+    return wrapped
+
+
 def make_gpu_only(scorer, texts: list[str]):
     """Pre-tokenized, length-sorted batches already on the device: the forward pass alone."""
     import torch
@@ -345,6 +358,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma-separated variants to leave out")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--switch-intervals", default=None,
+                    help="e.g. 0.0005,0.0001: also run the pipeline under these GIL switch intervals (seconds)")
     ap.add_argument("--prepared-ahead", action="store_true",
                     help="also run the pipeline on chunks tokenized before the clock starts (what the worker costs)")
     ap.add_argument("--compare-packing", action="store_true", help="where batches are packed, also run them padded")
@@ -455,6 +470,10 @@ def main() -> None:
             variants["attnfallback-score" + suffix] = (to_this, make_ours(scorer, texts, args.part_rows))
             if not label:
                 ours_names[name_impl] = "attnfallback-score" + suffix
+            if args.switch_intervals and not label:
+                for interval in [float(x) for x in args.switch_intervals.split(",")]:
+                    variants[f"attnfallback-score [switch interval {interval * 1000:g} ms]" + suffix] = (
+                        to_this, with_switch_interval(interval, make_ours(scorer, texts, args.part_rows)))
             if args.prepared_ahead and not label:
                 variants["attnfallback-score [prepared ahead]" + suffix] = (to_this, make_ours(scorer, texts, args.part_rows, True))
             if "forward-only-sorted" not in skip:
