@@ -3,7 +3,7 @@
 # FlashAttention-4 comes in two carried folders made by ../shared/gpu/fa4-kit.sh.
 #
 #   call 1 (carry .gpu-wheels/fa4-1 .gpu-wheels/pytest):  bash bench/h100.sh stage
-#   call 2 (carry .gpu-wheels/fa4-2 .gpu-wheels/tok):     bash bench/h100.sh throughput
+#   call 2 (carry .gpu-wheels/fa4-2 .gpu-wheels/tok):     bash bench/h100.sh fa4   (or throughput)
 #   call 3 (carry .gpu-wheels/minilm):                    bash bench/h100.sh long
 #   any call (carry .gpu-wheels/tok), no FlashAttention-4: bash bench/h100.sh sdpa
 #
@@ -34,6 +34,18 @@ case "${1:-}" in
 stage)
     bash .gpu-wheels/fa4-1/stage.sh
     python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .gpu-wheels/pytest/*.whl
+    ;;
+fa4)
+    # lease A: the first two rows with FlashAttention-4, packed and padded, and growth
+    source .gpu-wheels/fa4-2/install.sh || exit 3
+    setup_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step bert 220 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --compare-packing \
+        --out "$OUT/bert.json"
+    step qwen 260 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --repeats 2 \
+        --compare-packing --out "$OUT/qwen.json"
+    step growth-bert 100 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
+        --growth 1000,10000,100000 --repeats 3 --out "$OUT/growth-bert.json"
     ;;
 throughput)
     # the first two rows, as on the image without flash-attn (sdpa), then where the host
@@ -66,6 +78,8 @@ gil)
     step bert-gil 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
         --prepared-ahead --switch-intervals 0.001,0.0002,0.00005 --skip st-encode-bs32,hf-dataset-order-bs32 \
         --repeats 5 --out "$OUT/bert-gil.json"
+    # then, one process per setting: RAYON_NUM_THREADS=8|4|2 with
+    # --prepared-ahead --skip st-encode-bs32,st-encode-bs256,hf-dataset-order-bs32,hf-sorted-budget --repeats 5
     step qwen-gil 150 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --prefer sdpa \
         --prepared-ahead --switch-intervals 0.0002 --skip hf-dataset-order-bs32,hf-sorted-budget --repeats 3 \
         --out "$OUT/qwen-gil.json"
@@ -85,7 +99,7 @@ sdpa)
         --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-sdpa.json"
     ;;
 *)
-    echo "usage: bash bench/h100.sh stage|throughput|long|sdpa|gil" >&2
+    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil" >&2
     exit 2
     ;;
 esac

@@ -1,10 +1,12 @@
 """Scoring throughput, every variant in one process, same seeded data, same model, same device.
 
     python bench/score_throughput.py --device cpu --model default --data stsb
-    python bench/score_throughput.py --device cuda --model bert-base-random --texts 20000
-    python bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000
-    python bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 400 --mean-words 580 \
-        --max-words 1870 --impls flash_attention_4,sdpa,eager --batch-tokens 131072 --skip hf-dataset-order-bs32
+    python bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 [--prefer sdpa] [--compare-packing]
+    python bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --repeats 2
+    python bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 400 --mean-words 555 \
+        --max-words 1900 --impls flash_attention_4,sdpa,eager --attention-bound --hf-impl sdpa --skip hf-dataset-order-bs32
+    python bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 --growth 1000,10000,100000
+(bench/h100.sh runs them on the lent H100 in the order its calls allow; bench/NOTES.md has the figures.)
 
 Variants (tokenization included unless said otherwise; model load excluded everywhere):
     st-encode-bs32 / st-encode-bs256   sentence-transformers `encode` (embedding models only)
@@ -14,7 +16,12 @@ Variants (tokenization included unless said otherwise; model load excluded every
     forward-only-sorted                the forward alone on pre-tokenized sorted batches already on the
                                        device (on cuda: the GPU-only rate, the ceiling the pipeline is
                                        measured against)
-`--impls a,b` repeats the last two for each attention implementation (set_attn_implementation).
+`--impls a,b` repeats the last two for each attention implementation (set_attn_implementation, with
+the budget and packing the pipeline would give it). Diagnostics: `--compare-packing` (packed
+implementations also padded), `--attention-bound` (the forward with attention replaced by V: the
+most any implementation can gain), `--prepared-ahead` (the pipeline on chunks tokenized before the
+clock starts), `--switch-intervals` (under other GIL switch intervals). `--growth N,M,..` instead
+runs `run_score` end to end on the first N, M, .. texts, the model loaded once.
 On cuda it also measures the bf16 matmul rate (the second ceiling) and reports model FLOP use.
 
 Random-weight models are built from configs (no hub) with the MiniLM tokenizer (vocab 30522):

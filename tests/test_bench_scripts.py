@@ -1,0 +1,47 @@
+"""bench/score_throughput.py runs end to end on the CPU with the embedded model: the diagnostic
+variants exist and account for every row, and --growth scores each size through run_score. Only
+the bookkeeping is asserted; the speeds are what bench/NOTES.md records from real runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "score_throughput.py"
+
+
+def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--model", "default", "--data", "synthetic",
+                           "--mean-words", "8", "--repeats", "1", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO)
+
+
+def test_variants_and_bounds_are_measured_side_by_side(tmp_path):
+    out = tmp_path / "variants.json"
+    done = run_script("--texts", "60", "--impls", "sdpa,eager", "--attention-bound", "--prepared-ahead",
+                      "--switch-intervals", "0.001", "--skip", "st-encode-bs32,st-encode-bs256", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    names = set(result["tokens_per_s"])
+    assert {"attnfallback-score [sdpa]", "attnfallback-score [eager]", "attnfallback-score [prepared ahead] [sdpa]",
+            "attnfallback-score [switch interval 1 ms] [sdpa]", "forward-only-sorted [no attention, padded]",
+            "forward-only-sorted [no attention, packed]", "hf-sorted-budget", "hf-dataset-order-bs32"} <= names
+    assert all(v > 0 for v in result["tokens_per_s"].values())
+    assert result["packing"] == {"sdpa": "off (sdpa has no varlen path)", "eager": "off (eager has no varlen path)"}
+    assert "forward-only-sorted [no attention, padded]" in done.stdout  # names printed whole, not eaten as markup
+
+
+def test_growth_scores_each_size_end_to_end(tmp_path):
+    out = tmp_path / "growth.json"
+    done = run_script("--texts", "90", "--growth", "30,90", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["mode"] == "growth" and sorted(int(k) for k in result["sizes"]) == [30, 90]
+    small, large = result["sizes"]["30"], result["sizes"]["90"]
+    assert 0 < small["tokens"] < large["tokens"] and small["tokens_per_s"] > 0
+    assert result["max_over_min"] >= 1.0
+    too_many = run_script("--texts", "20", "--growth", "30")
+    assert too_many.returncode != 0 and "--growth 30 needs --texts >= 30" in too_many.stderr
