@@ -84,6 +84,15 @@ gil)
         --prepared-ahead --switch-intervals 0.0002 --skip hf-dataset-order-bs32,hf-sorted-budget --repeats 3 \
         --out "$OUT/qwen-gil.json"
     ;;
+budget)
+    # v7: CUDA budgets scaled by the model's feed-forward width (BERT-base 256k, Qwen2-0.5B 160k)
+    export PYTHONPATH=$PWD/src HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step bert-v7 120 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
+        --skip st-encode-bs32,hf-dataset-order-bs32 --out "$OUT/bert-v7.json"
+    step qwen-v7 200 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --repeats 2 \
+        --prefer sdpa --out "$OUT/qwen-v7.json"
+    ;;
 sdpa)
     # no FlashAttention-4 needed (as on the image): the first two rows with the worker's cost, and growth
     setup_env() { export PYTHONPATH=$PWD/src HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1; }
@@ -99,7 +108,7 @@ sdpa)
         --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-sdpa.json"
     ;;
 *)
-    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil" >&2
+    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget" >&2
     exit 2
     ;;
 esac

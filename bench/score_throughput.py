@@ -436,7 +436,7 @@ def main() -> None:
             name = f"st-encode-bs{bs}"
             if name not in skip:
                 variants[name] = make_st_variant(model_dir, device, torch_dtype(dtype), impl, bs, texts)
-    from attnfallback.scoring.batching import default_batch_tokens, eager_max_cells
+    from attnfallback.scoring.batching import default_batch_tokens, eager_max_cells, ffn_width
 
     heads = scorer.loaded.model.config.num_attention_heads
 
@@ -445,7 +445,7 @@ def main() -> None:
         if scorer.loaded.model.config._attn_implementation != target:
             scorer.loaded.model.set_attn_implementation(target)
         if args.batch_tokens is None:
-            scorer.batch_tokens = default_batch_tokens(device, target)
+            scorer.batch_tokens = default_batch_tokens(device, target, ffn_width(scorer.loaded.model.config))
         scorer.max_cells = eager_max_cells(target, heads)
         scorer.packing = packing
         scorer.refresh_packing()

@@ -84,6 +84,33 @@ def test_default_budgets_depend_on_device_and_implementation():
     assert default_batch_tokens("cuda", "eager") == CUDA_EAGER_BATCH_TOKENS < CUDA_BATCH_TOKENS
 
 
+def test_cuda_budgets_shrink_as_the_feed_forward_widens():
+    from attnfallback.scoring.batching import CUDA_MAX_BATCH_TOKENS, CUDA_MIN_BATCH_TOKENS
+
+    bert, qwen_small, seven_b = (default_batch_tokens("cuda", "sdpa", width) for width in (3072, 4864, 14336))
+    assert (bert, qwen_small, seven_b) == (262144, 163840, 49152)
+    assert bert * 3072 >= qwen_small * 4864 >= seven_b * 14336  # one activation: at most the same size
+    assert default_batch_tokens("cuda", "sdpa", 1536) == CUDA_MAX_BATCH_TOKENS  # capped
+    assert default_batch_tokens("cuda", "sdpa", 10 ** 6) == CUDA_MIN_BATCH_TOKENS  # floored
+    assert default_batch_tokens("cuda", "eager", 3072) == CUDA_EAGER_BATCH_TOKENS  # eager keeps its own
+    assert default_batch_tokens("cpu", "sdpa", 3072) == CPU_BATCH_TOKENS
+
+
+def test_feed_forward_width_is_read_from_the_config():
+    from transformers import BertConfig, Qwen2Config
+
+    from attnfallback.scoring.batching import ffn_width
+
+    assert ffn_width(BertConfig(intermediate_size=3072)) == 3072
+    assert ffn_width(Qwen2Config(intermediate_size=4864)) == 4864
+
+    class Bare:
+        hidden_size = 256
+
+    assert ffn_width(Bare()) == 1024
+    assert ffn_width(object()) is None
+
+
 def test_pad_rows_right_pads_and_masks():
     enc = Encoded([[5, 6, 7], [8], [9, 10]], [[0, 0, 0], [0], [1, 1]], np.array([3, 1, 2]), np.zeros(3, bool))
     out = pad_rows(enc, np.array([2, 1]), length=3, pad_id=0, with_types=True)

@@ -19,11 +19,42 @@ EAGER_SCORE_BYTES = 1 << 30  # rows x heads x L x L x 4 bytes per batch
 CUT_RATIO = 0.85  # see plan_batches
 
 
-def default_batch_tokens(device_kind: str, impl: str | None) -> int:
-    """The default padded-token budget for this device and attention implementation."""
+# CUDA, non-eager, when the model's feed-forward width is known: the budget that keeps one
+# feed-forward activation (tokens x intermediate_size) at this many elements, 1.5 GiB in bf16.
+# Fewer, larger batches mean fewer kernel launches per token, which is what a small model's
+# forward waits on (H100, BERT-base, 20k texts: 838k tokens/s at 64k tokens a batch, 1.13M at
+# 256k; Qwen2-0.5B: 296k at 64k, 308k at 128k; bench/NOTES.md, session 2).
+CUDA_FFN_ELEMENTS = 262144 * 3072
+CUDA_MIN_BATCH_TOKENS = 16384
+CUDA_MAX_BATCH_TOKENS = 262144
+
+
+def default_batch_tokens(device_kind: str, impl: str | None, intermediate_size: int | None = None) -> int:
+    """The default padded-token budget for this device, attention implementation and model width.
+
+    CUDA: eager gets its own small budget; otherwise, given the model's feed-forward width, the
+    budget holding one feed-forward activation at CUDA_FFN_ELEMENTS (BERT-base 256k tokens,
+    Qwen2-0.5B 160k, a 7B model's 14336-wide layers 48k), else 64k.
+    """
     if device_kind == "cuda":
-        return CUDA_EAGER_BATCH_TOKENS if impl == "eager" else CUDA_BATCH_TOKENS
+        if impl == "eager":
+            return CUDA_EAGER_BATCH_TOKENS
+        if intermediate_size and intermediate_size > 0:
+            budget = CUDA_FFN_ELEMENTS // int(intermediate_size) // 8192 * 8192
+            return max(CUDA_MIN_BATCH_TOKENS, min(CUDA_MAX_BATCH_TOKENS, budget))
+        return CUDA_BATCH_TOKENS
     return CPU_BATCH_TOKENS
+
+
+def ffn_width(config) -> int | None:
+    """The feed-forward width of a transformers config (its text config), if it says."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("intermediate_size", "ffn_dim", "n_inner", "d_ff"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    hidden = getattr(text, "hidden_size", None)
+    return 4 * hidden if isinstance(hidden, int) and hidden > 0 else None
 
 
 def eager_max_cells(impl: str | None, num_heads: int | None) -> int | None:

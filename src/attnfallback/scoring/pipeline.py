@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from attnfallback.errors import NonFiniteError, UsageError
-from attnfallback.scoring.batching import default_batch_tokens, eager_max_cells, length_order, plan_batches
+from attnfallback.scoring.batching import default_batch_tokens, eager_max_cells, ffn_width, length_order, plan_batches
 from attnfallback.scoring.inputs import InputSpec, rows_of_table
 from attnfallback.scoring.tasks import (
     AUTO_CLASSES,
@@ -193,7 +193,7 @@ class Scorer:
         if max_length < 2:
             raise UsageError(f"--max-length must be at least 2, found {max_length}")
         impl = loaded.decision.used
-        budget = job.batch_tokens or default_batch_tokens(loaded.device.type, impl)
+        budget = job.batch_tokens or default_batch_tokens(loaded.device.type, impl, ffn_width(loaded.model.config))
         if budget < 1:
             raise UsageError(f"--batch-tokens must be positive, found {budget}")
         heads = getattr(loaded.model.config.get_text_config() if hasattr(loaded.model.config, "get_text_config") else loaded.model.config,
