@@ -436,19 +436,9 @@ def main() -> None:
             name = f"st-encode-bs{bs}"
             if name not in skip:
                 variants[name] = make_st_variant(model_dir, device, torch_dtype(dtype), impl, bs, texts)
-    from attnfallback.scoring.batching import default_batch_tokens, eager_max_cells, ffn_width
-
-    heads = scorer.loaded.model.config.num_attention_heads
-
     def switch(target: str, packing: str = "auto"):
         """The implementation, its packing, and the budget the pipeline would give it (eager: its own)."""
-        if scorer.loaded.model.config._attn_implementation != target:
-            scorer.loaded.model.set_attn_implementation(target)
-        if args.batch_tokens is None:
-            scorer.batch_tokens = default_batch_tokens(device, target, ffn_width(scorer.loaded.model.config))
-        scorer.max_cells = eager_max_cells(target, heads)
-        scorer.packing = packing
-        scorer.refresh_packing()
+        scorer.use_implementation(target, packing)
 
     # plain transformers runs on the implementation `score` chose unless --hf-impl says otherwise
     hf_impl = args.hf_impl or impl

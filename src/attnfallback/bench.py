@@ -246,8 +246,9 @@ class Measurement:
 
 
 def _num_heads(model) -> int | None:
-    config = getattr(model.config, "get_text_config", lambda: model.config)()
-    return getattr(config, "num_attention_heads", None)
+    from attnfallback.model_facts import text_config
+
+    return getattr(text_config(model.config), "num_attention_heads", None)
 
 
 def measure(loaded, impl: str, workload: Workload, *, seconds: float = 5.0, min_repeats: int = 3, max_repeats: int = 50,

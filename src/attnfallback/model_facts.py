@@ -179,8 +179,13 @@ def model_class_for(config, auto_class: str = "AutoModel"):
         ) from None
 
 
+def text_config(config):
+    """The language part of a transformers config (multimodal configs nest it), else the config."""
+    return getattr(config, "get_text_config", lambda: config)()
+
+
 def _head_dim(config) -> int | None:
-    text = getattr(config, "get_text_config", lambda: config)()
+    text = text_config(config)
     hd = getattr(text, "head_dim", None)
     if isinstance(hd, int) and hd > 0:
         return hd

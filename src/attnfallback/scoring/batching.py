@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from attnfallback.model_facts import text_config
+
 # Default token budgets (padded tokens per batch, rows x longest row). Eager materialises the
 # L x L attention scores of every head, so it gets a smaller budget and a bound on those cells.
 CPU_BATCH_TOKENS = 2048
@@ -48,7 +50,7 @@ def default_batch_tokens(device_kind: str, impl: str | None, intermediate_size: 
 
 def ffn_width(config) -> int | None:
     """The feed-forward width of a transformers config (its text config), if it says."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     for name in ("intermediate_size", "ffn_dim", "n_inner", "d_ff"):
         value = getattr(text, name, None)
         if isinstance(value, int) and value > 0:

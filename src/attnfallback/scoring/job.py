@@ -22,7 +22,7 @@ from pathlib import Path
 
 from attnfallback.errors import InputError, OutputError, UsageError
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec
-from attnfallback.scoring.tasks import TEXT_COLUMNS, parse_task
+from attnfallback.scoring.tasks import TEXT_COLUMNS, check_packing_mode, parse_task
 
 log = logging.getLogger("attnfallback")
 
@@ -116,8 +116,7 @@ def _validate_job(job: ScoreJob) -> str:
         raise UsageError(f"part_rows must be positive, found {job.part_rows}")
     if job.batch_tokens is not None and job.batch_tokens < 1:
         raise UsageError(f"--batch-tokens must be positive, found {job.batch_tokens}")
-    if job.packing not in ("auto", "off"):
-        raise UsageError(f"--packing must be auto or off, found {job.packing!r}")
+    check_packing_mode(job.packing)
     if job.max_length is not None and job.max_length < 2:
         raise UsageError(f"--max-length must be at least 2, found {job.max_length}")
     if job.text_columns is not None and len(job.text_columns) not in TEXT_COLUMNS[task]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from attnfallback.errors import NonFiniteError, UsageError
+from attnfallback.model_facts import text_config
 from attnfallback.scoring.batching import default_batch_tokens, eager_max_cells, ffn_width, length_order, plan_batches
 from attnfallback.scoring.inputs import InputSpec, rows_of_table
 from attnfallback.scoring.tasks import (
@@ -33,6 +34,7 @@ from attnfallback.scoring.tasks import (
     Task,
     TextEncoder,
     build_task,
+    check_packing_mode,
     pack_rows,
     pad_rows,
     parse_task,
@@ -44,7 +46,6 @@ log = logging.getLogger("attnfallback")
 QUEUE_CHUNKS = 2  # chunks (or pieces of the first) tokenized ahead of the forward pass
 RAMP_MIN_ROWS = 256  # CUDA: a first chunk at least this long is prepared in growing pieces
 RAMP_FRACTIONS = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
-PACKING_MODES = ("auto", "off")
 PACKING_CHECK_TEXTS = (  # rows of different lengths: packed and padded outputs must agree on them
     ("Attention fallback packing check: the third row is the longest of these three.",),
     ("Short row.",),
@@ -193,14 +194,20 @@ class Scorer:
         if max_length < 2:
             raise UsageError(f"--max-length must be at least 2, found {max_length}")
         impl = loaded.decision.used
-        budget = job.batch_tokens or default_batch_tokens(loaded.device.type, impl, ffn_width(loaded.model.config))
-        if budget < 1:
-            raise UsageError(f"--batch-tokens must be positive, found {budget}")
-        heads = getattr(loaded.model.config.get_text_config() if hasattr(loaded.model.config, "get_text_config") else loaded.model.config,
-                        "num_attention_heads", None)
-        scorer = cls(loaded, job, task, int(max_length), int(budget), eager_max_cells(impl, heads))
+        budget, max_cells = _budgets(job, loaded, impl)
+        scorer = cls(loaded, job, task, int(max_length), budget, max_cells)
         scorer.refresh_packing()
         return scorer
+
+    def use_implementation(self, impl: str, packing: str | None = None) -> bool:
+        """Run on `impl` from now on, with the budget and packing the scorer would have chosen for
+        it (a benchmark comparing implementations on one loaded model). Returns whether it packs."""
+        if self.loaded.model.config._attn_implementation != impl:
+            self.loaded.model.set_attn_implementation(impl)
+        self.batch_tokens, self.max_cells = _budgets(self.job, self.loaded, impl)
+        if packing is not None:
+            self.packing = packing
+        return self.refresh_packing()
 
     @property
     def decision(self):
@@ -235,8 +242,7 @@ class Scorer:
         path's outputs (once per implementation): a model whose code drops the row boundaries is
         caught there, not in the results. Call again after changing the implementation.
         """
-        if self.packing not in PACKING_MODES:
-            raise UsageError(f"--packing must be one of {', '.join(PACKING_MODES)}, found {self.packing!r}")
+        check_packing_mode(self.packing)
         impl = getattr(self.loaded.model.config, "_attn_implementation", None)
         obstacle = None
         if self.packing == "off":
@@ -612,6 +618,15 @@ def build_table(schema, ids: list, result: ChunkResult):
         else:
             arrays.append(result.columns[f.name])
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _budgets(job, loaded, impl: str) -> tuple[int, int | None]:
+    """(padded tokens per batch, eager's cell bound) for `impl`: --batch-tokens, else the default."""
+    budget = job.batch_tokens or default_batch_tokens(loaded.device.type, impl, ffn_width(loaded.model.config))
+    if budget < 1:
+        raise UsageError(f"--batch-tokens must be positive, found {budget}")
+    heads = getattr(text_config(loaded.model.config), "num_attention_heads", None)
+    return int(budget), eager_max_cells(impl, heads)
 
 
 def _model_kwargs(task: str, job) -> dict:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from attnfallback.errors import UnknownNameError, UsageError
+from attnfallback.model_facts import text_config
 
 TASKS = ("embed", "classify", "pairs", "logprob")
 AUTO_CLASSES = {
@@ -47,6 +48,16 @@ _UNSUPPORTED_LOGIT_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_sc
 # Implementations whose transformers path honours cu_seq_lens_q/k (varlen): a batch may be packed
 # into one padding-free sequence. Anything else would attend across the packed rows.
 PACKING_IMPLS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+
+PACKING_MODES = ("auto", "off")
+
+
+def check_packing_mode(mode: str) -> str:
+    """`mode` if it is a packing mode, else a UsageError naming the modes."""
+    if mode not in PACKING_MODES:
+        raise UsageError(f"--packing must be {' or '.join(PACKING_MODES)}, found {mode!r}")
+    return mode
 
 
 def supports_varlen(impl: str | None) -> bool:
@@ -564,6 +575,8 @@ class ClassifyTask(Task):
         self.num_labels = int(getattr(config, "num_labels", 1) or 1)
         id2label = getattr(config, "id2label", None) or {}
         self.labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(self.num_labels)]
+        base = getattr(model, "base_model", None)
+        self._base_takes_use_cache = base is not None and _accepts(base.forward, "use_cache")
 
     def output_fields(self):
         import pyarrow as pa
@@ -589,7 +602,7 @@ class ClassifyTask(Task):
 
     def forward_packed(self, batch):
         inputs = self.packed_inputs(batch)
-        if _accepts(self.model.base_model.forward, "use_cache"):
+        if self._base_takes_use_cache:
             inputs["use_cache"] = False
         hidden = self.model.base_model(**inputs).last_hidden_state[0]
         last = batch["cu_seqlens"][1:].long() - 1
@@ -632,8 +645,8 @@ class LogprobTask(Task):
         super().__init__(model, tokenizer, model_dir)
         self.mode = "prompt_completion" if prompt_completion else "single"
         config = model.config
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        self.chunked = not any(getattr(text_config, a, None) not in (None, 1, 1.0) for a in _UNSUPPORTED_LOGIT_ATTRS)
+        text = text_config(config)
+        self.chunked = not any(getattr(text, a, None) not in (None, 1, 1.0) for a in _UNSUPPORTED_LOGIT_ATTRS)
         self.base = getattr(model, "base_model", None) if self.chunked else None
         self.head = model.get_output_embeddings() if self.chunked else None
         if self.base is None or self.head is None or self.base is model:
