@@ -196,10 +196,11 @@ def make_hf_sorted(scorer, texts: list[str]):
     return run
 
 
-def make_ours(scorer, texts: list[str], part_rows: int, prepared_ahead: bool = False):
+def make_ours(scorer, texts: list[str], part_rows: int, prepared_ahead: bool = False, cpu_isolation: str = "auto"):
     """The pipeline. prepared_ahead: every chunk (and piece) tokenized and batched before the clock
     starts, so the worker thread only hands them over: what the tokenizing thread's CPU and GIL
-    time costs the forward thread is the difference to the plain variant."""
+    time costs the forward thread is the difference to the plain variant. cpu_isolation: the
+    pipeline's (auto: on CUDA the forward thread gets a core of its own) or off."""
     from attnfallback.scoring.pipeline import Chunk, build_table
 
     schema = scorer.output_schema
@@ -218,11 +219,13 @@ def make_ours(scorer, texts: list[str], part_rows: int, prepared_ahead: bool = F
         rows = 0
         if prepared_ahead:
             scorer.prepare = cached_prepare
+        before, scorer.cpu_isolation = scorer.cpu_isolation, cpu_isolation
         try:
             for result in scorer.score_chunks(iter(chunks)):
                 rows += build_table(schema, result.chunk.ids, result).num_rows
         finally:
             scorer.__dict__.pop("prepare", None)
+            scorer.cpu_isolation = before
         assert rows == len(texts)
     if prepared_ahead:
         run()  # fills the cache (the warm-up run repeats this)
@@ -282,7 +285,10 @@ def register_no_attention() -> None:
 
 def run_growth(scorer, job_kwargs: dict, texts: list[str], sizes: list[int], repeats: int, workdir: Path) -> dict:
     """`run_score` end to end (input file read, parts written) on the first N texts for each N, the
-    model loaded once: tokens/s per size. Repeats interleaved, after one warm-up run of the smallest."""
+    model loaded once: tokens/s per size. Round 0 runs every size once, in a process that has not
+    seen its shapes yet (kept as `first_run`); the medians come from the rounds after it. Each run
+    also keeps where its time went: the pipeline's own account (prepare on the worker, waiting for
+    it, launching, finishing) and the part outside the scoring loop (input checks, the final file)."""
     from attnfallback.scoring import ScoreJob, run_score
 
     inputs = {}
@@ -293,24 +299,35 @@ def run_growth(scorer, job_kwargs: dict, texts: list[str], sizes: list[int], rep
                 fh.write(json.dumps({"text": t}) + "\n")
         inputs[n] = path
     runs: dict[int, list[dict]] = {n: [] for n in sizes}
+    first: dict[int, dict] = {}
     for attempt in range(repeats + 1):
-        for n in (sizes[:1] if attempt == 0 else sizes):  # the warm-up: the smallest size once
+        for n in sizes:
             out = workdir / f"growth-{n}-{attempt}.parquet"
+            for key in scorer.timing:
+                scorer.timing[key] = 0.0
             t0 = time.perf_counter()
             result = run_score(ScoreJob(input=str(inputs[n]), output=str(out), **job_kwargs), scorer=scorer)
             wall = time.perf_counter() - t0
             assert result.rows_written == n
+            loop_s = result.tokens / result.tokens_per_s if result.tokens_per_s else 0.0
+            run = {"wall_s": wall, "tokens": result.tokens, "loop_tokens_per_s": result.tokens_per_s,
+                   "outside_loop_s": wall - loop_s, **{k: round(v, 4) for k, v in scorer.timing.items()}}
             if attempt:
-                runs[n].append({"wall_s": wall, "tokens": result.tokens, "loop_tokens_per_s": result.tokens_per_s})
+                runs[n].append(run)
+            else:
+                first[n] = run
             out.unlink()
-            print(f"growth {n}: {result.tokens / wall:,.0f} tokens/s end to end", file=sys.stderr, flush=True)
+            print(f"growth {n}{' (first run)' if not attempt else ''}: {result.tokens / wall:,.0f} tokens/s end to end, "
+                  f"{run}", file=sys.stderr, flush=True)
     table = {}
     for n, rs in runs.items():
         wall = statistics.median(r["wall_s"] for r in rs)
         table[n] = {"texts": n, "tokens": rs[0]["tokens"], "median_wall_s": wall, "tokens_per_s": rs[0]["tokens"] / wall,
-                    "loop_tokens_per_s": statistics.median(r["loop_tokens_per_s"] for r in rs), "runs": rs}
+                    "loop_tokens_per_s": statistics.median(r["loop_tokens_per_s"] for r in rs),
+                    "first_run_tokens_per_s": first[n]["tokens"] / first[n]["wall_s"], "first_run": first[n], "runs": rs}
     rates = [v["tokens_per_s"] for v in table.values()]
-    return {"sizes": table, "max_over_min": max(rates) / min(rates)}
+    loop_rates = [v["loop_tokens_per_s"] for v in table.values()]
+    return {"sizes": table, "max_over_min": max(rates) / min(rates), "loop_max_over_min": max(loop_rates) / min(loop_rates)}
 
 
 def matmul_tflops(device: str, seconds: float = 2.0) -> float | None:
@@ -370,6 +387,8 @@ def main() -> None:
     ap.add_argument("--prepared-ahead", action="store_true",
                     help="also run the pipeline on chunks tokenized before the clock starts (what the worker costs)")
     ap.add_argument("--compare-packing", action="store_true", help="where batches are packed, also run them padded")
+    ap.add_argument("--compare-isolation", action="store_true",
+                    help="also run score with --cpu-isolation off (the forward thread sharing its core with the tokenizer's threads)")
     ap.add_argument("--attention-bound", action="store_true",
                     help="also run the forward with attention replaced by a copy of V (the most any implementation can gain)")
     ap.add_argument("--growth", default=None, help="e.g. 1000,10000,100000: only run `run_score` end to end on that many "
@@ -415,7 +434,7 @@ def main() -> None:
                           batch_tokens=args.batch_tokens, max_length=max_length, quiet=True)
         growth = run_growth(scorer, job_kwargs, texts, sizes, args.repeats, Path(tmp.name))
         result = {"mode": "growth", "model": args.model, "task": task, "device": device, "dtype": dtype, "impl": impl,
-                  "packing": scorer.packing_note, "data": data, "repeats": args.repeats, "argv": sys.argv[1:],
+                  "packing": scorer.packing_note, "cpu_isolation": scorer.cpu_isolation_note, "data": data, "repeats": args.repeats, "argv": sys.argv[1:],
                   "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
                   "versions": scorer.decision.versions, **growth}
         out = Path(args.out) if args.out else REPO / "bench" / "results" / f"score_growth-{args.model}-{device}.json"
@@ -423,10 +442,11 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2))
         print(f"{args.model} ({task}, {dtype}, {impl}, packing {scorer.packing_note}) on {result['device_name']}: "
               f"run_score end to end, model loaded once, median of {args.repeats}")
-        print(f"{'texts':>8} {'tokens':>11} {'wall s':>8} {'tokens/s':>11} {'loop tokens/s':>14}")
+        print(f"{'texts':>8} {'tokens':>11} {'wall s':>8} {'tokens/s':>11} {'loop tokens/s':>14} {'first run':>11}")
         for n, v in growth["sizes"].items():
-            print(f"{n:>8,} {v['tokens']:>11,} {v['median_wall_s']:>8.3f} {v['tokens_per_s']:>11,.0f} {v['loop_tokens_per_s']:>14,.0f}")
-        print(f"max / min tokens/s: {growth['max_over_min']:.3f}")
+            print(f"{n:>8,} {v['tokens']:>11,} {v['median_wall_s']:>8.3f} {v['tokens_per_s']:>11,.0f} "
+                  f"{v['loop_tokens_per_s']:>14,.0f} {v['first_run_tokens_per_s']:>11,.0f}")
+        print(f"max / min tokens/s: {growth['max_over_min']:.3f} end to end, {growth['loop_max_over_min']:.3f} in the scoring loop")
         print(f"written to {out}")
         return
 
@@ -473,6 +493,9 @@ def main() -> None:
                         to_this, with_switch_interval(interval, make_ours(scorer, texts, args.part_rows)))
             if args.prepared_ahead and not label:
                 variants["attnfallback-score [prepared ahead]" + suffix] = (to_this, make_ours(scorer, texts, args.part_rows, True))
+            if args.compare_isolation and not label:
+                variants["attnfallback-score [no cpu isolation]" + suffix] = (
+                    to_this, make_ours(scorer, texts, args.part_rows, cpu_isolation="off"))
             if "forward-only-sorted" not in skip:
                 variants["forward-only-sorted" + suffix] = (to_this, make_gpu_only(scorer, texts))
                 if not label:
@@ -546,7 +569,7 @@ def main() -> None:
         "ratios": ratios, "failures": failures, "bf16_matmul_tflops": peak, "model_flops_per_token": flops_per_token,
         "mfu": {k: (v * flops_per_token / 1e12) / peak for k, v in rate.items()} if peak else None,
         "pipeline_timing": pipeline_timing, "versions": scorer.decision.versions, "argv": sys.argv[1:],
-        "packing": packing_notes,
+        "packing": packing_notes, "cpu_isolation": scorer.cpu_isolation_note,
     }
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"score_throughput-{args.model}-{device}-{data}-{len(texts)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -572,7 +595,8 @@ def main() -> None:
     for k, v in ratios.items():
         console.print(escape(f"  {k}: {v:.2f}"))
     if pipeline_timing:
-        console.print("  pipeline, one more run: " + ", ".join(f"{k} {v:.3f}" for k, v in pipeline_timing.items()))
+        console.print("  pipeline, one more run: " + ", ".join(f"{k} {v:.3f}" for k, v in pipeline_timing.items())
+                      + f"; cpu isolation {scorer.cpu_isolation_note}")
     console.print(f"written to {out}")
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from attnfallback.errors import NonFiniteError, UsageError
 from attnfallback.model_facts import text_config
 from attnfallback.scoring.batching import default_batch_tokens, eager_max_cells, ffn_width, length_order, plan_batches
+from attnfallback.scoring.cores import CoreIsolation, check_core_isolation_mode
 from attnfallback.scoring.inputs import InputSpec, rows_of_table
 from attnfallback.scoring.tasks import (
     AUTO_CLASSES,
@@ -151,6 +152,8 @@ class Scorer:
         self.pack = False  # batches packed padding-free (see refresh_packing)
         self.packing_note = "off"
         self._packing_checked: dict[str, str | None] = {}  # impl -> None (agrees) or why not
+        self.cpu_isolation = check_core_isolation_mode(getattr(job, "cpu_isolation", "auto"))
+        self.cpu_isolation_note = "off" if self.cpu_isolation == "off" or not self.on_cuda else "not run yet"
         # where the time goes (seconds): prepare on the worker, waiting for it, launch, finish
         self.timing = {"prepare_s": 0.0, "wait_s": 0.0, "launch_s": 0.0, "finish_s": 0.0}
         self._torch = torch
@@ -230,7 +233,7 @@ class Scorer:
     def describe(self) -> dict:
         return {**self.task.describe(), "max_length": self.max_length, "batch_tokens": self.batch_tokens,
                 "max_cells": self.max_cells, "device": str(self.device), "impl": self.decision.used,
-                "packing": self.packing_note}
+                "packing": self.packing_note, "cpu_isolation": self.cpu_isolation_note}
 
     # -- packing ----------------------------------------------------------------------------
 
@@ -482,6 +485,12 @@ class Scorer:
         # on CUDA a chunk is finished (host copy awaited, columns built) on another thread while
         # the next one runs on the GPU; on the CPU that work would only compete for the cores
         finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnfallback-finish") if self.on_cuda else None
+        # on CUDA the forward (this thread) is launch-bound: a core of its own, away from the
+        # tokenizer's thread pool (see cores.py); on the CPU the forward wants every core
+        cores = CoreIsolation() if self.on_cuda and self.cpu_isolation == "auto" else None
+        if cores is not None:
+            cores.start()
+            self.cpu_isolation_note = cores.note
         pending: deque = deque()  # (future, last piece of its chunk)
         pieces_done: list[ChunkResult] = []
 
@@ -509,6 +518,8 @@ class Scorer:
                         yield merged
                     continue
                 pending.append((finisher.submit(self.finish, self.launch(prepared)), last))
+                if cores is not None:
+                    cores.sweep()  # threads started since, such as the finisher, inherit this one's core
                 while len(pending) > 1 or (pending and pending[0][0].done()):
                     future, is_last = pending.popleft()
                     merged = collect(future.result(), is_last)
@@ -521,6 +532,8 @@ class Scorer:
                     yield merged
         finally:
             stop.set()
+            if cores is not None:
+                cores.stop()
             if finisher is not None:
                 finisher.shutdown(wait=True)
             worker.join(timeout=5)
