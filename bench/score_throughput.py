@@ -387,8 +387,9 @@ def main() -> None:
     ap.add_argument("--prepared-ahead", action="store_true",
                     help="also run the pipeline on chunks tokenized before the clock starts (what the worker costs)")
     ap.add_argument("--compare-packing", action="store_true", help="where batches are packed, also run them padded")
-    ap.add_argument("--compare-isolation", action="store_true",
-                    help="also run score with --cpu-isolation off (the forward thread sharing its core with the tokenizer's threads)")
+    ap.add_argument("--compare-isolation", nargs="?", const="off", default=None,
+                    help="also run score with these --cpu-isolation modes (default: off, the forward thread sharing "
+                         "the cores with the tokenizer's threads; also pin, reserve)")
     ap.add_argument("--attention-bound", action="store_true",
                     help="also run the forward with attention replaced by a copy of V (the most any implementation can gain)")
     ap.add_argument("--growth", default=None, help="e.g. 1000,10000,100000: only run `run_score` end to end on that many "
@@ -494,8 +495,9 @@ def main() -> None:
             if args.prepared_ahead and not label:
                 variants["attnfallback-score [prepared ahead]" + suffix] = (to_this, make_ours(scorer, texts, args.part_rows, True))
             if args.compare_isolation and not label:
-                variants["attnfallback-score [no cpu isolation]" + suffix] = (
-                    to_this, make_ours(scorer, texts, args.part_rows, cpu_isolation="off"))
+                for mode in args.compare_isolation.split(","):
+                    variants[f"attnfallback-score [cpu isolation {mode}]" + suffix] = (
+                        to_this, make_ours(scorer, texts, args.part_rows, cpu_isolation=mode))
             if "forward-only-sorted" not in skip:
                 variants["forward-only-sorted" + suffix] = (to_this, make_gpu_only(scorer, texts))
                 if not label:

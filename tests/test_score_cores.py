@@ -45,18 +45,19 @@ def _mask(tid: int) -> set[int]:
 
 
 @linux_masks
-def test_pins_this_thread_moves_the_others_and_restores_every_mask():
+@pytest.mark.parametrize("strategy", ["reserve", "pin"])
+def test_keeps_the_other_threads_off_one_core_and_restores_every_mask(strategy):
     me = threading.get_native_id()
     before_me = _mask(me)
     other = Sleeper()
     before_other = _mask(other.tid)
-    cores = CoreIsolation(min_cores=2)
+    cores = CoreIsolation(strategy, min_cores=2)
     try:
         assert cores.start(), cores.note
         core = max(before_me)
-        assert _mask(me) == {core}
+        assert _mask(me) == ({core} if strategy == "pin" else before_me)  # reserve: this thread may run anywhere
         assert core not in _mask(other.tid) and _mask(other.tid)
-        assert "on (forward thread on core" in cores.note
+        assert (f"pinned to core {core}" if strategy == "pin" else f"core {core} kept free for it") in cores.note
     finally:
         cores.stop()
     assert _mask(me) == before_me
@@ -66,7 +67,7 @@ def test_pins_this_thread_moves_the_others_and_restores_every_mask():
 
 @linux_masks
 def test_a_thread_started_by_the_pinned_thread_is_moved_off_its_core_by_sweep_and_gets_the_full_mask_back():
-    cores = CoreIsolation(min_cores=2)
+    cores = CoreIsolation("pin", min_cores=2)
     full = _mask(threading.get_native_id())
     try:
         assert cores.start()
@@ -78,6 +79,19 @@ def test_a_thread_started_by_the_pinned_thread_is_moved_off_its_core_by_sweep_an
     finally:
         cores.stop()
     assert _mask(late.tid) == full  # not left on the forward thread's core
+    late.end()
+
+
+@linux_masks
+def test_reserve_moves_threads_started_by_the_calling_thread_too():
+    cores = CoreIsolation("reserve", min_cores=2)
+    try:
+        assert cores.start()
+        late = Sleeper()  # inherits the calling thread's full mask
+        assert cores.core in _mask(late.tid)
+        assert cores.sweep() == 1 and cores.core not in _mask(late.tid)
+    finally:
+        cores.stop()
     late.end()
 
 
@@ -95,5 +109,5 @@ def test_too_few_cores_does_nothing_and_says_why():
 
 def test_mode_is_checked():
     assert check_core_isolation_mode("off") == "off"
-    with pytest.raises(UsageError, match="--cpu-isolation must be one of auto, off, found 'sometimes'"):
+    with pytest.raises(UsageError, match="--cpu-isolation must be one of auto, off, reserve, pin, found 'sometimes'"):
         check_core_isolation_mode("sometimes")

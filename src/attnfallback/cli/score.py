@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         batch_tokens: int = typer.Option(None, "--batch-tokens", help="Padded tokens per batch (default per device and attention implementation)."),
         max_length: int = typer.Option(None, "--max-length", help="Truncate texts to this many tokens (counted)."),
         packing: str = typer.Option("auto", "--packing", help="auto: padding-free batches under flash implementations (checked first) | off."),
-        cpu_isolation: str = typer.Option("auto", "--cpu-isolation", help="auto: on CUDA with 4+ cores, the forward thread gets a core the tokenizer's threads stay off | off."),
+        cpu_isolation: str = typer.Option("auto", "--cpu-isolation", help="auto (= reserve): on CUDA with 4+ cores, the other threads stay off one core, free for the forward thread | pin: the forward thread also pinned there | off."),
         events: str = EVENTS,
         run_id: str = RUN_ID,
         resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last committed part (or keep a completed output)."),

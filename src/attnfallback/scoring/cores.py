@@ -3,9 +3,10 @@
 A BERT-base forward on an H100 is thousands of small kernels: it runs as fast as its thread gets
 scheduled. The fast tokenizer's Rust thread pool, working ahead in the worker thread, takes every
 core it can see, and the forward thread then waits for a core between launches (bench/NOTES.md,
-session 2: 29-44% of the forward's time). `CoreIsolation` pins the forward thread to one core and
-keeps every other thread of the process off it, for as long as scoring runs; then puts every mask
-back. Linux only (thread masks through /proc/self/task); elsewhere, or with fewer than
+session 2: 29-44% of the forward's time). `CoreIsolation` keeps every other thread of the
+process off one core for as long as scoring runs, so the forward thread always finds a free core
+(strategy "reserve", the default; "pin" also pins the forward thread there); then it puts every
+mask back. Linux only (thread masks through /proc/self/task); elsewhere, or with fewer than
 `MIN_CORES` usable cores, it does nothing and says why.
 """
 
@@ -14,7 +15,8 @@ from __future__ import annotations
 import os
 import threading
 
-CORE_ISOLATION_MODES = ("auto", "off")
+CORE_ISOLATION_MODES = ("auto", "off", "reserve", "pin")
+AUTO_STRATEGY = "reserve"
 MIN_CORES = 4  # with fewer, one core less for the tokenizer costs more than it gives the forward
 TASKS_DIR = "/proc/self/task"
 
@@ -35,14 +37,18 @@ def _thread_ids() -> list[int]:
 
 
 class CoreIsolation:
-    """Pin the calling thread to one core and keep the process's other threads off it.
+    """Keep the process's other threads off one core, so the calling thread always finds it free.
 
-    `start()` pins and moves the threads there now; `sweep()` moves threads started since (call it
-    now and then: threads started by the pinned thread inherit its single core); `stop()` restores
-    every mask it changed. `available` and `min_cores` are injectable for tests.
+    strategy "reserve": the calling thread keeps its mask (the scheduler wakes it on the free core);
+    "pin": the calling thread is also pinned to that core. `start()` moves the threads there now;
+    `sweep()` moves threads started since (call it now and then); `stop()` restores every mask it
+    changed. `available` and `min_cores` are injectable for tests.
     """
 
-    def __init__(self, available: set[int] | None = None, min_cores: int = MIN_CORES):
+    def __init__(self, strategy: str = AUTO_STRATEGY, available: set[int] | None = None, min_cores: int = MIN_CORES):
+        if strategy not in ("reserve", "pin"):
+            raise ValueError(f"unknown strategy {strategy!r}")
+        self.strategy = strategy
         self._available = available
         self.min_cores = min_cores
         self.core: int | None = None
@@ -67,16 +73,18 @@ class CoreIsolation:
         self._own = threading.get_native_id()
         core = max(available)  # core 0 takes most interrupts on many hosts
         self._others = available - {core}
-        try:
-            self._saved[self._own] = os.sched_getaffinity(self._own)
-            os.sched_setaffinity(self._own, {core})
-        except OSError as e:
-            self._saved.clear()
-            self.note = f"off (could not pin the forward thread: {e})"
-            return False
+        if self.strategy == "pin":
+            try:
+                self._saved[self._own] = os.sched_getaffinity(self._own)
+                os.sched_setaffinity(self._own, {core})
+            except OSError as e:
+                self._saved.clear()
+                self.note = f"off (could not pin the forward thread: {e})"
+                return False
         self.core = core
         self.sweep()
-        self.note = f"on (forward thread on core {core}, other threads on {len(self._others)} cores)"
+        where = f"pinned to core {core}" if self.strategy == "pin" else f"core {core} kept free for it"
+        self.note = f"on (forward thread: {where}; other threads on {len(self._others)} cores)"
         return True
 
     def sweep(self) -> int:

@@ -487,7 +487,9 @@ class Scorer:
         finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnfallback-finish") if self.on_cuda else None
         # on CUDA the forward (this thread) is launch-bound: a core of its own, away from the
         # tokenizer's thread pool (see cores.py); on the CPU the forward wants every core
-        cores = CoreIsolation() if self.on_cuda and self.cpu_isolation == "auto" else None
+        cores = None
+        if self.on_cuda and self.cpu_isolation != "off":
+            cores = CoreIsolation() if self.cpu_isolation == "auto" else CoreIsolation(self.cpu_isolation)
         if cores is not None:
             cores.start()
             self.cpu_isolation_note = cores.note
