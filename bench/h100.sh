@@ -6,11 +6,11 @@
 #   call 2 (carry .gpu-wheels/fa4-2 .gpu-wheels/tok):     bash bench/h100.sh fa4   (or throughput)
 #   call 3 (carry .gpu-wheels/minilm):                    bash bench/h100.sh long
 #   any call (carry .gpu-wheels/tok), no FlashAttention-4: bash bench/h100.sh sdpa
-# session 3 (v8, the forward thread's own core):
+# session 3 (v8: leases G/H, the forward thread's own core, since removed; v9: the tokenizer process):
 #   call 1 (carry .gpu-wheels/fa4-1 .gpu-wheels/pytest):  bash bench/h100.sh stage
-#   call 2 (carry .gpu-wheels/fa4-2 .gpu-wheels/tok):     bash bench/h100.sh v8-rows
-#   call 3 (carry .gpu-wheels/minilm):                    bash bench/h100.sh v8-tests
-#   call 4 (carry .gpu-wheels/tok):                       bash bench/h100.sh v8-growth
+#   call 2 (carry .gpu-wheels/fa4-2 .gpu-wheels/tok):     bash bench/h100.sh v9-rows
+#   call 3 (carry .gpu-wheels/minilm):                    bash bench/h100.sh v9-tests
+#   call 4 (carry .gpu-wheels/tok):                       bash bench/h100.sh v9-growth
 #
 # .gpu-wheels/tok holds the MiniLM tokenizer and config (the random-weight bench models use it);
 # .gpu-wheels/minilm the whole embedded model (the gpu tests score with it). Results go to $OUT.
@@ -112,37 +112,37 @@ sdpa)
     step growth-qwen-sdpa 180 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
         --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-sdpa.json"
     ;;
-v8-rows)
-    # the first two rows with and without the forward thread's own core, on sdpa and FlashAttention-4
+v9-rows)
+    # the first two rows, tokenizing in a child process and in a thread, on sdpa and FlashAttention-4
     source .gpu-wheels/fa4-2/install.sh || exit 3
     setup_env
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
-    step bert-v8 200 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
-        --impls sdpa,flash_attention_4 --hf-impl sdpa --compare-isolation --prepared-ahead \
-        --skip st-encode-bs32,hf-dataset-order-bs32 --out "$OUT/bert-v8.json"
-    step qwen-v8 330 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --repeats 2 --prefer sdpa \
-        --impls sdpa,flash_attention_4 --hf-impl sdpa --compare-isolation --out "$OUT/qwen-v8.json"
+    step bert-v9 200 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
+        --impls sdpa,flash_attention_4 --hf-impl sdpa --compare-tokenizer-thread --prepared-ahead \
+        --skip st-encode-bs32,hf-dataset-order-bs32 --out "$OUT/bert-v9.json"
+    step qwen-v9 330 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --repeats 2 \
+        --prefer sdpa --impls sdpa,flash_attention_4 --hf-impl sdpa --compare-tokenizer-thread --out "$OUT/qwen-v9.json"
     ;;
-v8-tests)
+v9-tests)
     # the gpu tests on the final code (FlashAttention-4 staged by the calls before), growth for BERT
     setup_env
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/minilm
     step pytest-gpu 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ --junitxml "$OUT/gpu-junit.xml"
-    step growth-bert-v8 200 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
-        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --out "$OUT/growth-bert-v8.json"
+    step growth-bert-v9 200 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --out "$OUT/growth-bert-v9.json"
     ;;
-v8-growth)
+v9-growth)
     # growth for the Qwen shape, and the long-text row with the v7 budgets
     setup_env
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
-    step growth-qwen-v8 330 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
-        --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-v8.json"
-    step long-v8 250 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 400 --mean-words 555 \
+    step growth-qwen-v9 330 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-v9.json"
+    step long-v9 250 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 400 --mean-words 555 \
         --max-words 1900 --impls flash_attention_4,sdpa,eager --attention-bound --hf-impl sdpa --skip hf-dataset-order-bs32 \
-        --repeats 2 --out "$OUT/long-v8.json"
+        --repeats 2 --out "$OUT/long-v9.json"
     ;;
 *)
-    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v8-rows|v8-tests|v8-growth" >&2
+    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth" >&2
     exit 2
     ;;
 esac

@@ -196,11 +196,11 @@ def make_hf_sorted(scorer, texts: list[str]):
     return run
 
 
-def make_ours(scorer, texts: list[str], part_rows: int, prepared_ahead: bool = False, cpu_isolation: str = "auto"):
+def make_ours(scorer, texts: list[str], part_rows: int, prepared_ahead: bool = False, tokenizer_process: str = "auto"):
     """The pipeline. prepared_ahead: every chunk (and piece) tokenized and batched before the clock
     starts, so the worker thread only hands them over: what the tokenizing thread's CPU and GIL
-    time costs the forward thread is the difference to the plain variant. cpu_isolation: the
-    pipeline's (auto: on CUDA the forward thread gets a core of its own) or off."""
+    time costs the forward thread is the difference to the plain variant. tokenizer_process: the
+    pipeline's (auto: on CUDA, tokenizing in a child process) or off (in the worker thread)."""
     from attnfallback.scoring.pipeline import Chunk, build_table
 
     schema = scorer.output_schema
@@ -219,13 +219,13 @@ def make_ours(scorer, texts: list[str], part_rows: int, prepared_ahead: bool = F
         rows = 0
         if prepared_ahead:
             scorer.prepare = cached_prepare
-        before, scorer.cpu_isolation = scorer.cpu_isolation, cpu_isolation
+        before, scorer.tokenizer_process = scorer.tokenizer_process, tokenizer_process
         try:
             for result in scorer.score_chunks(iter(chunks)):
                 rows += build_table(schema, result.chunk.ids, result).num_rows
         finally:
             scorer.__dict__.pop("prepare", None)
-            scorer.cpu_isolation = before
+            scorer.tokenizer_process = before
         assert rows == len(texts)
     if prepared_ahead:
         run()  # fills the cache (the warm-up run repeats this)
@@ -387,9 +387,8 @@ def main() -> None:
     ap.add_argument("--prepared-ahead", action="store_true",
                     help="also run the pipeline on chunks tokenized before the clock starts (what the worker costs)")
     ap.add_argument("--compare-packing", action="store_true", help="where batches are packed, also run them padded")
-    ap.add_argument("--compare-isolation", nargs="?", const="off", default=None,
-                    help="also run score with these --cpu-isolation modes (default: off, the forward thread sharing "
-                         "the cores with the tokenizer's threads; also pin, reserve)")
+    ap.add_argument("--compare-tokenizer-thread", action="store_true",
+                    help="also run score with --tokenizer-process off (tokenizing in the worker thread)")
     ap.add_argument("--attention-bound", action="store_true",
                     help="also run the forward with attention replaced by a copy of V (the most any implementation can gain)")
     ap.add_argument("--growth", default=None, help="e.g. 1000,10000,100000: only run `run_score` end to end on that many "
@@ -435,7 +434,7 @@ def main() -> None:
                           batch_tokens=args.batch_tokens, max_length=max_length, quiet=True)
         growth = run_growth(scorer, job_kwargs, texts, sizes, args.repeats, Path(tmp.name))
         result = {"mode": "growth", "model": args.model, "task": task, "device": device, "dtype": dtype, "impl": impl,
-                  "packing": scorer.packing_note, "cpu_isolation": scorer.cpu_isolation_note, "data": data, "repeats": args.repeats, "argv": sys.argv[1:],
+                  "packing": scorer.packing_note, "tokenizer": scorer.tokenizer_note, "data": data, "repeats": args.repeats, "argv": sys.argv[1:],
                   "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
                   "versions": scorer.decision.versions, **growth}
         out = Path(args.out) if args.out else REPO / "bench" / "results" / f"score_growth-{args.model}-{device}.json"
@@ -494,10 +493,9 @@ def main() -> None:
                         to_this, with_switch_interval(interval, make_ours(scorer, texts, args.part_rows)))
             if args.prepared_ahead and not label:
                 variants["attnfallback-score [prepared ahead]" + suffix] = (to_this, make_ours(scorer, texts, args.part_rows, True))
-            if args.compare_isolation and not label:
-                for mode in args.compare_isolation.split(","):
-                    variants[f"attnfallback-score [cpu isolation {mode}]" + suffix] = (
-                        to_this, make_ours(scorer, texts, args.part_rows, cpu_isolation=mode))
+            if args.compare_tokenizer_thread and not label:
+                variants["attnfallback-score [tokenizer in a thread]" + suffix] = (
+                    to_this, make_ours(scorer, texts, args.part_rows, tokenizer_process="off"))
             if "forward-only-sorted" not in skip:
                 variants["forward-only-sorted" + suffix] = (to_this, make_gpu_only(scorer, texts))
                 if not label:
@@ -571,7 +569,7 @@ def main() -> None:
         "ratios": ratios, "failures": failures, "bf16_matmul_tflops": peak, "model_flops_per_token": flops_per_token,
         "mfu": {k: (v * flops_per_token / 1e12) / peak for k, v in rate.items()} if peak else None,
         "pipeline_timing": pipeline_timing, "versions": scorer.decision.versions, "argv": sys.argv[1:],
-        "packing": packing_notes, "cpu_isolation": scorer.cpu_isolation_note,
+        "packing": packing_notes, "tokenizer": scorer.tokenizer_note,
     }
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"score_throughput-{args.model}-{device}-{data}-{len(texts)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -598,7 +596,7 @@ def main() -> None:
         console.print(escape(f"  {k}: {v:.2f}"))
     if pipeline_timing:
         console.print("  pipeline, one more run: " + ", ".join(f"{k} {v:.3f}" for k, v in pipeline_timing.items())
-                      + f"; cpu isolation {scorer.cpu_isolation_note}")
+                      + f"; tokenizing {scorer.tokenizer_note}")
     console.print(f"written to {out}")
 
 

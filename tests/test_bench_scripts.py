@@ -22,18 +22,17 @@ def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def test_variants_and_bounds_are_measured_side_by_side(tmp_path):
     out = tmp_path / "variants.json"
     done = run_script("--texts", "60", "--impls", "sdpa,eager", "--attention-bound", "--prepared-ahead",
-                      "--switch-intervals", "0.001", "--compare-isolation", "off,pin", "--skip", "st-encode-bs32,st-encode-bs256", "--out", str(out))
+                      "--switch-intervals", "0.001", "--compare-tokenizer-thread", "--skip", "st-encode-bs32,st-encode-bs256", "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     names = set(result["tokens_per_s"])
     assert {"attnfallback-score [sdpa]", "attnfallback-score [eager]", "attnfallback-score [prepared ahead] [sdpa]",
-            "attnfallback-score [switch interval 1 ms] [sdpa]", "attnfallback-score [cpu isolation off] [sdpa]",
-            "attnfallback-score [cpu isolation pin] [sdpa]",
+            "attnfallback-score [switch interval 1 ms] [sdpa]", "attnfallback-score [tokenizer in a thread] [sdpa]",
             "forward-only-sorted [no attention, padded]",
             "forward-only-sorted [no attention, packed]", "hf-sorted-budget", "hf-dataset-order-bs32"} <= names
     assert all(v > 0 for v in result["tokens_per_s"].values())
     assert result["packing"] == {"sdpa": "off (sdpa has no varlen path)", "eager": "off (eager has no varlen path)"}
-    assert result["cpu_isolation"] == "off"  # the CPU's forward wants every core
+    assert result["tokenizer"] == "in the worker thread"
     assert "forward-only-sorted [no attention, padded]" in done.stdout  # names printed whole, not eaten as markup
 
 

@@ -34,7 +34,7 @@ def test_score_prints_the_result_as_json(model_dir, tmp_path, capsys):
     ("empty", "empty input"),
     ("bad-shard", "malformed shard"),
     ("bad-packing", "--packing must be auto or off, found 'always'"),
-    ("bad-cpu-isolation", "--cpu-isolation must be one of auto, off, reserve, pin, found 'always'"),
+    ("bad-tokenizer-process", "--tokenizer-process must be auto or off, found 'always'"),
 ])
 def test_bad_input_exits_2_with_a_message_naming_it(model_dir, tmp_path, capsys, case, message):
     path = tmp_path / "in.jsonl"
@@ -52,8 +52,8 @@ def test_bad_input_exits_2_with_a_message_naming_it(model_dir, tmp_path, capsys,
         extra = ["--shard", "3/2"]
     elif case == "bad-packing":
         extra = ["--packing", "always"]
-    elif case == "bad-cpu-isolation":
-        extra = ["--cpu-isolation", "always"]
+    elif case == "bad-tokenizer-process":
+        extra = ["--tokenizer-process", "always"]
     code = main(["score", str(model_dir), "--input", str(path), "--output", str(tmp_path / "o.parquet"), "--quiet", "--device", "cpu", *extra])
     assert code == 2
     assert message in capsys.readouterr().err

@@ -123,33 +123,18 @@ def test_packed_batches_on_a_flash_kernel_equal_padded_sdpa(tmp_path, kind, task
         assert np.abs(a - b).max() <= 0.05 * np.abs(b).max() and np.std(b) > 0
 
 
-def test_the_forward_thread_has_a_core_of_its_own_while_scoring_and_masks_come_back_after(texts):
-    import os
-    import threading
 
+def test_on_cuda_tokenizing_runs_in_a_child_process_with_the_same_results(texts):
     from attnfallback.scoring.pipeline import Chunk
 
-    me = threading.get_native_id()
-    before = os.sched_getaffinity(me)
-    if len(before) < 4:
-        pytest.skip(f"{len(before)} usable cores: isolation stays off")
     chunks = [Chunk(i, list(range(i * 100, i * 100 + 100)), [(t,) for t in texts[i * 100:i * 100 + 100]]) for i in range(3)]
-    isolated = Scorer.from_job(ScoreJob(model="default", device="cuda", dtype="float32"))
-    results = isolated.score_chunks(iter(chunks))
-    first = next(results)  # the generator is paused inside the loop: isolation is on
-    assert os.sched_getaffinity(me) == before  # reserve: this thread may run anywhere, the others not on its core
-    assert isolated.describe()["cpu_isolation"].startswith(f"on (forward thread: core {max(before)} kept free for it")
-    isolated_core = max(before)
-    for tid in (int(t) for t in os.listdir("/proc/self/task") if int(t) != me):
-        try:
-            assert isolated_core not in os.sched_getaffinity(tid), f"thread {tid} may run on the forward thread's core"
-        except ProcessLookupError:  # ended since the listing
-            pass
-    got = [first, *results]
-    assert os.sched_getaffinity(me) == before
-    plain = Scorer.from_job(ScoreJob(model="default", device="cuda", dtype="float32", cpu_isolation="off"))
-    want = list(plain.score_chunks(iter(chunks)))
-    assert plain.describe()["cpu_isolation"] == "off"
+    child = Scorer.from_job(ScoreJob(model="default", device="cuda", dtype="float32"))
+    assert child.describe()["tokenizer"] == "in a child process"
+    got = list(child.score_chunks(iter(chunks)))
+    assert child._child is not None and child._child.alive
+    thread = Scorer.from_job(ScoreJob(model="default", device="cuda", dtype="float32", tokenizer_process="off"))
+    assert thread.describe()["tokenizer"] == "in the worker thread (turned off)"
+    want = list(thread.score_chunks(iter(chunks)))
     for a, b in zip(got, want, strict=True):
-        assert a.chunk.ids == b.chunk.ids
-        assert np.allclose(np.array(a.columns["embedding"].to_pylist()), np.array(b.columns["embedding"].to_pylist()), atol=1e-5)
+        assert a.chunk.ids == b.chunk.ids and a.tokens == b.tokens
+        assert np.allclose(np.array(a.columns["embedding"].to_pylist()), np.array(b.columns["embedding"].to_pylist()), atol=1e-6)

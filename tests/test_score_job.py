@@ -61,7 +61,7 @@ def test_embed_keeps_input_order_ids_and_matches_a_row_by_row_computation(st_ber
     assert np.abs(got - reference_embeddings(st_bert, texts)).max() < TOL
     assert result.rows_in == result.rows_written == len(texts) and result.rows_skipped == 0
     assert result.parts == 4 and result.tokens > 0 and result.task["pooling"] == ["mean"] and result.task["normalize"]
-    assert result.task["cpu_isolation"] == "off"  # on the CPU the forward wants every core
+    assert result.task["tokenizer"] == "in the worker thread"  # on the CPU: no child process
     assert not (tmp_path / ".out.parquet.parts").exists() and not (tmp_path / ".out.parquet.lock").exists()
 
 

@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         batch_tokens: int = typer.Option(None, "--batch-tokens", help="Padded tokens per batch (default per device and attention implementation)."),
         max_length: int = typer.Option(None, "--max-length", help="Truncate texts to this many tokens (counted)."),
         packing: str = typer.Option("auto", "--packing", help="auto: padding-free batches under flash implementations (checked first) | off."),
-        cpu_isolation: str = typer.Option("auto", "--cpu-isolation", help="auto (= reserve): on CUDA with 4+ cores, the other threads stay off one core, free for the forward thread | pin: the forward thread also pinned there | off."),
+        tokenizer_process: str = typer.Option("auto", "--tokenizer-process", help="auto: on CUDA, tokenize in a child process, so the thread launching the forward keeps the GIL | off: in a thread."),
         events: str = EVENTS,
         run_id: str = RUN_ID,
         resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last committed part (or keep a completed output)."),
@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
             text_columns=split_list(text_columns), id_column=id_column, shard=shard, prefer=prefer, policy=policy,
             dtype=dtype, device=device, batch_tokens=batch_tokens, max_length=max_length, events=events, run_id=run_id,
             resume=resume, on_bad_row=on_bad_row, on_nonfinite=on_nonfinite, quiet=quiet or as_json, revision=revision,
-            trust_remote_code=trust_remote_code, part_rows=part_rows, packing=packing, cpu_isolation=cpu_isolation,
+            trust_remote_code=trust_remote_code, part_rows=part_rows, packing=packing, tokenizer_process=tokenizer_process,
         )
         data = run_score_engine(job, engine, address=address, actors=actors).to_dict()
         print_json(data) if as_json else render(data)

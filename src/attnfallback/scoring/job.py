@@ -22,8 +22,8 @@ from pathlib import Path
 
 from attnfallback.errors import InputError, OutputError, UsageError
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec
-from attnfallback.scoring.cores import check_core_isolation_mode
 from attnfallback.scoring.tasks import TEXT_COLUMNS, check_packing_mode, parse_task
+from attnfallback.scoring.tokenizer_process import check_tokenizer_process_mode
 
 log = logging.getLogger("attnfallback")
 
@@ -61,7 +61,7 @@ class ScoreJob:
     trust_remote_code: bool = False
     part_rows: int = DEFAULT_PART_ROWS  # rows per committed part (the unit of --resume)
     packing: str = "auto"  # auto: padding-free batches where the implementation is a varlen flash kernel | off
-    cpu_isolation: str = "auto"  # auto: on CUDA, a core of its own for the forward thread (scoring/cores.py) | off
+    tokenizer_process: str = "auto"  # auto: on CUDA, tokenize in a child process (scoring/tokenizer_process.py) | off
 
 
 @dataclass
@@ -119,7 +119,7 @@ def _validate_job(job: ScoreJob) -> str:
     if job.batch_tokens is not None and job.batch_tokens < 1:
         raise UsageError(f"--batch-tokens must be positive, found {job.batch_tokens}")
     check_packing_mode(job.packing)
-    check_core_isolation_mode(job.cpu_isolation)
+    check_tokenizer_process_mode(job.tokenizer_process)
     if job.max_length is not None and job.max_length < 2:
         raise UsageError(f"--max-length must be at least 2, found {job.max_length}")
     if job.text_columns is not None and len(job.text_columns) not in TEXT_COLUMNS[task]:

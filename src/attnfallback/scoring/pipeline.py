@@ -1,6 +1,7 @@
 """The scorer: a model loaded once through the fallback, and the loop that feeds it.
 
-    rows -> chunks --(worker thread: tokenize, length sort, token-budget batches, pinned tensors)-->
+    rows -> chunks --(worker thread: tokenize (on CUDA in a child process), length sort,
+    token-budget batches, pinned tensors)-->
     bounded queue --(this thread: non-blocking copy, forward under inference_mode, outputs kept on
     the device)--> one asynchronous copy to the host per chunk --(finisher thread on CUDA: inverse
     permutation, finiteness, Arrow columns)--> results in order
@@ -27,8 +28,8 @@ import numpy as np
 from attnfallback.errors import NonFiniteError, UsageError
 from attnfallback.model_facts import text_config
 from attnfallback.scoring.batching import default_batch_tokens, eager_max_cells, ffn_width, length_order, plan_batches
-from attnfallback.scoring.cores import CoreIsolation, check_core_isolation_mode
 from attnfallback.scoring.inputs import InputSpec, rows_of_table
+from attnfallback.scoring.tokenizer_process import check_tokenizer_process_mode
 from attnfallback.scoring.tasks import (
     AUTO_CLASSES,
     Encoded,
@@ -152,8 +153,11 @@ class Scorer:
         self.pack = False  # batches packed padding-free (see refresh_packing)
         self.packing_note = "off"
         self._packing_checked: dict[str, str | None] = {}  # impl -> None (agrees) or why not
-        self.cpu_isolation = check_core_isolation_mode(getattr(job, "cpu_isolation", "auto"))
-        self.cpu_isolation_note = "off" if self.cpu_isolation == "off" or not self.on_cuda else "not run yet"
+        self.tokenizer_process = check_tokenizer_process_mode(getattr(job, "tokenizer_process", "auto"))
+        self.tokenizer_note = "in the worker thread" + (" (turned off)" if self.tokenizer_process == "off" else "")
+        self._child = None  # the ProcessEncoder, when tokenizing runs in a child process
+        if self.on_cuda and self.tokenizer_process == "auto":
+            self.start_tokenizer_process()
         # where the time goes (seconds): prepare on the worker, waiting for it, launch, finish
         self.timing = {"prepare_s": 0.0, "wait_s": 0.0, "launch_s": 0.0, "finish_s": 0.0}
         self._torch = torch
@@ -233,7 +237,7 @@ class Scorer:
     def describe(self) -> dict:
         return {**self.task.describe(), "max_length": self.max_length, "batch_tokens": self.batch_tokens,
                 "max_cells": self.max_cells, "device": str(self.device), "impl": self.decision.used,
-                "packing": self.packing_note, "cpu_isolation": self.cpu_isolation_note}
+                "packing": self.packing_note, "tokenizer": self.tokenizer_note}
 
     # -- packing ----------------------------------------------------------------------------
 
@@ -289,10 +293,46 @@ class Scorer:
 
     # -- preparing (worker thread) ----------------------------------------------------------
 
+    def start_tokenizer_process(self) -> bool:
+        """Tokenize in a child process from now on (done on CUDA by default: the thread launching
+        the forward then keeps the GIL; see tokenizer_process.py). False, and the note says why,
+        where it cannot."""
+        import weakref
+
+        from attnfallback.scoring.tokenizer_process import ProcessEncoder, process_obstacle
+
+        if self._child is not None:
+            return True
+        obstacle = process_obstacle(self.encoder)
+        if obstacle is None:
+            try:
+                self._child = ProcessEncoder(self.encoder)
+            except (OSError, RuntimeError, ValueError) as e:
+                obstacle = f"the tokenizer process did not start: {e}"
+        if obstacle is not None:
+            self.tokenizer_note = f"in the worker thread ({obstacle})"
+            return False
+        weakref.finalize(self, self._child.close)
+        self.tokenizer_note = "in a child process"
+        return True
+
+    def _encode(self, texts: list[tuple[str, ...]]) -> Encoded:
+        from attnfallback.scoring.tokenizer_process import ChildDied
+
+        if self._child is not None and self.tokenizer_process == "auto":
+            try:
+                return self._child.encode(texts)
+            except ChildDied as e:
+                log.warning("tokenizing in the worker thread from now on: %s", e)
+                self.tokenizer_note = f"in the worker thread ({e})"
+                self._child.close()
+                self._child = None
+        return self.encoder.encode(texts)
+
     def prepare(self, chunk: Chunk) -> PreparedChunk:
         """Tokenize, sort by length (stable), plan token-budget batches, pad (and pin on CUDA)."""
         t0 = time.perf_counter()
-        encoded = self.encoder.encode(chunk.texts)
+        encoded = self._encode(chunk.texts)
         order = length_order(encoded.lengths)
         slices = plan_batches(encoded.lengths[order], self.batch_tokens, self.max_cells)
         batches = [self._host_batch(encoded, order[s.start:s.stop], s.length) for s in slices]
@@ -485,14 +525,6 @@ class Scorer:
         # on CUDA a chunk is finished (host copy awaited, columns built) on another thread while
         # the next one runs on the GPU; on the CPU that work would only compete for the cores
         finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnfallback-finish") if self.on_cuda else None
-        # on CUDA the forward (this thread) is launch-bound: a core of its own, away from the
-        # tokenizer's thread pool (see cores.py); on the CPU the forward wants every core
-        cores = None
-        if self.on_cuda and self.cpu_isolation != "off":
-            cores = CoreIsolation() if self.cpu_isolation == "auto" else CoreIsolation(self.cpu_isolation)
-        if cores is not None:
-            cores.start()
-            self.cpu_isolation_note = cores.note
         pending: deque = deque()  # (future, last piece of its chunk)
         pieces_done: list[ChunkResult] = []
 
@@ -520,8 +552,6 @@ class Scorer:
                         yield merged
                     continue
                 pending.append((finisher.submit(self.finish, self.launch(prepared)), last))
-                if cores is not None:
-                    cores.sweep()  # threads started since, such as the finisher, inherit this one's core
                 while len(pending) > 1 or (pending and pending[0][0].done()):
                     future, is_last = pending.popleft()
                     merged = collect(future.result(), is_last)
@@ -534,8 +564,6 @@ class Scorer:
                     yield merged
         finally:
             stop.set()
-            if cores is not None:
-                cores.stop()
             if finisher is not None:
                 finisher.shutdown(wait=True)
             worker.join(timeout=5)

@@ -162,7 +162,15 @@ class Encoded:
     _flat: tuple[np.ndarray, np.ndarray | None, np.ndarray] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.lengths)
+
+    @classmethod
+    def from_flat(cls, ids: np.ndarray, type_ids: np.ndarray | None, lengths: np.ndarray, truncated: np.ndarray) -> Encoded:
+        """Rows given as all ids concatenated (what a tokenizer process sends back)."""
+        offsets = np.zeros(len(lengths), dtype=np.int64)
+        if len(lengths) > 1:
+            np.cumsum(lengths[:-1], out=offsets[1:])
+        return cls([], None, lengths, truncated, _flat=(ids, type_ids, offsets))
 
     def flat(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """All ids concatenated (and type ids), with each row's offset: for vectorised padding."""
@@ -199,25 +207,18 @@ class TextEncoder:
                 return copy
 
             self._main = configured("right", self.max_length)
-            # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which nothing here reads
-            self._batch = getattr(self._main, "encode_batch_fast", self._main.encode_batch)
+            self._batch = fast_batch(self._main)
             if mode == "prompt_completion":
                 # the completion is kept; the prompt gives way, from its left
                 self._prompt = configured("left", self.max_length)
                 self._completion = configured("right", max(self.max_length - 1, 1))
 
     def encode(self, texts: list[tuple[str, ...]]) -> Encoded:
-        texts, cut = self._cut_huge(texts)
+        texts, cut = cut_huge(texts, self.max_length, self.mode)
         if self.mode == "prompt_completion":
             encoded = self._encode_prompt_completion(texts)
         elif self.fast:
-            inputs = [t[0] for t in texts] if self.mode == "single" else [(t[0], t[1]) for t in texts]
-            encodings = self._batch(inputs, add_special_tokens=True)
-            ids = [e.ids for e in encodings]
-            type_ids = [e.type_ids for e in encodings]
-            truncated = np.fromiter((len(e.ids) >= self.max_length and bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
-            lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
-            encoded = Encoded(ids, type_ids, lengths, truncated)
+            encoded = encode_fast(self._batch, texts, self.mode, self.max_length)
         else:
             ids, type_ids, truncated = self._encode_slow(texts)
             lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
@@ -226,14 +227,6 @@ class TextEncoder:
             encoded.truncated[cut] = True
         return encoded
 
-    def _cut_huge(self, texts: list[tuple[str, ...]]) -> tuple[list[tuple[str, ...]], list[int]]:
-        """Texts far longer than any `max_length` tokens can span are cut (by characters) before
-        tokenizing: a 10 MB row would otherwise be tokenized whole, then truncated. The limit,
-        100 characters per token allowed, leaves real text's first max_length tokens unchanged."""
-        limit = max(self.max_length * HUGE_CHARS_PER_TOKEN, 100_000)
-        cut = [i for i, t in enumerate(texts) if any(len(part) > limit for part in t)]
-        if not cut:
-            return texts, cut
         texts = list(texts)
         for i in cut:
             texts[i] = tuple(part[:limit] if self.mode != "prompt_completion" or j == 1 else part[-limit:]
@@ -281,6 +274,39 @@ class TextEncoder:
 
 
 # --- padded batches ----------------------------------------------------------------------------
+
+
+def fast_batch(tokenizer):
+    """The tokenizer's batch encoding: encode_batch_fast (tokenizers >= 0.21) skips the character
+    offsets, which nothing here reads."""
+    return getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+
+
+def encode_fast(batch, texts: list[tuple[str, ...]], mode: str, max_length: int) -> Encoded:
+    """Single texts or pairs through a configured fast tokenizer's batch encoding (see TextEncoder)."""
+    inputs = [t[0] for t in texts] if mode == "single" else [(t[0], t[1]) for t in texts]
+    encodings = batch(inputs, add_special_tokens=True)
+    ids = [e.ids for e in encodings]
+    type_ids = [e.type_ids for e in encodings]
+    truncated = np.fromiter((len(e.ids) >= max_length and bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
+    lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
+    return Encoded(ids, type_ids, lengths, truncated)
+
+
+def cut_huge(texts: list[tuple[str, ...]], max_length: int, mode: str) -> tuple[list[tuple[str, ...]], list[int]]:
+    """Texts far longer than any `max_length` tokens can span are cut (by characters) before
+    tokenizing: a 10 MB row would otherwise be tokenized whole, then truncated. The limit,
+    100 characters per token allowed, leaves real text's first max_length tokens unchanged."""
+    limit = max(max_length * HUGE_CHARS_PER_TOKEN, 100_000)
+    cut = [i for i, t in enumerate(texts) if any(len(part) > limit for part in t)]
+    if not cut:
+        return texts, cut
+    texts = list(texts)
+    for i in cut:
+        texts[i] = tuple(part[:limit] if mode != "prompt_completion" or j == 1 else part[-limit:]
+                         for j, part in enumerate(texts[i]))
+    return texts, cut
+
 
 def pad_rows(encoded: Encoded, rows: np.ndarray, length: int, pad_id: int, with_types: bool) -> dict[str, np.ndarray]:
     """Right-padded int64 arrays for `rows` of `encoded`: input_ids, attention_mask (and token_type_ids)."""
