@@ -227,12 +227,6 @@ class TextEncoder:
             encoded.truncated[cut] = True
         return encoded
 
-        texts = list(texts)
-        for i in cut:
-            texts[i] = tuple(part[:limit] if self.mode != "prompt_completion" or j == 1 else part[-limit:]
-                             for j, part in enumerate(texts[i]))
-        return texts, cut
-
     def _encode_slow(self, texts):
         pair = self.mode == "pair"
         first = [t[0] for t in texts]
