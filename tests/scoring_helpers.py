@@ -83,3 +83,18 @@ def poison_token(directory: Path, token: str = "piano") -> int:
     weights[key][token_id] = float("nan")
     save_file({k: v.contiguous() for k, v in weights.items()}, path, metadata={"format": "pt"})
     return token_id
+
+
+def failing_above(forward, max_rows: int, seen: list, rows_key: str = "input_ids"):
+    """`forward` as a GPU too small for more than `max_rows` rows would run it: larger batches raise
+    CUDA out-of-memory. Each batch's row count (from `rows_key`'s first dimension) goes to `seen`."""
+    import torch
+
+    def limited(batch):
+        rows = batch[rows_key].shape[0]
+        seen.append(rows)
+        if rows > max_rows:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return forward(batch)
+
+    return limited

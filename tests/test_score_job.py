@@ -11,7 +11,7 @@ from attnfallback.errors import InputError, NonFiniteError, UsageError
 from attnfallback.events import validate
 from attnfallback.scoring import ScoreJob, Scorer, run_score
 from conftest import build_tiny_model
-from scoring_helpers import add_sentence_config, poison_token, read_events, read_output, seeded_texts, write_jsonl, write_parquet
+from scoring_helpers import add_sentence_config, failing_above, poison_token, read_events, read_output, seeded_texts, write_jsonl, write_parquet
 
 TOL = 1e-5
 
@@ -253,16 +253,7 @@ def test_out_of_memory_splits_the_batch_and_loses_no_row(st_bert, input_file, tm
 
     def from_job_with_small_memory(cls, job, **kw):
         scorer = real_from_job(cls, job, **kw)
-        forward = scorer.task.forward
-
-        def limited(batch):
-            rows = batch["input_ids"].shape[0]
-            seen.append(rows)
-            if rows > 5:
-                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-            return forward(batch)
-
-        scorer.task.forward = limited
+        scorer.task.forward = failing_above(scorer.task.forward, 5, seen)
         return scorer
 
     monkeypatch.setattr(pipeline.Scorer, "from_job", classmethod(from_job_with_small_memory))

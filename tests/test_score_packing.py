@@ -18,7 +18,7 @@ from attnfallback.scoring import ScoreJob, Scorer, run_score, tasks
 from attnfallback.scoring.pipeline import Chunk, build_table
 from attnfallback.scoring.tasks import POOLING_MODES, Encoded, pack_rows, pad_rows, pool, pool_packed
 from conftest import build_tiny_model
-from scoring_helpers import add_sentence_config, read_output, seeded_texts, write_jsonl
+from scoring_helpers import add_sentence_config, failing_above, read_output, seeded_texts, write_jsonl
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, keep_rows_apart=True, **kwargs):
@@ -183,17 +183,8 @@ def test_out_of_memory_on_a_packed_batch_splits_it_and_loses_no_row(st_bert, var
     texts = seeded_texts(40, seed=9, max_words=30)
     chunk = Chunk(0, list(range(40)), [(t,) for t in texts])
     clean = build_table(scorer.output_schema, chunk.ids, next(scorer.score_chunks(iter([chunk]))))
-    forward = scorer.task.forward
     seen = []
-
-    def limited(batch):
-        rows = batch["_lengths"].shape[0]
-        seen.append(rows)
-        if rows > 6:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return forward(batch)
-
-    monkeypatch.setattr(scorer.task, "forward", limited)
+    monkeypatch.setattr(scorer.task, "forward", failing_above(scorer.task.forward, 6, seen, rows_key="_lengths"))
     result = next(scorer.score_chunks(iter([chunk])))
     assert result.oom_splits > 0 and max(seen) > 6
     table = build_table(scorer.output_schema, result.chunk.ids, result)

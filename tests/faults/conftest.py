@@ -1,5 +1,5 @@
 """Fixtures of the fault suite: `observe` (what a test saw, for the report's observed column),
-the command line in-process, snapshots of directory trees, and a clean environment."""
+the command line in-process, snapshots of directory trees."""
 
 from __future__ import annotations
 
@@ -9,18 +9,8 @@ import pytest
 
 from .tools import CliResult
 
-ENV_VARS = ("ATTNFALLBACK_EVENTS", "ATTNFALLBACK_POLICY", "ATTNFALLBACK_PREFER", "ATTNFALLBACK_RUN_ID",
-            "ATTNFALLBACK_SHARD")
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    for var in ENV_VARS:
-        monkeypatch.delenv(var, raising=False)
-    yield
-    from attnfallback.events import set_default_sink
-
-    set_default_sink(None)
+# A clean environment (no ambient ATTNFALLBACK_* variables, no default event sink left behind)
+# comes from tests/conftest.py, whose autouse fixture covers this suite too.
 
 
 @pytest.fixture

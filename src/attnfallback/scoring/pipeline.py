@@ -29,7 +29,6 @@ from attnfallback.errors import NonFiniteError, UsageError
 from attnfallback.model_facts import text_config
 from attnfallback.scoring.batching import default_batch_tokens, eager_max_cells, ffn_width, length_order, plan_batches
 from attnfallback.scoring.inputs import InputSpec, rows_of_table
-from attnfallback.scoring.tokenizer_process import check_tokenizer_process_mode
 from attnfallback.scoring.tasks import (
     AUTO_CLASSES,
     Encoded,
@@ -42,6 +41,7 @@ from attnfallback.scoring.tasks import (
     parse_task,
     supports_varlen,
 )
+from attnfallback.scoring.tokenizer_process import ChildDied, ProcessEncoder, check_tokenizer_process_mode, process_obstacle
 
 log = logging.getLogger("attnfallback")
 
@@ -299,8 +299,6 @@ class Scorer:
         where it cannot."""
         import weakref
 
-        from attnfallback.scoring.tokenizer_process import ProcessEncoder, process_obstacle
-
         if self._child is not None:
             return True
         obstacle = process_obstacle(self.encoder)
@@ -317,8 +315,6 @@ class Scorer:
         return True
 
     def _encode(self, texts: list[tuple[str, ...]]) -> Encoded:
-        from attnfallback.scoring.tokenizer_process import ChildDied
-
         if self._child is not None and self.tokenizer_process == "auto":
             try:
                 return self._child.encode(texts)
@@ -536,6 +532,14 @@ class Scorer:
             pieces_done.clear()
             return merged
 
+        def drain(everything: bool) -> Iterator[ChunkResult]:
+            """Finished chunks in order: those done (keeping one in flight), or all of them."""
+            while pending and (everything or len(pending) > 1 or pending[0][0].done()):
+                future, is_last = pending.popleft()
+                merged = collect(future.result(), is_last)
+                if merged is not None:
+                    yield merged
+
         try:
             while True:
                 t_wait = time.perf_counter()
@@ -552,16 +556,8 @@ class Scorer:
                         yield merged
                     continue
                 pending.append((finisher.submit(self.finish, self.launch(prepared)), last))
-                while len(pending) > 1 or (pending and pending[0][0].done()):
-                    future, is_last = pending.popleft()
-                    merged = collect(future.result(), is_last)
-                    if merged is not None:
-                        yield merged
-            while pending:
-                future, is_last = pending.popleft()
-                merged = collect(future.result(), is_last)
-                if merged is not None:
-                    yield merged
+                yield from drain(everything=False)
+            yield from drain(everything=True)
         finally:
             stop.set()
             if finisher is not None:

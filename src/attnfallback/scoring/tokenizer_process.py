@@ -56,12 +56,13 @@ def process_obstacle(encoder: TextEncoder) -> str | None:
 
 def _serve(conn: Connection) -> None:
     """The child: the first message configures it (tokenizer JSON, mode, max_length); then it encodes
-    each list of texts it is sent and replies with flat arrays (or the error), until None or EOF."""
+    each list of texts it is sent with TextEncoder, as the parent would, and replies with flat arrays
+    (or the error), until None or EOF."""
+    from types import SimpleNamespace
+
     from tokenizers import Tokenizer
 
-    from attnfallback.scoring.tasks import cut_huge, encode_fast, fast_batch
-
-    batch = mode = max_length = None
+    encoder = None
     while True:
         try:
             message = conn.recv()
@@ -70,15 +71,14 @@ def _serve(conn: Connection) -> None:
         if message is None:
             return
         try:
-            if batch is None:
+            if encoder is None:
                 tokenizer_json, mode, max_length = message
-                batch = fast_batch(Tokenizer.from_str(tokenizer_json))
+                # TextEncoder needs of a transformers tokenizer only its fast backend
+                backend = SimpleNamespace(is_fast=True, backend_tokenizer=Tokenizer.from_str(tokenizer_json))
+                encoder = TextEncoder(backend, max_length, mode)
                 conn.send(("ready", None))
                 continue
-            texts, cut = cut_huge(message, max_length, mode)
-            encoded = encode_fast(batch, texts, mode, max_length)
-            if cut:
-                encoded.truncated[cut] = True
+            encoded = encoder.encode(message)
             ids, types, _ = encoded.flat()
             conn.send(("ok", (ids, types, encoded.lengths, encoded.truncated)))
         except Exception as e:  # noqa: BLE001 - sent to the parent, raised there
