@@ -47,3 +47,13 @@ def test_growth_scores_each_size_end_to_end(tmp_path):
     assert result["max_over_min"] >= 1.0
     too_many = run_script("--texts", "20", "--growth", "30")
     assert too_many.returncode != 0 and "--growth 30 needs --texts >= 30" in too_many.stderr
+
+
+def test_memory_script_scores_every_row_and_reads_the_child_peak(tmp_path):
+    out = tmp_path / "memory.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "score_memory.py"), "--rows", "50", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["rows_in"] == result["rows_written"] == 50 and result["rows_skipped"] == 0
+    assert result["peak_rss_kb"] > 10_000  # a Python with torch loaded: tens of MB at least
