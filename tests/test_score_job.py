@@ -180,6 +180,9 @@ def test_a_crash_between_parts_resumes_to_the_clean_result(st_bert, input_file, 
         run_score(job_for(st_bert, input_file, out, part_rows=8))
     monkeypatch.setattr(writer.PartStore, "commit_part", real)
     assert not out.exists()
+    # the final file grown during the run is gone; the three committed parts stay for --resume
+    assert not list(tmp_path.glob(".out.parquet.tmp-*"))
+    assert sorted(p.name for p in (tmp_path / ".out.parquet.parts").glob("part-*.parquet")) == [f"part-{i:05d}.parquet" for i in range(3)]
     with pytest.raises(OutputError, match="pass --resume"):
         run_score(job_for(st_bert, input_file, out, part_rows=8))
     with pytest.raises(OutputError, match="different job.*part_rows"):
@@ -428,3 +431,21 @@ def test_a_loaded_scorer_is_reused_across_runs(st_bert, input_file, texts, tmp_p
     assert np.abs(np.array(read_output(tmp_path / "again.parquet")["embedding"]) - np.array(b["embedding"][:7])).max() < TOL
     with pytest.raises(UsageError, match="loaded for task embed, the job is for classify"):
         run_score(job_for(st_bert, input_file, tmp_path / "wrong.parquet", task="classify"), scorer=scorer)
+
+
+def test_the_output_is_one_row_group_a_part_with_no_dictionary_or_statistics_on_embeddings(st_bert, input_file, tmp_path):
+    import pyarrow.parquet as pq
+
+    from attnfallback.scoring.writer import read_output_metadata
+
+    out = tmp_path / "out.parquet"
+    result = run_score(job_for(st_bert, input_file, out, part_rows=16))
+    meta = pq.ParquetFile(out).metadata
+    assert meta.num_row_groups == result.parts == 4
+    assert [meta.row_group(i).num_rows for i in range(4)] == [16, 16, 16, 13]
+    names = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    embedding = meta.row_group(0).column(names.index("embedding.list.element"))
+    ids = meta.row_group(0).column(names.index("id"))
+    assert not any("DICTIONARY" in e for e in embedding.encodings) and not embedding.is_stats_set
+    assert ids.is_stats_set and ids.statistics.min == 0
+    assert read_output_metadata(out)["result"]["rows_written"] == 61

@@ -360,7 +360,7 @@ def _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fing
         raise UsageError(f"the scorer given was loaded for task {scorer.task.name}, the job is for {task}")
     scorer.id_type = spec.id_type
     schema = scorer.output_schema
-    store.start(fingerprint, run_id, resume_parts)
+    store.start(fingerprint, run_id, resume_parts, schema)
     resumed = len(store.parts)
     _emit(sink, "shard_start", task=task, model=scorer.decision.facts.model_id, input=str(source.path), output=str(store.output),
           impl=scorer.decision.used, dtype=scorer.decision.dtype, device=str(scorer.device), batch_tokens=scorer.batch_tokens,
@@ -424,7 +424,7 @@ def _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fing
         events=None if sink is None else str(sink.path),
         task=scorer.describe(),
     )
-    store.finish(schema, {"format": "attnfallback.output/1", "run_id": run_id, "fingerprint": fingerprint,
+    store.finish({"format": "attnfallback.output/1", "run_id": run_id, "fingerprint": fingerprint,
                           "result": result.to_dict()})
     _emit(sink, "shard_done", rows=result.rows_in, rows_written=result.rows_written, rows_skipped=result.rows_skipped,
           skipped=[{"line": s["line"], "reason": s["reason"]} for s in result.skipped], tokens=result.tokens,

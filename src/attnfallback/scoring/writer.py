@@ -6,10 +6,16 @@ For an output `dir/out.parquet` the run keeps, next to it:
     dir/.out.parquet.parts/        part-00000.parquet ... and manifest.json (the committed parts)
 
 A part is written under a temporary name, fsynced and renamed; then the manifest (the only source
-of truth for what is committed) is rewritten the same way. At the end the parts are streamed into
-`dir/.out.parquet.tmp-<pid>`, fsynced and renamed to `dir/out.parquet`, which carries the run's
-summary in its key-value metadata; then the parts directory goes. A reader never sees a
-half-written `out.parquet`; a killed run leaves only hidden files, which `--resume` picks up.
+of truth for what is committed) is rewritten the same way. Each part is also appended, as a row
+group, to `dir/.out.parquet.tmp-<pid>` while the run goes (a resumed run first copies the parts it
+keeps), so the end of a run is closing that file (the run's summary goes into its key-value
+metadata, `pq.ParquetFile(out).metadata.metadata[b"attnfallback"]`), an fsync and a rename to
+`dir/out.parquet`; then the parts directory goes. A reader never sees a half-written
+`out.parquet`; a killed run leaves only hidden files, which `--resume` picks up.
+
+Float-list columns (embeddings, per-label scores) are written without dictionary encoding and
+statistics: every value is distinct, and trying a dictionary on them cost 6x the write
+(1,000 rows x 384 floats: 24 ms, 3.9 ms without).
 """
 
 from __future__ import annotations
@@ -152,6 +158,17 @@ class Existing:
     parts: list[PartInfo] = field(default_factory=list)
 
 
+def write_options(schema) -> dict:
+    """pyarrow.parquet writer options for an output of `schema`: dictionary encoding for string
+    columns only, statistics for every column but lists."""
+    import pyarrow as pa
+
+    return {
+        "use_dictionary": [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)],
+        "write_statistics": [f.name for f in schema if not (pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type))],
+    }
+
+
 class PartStore:
     """The parts, manifest and final file of one output."""
 
@@ -164,6 +181,11 @@ class PartStore:
         self.lock = OutputLock(self.parent / f".{self.output.name}.lock")
         self.manifest: dict | None = None
         self.parts: list[PartInfo] = []
+        self.final_tmp = self.parent / f".{self.output.name}.tmp-{os.getpid()}"
+        self._final = None  # the ParquetWriter of final_tmp, open between start and finish
+        self._final_file = None
+        self._schema = None
+        self._options: dict = {}
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -209,8 +231,9 @@ class PartStore:
             parts.append(info)
         return parts
 
-    def start(self, fingerprint: dict, run_id: str, resume_parts: list[PartInfo] | None) -> None:
-        """Begin a fresh manifest, or continue `resume_parts`; stale files are cleared."""
+    def start(self, fingerprint: dict, run_id: str, resume_parts: list[PartInfo] | None, schema) -> None:
+        """Begin a fresh manifest, or continue `resume_parts`; stale files are cleared. The final
+        file is opened, and the resumed parts copied into it."""
         try:
             if resume_parts is None and self.work.exists():
                 shutil.rmtree(self.work)
@@ -224,6 +247,44 @@ class PartStore:
             self._write_manifest()
         except OSError as e:
             raise OutputError(f"cannot prepare {self.work}: {_describe_os_error(e)}", path=str(self.work)) from e
+        self._open_final(schema)
+        for info in self.parts:
+            self._append_final(self.read_part(info), info)
+
+    def _open_final(self, schema) -> None:
+        import pyarrow.parquet as pq
+
+        self._schema = schema.remove_metadata()
+        self._options = write_options(self._schema)
+        try:
+            self._final_file = open(self.final_tmp, "wb")
+            self._final = pq.ParquetWriter(self._final_file, self._schema, **self._options)
+        except OSError as e:
+            self._abandon_final()
+            raise OutputError(f"cannot write {self.final_tmp}: {_describe_os_error(e)}", path=str(self.final_tmp)) from e
+
+    def _append_final(self, table, info: PartInfo) -> None:
+        if table.schema != self._schema:
+            table = table.cast(self._schema)
+        try:
+            self._final.write_table(table)
+            # synced as it grows, on the writer's thread, so the run's end has little left to sync
+            self._final_file.flush()
+            os.fdatasync(self._final_file.fileno())
+        except OSError as e:
+            raise OutputError(f"cannot append part {info.index} to {self.final_tmp}: {_describe_os_error(e)}",
+                              path=str(self.final_tmp)) from e
+
+    def _abandon_final(self) -> None:
+        writer, handle = self._final, self._final_file
+        self._final = self._final_file = None
+        for closable in (writer, handle):
+            if closable is not None:
+                try:
+                    closable.close()
+                except (OSError, ValueError):
+                    pass
+        _unlink_quietly(self.final_tmp)
 
     def _write_manifest(self) -> None:
         assert self.manifest is not None
@@ -233,7 +294,8 @@ class PartStore:
     # -- parts ------------------------------------------------------------------------------
 
     def commit_part(self, table, info: PartInfo) -> None:
-        """Write one part (temporary name, fsync, rename), then record it in the manifest."""
+        """Write one part (temporary name, fsync, rename), record it in the manifest, and append
+        it to the final file."""
         import pyarrow.parquet as pq
 
         if info.index != len(self.parts):
@@ -242,7 +304,7 @@ class PartStore:
         tmp = self.work / f".{info.file}.tmp-{os.getpid()}"
         try:
             with open(tmp, "wb") as fh:
-                pq.write_table(table, fh)
+                pq.write_table(table, fh, **(self._options or write_options(table.schema)))
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -255,6 +317,8 @@ class PartStore:
                 self.parts.pop()
             raise OutputError(f"cannot write part {info.index} of {self.output} in {self.work}: {_describe_os_error(e)}",
                               path=str(path)) from e
+        if self._final is not None:
+            self._append_final(table, info)
 
     def read_part(self, info: PartInfo):
         import pyarrow.parquet as pq
@@ -263,29 +327,23 @@ class PartStore:
 
     # -- finishing --------------------------------------------------------------------------
 
-    def finish(self, schema, metadata: dict) -> None:
-        """Stream the parts into the final file and rename it into place; remove the parts."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        meta = dict(schema.metadata or {})
-        meta[METADATA_KEY] = json.dumps(metadata, default=str).encode()
-        schema = schema.with_metadata(meta)
-        tmp = self.parent / f".{self.output.name}.tmp-{os.getpid()}"
+    def finish(self, metadata: dict) -> None:
+        """Close the final file with the run's summary in its metadata, rename it into place, and
+        remove the parts."""
+        if self._final is None:
+            raise OutputError(f"{self.output}: finish without start", path=str(self.output))
         try:
-            with open(tmp, "wb") as fh:
-                with pq.ParquetWriter(fh, schema) as writer:
-                    for info in self.parts:
-                        part = pq.read_table(self.work / info.file)
-                        writer.write_table(part.cast(schema) if part.schema != schema.remove_metadata() else part)
-                    if not self.parts:
-                        writer.write_table(pa.Table.from_batches([], schema=schema))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.output)
+            self._final.add_key_value_metadata({METADATA_KEY: json.dumps(metadata, default=str).encode()})
+            self._final.close()
+            self._final = None
+            self._final_file.flush()
+            os.fsync(self._final_file.fileno())
+            self._final_file.close()
+            self._final_file = None
+            os.replace(self.final_tmp, self.output)
             _fsync_dir(self.parent)
         except OSError as e:
-            _unlink_quietly(tmp)
+            self._abandon_final()
             raise OutputError(f"cannot write {self.output}: {_describe_os_error(e)}", path=str(self.output)) from e
         shutil.rmtree(self.work, ignore_errors=True)
 
@@ -294,6 +352,8 @@ class PartStore:
         shutil.rmtree(self.work, ignore_errors=True)
 
     def close(self, remove_lock: bool = True) -> None:
+        """Release the lock; a final file not finished (a failed run) is removed, the parts stay."""
+        self._abandon_final()
         self.lock.release(remove=remove_lock)
 
 
@@ -313,7 +373,7 @@ def read_output_metadata(path: str | os.PathLike) -> dict | None:
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.ParquetFile(path).schema_arrow.metadata or {}
+        meta = pq.ParquetFile(path).metadata.metadata or {}
     except (pa.ArrowException, OSError):
         return None
     raw = meta.get(METADATA_KEY)
