@@ -11,6 +11,8 @@
 #   call 2 (carry .gpu-wheels/fa4-2 .gpu-wheels/tok):     bash bench/h100.sh v9-rows
 #   call 3 (carry .gpu-wheels/minilm):                    bash bench/h100.sh v9-tests
 #   call 4 (carry .gpu-wheels/tok):                       bash bench/h100.sh v9-growth
+# session 4 (v10: the final file written as the run goes; the first chunk's steps held while the GPU is busy):
+#   call 1 (carry .gpu-wheels/tok):                       bash bench/h100.sh v10-growth
 #
 # .gpu-wheels/tok holds the MiniLM tokenizer and config (the random-weight bench models use it);
 # .gpu-wheels/minilm the whole embedded model (the gpu tests score with it). Results go to $OUT.
@@ -141,8 +143,20 @@ v9-growth)
         --max-words 1900 --impls flash_attention_4,sdpa,eager --attention-bound --hf-impl sdpa --skip hf-dataset-order-bs32 \
         --repeats 2 --out "$OUT/long-v9.json"
     ;;
+v10-growth)
+    # growth on sdpa (as on the image), the first chunk in 16 held steps and whole
+    export PYTHONPATH=$PWD/src HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    step growth-bert-v10 170 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --ramp-steps 16,1 --out "$OUT/growth-bert-v10.json"
+    step growth-qwen-small-v10 120 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 10000 \
+        --prefer sdpa --growth 1000,10000 --repeats 2 --ramp-steps 16,1 --out "$OUT/growth-qwen-small-v10.json"
+    step growth-qwen-v10 280 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-v10.json"
+    ;;
 *)
-    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth" >&2
+    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth" >&2
     exit 2
     ;;
 esac

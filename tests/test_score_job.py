@@ -419,6 +419,44 @@ def test_a_first_chunk_prepared_in_pieces_gives_the_same_result(st_bert):
         assert np.abs(a - b).max() < 1e-6
 
 
+@pytest.mark.parametrize("idle_pattern", ["never", "always", "every-third"])
+def test_first_chunk_steps_are_held_while_the_device_is_busy_and_sent_in_growing_pieces(st_bert, idle_pattern):
+    from attnfallback.scoring.pipeline import RAMP_STEPS, Chunk
+
+    texts = seeded_texts(400, seed=9, max_words=30)
+    chunk = Chunk(0, list(range(400)), [(t,) for t in texts], list(range(1, 401)))
+    scorer = Scorer.from_job(ScoreJob(model=str(st_bert), batch_tokens=512, device="cpu"))
+    asked = []
+
+    def device_idle():
+        asked.append(1)
+        return {"never": False, "always": True, "every-third": len(asked) % 3 == 0}[idle_pattern]
+
+    pieces = list(scorer._ramp(chunk, device_idle))
+    sizes = [len(p.chunk) for p, _ in pieces]
+    assert [last for _, last in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert [i for p, _ in pieces for i in p.chunk.ids] == chunk.ids  # every row once, in order
+    assert [line for p, _ in pieces for line in p.chunk.lines] == chunk.lines
+    assert all(a <= b for a, b in zip(sizes[:-2], sizes[1:-1]))  # pieces grow (the last holds what is left)
+    if idle_pattern == "never":
+        assert sizes == [400]
+    elif idle_pattern == "always":
+        assert sizes == [25] * RAMP_STEPS
+    else:
+        assert 1 < len(pieces) < RAMP_STEPS
+    whole = scorer.encoder.encode(chunk.texts)
+    whole_ids, whole_types, offsets = whole.flat()
+    for piece, _ in pieces:  # each piece is sorted and batched on its own rows
+        start = chunk.ids.index(piece.chunk.ids[0])
+        want = whole.lengths[start:start + len(piece.chunk)]
+        assert np.array_equal(piece.encoded.lengths, want)
+        ids, types, _ = piece.encoded.flat()
+        span = slice(offsets[start], offsets[start] + want.sum())
+        assert np.array_equal(ids, whole_ids[span]) and np.array_equal(types, whole_types[span])
+        assert np.array_equal(piece.encoded.lengths[piece.order], np.sort(want)[::-1])
+        assert sum(len(b.rows) for b in piece.batches) == len(piece.chunk)
+
+
 def test_a_loaded_scorer_is_reused_across_runs(st_bert, input_file, texts, tmp_path):
     fresh = run_score(job_for(st_bert, input_file, tmp_path / "fresh.parquet"))
     scorer = Scorer.from_job(job_for(st_bert, input_file, tmp_path / "unused.parquet"))
@@ -449,3 +487,4 @@ def test_the_output_is_one_row_group_a_part_with_no_dictionary_or_statistics_on_
     assert not any("DICTIONARY" in e for e in embedding.encodings) and not embedding.is_stats_set
     assert ids.is_stats_set and ids.statistics.min == 0
     assert read_output_metadata(out)["result"]["rows_written"] == 61
+    assert result.padded_tokens > result.tokens > 0  # rows of different lengths, padded batches on the CPU

@@ -86,6 +86,7 @@ class ScoreResult:
     oom_splits: int = 0
     events: str | None = None
     already_complete: bool = False
+    padded_tokens: int = 0  # token positions the forward computed (tokens plus padding)
     task: dict = field(default_factory=dict)
 
     @property
@@ -411,6 +412,7 @@ def _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fing
         rows_skipped=counts.skipped_count,
         skipped=counts.skipped,
         tokens=tokens,
+        padded_tokens=sum(p.padded_tokens for p in parts),
         truncated=sum(p.truncated for p in parts),
         seconds=round(time.perf_counter() - t_start, 4),
         tokens_per_s=round(new_tokens / score_s, 1) if score_s > 0 else 0.0,

@@ -46,8 +46,8 @@ from attnfallback.scoring.tokenizer_process import ChildDied, ProcessEncoder, ch
 log = logging.getLogger("attnfallback")
 
 QUEUE_CHUNKS = 2  # chunks (or pieces of the first) tokenized ahead of the forward pass
-RAMP_MIN_ROWS = 256  # CUDA: a first chunk at least this long is prepared in growing pieces
-RAMP_FRACTIONS = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+RAMP_MIN_ROWS = 256  # CUDA: a first chunk at least this long is tokenized in steps (see score_chunks)
+RAMP_STEPS = 16
 PACKING_CHECK_TEXTS = (  # rows of different lengths: packed and padded outputs must agree on them
     ("Attention fallback packing check: the third row is the longest of these three.",),
     ("Short row.",),
@@ -148,7 +148,8 @@ class Scorer:
         self.sink = loaded.sink
         self.oom_splits = 0
         self.id_type = "int64"
-        self.ramp = self.on_cuda  # prepare the first chunk in growing pieces (see score_chunks)
+        self.ramp = self.on_cuda  # tokenize the first chunk in steps (see _ramp)
+        self.ramp_steps = RAMP_STEPS
         self.packing = getattr(job, "packing", "auto")
         self.pack = False  # batches packed padding-free (see refresh_packing)
         self.packing_note = "off"
@@ -328,7 +329,9 @@ class Scorer:
     def prepare(self, chunk: Chunk) -> PreparedChunk:
         """Tokenize, sort by length (stable), plan token-budget batches, pad (and pin on CUDA)."""
         t0 = time.perf_counter()
-        encoded = self._encode(chunk.texts)
+        return self._prepare_encoded(chunk, self._encode(chunk.texts), t0)
+
+    def _prepare_encoded(self, chunk: Chunk, encoded: Encoded, t0: float) -> PreparedChunk:
         order = length_order(encoded.lengths)
         slices = plan_batches(encoded.lengths[order], self.batch_tokens, self.max_cells)
         batches = [self._host_batch(encoded, order[s.start:s.stop], s.length) for s in slices]
@@ -483,15 +486,44 @@ class Scorer:
             return {name: torch.cat([r[name] for r in results], dim=0) for name in results[0]}
         raise AssertionError("unreachable")
 
+    def _whole(self, chunk: Chunk) -> Iterator[tuple[PreparedChunk, bool]]:
+        yield self.prepare(chunk), True
+
+    def _ramp(self, chunk: Chunk, device_idle) -> Iterator[tuple[PreparedChunk, bool]]:
+        """The first chunk, tokenized in steps of 1/RAMP_STEPS of its rows: the GPU starts after
+        the first step instead of the whole chunk. Steps tokenized while the device is busy are
+        held and sent on together (sorted together, so batched with less padding) once it is idle
+        again; a piece sent is never smaller than the one before it. Yields (piece, last)."""
+        steps = ramp_steps(chunk, self.ramp_steps)
+        held: list[tuple[Chunk, Encoded]] = []
+        sent_rows = 0
+        seconds = 0.0
+        for i, step in enumerate(steps):
+            t0 = time.perf_counter()
+            held.append((step, self._encode(step.texts)))
+            seconds += time.perf_counter() - t0
+            last = i == len(steps) - 1
+            rows = sum(len(c) for c, _ in held)
+            if last or (rows >= sent_rows and device_idle()):
+                t0 = time.perf_counter() - seconds
+                piece = join_chunks([c for c, _ in held])
+                yield self._prepare_encoded(piece, Encoded.concat([e for _, e in held]), t0), last
+                held, sent_rows, seconds = [], rows, 0.0
+
     def score_chunks(self, chunks: Iterable[Chunk]) -> Iterator[ChunkResult]:
         """Score chunks in order; tokenization runs in a worker thread ahead of the forward pass.
 
-        On CUDA the first chunk is prepared in growing pieces (1/16, 1/16, 1/8, 1/4, 1/2 of its
-        rows, each sorted on its own), so the GPU starts after a sixteenth of the chunk is
-        tokenized instead of all of it; the pieces' outputs are joined back into one result.
+        On CUDA the first chunk is tokenized in steps (`_ramp`) and scored in pieces, whose
+        outputs are joined back into the chunk's result.
         """
         q: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
         stop = threading.Event()
+        last_event: list = [None]  # the event recorded after the latest launch (CUDA)
+
+        def device_idle() -> bool:
+            """Nothing waits in the queue and the device has finished all it was given."""
+            event = last_event[0]
+            return q.empty() and (event is None or event.query())
 
         def put(item) -> bool:
             while not stop.is_set():
@@ -506,11 +538,10 @@ class Scorer:
             try:
                 first = True
                 for chunk in chunks:
-                    ramp = first and self.ramp and len(chunk) >= RAMP_MIN_ROWS
-                    pieces = ramp_pieces(chunk) if ramp else [chunk]
+                    ramp = first and self.ramp and self.ramp_steps > 1 and len(chunk) >= RAMP_MIN_ROWS
                     first = False
-                    for i, piece in enumerate(pieces):
-                        if stop.is_set() or not put((self.prepare(piece), i == len(pieces) - 1)):
+                    for item in (self._ramp(chunk, device_idle) if ramp else self._whole(chunk)):
+                        if stop.is_set() or not put(item):
                             return
                 put(_DONE)
             except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
@@ -555,7 +586,9 @@ class Scorer:
                     if merged is not None:
                         yield merged
                     continue
-                pending.append((finisher.submit(self.finish, self.launch(prepared)), last))
+                launched = self.launch(prepared)
+                last_event[0] = launched.event
+                pending.append((finisher.submit(self.finish, launched), last))
                 yield from drain(everything=False)
             yield from drain(everything=True)
         finally:
@@ -611,15 +644,19 @@ class Scorer:
         return InputSpec(names, id_column, id_type)
 
 
-def ramp_pieces(chunk: Chunk) -> list[Chunk]:
-    """`chunk` cut into consecutive pieces of 1/16, 1/16, 1/8, 1/4 and 1/2 of its rows."""
+def ramp_steps(chunk: Chunk, steps: int = RAMP_STEPS) -> list[Chunk]:
+    """`chunk` cut into `steps` consecutive pieces of (nearly) equal rows."""
     n = len(chunk)
-    bounds, total = [0], 0.0
-    for fraction in RAMP_FRACTIONS:
-        total += fraction
-        bounds.append(min(int(round(total * n)), n))
-    bounds[-1] = n
+    bounds = [round(i * n / steps) for i in range(steps + 1)]
     return [Chunk(chunk.index, chunk.ids[a:b], chunk.texts[a:b], chunk.lines[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def join_chunks(pieces: list[Chunk]) -> Chunk:
+    """Consecutive pieces of one chunk, as one."""
+    if len(pieces) == 1:
+        return pieces[0]
+    return Chunk(pieces[0].index, [i for p in pieces for i in p.ids], [t for p in pieces for t in p.texts],
+                 [line for p in pieces for line in p.lines])
 
 
 def merge_results(results: list[ChunkResult]) -> ChunkResult:
@@ -628,9 +665,7 @@ def merge_results(results: list[ChunkResult]) -> ChunkResult:
         return results[0]
     import pyarrow as pa
 
-    first = results[0].chunk
-    chunk = Chunk(first.index, [i for r in results for i in r.chunk.ids], [t for r in results for t in r.chunk.texts],
-                  [line for r in results for line in r.chunk.lines])
+    chunk = join_chunks([r.chunk for r in results])
     return ChunkResult(
         chunk=chunk,
         columns={name: pa.concat_arrays([r.columns[name] for r in results]) for name in results[0].columns},
