@@ -12,7 +12,11 @@
 #   call 3 (carry .gpu-wheels/minilm):                    bash bench/h100.sh v9-tests
 #   call 4 (carry .gpu-wheels/tok):                       bash bench/h100.sh v9-growth
 # session 4 (v10: the final file written as the run goes; the first chunk's steps held while the GPU is busy):
-#   call 1 (carry .gpu-wheels/tok):                       bash bench/h100.sh v10-growth
+#   lease J (carry .gpu-wheels/tok):                      bash bench/h100.sh v10-growth   (steps sent as soon as the GPU idled)
+#   lease K, call 1 (carry .gpu-wheels/fa4-1 .gpu-wheels/pytest):  bash bench/h100.sh stage
+#   call 2 (carry .gpu-wheels/fa4-2 .gpu-wheels/tok):     bash bench/h100.sh v10-rows
+#   call 3 (carry .gpu-wheels/minilm .gpu-wheels/tok):    bash bench/h100.sh v10-tests
+#   call 4 (carry .gpu-wheels/tok):                       bash bench/h100.sh v10-qwen
 #
 # .gpu-wheels/tok holds the MiniLM tokenizer and config (the random-weight bench models use it);
 # .gpu-wheels/minilm the whole embedded model (the gpu tests score with it). Results go to $OUT.
@@ -155,8 +159,36 @@ v10-growth)
     step growth-qwen-v10 280 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
         --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-v10.json"
     ;;
+v10-rows)
+    # row 1 on sdpa and FlashAttention-4, and BERT growth with and without the ramp
+    source .gpu-wheels/fa4-2/install.sh || exit 3
+    setup_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step bert-v10 200 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
+        --impls sdpa,flash_attention_4 --hf-impl sdpa --skip st-encode-bs32,hf-dataset-order-bs32 --out "$OUT/bert-v10.json"
+    step growth-bert-v10 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --ramp-steps 16,1 --out "$OUT/growth-bert-v10.json"
+    ;;
+v10-tests)
+    # the gpu tests (FlashAttention-4 staged by the calls before), Qwen growth at 1k and 10k with and without the ramp
+    setup_env
+    ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/minilm \
+        step pytest-gpu 220 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ --junitxml "$OUT/gpu-junit.xml"
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step growth-qwen-small-v10 150 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 10000 \
+        --prefer sdpa --growth 1000,10000 --repeats 2 --ramp-steps 16,1 --out "$OUT/growth-qwen-small-v10.json"
+    ;;
+v10-qwen)
+    # row 2 on sdpa and FlashAttention-4, and Qwen growth 1k to 100k
+    setup_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step qwen-v10 260 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --repeats 2 \
+        --prefer sdpa --impls sdpa,flash_attention_4 --hf-impl sdpa --out "$OUT/qwen-v10.json"
+    step growth-qwen-v10 300 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-v10.json"
+    ;;
 *)
-    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth" >&2
+    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen" >&2
     exit 2
     ;;
 esac

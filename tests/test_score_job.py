@@ -419,10 +419,15 @@ def test_a_first_chunk_prepared_in_pieces_gives_the_same_result(st_bert):
         assert np.abs(a - b).max() < 1e-6
 
 
-@pytest.mark.parametrize("idle_pattern", ["never", "always", "every-third"])
-def test_first_chunk_steps_are_held_while_the_device_is_busy_and_sent_in_growing_pieces(st_bert, idle_pattern):
-    from attnfallback.scoring.pipeline import RAMP_STEPS, Chunk
+@pytest.mark.parametrize("idle_every, sizes", [
+    (None, [25, 375]),  # the device never idle: the first step alone, then the rest together
+    (1, [25, 375]),  # idle at once: as fast as the tokenizer, the ramp stops after the first piece
+    (4, [25, 100, 100, 100, 75]),  # idle after every 4 steps: held steps sent together
+])
+def test_first_chunk_steps_are_held_while_the_device_is_busy(st_bert, idle_every, sizes):
+    from attnfallback.scoring.pipeline import RAMP_KEEP_GOING, RAMP_STEPS, Chunk
 
+    assert (RAMP_STEPS, RAMP_KEEP_GOING) == (16, 4)  # the sizes below are for these
     texts = seeded_texts(400, seed=9, max_words=30)
     chunk = Chunk(0, list(range(400)), [(t,) for t in texts], list(range(1, 401)))
     scorer = Scorer.from_job(ScoreJob(model=str(st_bert), batch_tokens=512, device="cpu"))
@@ -430,20 +435,13 @@ def test_first_chunk_steps_are_held_while_the_device_is_busy_and_sent_in_growing
 
     def device_idle():
         asked.append(1)
-        return {"never": False, "always": True, "every-third": len(asked) % 3 == 0}[idle_pattern]
+        return idle_every is not None and len(asked) % idle_every == 0
 
     pieces = list(scorer._ramp(chunk, device_idle))
-    sizes = [len(p.chunk) for p, _ in pieces]
+    assert [len(p.chunk) for p, _ in pieces] == sizes
     assert [last for _, last in pieces] == [False] * (len(pieces) - 1) + [True]
     assert [i for p, _ in pieces for i in p.chunk.ids] == chunk.ids  # every row once, in order
     assert [line for p, _ in pieces for line in p.chunk.lines] == chunk.lines
-    assert all(a <= b for a, b in zip(sizes[:-2], sizes[1:-1]))  # pieces grow (the last holds what is left)
-    if idle_pattern == "never":
-        assert sizes == [400]
-    elif idle_pattern == "always":
-        assert sizes == [25] * RAMP_STEPS
-    else:
-        assert 1 < len(pieces) < RAMP_STEPS
     whole = scorer.encoder.encode(chunk.texts)
     whole_ids, whole_types, offsets = whole.flat()
     for piece, _ in pieces:  # each piece is sorted and batched on its own rows

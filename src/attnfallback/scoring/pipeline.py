@@ -48,6 +48,7 @@ log = logging.getLogger("attnfallback")
 QUEUE_CHUNKS = 2  # chunks (or pieces of the first) tokenized ahead of the forward pass
 RAMP_MIN_ROWS = 256  # CUDA: a first chunk at least this long is tokenized in steps (see score_chunks)
 RAMP_STEPS = 16
+RAMP_KEEP_GOING = 4  # steps held when the device first goes idle, below which the ramp stops (see _ramp)
 PACKING_CHECK_TEXTS = (  # rows of different lengths: packed and padded outputs must agree on them
     ("Attention fallback packing check: the third row is the longest of these three.",),
     ("Short row.",),
@@ -490,25 +491,41 @@ class Scorer:
         yield self.prepare(chunk), True
 
     def _ramp(self, chunk: Chunk, device_idle) -> Iterator[tuple[PreparedChunk, bool]]:
-        """The first chunk, tokenized in steps of 1/RAMP_STEPS of its rows: the GPU starts after
-        the first step instead of the whole chunk. Steps tokenized while the device is busy are
-        held and sent on together (sorted together, so batched with less padding) once it is idle
-        again; a piece sent is never smaller than the one before it. Yields (piece, last)."""
+        """The first chunk, tokenized in steps of 1/ramp_steps of its rows, so the device starts
+        after the first step instead of the whole chunk. Yields (piece, last).
+
+        Steps tokenized while the device is busy are held and sent together once it is idle
+        (sorted together: batched with less padding); a piece is never smaller than the one
+        before it. If the device finished the first piece before RAMP_KEEP_GOING steps were
+        tokenized, it runs about as fast as the tokenizer (a small model): more small pieces
+        would cost more in padding and launches than the wait they save, so the rest of the chunk
+        goes as one piece (H100, BERT-base, 1k texts: 188k tokens/s in 16 pieces, 428k whole).
+        """
         steps = ramp_steps(chunk, self.ramp_steps)
         held: list[tuple[Chunk, Encoded]] = []
-        sent_rows = 0
+        sent_rows, pieces, ramping = 0, 0, True
         seconds = 0.0
-        for i, step in enumerate(steps):
+        i = 0
+        while i < len(steps):
+            # once the ramp stops, the rest is tokenized in one request
+            step = steps[i] if ramping else join_chunks(steps[i:])
+            i = i + 1 if ramping else len(steps)
             t0 = time.perf_counter()
             held.append((step, self._encode(step.texts)))
             seconds += time.perf_counter() - t0
-            last = i == len(steps) - 1
+            last = i == len(steps)
             rows = sum(len(c) for c, _ in held)
-            if last or (rows >= sent_rows and device_idle()):
+            send = last or pieces == 0
+            if not send and ramping and device_idle():
+                if pieces == 1 and len(held) < RAMP_KEEP_GOING:
+                    ramping = False
+                else:
+                    send = rows >= sent_rows
+            if send:
                 t0 = time.perf_counter() - seconds
                 piece = join_chunks([c for c, _ in held])
                 yield self._prepare_encoded(piece, Encoded.concat([e for _, e in held]), t0), last
-                held, sent_rows, seconds = [], rows, 0.0
+                held, sent_rows, seconds, pieces = [], rows, 0.0, pieces + 1
 
     def score_chunks(self, chunks: Iterable[Chunk]) -> Iterator[ChunkResult]:
         """Score chunks in order; tokenization runs in a worker thread ahead of the forward pass.
@@ -519,11 +536,12 @@ class Scorer:
         q: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
         stop = threading.Event()
         last_event: list = [None]  # the event recorded after the latest launch (CUDA)
+        in_hand = threading.Event()  # set from taking a piece off the queue until its launch is queued
 
         def device_idle() -> bool:
-            """Nothing waits in the queue and the device has finished all it was given."""
+            """Nothing waits in the queue or is being launched, and the device has finished all it was given."""
             event = last_event[0]
-            return q.empty() and (event is None or event.query())
+            return q.empty() and not in_hand.is_set() and (event is None or event.query())
 
         def put(item) -> bool:
             while not stop.is_set():
@@ -575,6 +593,7 @@ class Scorer:
             while True:
                 t_wait = time.perf_counter()
                 item = q.get()
+                in_hand.set()
                 self.timing["wait_s"] += time.perf_counter() - t_wait
                 if item is _DONE:
                     break
@@ -583,11 +602,13 @@ class Scorer:
                 prepared, last = item
                 if finisher is None:
                     merged = collect(self.run(prepared), last)
+                    in_hand.clear()
                     if merged is not None:
                         yield merged
                     continue
                 launched = self.launch(prepared)
                 last_event[0] = launched.event
+                in_hand.clear()
                 pending.append((finisher.submit(self.finish, launched), last))
                 yield from drain(everything=False)
             yield from drain(everything=True)
