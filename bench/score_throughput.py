@@ -436,10 +436,10 @@ def main() -> None:
             sys.exit(f"--growth {max(sizes)} needs --texts >= {max(sizes)}")
         job_kwargs = dict(model=model_ref, task=task, device=device, dtype=dtype, prefer=args.prefer,
                           batch_tokens=args.batch_tokens, max_length=max_length, quiet=True)
-        steps = [int(x) for x in args.ramp_steps.split(",")] if args.ramp_steps else [scorer.ramp_steps]
+        steps = [int(x) for x in args.ramp_steps.split(",")] if args.ramp_steps else [scorer.ramp_steps if scorer.ramp else 1]
         by_steps = {}
         for count in steps:
-            scorer.ramp_steps = count
+            scorer.ramp_steps, scorer.ramp = count, count > 1
             by_steps[count] = run_growth(scorer, job_kwargs, texts, sizes, args.repeats, Path(tmp.name))
         growth = by_steps[steps[0]]
         result = {"mode": "growth", "model": args.model, "task": task, "device": device, "dtype": dtype, "impl": impl,

@@ -149,7 +149,7 @@ class Scorer:
         self.sink = loaded.sink
         self.oom_splits = 0
         self.id_type = "int64"
-        self.ramp = self.on_cuda  # tokenize the first chunk in steps (see _ramp)
+        self.ramp = False  # tokenize the first chunk in steps (see _ramp); off: measured slower (bench/NOTES.md v10)
         self.ramp_steps = RAMP_STEPS
         self.packing = getattr(job, "packing", "auto")
         self.pack = False  # batches packed padding-free (see refresh_packing)
