@@ -12,11 +12,14 @@
 #   call 3 (carry .gpu-wheels/minilm):                    bash bench/h100.sh v9-tests
 #   call 4 (carry .gpu-wheels/tok):                       bash bench/h100.sh v9-growth
 # session 4 (v10: the final file written as the run goes; the first chunk's steps held while the GPU is busy):
-#   lease J (carry .gpu-wheels/tok):                      bash bench/h100.sh v10-growth   (steps sent as soon as the GPU idled)
+#   (leases J and K ran the growth steps below with `--ramp-steps 16,1`, a flag removed with the ramp
+#   after them: J at commit 6ad2922; K at cdcf958 (v10-rows, v10-tests) and d8afc5d (v10-qwen); bench/NOTES.md v10)
+#   lease J (carry .gpu-wheels/tok):                      bash bench/h100.sh v10-growth
 #   lease K, call 1 (carry .gpu-wheels/fa4-1 .gpu-wheels/pytest):  bash bench/h100.sh stage
 #   call 2 (carry .gpu-wheels/fa4-2 .gpu-wheels/tok):     bash bench/h100.sh v10-rows
 #   call 3 (carry .gpu-wheels/minilm .gpu-wheels/tok):    bash bench/h100.sh v10-tests
 #   call 4 (carry .gpu-wheels/tok):                       bash bench/h100.sh v10-qwen
+#   lease L (carry .gpu-wheels/minilm .gpu-wheels/tok .gpu-wheels/pytest):  bash bench/h100.sh v10-final
 #
 # .gpu-wheels/tok holds the MiniLM tokenizer and config (the random-weight bench models use it);
 # .gpu-wheels/minilm the whole embedded model (the gpu tests score with it). Results go to $OUT.
@@ -148,35 +151,35 @@ v9-growth)
         --repeats 2 --out "$OUT/long-v9.json"
     ;;
 v10-growth)
-    # growth on sdpa (as on the image), the first chunk in 16 held steps and whole
+    # growth on sdpa (as on the image)
     export PYTHONPATH=$PWD/src HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     step growth-bert-v10 170 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
-        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --ramp-steps 16,1 --out "$OUT/growth-bert-v10.json"
+        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --out "$OUT/growth-bert-v10.json"
     step growth-qwen-small-v10 120 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 10000 \
-        --prefer sdpa --growth 1000,10000 --repeats 2 --ramp-steps 16,1 --out "$OUT/growth-qwen-small-v10.json"
+        --prefer sdpa --growth 1000,10000 --repeats 2 --out "$OUT/growth-qwen-small-v10.json"
     step growth-qwen-v10 280 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
         --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-v10.json"
     ;;
 v10-rows)
-    # row 1 on sdpa and FlashAttention-4, and BERT growth with and without the ramp
+    # row 1 on sdpa and FlashAttention-4, and BERT growth
     source .gpu-wheels/fa4-2/install.sh || exit 3
     setup_env
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
     step bert-v10 200 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
         --impls sdpa,flash_attention_4 --hf-impl sdpa --skip st-encode-bs32,hf-dataset-order-bs32 --out "$OUT/bert-v10.json"
     step growth-bert-v10 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
-        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --ramp-steps 16,1 --out "$OUT/growth-bert-v10.json"
+        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --out "$OUT/growth-bert-v10.json"
     ;;
 v10-tests)
-    # the gpu tests (FlashAttention-4 staged by the calls before), Qwen growth at 1k and 10k with and without the ramp
+    # the gpu tests (FlashAttention-4 staged by the calls before), Qwen growth at 1k and 10k
     setup_env
     ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/minilm \
         step pytest-gpu 220 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ --junitxml "$OUT/gpu-junit.xml"
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
     step growth-qwen-small-v10 150 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 10000 \
-        --prefer sdpa --growth 1000,10000 --repeats 2 --ramp-steps 16,1 --out "$OUT/growth-qwen-small-v10.json"
+        --prefer sdpa --growth 1000,10000 --repeats 2 --out "$OUT/growth-qwen-small-v10.json"
     ;;
 v10-qwen)
     # row 2 on sdpa and FlashAttention-4, and Qwen growth 1k to 100k
@@ -187,8 +190,21 @@ v10-qwen)
     step growth-qwen-v10 300 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
         --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-v10.json"
     ;;
+v10-final)
+    # no FlashAttention-4 (as on the image): the gpu tests, row 1 on sdpa and BERT growth on the final code
+    python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .gpu-wheels/pytest/*.whl
+    export PYTHONPATH=$PWD/src:/tmp/pyt HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/minilm \
+        step pytest-gpu 220 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ --junitxml "$OUT/gpu-junit.xml"
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step bert-final 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
+        --skip st-encode-bs32,hf-dataset-order-bs32 --out "$OUT/bert-final.json"
+    step growth-bert-final 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --out "$OUT/growth-bert-final.json"
+    ;;
 *)
-    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen" >&2
+    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final" >&2
     exit 2
     ;;
 esac

@@ -6,7 +6,6 @@
     python bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 400 --mean-words 555 \
         --max-words 1900 --impls flash_attention_4,sdpa,eager --attention-bound --hf-impl sdpa --skip hf-dataset-order-bs32
     python bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 --growth 1000,10000,100000
-        [--ramp-steps 16,1]
 (bench/h100.sh runs them on the lent H100 in the order its calls allow; bench/NOTES.md has the figures.)
 
 Variants (tokenization included unless said otherwise; model load excluded everywhere):
@@ -22,8 +21,7 @@ the budget and packing the pipeline would give it). Diagnostics: `--compare-pack
 implementations also padded), `--attention-bound` (the forward with attention replaced by V: the
 most any implementation can gain), `--prepared-ahead` (the pipeline on chunks tokenized before the
 clock starts), `--switch-intervals` (under other GIL switch intervals). `--growth N,M,..` instead
-runs `run_score` end to end on the first N, M, .. texts, the model loaded once (with
-`--ramp-steps a,b`: once for each number of steps the first chunk is tokenized in; 1 = whole).
+runs `run_score` end to end on the first N, M, .. texts, the model loaded once.
 On cuda it also measures the bf16 matmul rate (the second ceiling) and reports model FLOP use.
 
 Random-weight models are built from configs (no hub) with the MiniLM tokenizer (vocab 30522):
@@ -395,8 +393,6 @@ def main() -> None:
                     help="also run the forward with attention replaced by a copy of V (the most any implementation can gain)")
     ap.add_argument("--growth", default=None, help="e.g. 1000,10000,100000: only run `run_score` end to end on that many "
                                                    "texts each, model loaded once (growth of tokens/s with the data)")
-    ap.add_argument("--ramp-steps", default=None, help="with --growth, e.g. 16,1: run the sizes once for each number of steps "
-                                                       "the first chunk is tokenized in on CUDA (1: the whole chunk at once)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -436,28 +432,21 @@ def main() -> None:
             sys.exit(f"--growth {max(sizes)} needs --texts >= {max(sizes)}")
         job_kwargs = dict(model=model_ref, task=task, device=device, dtype=dtype, prefer=args.prefer,
                           batch_tokens=args.batch_tokens, max_length=max_length, quiet=True)
-        steps = [int(x) for x in args.ramp_steps.split(",")] if args.ramp_steps else [scorer.ramp_steps if scorer.ramp else 1]
-        by_steps = {}
-        for count in steps:
-            scorer.ramp_steps, scorer.ramp = count, count > 1
-            by_steps[count] = run_growth(scorer, job_kwargs, texts, sizes, args.repeats, Path(tmp.name))
-        growth = by_steps[steps[0]]
+        growth = run_growth(scorer, job_kwargs, texts, sizes, args.repeats, Path(tmp.name))
         result = {"mode": "growth", "model": args.model, "task": task, "device": device, "dtype": dtype, "impl": impl,
                   "packing": scorer.packing_note, "tokenizer": scorer.tokenizer_note, "data": data, "repeats": args.repeats, "argv": sys.argv[1:],
                   "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-                  "versions": scorer.decision.versions, "ramp_steps": steps[0], **growth,
-                  "by_ramp_steps": {str(k): v for k, v in by_steps.items()}}
+                  "versions": scorer.decision.versions, **growth}
         out = Path(args.out) if args.out else REPO / "bench" / "results" / f"score_growth-{args.model}-{device}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
         print(f"{args.model} ({task}, {dtype}, {impl}, packing {scorer.packing_note}) on {result['device_name']}: "
               f"run_score end to end, model loaded once, median of {args.repeats}")
-        print(f"{'ramp steps':>10} {'texts':>8} {'tokens':>11} {'padded':>11} {'wall s':>8} {'tokens/s':>11} {'loop tokens/s':>14} {'first run':>11}")
-        for count, g in by_steps.items():
-            for n, v in g["sizes"].items():
-                print(f"{count:>10} {n:>8,} {v['tokens']:>11,} {v['runs'][0]['padded_tokens']:>11,} {v['median_wall_s']:>8.3f} "
-                      f"{v['tokens_per_s']:>11,.0f} {v['loop_tokens_per_s']:>14,.0f} {v['first_run_tokens_per_s']:>11,.0f}")
-            print(f"{count:>10} max / min tokens/s: {g['max_over_min']:.3f} end to end, {g['loop_max_over_min']:.3f} in the scoring loop")
+        print(f"{'texts':>8} {'tokens':>11} {'padded':>11} {'wall s':>8} {'tokens/s':>11} {'loop tokens/s':>14} {'first run':>11}")
+        for n, v in growth["sizes"].items():
+            print(f"{n:>8,} {v['tokens']:>11,} {v['runs'][0]['padded_tokens']:>11,} {v['median_wall_s']:>8.3f} "
+                  f"{v['tokens_per_s']:>11,.0f} {v['loop_tokens_per_s']:>14,.0f} {v['first_run_tokens_per_s']:>11,.0f}")
+        print(f"max / min tokens/s: {growth['max_over_min']:.3f} end to end, {growth['loop_max_over_min']:.3f} in the scoring loop")
         print(f"written to {out}")
         return
 

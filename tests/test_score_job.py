@@ -399,62 +399,6 @@ def test_scorer_scores_tables_in_order_and_is_reusable(st_bert, texts):
         scorer.score_table(pa.table({"text": ["fine", ""]}))
 
 
-def test_a_first_chunk_prepared_in_pieces_gives_the_same_result(st_bert):
-    from attnfallback.scoring.pipeline import RAMP_MIN_ROWS, Chunk, build_table
-
-    texts = seeded_texts(RAMP_MIN_ROWS + 300, seed=8, max_words=30)
-    chunks = [Chunk(0, list(range(RAMP_MIN_ROWS)), [(t,) for t in texts[:RAMP_MIN_ROWS]]),
-              Chunk(1, list(range(RAMP_MIN_ROWS, len(texts))), [(t,) for t in texts[RAMP_MIN_ROWS:]])]
-    scorer = Scorer.from_job(ScoreJob(model=str(st_bert), batch_tokens=512, device="cpu"))
-    tables = {}
-    for ramp in (False, True):
-        scorer.ramp = ramp
-        prepared_before = scorer.timing["prepare_s"]
-        results = list(scorer.score_chunks(iter(chunks)))
-        assert [r.chunk.index for r in results] == [0, 1] and scorer.timing["prepare_s"] > prepared_before
-        tables[ramp] = [build_table(scorer.output_schema, r.chunk.ids, r) for r in results]
-    for plain, ramped in zip(tables[False], tables[True]):
-        assert plain.column("id").to_pylist() == ramped.column("id").to_pylist()
-        a, b = np.array(plain.column("embedding").to_pylist()), np.array(ramped.column("embedding").to_pylist())
-        assert np.abs(a - b).max() < 1e-6
-
-
-@pytest.mark.parametrize("idle_every, sizes", [
-    (None, [25, 375]),  # the device never idle: the first step alone, then the rest together
-    (1, [25, 375]),  # idle at once: as fast as the tokenizer, the ramp stops after the first piece
-    (4, [25, 100, 100, 100, 75]),  # idle after every 4 steps: held steps sent together
-])
-def test_first_chunk_steps_are_held_while_the_device_is_busy(st_bert, idle_every, sizes):
-    from attnfallback.scoring.pipeline import RAMP_KEEP_GOING, RAMP_STEPS, Chunk
-
-    assert (RAMP_STEPS, RAMP_KEEP_GOING) == (16, 4)  # the sizes below are for these
-    texts = seeded_texts(400, seed=9, max_words=30)
-    chunk = Chunk(0, list(range(400)), [(t,) for t in texts], list(range(1, 401)))
-    scorer = Scorer.from_job(ScoreJob(model=str(st_bert), batch_tokens=512, device="cpu"))
-    asked = []
-
-    def device_idle():
-        asked.append(1)
-        return idle_every is not None and len(asked) % idle_every == 0
-
-    pieces = list(scorer._ramp(chunk, device_idle))
-    assert [len(p.chunk) for p, _ in pieces] == sizes
-    assert [last for _, last in pieces] == [False] * (len(pieces) - 1) + [True]
-    assert [i for p, _ in pieces for i in p.chunk.ids] == chunk.ids  # every row once, in order
-    assert [line for p, _ in pieces for line in p.chunk.lines] == chunk.lines
-    whole = scorer.encoder.encode(chunk.texts)
-    whole_ids, whole_types, offsets = whole.flat()
-    for piece, _ in pieces:  # each piece is sorted and batched on its own rows
-        start = chunk.ids.index(piece.chunk.ids[0])
-        want = whole.lengths[start:start + len(piece.chunk)]
-        assert np.array_equal(piece.encoded.lengths, want)
-        ids, types, _ = piece.encoded.flat()
-        span = slice(offsets[start], offsets[start] + want.sum())
-        assert np.array_equal(ids, whole_ids[span]) and np.array_equal(types, whole_types[span])
-        assert np.array_equal(piece.encoded.lengths[piece.order], np.sort(want)[::-1])
-        assert sum(len(b.rows) for b in piece.batches) == len(piece.chunk)
-
-
 def test_a_loaded_scorer_is_reused_across_runs(st_bert, input_file, texts, tmp_path):
     fresh = run_score(job_for(st_bert, input_file, tmp_path / "fresh.parquet"))
     scorer = Scorer.from_job(job_for(st_bert, input_file, tmp_path / "unused.parquet"))

@@ -45,10 +45,7 @@ from attnfallback.scoring.tokenizer_process import ChildDied, ProcessEncoder, ch
 
 log = logging.getLogger("attnfallback")
 
-QUEUE_CHUNKS = 2  # chunks (or pieces of the first) tokenized ahead of the forward pass
-RAMP_MIN_ROWS = 256  # CUDA: a first chunk at least this long is tokenized in steps (see score_chunks)
-RAMP_STEPS = 16
-RAMP_KEEP_GOING = 4  # steps held when the device first goes idle, below which the ramp stops (see _ramp)
+QUEUE_CHUNKS = 2  # chunks tokenized ahead of the forward pass
 PACKING_CHECK_TEXTS = (  # rows of different lengths: packed and padded outputs must agree on them
     ("Attention fallback packing check: the third row is the longest of these three.",),
     ("Short row.",),
@@ -149,8 +146,6 @@ class Scorer:
         self.sink = loaded.sink
         self.oom_splits = 0
         self.id_type = "int64"
-        self.ramp = False  # tokenize the first chunk in steps (see _ramp); off: measured slower (bench/NOTES.md v10)
-        self.ramp_steps = RAMP_STEPS
         self.packing = getattr(job, "packing", "auto")
         self.pack = False  # batches packed padding-free (see refresh_packing)
         self.packing_note = "off"
@@ -487,61 +482,10 @@ class Scorer:
             return {name: torch.cat([r[name] for r in results], dim=0) for name in results[0]}
         raise AssertionError("unreachable")
 
-    def _whole(self, chunk: Chunk) -> Iterator[tuple[PreparedChunk, bool]]:
-        yield self.prepare(chunk), True
-
-    def _ramp(self, chunk: Chunk, device_idle) -> Iterator[tuple[PreparedChunk, bool]]:
-        """The first chunk, tokenized in steps of 1/ramp_steps of its rows, so the device starts
-        after the first step instead of the whole chunk. Yields (piece, last).
-
-        Steps tokenized while the device is busy are held and sent together once it is idle
-        (sorted together: batched with less padding); a piece is never smaller than the one
-        before it. If the device finished the first piece before RAMP_KEEP_GOING steps were
-        tokenized, it runs about as fast as the tokenizer (a small model): more small pieces
-        would cost more in padding and launches than the wait they save, so the rest of the chunk
-        goes as one piece (H100, BERT-base, 1k texts: 188k tokens/s in 16 pieces, 428k whole).
-        """
-        steps = ramp_steps(chunk, self.ramp_steps)
-        held: list[tuple[Chunk, Encoded]] = []
-        sent_rows, pieces, ramping = 0, 0, True
-        seconds = 0.0
-        i = 0
-        while i < len(steps):
-            # once the ramp stops, the rest is tokenized in one request
-            step = steps[i] if ramping else join_chunks(steps[i:])
-            i = i + 1 if ramping else len(steps)
-            t0 = time.perf_counter()
-            held.append((step, self._encode(step.texts)))
-            seconds += time.perf_counter() - t0
-            last = i == len(steps)
-            rows = sum(len(c) for c, _ in held)
-            send = last or pieces == 0
-            if not send and ramping and device_idle():
-                if pieces == 1 and len(held) < RAMP_KEEP_GOING:
-                    ramping = False
-                else:
-                    send = rows >= sent_rows
-            if send:
-                t0 = time.perf_counter() - seconds
-                piece = join_chunks([c for c, _ in held])
-                yield self._prepare_encoded(piece, Encoded.concat([e for _, e in held]), t0), last
-                held, sent_rows, seconds, pieces = [], rows, 0.0, pieces + 1
-
     def score_chunks(self, chunks: Iterable[Chunk]) -> Iterator[ChunkResult]:
-        """Score chunks in order; tokenization runs in a worker thread ahead of the forward pass.
-
-        On CUDA the first chunk is tokenized in steps (`_ramp`) and scored in pieces, whose
-        outputs are joined back into the chunk's result.
-        """
+        """Score chunks in order; tokenization runs in a worker thread ahead of the forward pass."""
         q: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
         stop = threading.Event()
-        last_event: list = [None]  # the event recorded after the latest launch (CUDA)
-        in_hand = threading.Event()  # set from taking a piece off the queue until its launch is queued
-
-        def device_idle() -> bool:
-            """Nothing waits in the queue or is being launched, and the device has finished all it was given."""
-            event = last_event[0]
-            return q.empty() and not in_hand.is_set() and (event is None or event.query())
 
         def put(item) -> bool:
             while not stop.is_set():
@@ -554,13 +498,9 @@ class Scorer:
 
         def produce():
             try:
-                first = True
                 for chunk in chunks:
-                    ramp = first and self.ramp and self.ramp_steps > 1 and len(chunk) >= RAMP_MIN_ROWS
-                    first = False
-                    for item in (self._ramp(chunk, device_idle) if ramp else self._whole(chunk)):
-                        if stop.is_set() or not put(item):
-                            return
+                    if stop.is_set() or not put(self.prepare(chunk)):
+                        return
                 put(_DONE)
             except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
                 put(_Failure(e))
@@ -570,46 +510,26 @@ class Scorer:
         # on CUDA a chunk is finished (host copy awaited, columns built) on another thread while
         # the next one runs on the GPU; on the CPU that work would only compete for the cores
         finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnfallback-finish") if self.on_cuda else None
-        pending: deque = deque()  # (future, last piece of its chunk)
-        pieces_done: list[ChunkResult] = []
-
-        def collect(result: ChunkResult, last: bool) -> ChunkResult | None:
-            pieces_done.append(result)
-            if not last:
-                return None
-            merged = merge_results(pieces_done)
-            pieces_done.clear()
-            return merged
+        pending: deque = deque()  # futures of chunks being finished, in order
 
         def drain(everything: bool) -> Iterator[ChunkResult]:
             """Finished chunks in order: those done (keeping one in flight), or all of them."""
-            while pending and (everything or len(pending) > 1 or pending[0][0].done()):
-                future, is_last = pending.popleft()
-                merged = collect(future.result(), is_last)
-                if merged is not None:
-                    yield merged
+            while pending and (everything or len(pending) > 1 or pending[0].done()):
+                yield pending.popleft().result()
 
         try:
             while True:
                 t_wait = time.perf_counter()
                 item = q.get()
-                in_hand.set()
                 self.timing["wait_s"] += time.perf_counter() - t_wait
                 if item is _DONE:
                     break
                 if isinstance(item, _Failure):
                     raise item.exc
-                prepared, last = item
                 if finisher is None:
-                    merged = collect(self.run(prepared), last)
-                    in_hand.clear()
-                    if merged is not None:
-                        yield merged
+                    yield self.run(item)
                     continue
-                launched = self.launch(prepared)
-                last_event[0] = launched.event
-                in_hand.clear()
-                pending.append((finisher.submit(self.finish, launched), last))
+                pending.append(finisher.submit(self.finish, self.launch(item)))
                 yield from drain(everything=False)
             yield from drain(everything=True)
         finally:
@@ -663,41 +583,6 @@ class Scorer:
             field_type = table.schema.field(id_column).type if id_column in table.column_names else pa.int64()
             id_type = "string" if (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)) else "int64"
         return InputSpec(names, id_column, id_type)
-
-
-def ramp_steps(chunk: Chunk, steps: int = RAMP_STEPS) -> list[Chunk]:
-    """`chunk` cut into `steps` consecutive pieces of (nearly) equal rows."""
-    n = len(chunk)
-    bounds = [round(i * n / steps) for i in range(steps + 1)]
-    return [Chunk(chunk.index, chunk.ids[a:b], chunk.texts[a:b], chunk.lines[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
-
-
-def join_chunks(pieces: list[Chunk]) -> Chunk:
-    """Consecutive pieces of one chunk, as one."""
-    if len(pieces) == 1:
-        return pieces[0]
-    return Chunk(pieces[0].index, [i for p in pieces for i in p.ids], [t for p in pieces for t in p.texts],
-                 [line for p in pieces for line in p.lines])
-
-
-def merge_results(results: list[ChunkResult]) -> ChunkResult:
-    """The results of consecutive pieces of one chunk, as the chunk's result."""
-    if len(results) == 1:
-        return results[0]
-    import pyarrow as pa
-
-    chunk = join_chunks([r.chunk for r in results])
-    return ChunkResult(
-        chunk=chunk,
-        columns={name: pa.concat_arrays([r.columns[name] for r in results]) for name in results[0].columns},
-        nonfinite=np.concatenate([r.nonfinite for r in results]),
-        tokens=sum(r.tokens for r in results),
-        padded_tokens=sum(r.padded_tokens for r in results),
-        truncated=sum(r.truncated for r in results),
-        batches=sum(r.batches for r in results),
-        oom_splits=sum(r.oom_splits for r in results),
-        seconds=sum(r.seconds for r in results),
-    )
 
 
 def build_table(schema, ids: list, result: ChunkResult):

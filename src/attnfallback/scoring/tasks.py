@@ -172,19 +172,6 @@ class Encoded:
             np.cumsum(lengths[:-1], out=offsets[1:])
         return cls([], None, lengths, truncated, _flat=(ids, type_ids, offsets))
 
-    @classmethod
-    def concat(cls, parts: list[Encoded]) -> Encoded:
-        """Consecutive encoded pieces of one chunk, as one."""
-        if len(parts) == 1:
-            return parts[0]
-        flats = [p.flat() for p in parts]
-        types = None if any(f[1] is None for f in flats) else np.concatenate([f[1] for f in flats])
-        joined = cls.from_flat(np.concatenate([f[0] for f in flats]), types, np.concatenate([p.lengths for p in parts]),
-                               np.concatenate([p.truncated for p in parts]))
-        if all(p.score_start is not None for p in parts):
-            joined.score_start = np.concatenate([p.score_start for p in parts])
-        return joined
-
     def flat(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """All ids concatenated (and type ids), with each row's offset: for vectorised padding."""
         if self._flat is None:
