@@ -34,6 +34,10 @@ setup_env() {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 }
 
+plain_env() {  # no FlashAttention-4 staged (as on the image)
+    export PYTHONPATH=$PWD/src${1:+:$1} HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+}
+
 step() {  # name, seconds, command...: run one step, keep its output, never stop the others
     local name=$1 limit=$2
     shift 2
@@ -87,7 +91,7 @@ long)
     ;;
 gil)
     # the worker's cost to the forward thread: prepared ahead, and under shorter GIL switch intervals
-    export PYTHONPATH=$PWD/src HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+    plain_env
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
     step bert-gil 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
         --prepared-ahead --switch-intervals 0.001,0.0002,0.00005 --skip st-encode-bs32,hf-dataset-order-bs32 \
@@ -100,7 +104,7 @@ gil)
     ;;
 budget)
     # v7: CUDA budgets scaled by the model's feed-forward width (BERT-base 256k, Qwen2-0.5B 160k)
-    export PYTHONPATH=$PWD/src HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+    plain_env
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
     step bert-v7 120 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
         --skip st-encode-bs32,hf-dataset-order-bs32 --out "$OUT/bert-v7.json"
@@ -109,8 +113,7 @@ budget)
     ;;
 sdpa)
     # no FlashAttention-4 needed (as on the image): the first two rows with the worker's cost, and growth
-    setup_env() { export PYTHONPATH=$PWD/src HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1; }
-    setup_env
+    plain_env
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
     step bert-sdpa 110 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
         --prepared-ahead --skip st-encode-bs32,hf-dataset-order-bs32 --out "$OUT/bert-sdpa.json"
@@ -152,7 +155,7 @@ v9-growth)
     ;;
 v10-growth)
     # growth on sdpa (as on the image)
-    export PYTHONPATH=$PWD/src HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+    plain_env
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     step growth-bert-v10 170 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
@@ -193,7 +196,7 @@ v10-qwen)
 v10-final)
     # no FlashAttention-4 (as on the image): the gpu tests, row 1 on sdpa and BERT growth on the final code
     python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .gpu-wheels/pytest/*.whl
-    export PYTHONPATH=$PWD/src:/tmp/pyt HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+    plain_env /tmp/pyt
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/minilm \
         step pytest-gpu 220 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ --junitxml "$OUT/gpu-junit.xml"

@@ -325,9 +325,7 @@ class Scorer:
     def prepare(self, chunk: Chunk) -> PreparedChunk:
         """Tokenize, sort by length (stable), plan token-budget batches, pad (and pin on CUDA)."""
         t0 = time.perf_counter()
-        return self._prepare_encoded(chunk, self._encode(chunk.texts), t0)
-
-    def _prepare_encoded(self, chunk: Chunk, encoded: Encoded, t0: float) -> PreparedChunk:
+        encoded = self._encode(chunk.texts)
         order = length_order(encoded.lengths)
         slices = plan_batches(encoded.lengths[order], self.batch_tokens, self.max_cells)
         batches = [self._host_batch(encoded, order[s.start:s.stop], s.length) for s in slices]

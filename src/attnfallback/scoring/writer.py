@@ -298,13 +298,15 @@ class PartStore:
         it to the final file."""
         import pyarrow.parquet as pq
 
+        if self._final is None:
+            raise OutputError(f"{self.output}: a part committed before start", path=str(self.output))
         if info.index != len(self.parts):
             raise OutputError(f"part {info.index} committed out of order (expected {len(self.parts)})", path=str(self.work))
         path = self.work / info.file
         tmp = self.work / f".{info.file}.tmp-{os.getpid()}"
         try:
             with open(tmp, "wb") as fh:
-                pq.write_table(table, fh, **(self._options or write_options(table.schema)))
+                pq.write_table(table, fh, **self._options)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -317,8 +319,7 @@ class PartStore:
                 self.parts.pop()
             raise OutputError(f"cannot write part {info.index} of {self.output} in {self.work}: {_describe_os_error(e)}",
                               path=str(path)) from e
-        if self._final is not None:
-            self._append_final(table, info)
+        self._append_final(table, info)
 
     def read_part(self, info: PartInfo):
         import pyarrow.parquet as pq
