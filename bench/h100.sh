@@ -206,8 +206,57 @@ v10-final)
     step growth-bert-final 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
         --prefer sdpa --growth 1000,10000,100000 --repeats 2 --out "$OUT/growth-bert-final.json"
     ;;
+v11-probe)
+    # session 5: what a new batch shape costs per SDPA backend, the tokenizer's ceiling, BERT growth as it was
+    plain_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    nproc
+    step tokenize-rate 120 python3 bench/tokenize_rate.py --rows 8192 --threads 1,2,4,8,16 --out "$OUT/tokenize-rate.json"
+    step shape-bert 150 python3 bench/shape_cost.py --model bert-base-random --chunks 4 --batch-tokens 16384 \
+        --backends default,efficient,cudnn --out "$OUT/shape-bert.json"
+    step shape-bert-256k 150 python3 bench/shape_cost.py --model bert-base-random --chunks 2 --rows 8192 --batch-tokens 262144 \
+        --backends default,efficient --out "$OUT/shape-bert-256k.json"
+    step shape-qwen 200 python3 bench/shape_cost.py --model qwen2-0.5b-random --chunks 2 --batch-tokens 65536 \
+        --backends default,efficient,cudnn --out "$OUT/shape-qwen.json"
+    step growth-bert-v10 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --out "$OUT/growth-bert-v10.json"
+    ;;
+v11-bert)
+    # BERT growth on fresh texts each round (new shapes, as each shard of a sweep), with the kernel
+    # order scoring now sets and with torch's own; row 1 on sdpa
+    plain_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    step growth-bert-v11 200 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --out "$OUT/growth-bert-v11.json"
+    ATTNFALLBACK_SDPA_ORDER=torch step growth-bert-v11-torch-order 200 python3 bench/score_throughput.py --device cuda \
+        --model bert-base-random --texts 100000 --prefer sdpa --growth 1000,10000,100000 --repeats 2 \
+        --out "$OUT/growth-bert-v11-torch-order.json"
+    step bert-v11 180 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
+        --skip st-encode-bs32,hf-dataset-order-bs32 --out "$OUT/bert-v11.json"
+    ;;
+v11-qwen)
+    # Qwen: the flash kernel on its GQA shapes, growth on fresh texts, row 2 on sdpa
+    plain_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step shape-qwen-flash 120 python3 bench/shape_cost.py --model qwen2-0.5b-random --chunks 2 --batch-tokens 65536 \
+        --backends flash --out "$OUT/shape-qwen-flash.json"
+    step growth-qwen-v11 330 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-v11.json"
+    ;;
+v11-rows2)
+    plain_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step qwen-v11 300 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --repeats 2 \
+        --prefer sdpa --hf-impl sdpa --out "$OUT/qwen-v11.json"
+    python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .gpu-wheels/pytest/*.whl
+    plain_env /tmp/pyt
+    ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/minilm \
+        step pytest-gpu 220 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ --junitxml "$OUT/gpu-junit.xml"
+    ;;
 *)
-    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final" >&2
+    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-bert|v11-qwen|v11-rows2" >&2
     exit 2
     ;;
 esac

@@ -283,24 +283,27 @@ def register_no_attention() -> None:
         tasks.PACKING_IMPLS = tasks.PACKING_IMPLS + (NO_ATTENTION,)
 
 
-def run_growth(scorer, job_kwargs: dict, texts: list[str], sizes: list[int], repeats: int, workdir: Path) -> dict:
-    """`run_score` end to end (input file read, parts written) on the first N texts for each N, the
-    model loaded once: tokens/s per size. Round 0 runs every size once, in a process that has not
-    seen its shapes yet (kept as `first_run`); the medians come from the rounds after it. Each run
-    also keeps where its time went: the pipeline's own account (prepare on the worker, waiting for
-    it, launching, finishing) and the part outside the scoring loop (input checks, the final file)."""
+def run_growth(scorer, job_kwargs: dict, texts_for_round, sizes: list[int], repeats: int, workdir: Path) -> dict:
+    """`run_score` end to end (input file read, parts written) on the first N texts of a round's
+    texts (`texts_for_round(round)`) for each N, the model loaded once: tokens/s per size. Round 0
+    runs every size once, in a process that has not run anything yet (kept as `first_run`); the
+    medians come from the rounds after it. With fresh texts each round, every run meets lengths,
+    so batch shapes, it has not seen, as each shard of a sweep does. Each run also keeps where its
+    time went: the pipeline's own account (prepare on the worker, waiting for it, launching,
+    finishing) and the part outside the scoring loop (input checks, the final file)."""
     from attnfallback.scoring import ScoreJob, run_score
 
-    inputs = {}
-    for n in sizes:
-        path = workdir / f"growth-{n}.jsonl"
-        with open(path, "w", encoding="utf-8") as fh:
-            for t in texts[:n]:
-                fh.write(json.dumps({"text": t}) + "\n")
-        inputs[n] = path
     runs: dict[int, list[dict]] = {n: [] for n in sizes}
     first: dict[int, dict] = {}
     for attempt in range(repeats + 1):
+        texts = texts_for_round(attempt)
+        inputs = {}
+        for n in sizes:
+            path = workdir / f"growth-{n}.jsonl"
+            with open(path, "w", encoding="utf-8") as fh:
+                for t in texts[:n]:
+                    fh.write(json.dumps({"text": t}) + "\n")
+            inputs[n] = path
         for n in sizes:
             out = workdir / f"growth-{n}-{attempt}.parquet"
             for key in scorer.timing:
@@ -310,7 +313,7 @@ def run_growth(scorer, job_kwargs: dict, texts: list[str], sizes: list[int], rep
             wall = time.perf_counter() - t0
             assert result.rows_written == n
             loop_s = result.tokens / result.tokens_per_s if result.tokens_per_s else 0.0
-            run = {"wall_s": wall, "tokens": result.tokens, "padded_tokens": result.padded_tokens, "loop_tokens_per_s": result.tokens_per_s,
+            run = {"wall_s": wall, "tokens": result.tokens, "tokens_per_s": result.tokens / wall, "padded_tokens": result.padded_tokens, "loop_tokens_per_s": result.tokens_per_s,
                    "outside_loop_s": wall - loop_s, **{k: round(v, 4) for k, v in scorer.timing.items()}}
             if attempt:
                 runs[n].append(run)
@@ -322,7 +325,8 @@ def run_growth(scorer, job_kwargs: dict, texts: list[str], sizes: list[int], rep
     table = {}
     for n, rs in runs.items():
         wall = statistics.median(r["wall_s"] for r in rs)
-        table[n] = {"texts": n, "tokens": rs[0]["tokens"], "median_wall_s": wall, "tokens_per_s": rs[0]["tokens"] / wall,
+        table[n] = {"texts": n, "tokens": rs[0]["tokens"], "median_wall_s": wall,
+                    "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                     "loop_tokens_per_s": statistics.median(r["loop_tokens_per_s"] for r in rs),
                     "first_run_tokens_per_s": first[n]["tokens"] / first[n]["wall_s"], "first_run": first[n], "runs": rs}
     rates = [v["tokens_per_s"] for v in table.values()]
@@ -393,6 +397,9 @@ def main() -> None:
                     help="also run the forward with attention replaced by a copy of V (the most any implementation can gain)")
     ap.add_argument("--growth", default=None, help="e.g. 1000,10000,100000: only run `run_score` end to end on that many "
                                                    "texts each, model loaded once (growth of tokens/s with the data)")
+    ap.add_argument("--growth-texts", default="fresh", choices=["fresh", "same"],
+                    help="fresh: each round of --growth scores new texts (new lengths, so new batch shapes, as every "
+                         "shard of a sweep brings); same: every round the same texts (sessions 2-4)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -432,8 +439,14 @@ def main() -> None:
             sys.exit(f"--growth {max(sizes)} needs --texts >= {max(sizes)}")
         job_kwargs = dict(model=model_ref, task=task, device=device, dtype=dtype, prefer=args.prefer,
                           batch_tokens=args.batch_tokens, max_length=max_length, quiet=True)
-        growth = run_growth(scorer, job_kwargs, texts, sizes, args.repeats, Path(tmp.name))
-        result = {"mode": "growth", "model": args.model, "task": task, "device": device, "dtype": dtype, "impl": impl,
+        if args.growth_texts == "fresh" and data == "synthetic":
+            def texts_for_round(attempt: int) -> list[str]:
+                return synthetic_texts(max(sizes), mean_words, args.max_words or int(mean_words * 8), args.seed + 1 + attempt)
+        else:
+            def texts_for_round(attempt: int) -> list[str]:
+                return texts
+        growth = run_growth(scorer, job_kwargs, texts_for_round, sizes, args.repeats, Path(tmp.name))
+        result = {"mode": "growth", "growth_texts": args.growth_texts if data == "synthetic" else "same", "model": args.model, "task": task, "device": device, "dtype": dtype, "impl": impl,
                   "packing": scorer.packing_note, "tokenizer": scorer.tokenizer_note, "data": data, "repeats": args.repeats, "argv": sys.argv[1:],
                   "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
                   "versions": scorer.decision.versions, **growth}
@@ -441,7 +454,7 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
         print(f"{args.model} ({task}, {dtype}, {impl}, packing {scorer.packing_note}) on {result['device_name']}: "
-              f"run_score end to end, model loaded once, median of {args.repeats}")
+              f"run_score end to end, model loaded once, median of {args.repeats}, {result['growth_texts']} texts each round")
         print(f"{'texts':>8} {'tokens':>11} {'padded':>11} {'wall s':>8} {'tokens/s':>11} {'loop tokens/s':>14} {'first run':>11}")
         for n, v in growth["sizes"].items():
             print(f"{n:>8,} {v['tokens']:>11,} {v['runs'][0]['padded_tokens']:>11,} {v['median_wall_s']:>8.3f} "

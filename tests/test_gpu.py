@@ -91,3 +91,14 @@ def test_flash_attention_4_in_fp32_is_rejected_at_plan(bert_hd64):
     loaded = load_model(bert_hd64, dtype="float32", policy=Policy.graceful(["flash_attention_4", "sdpa"]), device="cuda")
     assert loaded.decision.used == "sdpa"
     assert any("float32" in r for r in loaded.decision.attempts[0].reasons)
+
+
+def test_padded_sdpa_batches_run_the_memory_efficient_kernel_not_cudnn(bert_hd64, monkeypatch):
+    """Under sdpa_order the padded verification batch runs memory-efficient attention: cuDNN, which
+    PyTorch tries first on Hopper, builds a graph for every new batch shape (bench/NOTES.md, session 5)."""
+    from attnfallback.sdpa_order import ENV
+
+    monkeypatch.delenv(ENV, raising=False)
+    loaded = load_model(bert_hd64, policy=Policy.graceful(["sdpa"]), device="cuda")
+    print("kernels:", loaded.decision.kernels)
+    assert loaded.decision.kernels == ["sdpa:efficient"]

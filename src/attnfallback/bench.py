@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from attnfallback.sdpa_order import sdpa_order
+
 from attnfallback.errors import UsageError
 
 log = logging.getLogger("attnfallback")
@@ -273,7 +275,7 @@ def measure(loaded, impl: str, workload: Workload, *, seconds: float = 5.0, min_
         return None, [f"cannot place the workload on {loaded.device}: {_first_line(e)}"]
 
     def run() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), sdpa_order(loaded.device.type):
             for batch in batches:
                 loaded.model(**batch)
 

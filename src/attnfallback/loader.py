@@ -21,6 +21,7 @@ from attnfallback.caps import DeviceCaps, SoftwareCaps, probe_device, probe_soft
 from attnfallback.errors import AttentionUnavailable, ModelLoadError
 from attnfallback.model_facts import ModelFacts, ModelRef, read_facts, resolve_ref
 from attnfallback.policy import Mode, Policy
+from attnfallback.sdpa_order import sdpa_order
 
 log = logging.getLogger("attnfallback")
 
@@ -186,7 +187,7 @@ def verify_forward(model, facts: ModelFacts, device) -> list[str]:
     mask = torch.ones_like(ids)
     mask[1, length // 2 :] = 0
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), sdpa_order(getattr(device, "type", str(device))):
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
     except RECOVERABLE as e:
         return [f"forward failed: {_first_line(e)}"]

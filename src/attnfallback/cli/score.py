@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last committed part (or keep a completed output)."),
         on_bad_row: str = typer.Option("error", "--on-bad-row", help="error | skip (skipped rows are listed with their lines)."),
         on_nonfinite: str = typer.Option("error", "--on-nonfinite", help="error | flag (a `nonfinite` column)."),
-        part_rows: int = typer.Option(8192, "--part-rows", help="Rows per committed part (the unit of --resume)."),
+        part_rows: int = typer.Option(8192, "--part-rows", help="Rows per committed part (the unit of --resume); the first parts are smaller: 512 rows, doubling."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
         engine: str = typer.Option("local", "--engine", help="local | ray (pip install attnfallback[ray])."),
         address: str = typer.Option(None, "--address", help="Ray cluster address (with --engine ray; default: a local Ray)."),

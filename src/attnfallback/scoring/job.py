@@ -28,6 +28,10 @@ from attnfallback.scoring.tokenizer_process import check_tokenizer_process_mode
 log = logging.getLogger("attnfallback")
 
 DEFAULT_PART_ROWS = 8192
+# The first parts are smaller (512 rows, doubling up to part_rows): the GPU waits only for the
+# first part's tokenizing, and a small run is still several parts the GPU and the tokenizer
+# overlap on (bench/NOTES.md, session 5). Part of the resume fingerprint.
+FIRST_PART_ROWS = 512
 MAX_LISTED_SKIPS = 10_000  # skipped rows listed in the event and the result (all are counted)
 BAD_ROW_MODES = ("error", "skip")
 NONFINITE_MODES = ("error", "flag")
@@ -147,6 +151,7 @@ def _fingerprint(job: ScoreJob, task: str, source: InputSource, spec: InputSpec,
         "max_length": job.max_length,
         "dtype": job.dtype,
         "part_rows": job.part_rows,
+        "first_part_rows": min(FIRST_PART_ROWS, job.part_rows),
         "on_bad_row": job.on_bad_row,
         "on_nonfinite": job.on_nonfinite,
     }
@@ -175,12 +180,23 @@ def validate_input(source: InputSource, spec: InputSpec) -> int:
     return total
 
 
+def part_sizes(part_rows: int) -> Iterator[int]:
+    """Rows of each part in turn: FIRST_PART_ROWS, doubling up to `part_rows`, then `part_rows`."""
+    size = min(FIRST_PART_ROWS, part_rows)
+    while True:
+        yield size
+        size = min(size * 2, part_rows)
+
+
 def shard_chunks(source: InputSource, spec: InputSpec, shard, job: ScoreJob, skip_chunks: int, counts: _Counts) -> Iterator:
-    """The shard's good rows in chunks of `part_rows`; the first `skip_chunks` are read, not yielded."""
+    """The shard's good rows in chunks of `part_sizes(part_rows)`; the first `skip_chunks` are read,
+    not yielded."""
     from attnfallback.scoring.pipeline import Chunk
 
     ids, texts, lines = [], [], []
     index = 0
+    sizes = part_sizes(job.part_rows)
+    size = next(sizes)
     for row in iter_rows(source, spec):
         counts.rows_total += 1
         if not shard.owns(row.number):
@@ -194,10 +210,11 @@ def shard_chunks(source: InputSource, spec: InputSpec, shard, job: ScoreJob, ski
         ids.append(row.id)
         texts.append(row.texts)
         lines.append(row.line)
-        if len(ids) == job.part_rows:
+        if len(ids) == size:
             if index >= skip_chunks:
                 yield Chunk(index, ids, texts, lines)
             index += 1
+            size = next(sizes)
             ids, texts, lines = [], [], []
     if ids and index >= skip_chunks:
         yield Chunk(index, ids, texts, lines)

@@ -27,7 +27,14 @@ import numpy as np
 
 from attnfallback.errors import NonFiniteError, UsageError
 from attnfallback.model_facts import text_config
-from attnfallback.scoring.batching import default_batch_tokens, eager_max_cells, ffn_width, length_order, plan_batches
+from attnfallback.scoring.batching import (
+    chunk_batch_tokens,
+    default_batch_tokens,
+    eager_max_cells,
+    ffn_width,
+    length_order,
+    plan_batches,
+)
 from attnfallback.scoring.inputs import InputSpec, rows_of_table
 from attnfallback.scoring.tasks import (
     AUTO_CLASSES,
@@ -42,6 +49,8 @@ from attnfallback.scoring.tasks import (
     supports_varlen,
 )
 from attnfallback.scoring.tokenizer_process import ChildDied, ProcessEncoder, check_tokenizer_process_mode, process_obstacle
+from attnfallback.sdpa_order import describe as sdpa_order_note
+from attnfallback.sdpa_order import sdpa_order
 
 log = logging.getLogger("attnfallback")
 
@@ -137,6 +146,7 @@ class Scorer:
         self.task = task
         self.max_length = max_length
         self.batch_tokens = batch_tokens
+        self.adapt_budget = not getattr(job, "batch_tokens", None)  # only the default budget is lowered for small chunks
         self.max_cells = max_cells
         self.device = loaded.device
         self.on_cuda = self.device.type == "cuda"
@@ -234,7 +244,8 @@ class Scorer:
     def describe(self) -> dict:
         return {**self.task.describe(), "max_length": self.max_length, "batch_tokens": self.batch_tokens,
                 "max_cells": self.max_cells, "device": str(self.device), "impl": self.decision.used,
-                "packing": self.packing_note, "tokenizer": self.tokenizer_note}
+                "packing": self.packing_note, "tokenizer": self.tokenizer_note,
+                **({"sdpa_order": sdpa_order_note()} if self.on_cuda and self.decision.used == "sdpa" else {})}
 
     # -- packing ----------------------------------------------------------------------------
 
@@ -274,7 +285,7 @@ class Scorer:
         padded = self._padded_batch(encoded, rows, int(encoded.lengths.max()))
         packed = self._packed_batch(encoded, rows)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), sdpa_order(self.device.type):
                 want = self.task.forward(self._on_device(padded))
                 got = self.task.forward(self._on_device(packed))
         except Exception as e:  # noqa: BLE001 - any failure means: do not pack
@@ -327,7 +338,8 @@ class Scorer:
         t0 = time.perf_counter()
         encoded = self._encode(chunk.texts)
         order = length_order(encoded.lengths)
-        slices = plan_batches(encoded.lengths[order], self.batch_tokens, self.max_cells)
+        budget = chunk_batch_tokens(self.batch_tokens, int(encoded.lengths.sum())) if self.adapt_budget else self.batch_tokens
+        slices = plan_batches(encoded.lengths[order], budget, self.max_cells)
         batches = [self._host_batch(encoded, order[s.start:s.stop], s.length) for s in slices]
         seconds = time.perf_counter() - t0
         self.timing["prepare_s"] += seconds
@@ -382,7 +394,7 @@ class Scorer:
         host: dict = {}
         keep: list = []
         event = None
-        with torch.inference_mode():
+        with torch.inference_mode(), sdpa_order(self.device.type):
             for batch in prepared.batches:
                 outputs = self._forward(prepared.encoded, batch, depth=0)
                 for name, value in outputs.items():
