@@ -20,6 +20,12 @@
 #   call 3 (carry .gpu-wheels/minilm .gpu-wheels/tok):    bash bench/h100.sh v10-tests
 #   call 4 (carry .gpu-wheels/tok):                       bash bench/h100.sh v10-qwen
 #   lease L (carry .gpu-wheels/minilm .gpu-wheels/tok .gpu-wheels/pytest):  bash bench/h100.sh v10-final
+# session 5 (v11: SDPA's kernel order, the first parts from 512 rows, growth on fresh texts):
+#   lease M (carry .gpu-wheels/tok):                      bash bench/h100.sh v11-probe
+#   (lease N ran BERT growth, with ATTNFALLBACK_SDPA_ORDER=torch too, and row 1 at fed9468, with a
+#   small-chunk budget removed after it; bench/NOTES.md v11)
+#   lease O (carry .gpu-wheels/tok):                      bash bench/h100.sh v11-growth
+#   then (carry .gpu-wheels/minilm .gpu-wheels/tok .gpu-wheels/pytest):  bash bench/h100.sh v11-rows2
 #
 # .gpu-wheels/tok holds the MiniLM tokenizer and config (the random-weight bench models use it);
 # .gpu-wheels/minilm the whole embedded model (the gpu tests score with it). Results go to $OUT.
@@ -222,27 +228,19 @@ v11-probe)
     step growth-bert-v10 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
         --prefer sdpa --growth 1000,10000,100000 --repeats 2 --out "$OUT/growth-bert-v10.json"
     ;;
-v11-bert)
-    # BERT growth on fresh texts each round (new shapes, as each shard of a sweep), with the kernel
-    # order scoring now sets and with torch's own; row 1 on sdpa
+v11-growth)
+    # growth on fresh texts each round (new shapes, as each shard of a sweep): BERT with the first
+    # part of 512 rows (the default) and of 8192 (as before), row 1 on sdpa, Qwen growth
     plain_env
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    step growth-bert-v11 200 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
+    step growth-bert-v11 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
         --prefer sdpa --growth 1000,10000,100000 --repeats 2 --out "$OUT/growth-bert-v11.json"
-    ATTNFALLBACK_SDPA_ORDER=torch step growth-bert-v11-torch-order 200 python3 bench/score_throughput.py --device cuda \
-        --model bert-base-random --texts 100000 --prefer sdpa --growth 1000,10000,100000 --repeats 2 \
-        --out "$OUT/growth-bert-v11-torch-order.json"
-    step bert-v11 180 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
+    step growth-bert-v11-first8192 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --first-part-rows 8192 --out "$OUT/growth-bert-v11-first8192.json"
+    step bert-v11 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
         --skip st-encode-bs32,hf-dataset-order-bs32 --out "$OUT/bert-v11.json"
-    ;;
-v11-qwen)
-    # Qwen: the flash kernel on its GQA shapes, growth on fresh texts, row 2 on sdpa
-    plain_env
-    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
-    step shape-qwen-flash 120 python3 bench/shape_cost.py --model qwen2-0.5b-random --chunks 2 --batch-tokens 65536 \
-        --backends flash --out "$OUT/shape-qwen-flash.json"
-    step growth-qwen-v11 330 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
+    step growth-qwen-v11 300 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
         --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-v11.json"
     ;;
 v11-rows2)
@@ -256,7 +254,7 @@ v11-rows2)
         step pytest-gpu 220 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ --junitxml "$OUT/gpu-junit.xml"
     ;;
 *)
-    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-bert|v11-qwen|v11-rows2" >&2
+    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-rows2" >&2
     exit 2
     ;;
 esac

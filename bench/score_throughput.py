@@ -196,16 +196,23 @@ def make_hf_sorted(scorer, texts: list[str]):
     return run
 
 
-def make_ours(scorer, texts: list[str], part_rows: int, prepared_ahead: bool = False, tokenizer_process: str = "auto"):
+def make_ours(scorer, texts: list[str], part_rows: int, prepared_ahead: bool = False, tokenizer_process: str = "auto",
+              first_part_rows: int | None = None):
     """The pipeline. prepared_ahead: every chunk (and piece) tokenized and batched before the clock
     starts, so the worker thread only hands them over: what the tokenizing thread's CPU and GIL
     time costs the forward thread is the difference to the plain variant. tokenizer_process: the
     pipeline's (auto: on CUDA, tokenizing in a child process) or off (in the worker thread)."""
+    from attnfallback.scoring.job import FIRST_PART_ROWS, part_sizes
     from attnfallback.scoring.pipeline import Chunk, build_table
 
     schema = scorer.output_schema
-    chunks = [Chunk(i, list(range(s, min(s + part_rows, len(texts)))), [(t,) for t in texts[s:s + part_rows]])
-              for i, s in enumerate(range(0, len(texts), part_rows))]
+    chunks, start = [], 0
+    for i, size in enumerate(part_sizes(part_rows, first_part_rows or FIRST_PART_ROWS)):  # the parts `score` makes
+        if start >= len(texts):
+            break
+        stop = min(start + size, len(texts))
+        chunks.append(Chunk(i, list(range(start, stop)), [(t,) for t in texts[start:stop]]))
+        start = stop
     cache: dict = {}
     real_prepare = scorer.prepare
 
@@ -383,6 +390,7 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--hf-impl", default=None, help="attention implementation of the plain-transformers variants (default: score's)")
     ap.add_argument("--part-rows", type=int, default=8192)
+    ap.add_argument("--first-part-rows", type=int, default=None, help="the first part's rows (default: score's, 512)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma-separated variants to leave out")
     ap.add_argument("--seed", type=int, default=0)
@@ -438,7 +446,8 @@ def main() -> None:
         if max(sizes) > len(texts):
             sys.exit(f"--growth {max(sizes)} needs --texts >= {max(sizes)}")
         job_kwargs = dict(model=model_ref, task=task, device=device, dtype=dtype, prefer=args.prefer,
-                          batch_tokens=args.batch_tokens, max_length=max_length, quiet=True)
+                          batch_tokens=args.batch_tokens, max_length=max_length, quiet=True,
+                          **({"first_part_rows": args.first_part_rows} if args.first_part_rows else {}))
         if args.growth_texts == "fresh" and data == "synthetic":
             def texts_for_round(attempt: int) -> list[str]:
                 return synthetic_texts(max(sizes), mean_words, args.max_words or int(mean_words * 8), args.seed + 1 + attempt)
@@ -497,18 +506,18 @@ def main() -> None:
             tags = ([name_impl] if len(impls) > 1 else []) + ([label] if label else [])
             suffix = f" [{', '.join(tags)}]" if tags else ""
             to_this = functools.partial(switch, name_impl, packing)
-            variants["attnfallback-score" + suffix] = (to_this, make_ours(scorer, texts, args.part_rows))
+            variants["attnfallback-score" + suffix] = (to_this, make_ours(scorer, texts, args.part_rows, first_part_rows=args.first_part_rows))
             if not label:
                 ours_names[name_impl] = "attnfallback-score" + suffix
             if args.switch_intervals and not label:
                 for interval in [float(x) for x in args.switch_intervals.split(",")]:
                     variants[f"attnfallback-score [switch interval {interval * 1000:g} ms]" + suffix] = (
-                        to_this, with_switch_interval(interval, make_ours(scorer, texts, args.part_rows)))
+                        to_this, with_switch_interval(interval, make_ours(scorer, texts, args.part_rows, first_part_rows=args.first_part_rows)))
             if args.prepared_ahead and not label:
-                variants["attnfallback-score [prepared ahead]" + suffix] = (to_this, make_ours(scorer, texts, args.part_rows, True))
+                variants["attnfallback-score [prepared ahead]" + suffix] = (to_this, make_ours(scorer, texts, args.part_rows, True, first_part_rows=args.first_part_rows))
             if args.compare_tokenizer_thread and not label:
                 variants["attnfallback-score [tokenizer in a thread]" + suffix] = (
-                    to_this, make_ours(scorer, texts, args.part_rows, tokenizer_process="off"))
+                    to_this, make_ours(scorer, texts, args.part_rows, tokenizer_process="off", first_part_rows=args.first_part_rows))
             if "forward-only-sorted" not in skip:
                 variants["forward-only-sorted" + suffix] = (to_this, make_gpu_only(scorer, texts))
                 if not label:

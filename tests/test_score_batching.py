@@ -155,21 +155,3 @@ def test_prompt_completion_keeps_the_completion_and_marks_where_scoring_starts(m
     completion1 = minilm_tokenizer("the dog runs", add_special_tokens=False)["input_ids"]
     assert enc.ids[1][-len(completion1):] == completion1
 
-
-def test_small_chunks_get_a_smaller_budget_and_pad_less():
-    from attnfallback.scoring.batching import CUDA_MIN_BATCH_TOKENS, SMALL_CHUNK_BATCHES, chunk_batch_tokens
-
-    bert = default_batch_tokens("cuda", "sdpa", 3072)
-    assert chunk_batch_tokens(bert, 10 ** 7) == bert  # a large chunk keeps the default
-    assert chunk_batch_tokens(bert, 200_000) == 200_000 // SMALL_CHUNK_BATCHES
-    assert chunk_batch_tokens(bert, 1_000) == CUDA_MIN_BATCH_TOKENS  # never below the floor
-    assert chunk_batch_tokens(CPU_BATCH_TOKENS, 1_000) == CPU_BATCH_TOKENS  # nor above the budget it is given
-    # the case it is for: 1,000 texts of a log-normal length mix, sorted into batches
-    rng = np.random.default_rng(0)
-    lengths = np.clip(rng.lognormal(np.log(55) - 0.18, 0.6, 1000).astype(np.int64) + 2, 3, 512)
-    ordered = lengths[length_order(lengths)]
-
-    def padding(budget):
-        return sum(b.padded_tokens for b in plan_batches(ordered, budget)) / ordered.sum()
-
-    assert padding(chunk_batch_tokens(bert, int(lengths.sum()))) < 1.15 < 1.4 < padding(bert)

@@ -194,7 +194,7 @@ def test_a_crash_between_parts_resumes_to_the_clean_result(st_bert, input_file, 
     assert np.array_equal(np.array(got["embedding"]), np.array(clean["embedding"]))
 
 
-def test_the_first_parts_are_smaller_then_part_rows():
+def test_the_first_parts_are_smaller_than_part_rows():
     from itertools import islice
 
     from attnfallback.scoring.job import FIRST_PART_ROWS, part_sizes
@@ -203,20 +203,19 @@ def test_the_first_parts_are_smaller_then_part_rows():
     assert FIRST_PART_ROWS == 512
     assert list(islice(part_sizes(700), 3)) == [512, 700, 700]
     assert list(islice(part_sizes(10), 3)) == [10, 10, 10]
+    assert list(islice(part_sizes(8192, 8192), 2)) == [8192, 8192]
 
 
 def test_parts_follow_the_schedule_and_resume_on_it(st_bert, input_file, tmp_path, monkeypatch):
-    """With a first part of 2 rows (patched, so 61 rows make several growing parts): the parts are
-    2, 4, 8, 8, ... rows, a run killed after three parts resumes to the clean output, and a partial
-    output made under another first-part size is refused, not misread."""
+    """With a first part of 2 rows (so 61 rows make several growing parts): the parts are 2, 4, 8,
+    8, ... rows, a run killed after three parts resumes to the clean output, and a partial output
+    made under another first-part size is refused, not misread."""
     import pyarrow.parquet as pq
 
     from attnfallback.errors import OutputError
-    from attnfallback.scoring import job as job_module
     from attnfallback.scoring import writer
 
-    monkeypatch.setattr(job_module, "FIRST_PART_ROWS", 2)
-    clean = run_score(job_for(st_bert, input_file, tmp_path / "clean.parquet", part_rows=8))
+    clean = run_score(job_for(st_bert, input_file, tmp_path / "clean.parquet", part_rows=8, first_part_rows=2))
     sizes = [pq.ParquetFile(tmp_path / "clean.parquet").metadata.row_group(i).num_rows for i in range(clean.parts)]
     assert sizes == [2, 4] + [8] * 6 + [7] and sum(sizes) == 61
     real = writer.PartStore.commit_part
@@ -229,13 +228,11 @@ def test_parts_follow_the_schedule_and_resume_on_it(st_bert, input_file, tmp_pat
     monkeypatch.setattr(writer.PartStore, "commit_part", crash_at_part_3)
     out = tmp_path / "out.parquet"
     with pytest.raises(KeyboardInterrupt):
-        run_score(job_for(st_bert, input_file, out, part_rows=8))
+        run_score(job_for(st_bert, input_file, out, part_rows=8, first_part_rows=2))
     monkeypatch.setattr(writer.PartStore, "commit_part", real)
-    monkeypatch.setattr(job_module, "FIRST_PART_ROWS", 4)
     with pytest.raises(OutputError, match="different job.*first_part_rows"):
-        run_score(job_for(st_bert, input_file, out, part_rows=8, resume=True))
-    monkeypatch.setattr(job_module, "FIRST_PART_ROWS", 2)
-    result = run_score(job_for(st_bert, input_file, out, part_rows=8, resume=True))
+        run_score(job_for(st_bert, input_file, out, part_rows=8, first_part_rows=4, resume=True))
+    result = run_score(job_for(st_bert, input_file, out, part_rows=8, first_part_rows=2, resume=True))
     assert result.resumed_parts == 3 and result.rows_written == 61
     got, want = read_output(out), read_output(tmp_path / "clean.parquet")
     assert got["id"] == want["id"]

@@ -53,7 +53,8 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last committed part (or keep a completed output)."),
         on_bad_row: str = typer.Option("error", "--on-bad-row", help="error | skip (skipped rows are listed with their lines)."),
         on_nonfinite: str = typer.Option("error", "--on-nonfinite", help="error | flag (a `nonfinite` column)."),
-        part_rows: int = typer.Option(8192, "--part-rows", help="Rows per committed part (the unit of --resume); the first parts are smaller: 512 rows, doubling."),
+        part_rows: int = typer.Option(8192, "--part-rows", help="Rows per committed part (the unit of --resume)."),
+        first_part_rows: int = typer.Option(512, "--first-part-rows", help="Rows of the first part; parts double from there up to --part-rows, so the GPU starts after a small part's tokenizing."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
         engine: str = typer.Option("local", "--engine", help="local | ray (pip install attnfallback[ray])."),
         address: str = typer.Option(None, "--address", help="Ray cluster address (with --engine ray; default: a local Ray)."),
@@ -71,7 +72,7 @@ def register(app: typer.Typer) -> None:
             text_columns=split_list(text_columns), id_column=id_column, shard=shard, prefer=prefer, policy=policy,
             dtype=dtype, device=device, batch_tokens=batch_tokens, max_length=max_length, events=events, run_id=run_id,
             resume=resume, on_bad_row=on_bad_row, on_nonfinite=on_nonfinite, quiet=quiet or as_json, revision=revision,
-            trust_remote_code=trust_remote_code, part_rows=part_rows, packing=packing, tokenizer_process=tokenizer_process,
+            trust_remote_code=trust_remote_code, part_rows=part_rows, first_part_rows=first_part_rows, packing=packing, tokenizer_process=tokenizer_process,
         )
         data = run_score_engine(job, engine, address=address, actors=actors).to_dict()
         print_json(data) if as_json else render(data)

@@ -29,7 +29,6 @@ CUT_RATIO = 0.85  # see plan_batches
 CUDA_FFN_ELEMENTS = 262144 * 3072
 CUDA_MIN_BATCH_TOKENS = 16384
 CUDA_MAX_BATCH_TOKENS = 262144
-SMALL_CHUNK_BATCHES = 4  # see chunk_batch_tokens
 
 
 def default_batch_tokens(device_kind: str, impl: str | None, intermediate_size: int | None = None) -> int:
@@ -47,18 +46,6 @@ def default_batch_tokens(device_kind: str, impl: str | None, intermediate_size: 
             return max(CUDA_MIN_BATCH_TOKENS, min(CUDA_MAX_BATCH_TOKENS, budget))
         return CUDA_BATCH_TOKENS
     return CPU_BATCH_TOKENS
-
-
-def chunk_batch_tokens(batch_tokens: int, chunk_tokens: int) -> int:
-    """The default budget as one chunk uses it: lowered for a chunk too small to fill
-    SMALL_CHUNK_BATCHES batches, but not below CUDA_MIN_BATCH_TOKENS (nor above `batch_tokens`).
-
-    A chunk that fits in one or two batches is padded to its longest rows: BERT-base's 256k-token
-    budget pads a 1,000-text chunk to 1.68 padded tokens per real one, a 16k budget to 1.09
-    (bench/NOTES.md, session 5). Only defaults adapt; an explicit --batch-tokens is kept.
-    """
-    floor = min(batch_tokens, CUDA_MIN_BATCH_TOKENS)
-    return max(floor, min(batch_tokens, chunk_tokens // SMALL_CHUNK_BATCHES))
 
 
 def ffn_width(config) -> int | None:

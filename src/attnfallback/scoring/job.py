@@ -64,6 +64,7 @@ class ScoreJob:
     revision: str | None = None
     trust_remote_code: bool = False
     part_rows: int = DEFAULT_PART_ROWS  # rows per committed part (the unit of --resume)
+    first_part_rows: int = FIRST_PART_ROWS  # the first part's rows; parts double from there up to part_rows
     packing: str = "auto"  # auto: padding-free batches where the implementation is a varlen flash kernel | off
     tokenizer_process: str = "auto"  # auto: on CUDA, tokenize in a child process (scoring/tokenizer_process.py) | off
 
@@ -121,6 +122,8 @@ def _validate_job(job: ScoreJob) -> str:
         raise UsageError(f"--on-nonfinite must be one of {', '.join(NONFINITE_MODES)}, found {job.on_nonfinite!r}")
     if job.part_rows < 1:
         raise UsageError(f"part_rows must be positive, found {job.part_rows}")
+    if job.first_part_rows < 1:
+        raise UsageError(f"first_part_rows must be positive, found {job.first_part_rows}")
     if job.batch_tokens is not None and job.batch_tokens < 1:
         raise UsageError(f"--batch-tokens must be positive, found {job.batch_tokens}")
     check_packing_mode(job.packing)
@@ -151,7 +154,7 @@ def _fingerprint(job: ScoreJob, task: str, source: InputSource, spec: InputSpec,
         "max_length": job.max_length,
         "dtype": job.dtype,
         "part_rows": job.part_rows,
-        "first_part_rows": min(FIRST_PART_ROWS, job.part_rows),
+        "first_part_rows": min(job.first_part_rows, job.part_rows),
         "on_bad_row": job.on_bad_row,
         "on_nonfinite": job.on_nonfinite,
     }
@@ -180,9 +183,9 @@ def validate_input(source: InputSource, spec: InputSpec) -> int:
     return total
 
 
-def part_sizes(part_rows: int) -> Iterator[int]:
-    """Rows of each part in turn: FIRST_PART_ROWS, doubling up to `part_rows`, then `part_rows`."""
-    size = min(FIRST_PART_ROWS, part_rows)
+def part_sizes(part_rows: int, first_part_rows: int = FIRST_PART_ROWS) -> Iterator[int]:
+    """Rows of each part in turn: `first_part_rows`, doubling up to `part_rows`, then `part_rows`."""
+    size = min(first_part_rows, part_rows)
     while True:
         yield size
         size = min(size * 2, part_rows)
@@ -195,7 +198,7 @@ def shard_chunks(source: InputSource, spec: InputSpec, shard, job: ScoreJob, ski
 
     ids, texts, lines = [], [], []
     index = 0
-    sizes = part_sizes(job.part_rows)
+    sizes = part_sizes(job.part_rows, job.first_part_rows)
     size = next(sizes)
     for row in iter_rows(source, spec):
         counts.rows_total += 1

@@ -27,14 +27,7 @@ import numpy as np
 
 from attnfallback.errors import NonFiniteError, UsageError
 from attnfallback.model_facts import text_config
-from attnfallback.scoring.batching import (
-    chunk_batch_tokens,
-    default_batch_tokens,
-    eager_max_cells,
-    ffn_width,
-    length_order,
-    plan_batches,
-)
+from attnfallback.scoring.batching import default_batch_tokens, eager_max_cells, ffn_width, length_order, plan_batches
 from attnfallback.scoring.inputs import InputSpec, rows_of_table
 from attnfallback.scoring.tasks import (
     AUTO_CLASSES,
@@ -146,7 +139,6 @@ class Scorer:
         self.task = task
         self.max_length = max_length
         self.batch_tokens = batch_tokens
-        self.adapt_budget = not getattr(job, "batch_tokens", None)  # only the default budget is lowered for small chunks
         self.max_cells = max_cells
         self.device = loaded.device
         self.on_cuda = self.device.type == "cuda"
@@ -338,8 +330,7 @@ class Scorer:
         t0 = time.perf_counter()
         encoded = self._encode(chunk.texts)
         order = length_order(encoded.lengths)
-        budget = chunk_batch_tokens(self.batch_tokens, int(encoded.lengths.sum())) if self.adapt_budget else self.batch_tokens
-        slices = plan_batches(encoded.lengths[order], budget, self.max_cells)
+        slices = plan_batches(encoded.lengths[order], self.batch_tokens, self.max_cells)
         batches = [self._host_batch(encoded, order[s.start:s.stop], s.length) for s in slices]
         seconds = time.perf_counter() - t0
         self.timing["prepare_s"] += seconds
