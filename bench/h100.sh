@@ -25,7 +25,8 @@
 #   (lease N ran BERT growth, with ATTNFALLBACK_SDPA_ORDER=torch too, and row 1 at fed9468, with a
 #   small-chunk budget removed after it; bench/NOTES.md v11)
 #   lease O (carry .gpu-wheels/tok):                      bash bench/h100.sh v11-growth
-#   then (carry .gpu-wheels/minilm .gpu-wheels/tok .gpu-wheels/pytest):  bash bench/h100.sh v11-rows2
+#   lease P, the final code (carry .gpu-wheels/minilm .gpu-wheels/tok .gpu-wheels/pytest):  bash bench/h100.sh v11-final
+#   then (carry .gpu-wheels/tok):                         bash bench/h100.sh v11-qwen
 #
 # .gpu-wheels/tok holds the MiniLM tokenizer and config (the random-weight bench models use it);
 # .gpu-wheels/minilm the whole embedded model (the gpu tests score with it). Results go to $OUT.
@@ -243,18 +244,31 @@ v11-growth)
     step growth-qwen-v11 300 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
         --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-v11.json"
     ;;
-v11-rows2)
-    plain_env
-    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
-    step qwen-v11 300 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --repeats 2 \
-        --prefer sdpa --hf-impl sdpa --out "$OUT/qwen-v11.json"
+v11-final)
+    # the final code, no FlashAttention-4 (as on the image): gpu tests, row 1 on sdpa, BERT growth
     python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .gpu-wheels/pytest/*.whl
     plain_env /tmp/pyt
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/minilm \
         step pytest-gpu 220 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ --junitxml "$OUT/gpu-junit.xml"
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step bert-final 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
+        --skip st-encode-bs32,hf-dataset-order-bs32 --out "$OUT/bert-final.json"
+    step growth-bert-final 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --out "$OUT/growth-bert-final.json"
+    ;;
+v11-qwen)
+    # the final code: row 2 on sdpa, Qwen growth on fresh texts, the tokenizer's rate
+    plain_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step tokenize-rate 90 python3 bench/tokenize_rate.py --rows 8192 --threads 16 --out "$OUT/tokenize-rate.json"
+    step qwen-final 280 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --repeats 2 \
+        --prefer sdpa --hf-impl sdpa --out "$OUT/qwen-final.json"
+    step growth-qwen-final 280 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-final.json"
     ;;
 *)
-    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-rows2" >&2
+    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen" >&2
     exit 2
     ;;
 esac

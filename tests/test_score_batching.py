@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -131,7 +133,10 @@ def test_encoder_matches_the_tokenizer_call_sentence_transformers_makes(minilm_t
     enc = TextEncoder(minilm_tokenizer, max_length=32).encode([(t,) for t in texts])
     ref = minilm_tokenizer(texts, truncation="longest_first", max_length=32, padding=False)
     assert enc.ids == ref["input_ids"]
-    assert enc.type_ids == ref["token_type_ids"]
+    # BERT's single-text template gives type 0 throughout: not read back, None stands for the zeros
+    assert enc.type_ids is None and all(t == [0] * len(t) for t in ref["token_type_ids"])
+    padded = pad_rows(enc, np.arange(len(texts)), 32, 0, with_types=True)
+    assert padded["token_type_ids"].shape == (len(texts), 32) and not padded["token_type_ids"].any()
     full = minilm_tokenizer(texts, padding=False)["input_ids"]
     assert enc.truncated.tolist() == [len(f) > 32 for f in full]
     assert enc.truncated.any() and not enc.truncated.all()
@@ -155,3 +160,19 @@ def test_prompt_completion_keeps_the_completion_and_marks_where_scoring_starts(m
     completion1 = minilm_tokenizer("the dog runs", add_special_tokens=False)["input_ids"]
     assert enc.ids[1][-len(completion1):] == completion1
 
+
+
+def test_type_ids_are_read_back_unless_the_single_template_is_all_type_zero():
+    from attnfallback.scoring.tasks import single_type_ids_are_zero
+
+    def template(*type_ids):
+        single = [{"SpecialToken": {"id": "[CLS]", "type_id": type_ids[0]}}, {"Sequence": {"id": "A", "type_id": type_ids[1]}}]
+        return json.dumps({"post_processor": {"type": "TemplateProcessing", "single": single}})
+
+    assert single_type_ids_are_zero(template(0, 0))
+    assert not single_type_ids_are_zero(template(0, 1))
+    assert single_type_ids_are_zero(json.dumps({"post_processor": None}))
+    assert single_type_ids_are_zero(json.dumps({"post_processor": {"type": "Sequence", "processors": [
+        {"type": "ByteLevel"}, json.loads(template(0, 0))["post_processor"]]}}))
+    assert not single_type_ids_are_zero(json.dumps({"post_processor": {"type": "SomethingNew"}}))
+    assert not single_type_ids_are_zero("not json")

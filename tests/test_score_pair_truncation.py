@@ -62,7 +62,10 @@ def _reference(batch, pairs, max_length: int):
 def _assert_same(encoded, reference) -> None:
     ids, types, truncated = reference
     assert encoded.ids == ids
-    assert encoded.type_ids == types
+    if encoded.type_ids is None:  # not read back: the template gives type 0 throughout
+        assert all(t == [0] * len(t) for t in types)
+    else:
+        assert encoded.type_ids == types
     assert encoded.lengths.tolist() == [len(i) for i in ids]
     assert encoded.lengths.dtype == np.int64
     assert encoded.truncated.tolist() == truncated

@@ -208,6 +208,9 @@ class TextEncoder:
 
             self._main = configured("right", self.max_length)
             self._batch = fast_batch(self._main)
+            # single texts whose template gives every token type 0 (BERT's, RoBERTa's): the type
+            # ids are not read back from the tokenizer, a list per row less (None means zeros)
+            self.type_ids_needed = not (mode == "single" and single_type_ids_are_zero(self._main.to_str()))
             if mode == "prompt_completion":
                 # the completion is kept; the prompt gives way, from its left
                 self._prompt = configured("left", self.max_length)
@@ -218,7 +221,7 @@ class TextEncoder:
         if self.mode == "prompt_completion":
             encoded = self._encode_prompt_completion(texts)
         elif self.fast:
-            encoded = encode_fast(self._batch, texts, self.mode, self.max_length)
+            encoded = encode_fast(self._batch, texts, self.mode, self.max_length, self.type_ids_needed)
         else:
             ids, type_ids, truncated = self._encode_slow(texts)
             lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
@@ -276,8 +279,33 @@ def fast_batch(tokenizer):
     return getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
 
 
-def encode_fast(batch, texts: list[tuple[str, ...]], mode: str, max_length: int) -> Encoded:
-    """Single texts or pairs through a configured fast tokenizer's batch encoding (see TextEncoder).
+def single_type_ids_are_zero(tokenizer_json: str) -> bool:
+    """Whether a fast tokenizer (its JSON) gives every token of a single text type id 0: no
+    post-processor, or one (or a sequence of them) whose single-text template uses type 0 only."""
+    try:
+        processor = json.loads(tokenizer_json).get("post_processor")
+    except (ValueError, AttributeError):
+        return False
+
+    def zero(p) -> bool:
+        if p is None:
+            return True
+        kind = p.get("type")
+        if kind in ("BertProcessing", "RobertaProcessing", "ByteLevel"):
+            return True
+        if kind == "TemplateProcessing":
+            pieces = [next(iter(piece.values()), {}) for piece in p.get("single", [])]
+            return all(isinstance(x, dict) and x.get("type_id", 0) == 0 for x in pieces)
+        if kind == "Sequence":
+            return all(zero(q) for q in p.get("processors", []))
+        return False
+
+    return zero(processor)
+
+
+def encode_fast(batch, texts: list[tuple[str, ...]], mode: str, max_length: int, with_type_ids: bool = True) -> Encoded:
+    """Single texts or pairs through a configured fast tokenizer's batch encoding (see TextEncoder);
+    without `with_type_ids` the type ids are left None (all zero).
 
     Pairs with a long part are not encoded jointly (see _encode_pairs): the result is the same,
     but the joint encoding's truncation costs time and memory quadratic in the parts' lengths."""
@@ -287,7 +315,7 @@ def encode_fast(batch, texts: list[tuple[str, ...]], mode: str, max_length: int)
     else:
         encodings, lost = _encode_pairs(batch, texts, max_length)
     ids = [e.ids for e in encodings]
-    type_ids = [e.type_ids for e in encodings]
+    type_ids = [e.type_ids for e in encodings] if with_type_ids else None
     if lost is None:
         flags = (len(i) >= max_length and bool(e.overflowing) for i, e in zip(ids, encodings))
     else:
@@ -454,8 +482,10 @@ def pad_rows(encoded: Encoded, rows: np.ndarray, length: int, pad_id: int, with_
         "attention_mask": mask.astype(np.int64),
     }
     if with_types:
-        types = flat_types if flat_types is not None else np.zeros_like(flat_ids)
-        out["token_type_ids"] = np.where(mask, types[index] if len(types) else 0, 0).astype(np.int64, copy=False)
+        if flat_types is None:
+            out["token_type_ids"] = np.zeros((len(rows), length), dtype=np.int64)
+        else:
+            out["token_type_ids"] = np.where(mask, flat_types[index] if len(flat_types) else 0, 0).astype(np.int64, copy=False)
     return out
 
 

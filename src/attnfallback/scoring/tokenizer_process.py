@@ -80,6 +80,8 @@ def _serve(conn: Connection) -> None:
                 continue
             encoded = encoder.encode(message)
             ids, types, _ = encoded.flat()
+            if len(ids) and int(ids.max()) < 2 ** 31:  # half the bytes through the socket
+                ids = ids.astype(np.int32)
             conn.send(("ok", (ids, types, encoded.lengths, encoded.truncated)))
         except Exception as e:  # noqa: BLE001 - sent to the parent, raised there
             conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -148,7 +150,7 @@ class ProcessEncoder:
         if kind == "error":
             raise RuntimeError(f"tokenizing failed in the tokenizer process: {payload}")
         ids, types, lengths, truncated = payload
-        return Encoded.from_flat(ids, types, np.asarray(lengths), np.asarray(truncated))
+        return Encoded.from_flat(ids.astype(np.int64, copy=False), types, np.asarray(lengths), np.asarray(truncated))
 
     def close(self) -> None:
         """Ask the child to stop; end it if it does not."""
