@@ -27,6 +27,7 @@
 #   lease O (carry .gpu-wheels/tok):                      bash bench/h100.sh v11-growth
 #   lease P, the final code (carry .gpu-wheels/minilm .gpu-wheels/tok .gpu-wheels/pytest):  bash bench/h100.sh v11-final
 #   then (carry .gpu-wheels/tok):                         bash bench/h100.sh v11-qwen
+#   lease Q (carry .gpu-wheels/tok):                      bash bench/h100.sh v11-first1024
 #
 # .gpu-wheels/tok holds the MiniLM tokenizer and config (the random-weight bench models use it);
 # .gpu-wheels/minilm the whole embedded model (the gpu tests score with it). Results go to $OUT.
@@ -267,8 +268,21 @@ v11-qwen)
     step growth-qwen-final 280 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
         --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-final.json"
     ;;
+v11-first1024)
+    # the same steps with the first part at 1,024 rows (a 1,000-text run is then one part)
+    plain_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step growth-bert-1024 120 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --first-part-rows 1024 --out "$OUT/growth-bert-1024.json"
+    step bert-1024 100 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
+        --skip st-encode-bs32,hf-dataset-order-bs32 --first-part-rows 1024 --out "$OUT/bert-1024.json"
+    step growth-qwen-1024 240 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 1 --first-part-rows 1024 --out "$OUT/growth-qwen-1024.json"
+    step qwen-1024 170 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --repeats 2 \
+        --prefer sdpa --hf-impl sdpa --first-part-rows 1024 --out "$OUT/qwen-1024.json"
+    ;;
 *)
-    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen" >&2
+    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024" >&2
     exit 2
     ;;
 esac
