@@ -390,7 +390,7 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--hf-impl", default=None, help="attention implementation of the plain-transformers variants (default: score's)")
     ap.add_argument("--part-rows", type=int, default=8192)
-    ap.add_argument("--first-part-rows", type=int, default=None, help="the first part's rows (default: score's, 512)")
+    ap.add_argument("--first-part-rows", type=int, default=None, help="the first part's rows (default: score's, 1024)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma-separated variants to leave out")
     ap.add_argument("--seed", type=int, default=0)

@@ -199,9 +199,10 @@ def test_the_first_parts_are_smaller_than_part_rows():
 
     from attnfallback.scoring.job import FIRST_PART_ROWS, part_sizes
 
-    assert list(islice(part_sizes(8192), 7)) == [512, 1024, 2048, 4096, 8192, 8192, 8192]
-    assert FIRST_PART_ROWS == 512
-    assert list(islice(part_sizes(700), 3)) == [512, 700, 700]
+    assert list(islice(part_sizes(8192), 6)) == [1024, 2048, 4096, 8192, 8192, 8192]
+    assert FIRST_PART_ROWS == 1024
+    assert list(islice(part_sizes(700), 3)) == [700, 700, 700]
+    assert list(islice(part_sizes(8192, 512), 3)) == [512, 1024, 2048]
     assert list(islice(part_sizes(10), 3)) == [10, 10, 10]
     assert list(islice(part_sizes(8192, 8192), 2)) == [8192, 8192]
 

@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
         on_bad_row: str = typer.Option("error", "--on-bad-row", help="error | skip (skipped rows are listed with their lines)."),
         on_nonfinite: str = typer.Option("error", "--on-nonfinite", help="error | flag (a `nonfinite` column)."),
         part_rows: int = typer.Option(8192, "--part-rows", help="Rows per committed part (the unit of --resume)."),
-        first_part_rows: int = typer.Option(512, "--first-part-rows", help="Rows of the first part; parts double from there up to --part-rows, so the GPU starts after a small part's tokenizing."),
+        first_part_rows: int = typer.Option(1024, "--first-part-rows", help="Rows of the first part; parts double from there up to --part-rows, so the GPU starts after a small part's tokenizing."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
         engine: str = typer.Option("local", "--engine", help="local | ray (pip install attnfallback[ray])."),
         address: str = typer.Option(None, "--address", help="Ray cluster address (with --engine ray; default: a local Ray)."),

@@ -28,10 +28,10 @@ from attnfallback.scoring.tokenizer_process import check_tokenizer_process_mode
 log = logging.getLogger("attnfallback")
 
 DEFAULT_PART_ROWS = 8192
-# The first parts are smaller (512 rows, doubling up to part_rows): the GPU waits only for the
-# first part's tokenizing, and a small run is still several parts the GPU and the tokenizer
-# overlap on (bench/NOTES.md, session 5). Part of the resume fingerprint.
-FIRST_PART_ROWS = 512
+# The first parts are smaller (1,024 rows, doubling up to part_rows): the GPU waits only for the
+# first part's tokenizing instead of a whole 8,192-row part's (bench/NOTES.md, session 5: 512 rows
+# padded a 1,000-text run more, two small parts sorted apart). Part of the resume fingerprint.
+FIRST_PART_ROWS = 1024
 MAX_LISTED_SKIPS = 10_000  # skipped rows listed in the event and the result (all are counted)
 BAD_ROW_MODES = ("error", "skip")
 NONFINITE_MODES = ("error", "flag")
