@@ -161,24 +161,31 @@ def test_a_second_run_on_a_locked_output_is_refused(st_bert, input_file, tmp_pat
     run_score(job_for(st_bert, input_file, tmp_path / "out.parquet"))
 
 
-def test_a_crash_between_parts_resumes_to_the_clean_result(st_bert, input_file, tmp_path, monkeypatch):
-    from attnfallback.errors import OutputError
+def kill_at_part(monkeypatch, index: int):
+    """Make committing part `index` raise KeyboardInterrupt (a killed run); returns the undo."""
     from attnfallback.scoring import writer
 
-    run_score(job_for(st_bert, input_file, tmp_path / "clean.parquet", part_rows=8))
-    clean = read_output(tmp_path / "clean.parquet")
     real = writer.PartStore.commit_part
 
-    def crash_at_part_3(self, table, info):
-        if info.index == 3:
+    def crash(self, table, info):
+        if info.index == index:
             raise KeyboardInterrupt("simulated kill")
         return real(self, table, info)
 
-    monkeypatch.setattr(writer.PartStore, "commit_part", crash_at_part_3)
+    monkeypatch.setattr(writer.PartStore, "commit_part", crash)
+    return lambda: monkeypatch.setattr(writer.PartStore, "commit_part", real)
+
+
+def test_a_crash_between_parts_resumes_to_the_clean_result(st_bert, input_file, tmp_path, monkeypatch):
+    from attnfallback.errors import OutputError
+
+    run_score(job_for(st_bert, input_file, tmp_path / "clean.parquet", part_rows=8))
+    clean = read_output(tmp_path / "clean.parquet")
+    undo = kill_at_part(monkeypatch, 3)
     out = tmp_path / "out.parquet"
     with pytest.raises(KeyboardInterrupt):
         run_score(job_for(st_bert, input_file, out, part_rows=8))
-    monkeypatch.setattr(writer.PartStore, "commit_part", real)
+    undo()
     assert not out.exists()
     # the final file grown during the run is gone; the three committed parts stay for --resume
     assert not list(tmp_path.glob(".out.parquet.tmp-*"))
@@ -214,23 +221,15 @@ def test_parts_follow_the_schedule_and_resume_on_it(st_bert, input_file, tmp_pat
     import pyarrow.parquet as pq
 
     from attnfallback.errors import OutputError
-    from attnfallback.scoring import writer
 
     clean = run_score(job_for(st_bert, input_file, tmp_path / "clean.parquet", part_rows=8, first_part_rows=2))
     sizes = [pq.ParquetFile(tmp_path / "clean.parquet").metadata.row_group(i).num_rows for i in range(clean.parts)]
     assert sizes == [2, 4] + [8] * 6 + [7] and sum(sizes) == 61
-    real = writer.PartStore.commit_part
-
-    def crash_at_part_3(self, table, info):
-        if info.index == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return real(self, table, info)
-
-    monkeypatch.setattr(writer.PartStore, "commit_part", crash_at_part_3)
+    undo = kill_at_part(monkeypatch, 3)
     out = tmp_path / "out.parquet"
     with pytest.raises(KeyboardInterrupt):
         run_score(job_for(st_bert, input_file, out, part_rows=8, first_part_rows=2))
-    monkeypatch.setattr(writer.PartStore, "commit_part", real)
+    undo()
     with pytest.raises(OutputError, match="different job.*first_part_rows"):
         run_score(job_for(st_bert, input_file, out, part_rows=8, first_part_rows=4, resume=True))
     result = run_score(job_for(st_bert, input_file, out, part_rows=8, first_part_rows=2, resume=True))
