@@ -201,7 +201,7 @@ v10-qwen)
     step growth-qwen-v10 300 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
         --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-v10.json"
     ;;
-v10-final)
+v10-final|v11-final)
     # no FlashAttention-4 (as on the image): the gpu tests, row 1 on sdpa and BERT growth on the final code
     python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .gpu-wheels/pytest/*.whl
     plain_env /tmp/pyt
@@ -244,19 +244,6 @@ v11-growth)
         --skip st-encode-bs32,hf-dataset-order-bs32 --out "$OUT/bert-v11.json"
     step growth-qwen-v11 300 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
         --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-v11.json"
-    ;;
-v11-final)
-    # the final code, no FlashAttention-4 (as on the image): gpu tests, row 1 on sdpa, BERT growth
-    python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .gpu-wheels/pytest/*.whl
-    plain_env /tmp/pyt
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/minilm \
-        step pytest-gpu 220 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ --junitxml "$OUT/gpu-junit.xml"
-    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
-    step bert-final 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
-        --skip st-encode-bs32,hf-dataset-order-bs32 --out "$OUT/bert-final.json"
-    step growth-bert-final 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
-        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --out "$OUT/growth-bert-final.json"
     ;;
 v11-qwen)
     # the final code: row 2 on sdpa, Qwen growth on fresh texts, the tokenizer's rate

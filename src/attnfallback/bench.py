@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from attnfallback.sdpa_order import sdpa_order
-
 from attnfallback.errors import UsageError
+from attnfallback.sdpa_order import sdpa_order
 
 log = logging.getLogger("attnfallback")
 

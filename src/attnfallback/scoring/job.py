@@ -154,7 +154,7 @@ def _fingerprint(job: ScoreJob, task: str, source: InputSource, spec: InputSpec,
         "max_length": job.max_length,
         "dtype": job.dtype,
         "part_rows": job.part_rows,
-        "first_part_rows": min(job.first_part_rows, job.part_rows),
+        "first_part_rows": next(part_sizes(job.part_rows, job.first_part_rows)),
         "on_bad_row": job.on_bad_row,
         "on_nonfinite": job.on_nonfinite,
     }

@@ -197,6 +197,7 @@ class TextEncoder:
         self.tokenizer = tokenizer
         backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
         self.fast = backend is not None
+        self.type_ids_needed = True  # see below: False where the template gives type 0 throughout
         if self.fast:
             from tokenizers import Tokenizer
 
