@@ -28,6 +28,8 @@
 #   lease P, the final code (carry .gpu-wheels/minilm .gpu-wheels/tok .gpu-wheels/pytest):  bash bench/h100.sh v11-final
 #   then (carry .gpu-wheels/tok):                         bash bench/h100.sh v11-qwen
 #   lease Q (carry .gpu-wheels/tok):                      bash bench/h100.sh v11-first1024
+# session 6 (v12: batches cut by least cost, the first part's lead piece):
+#   lease R (carry .gpu-wheels/tok):                      bash bench/h100.sh v12-variants
 #
 # .gpu-wheels/tok holds the MiniLM tokenizer and config (the random-weight bench models use it);
 # .gpu-wheels/minilm the whole embedded model (the gpu tests score with it). Results go to $OUT.
@@ -268,8 +270,19 @@ v11-first1024)
     step qwen-1024 170 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --repeats 2 \
         --prefer sdpa --hf-impl sdpa --first-part-rows 1024 --out "$OUT/qwen-1024.json"
     ;;
+v12-variants)
+    # growth per batch planner, lead piece and floor; Qwen at 1k and 10k only (its 100k run takes 80 s)
+    plain_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step variants-bert 240 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 2 \
+        --variants "planner=greedy,lead=0;lead=0;lead=128;lead=256;floor=16,lead=128" --out "$OUT/variants-bert.json"
+    step variants-qwen 300 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 10000 \
+        --prefer sdpa --growth 1000,10000 --repeats 2 \
+        --variants "planner=greedy,lead=0;lead=0;lead=128;floor=16,lead=0;floor=16,lead=128" --out "$OUT/variants-qwen.json"
+    ;;
 *)
-    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024" >&2
+    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024|v12-variants" >&2
     exit 2
     ;;
 esac

@@ -341,6 +341,55 @@ def run_growth(scorer, job_kwargs: dict, texts_for_round, sizes: list[int], repe
     return {"sizes": table, "max_over_min": max(rates) / min(rates), "loop_max_over_min": max(loop_rates) / min(loop_rates)}
 
 
+def greedy_plan(sorted_lengths, batch_tokens: int, max_cells=None, max_rows=None, floor_tokens=None, cut_ratio: float = 0.85):
+    """Sessions 1-5's batches, for comparison: each as full as the budget allows, closed early
+    (once it holds batch_tokens / 8) before the first row shorter than `cut_ratio` x its longest."""
+    import numpy as np
+
+    from attnfallback.scoring.batching import BatchSlice
+
+    lengths = np.maximum(np.asarray(sorted_lengths, dtype=np.int64), 1)
+    n, min_fill, batches, start = len(lengths), max(batch_tokens // 8, 1), [], 0
+    while start < n:
+        length = int(lengths[start])
+        rows = max(batch_tokens // length, 1)
+        if max_cells is not None:
+            rows = min(rows, max(max_cells // (length * length), 1))
+        stop = min(start + rows, n)
+        first_optional = start + max(min_fill // length, 1)
+        if first_optional < stop:
+            shorter = np.flatnonzero(lengths[first_optional:stop] < cut_ratio * length)
+            if len(shorter):
+                stop = first_optional + int(shorter[0])
+        batches.append(BatchSlice(start, stop, length))
+        start = stop
+    return batches
+
+
+def parse_variants(text: str) -> list[dict]:
+    """`lead=128,floor=16;planner=greedy` -> [{"lead": 128, "floor": 16}, {"planner": "greedy"}]."""
+    variants = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        variant = {}
+        for item in part.split(","):
+            key, _, value = item.partition("=")
+            if key not in ("lead", "floor", "planner") or not value:
+                sys.exit(f"--variants: expected lead=N, floor=N or planner=dp|greedy, found {item!r}")
+            variant[key] = value if key == "planner" else int(value)
+        variants.append(variant)
+    return variants
+
+
+def apply_variant(scorer, variant: dict) -> None:
+    """Set the first piece's rows, the batch floor (a divisor of the budget) and the batch planner."""
+    from attnfallback.scoring import pipeline
+    from attnfallback.scoring.batching import plan_batches
+
+    scorer.lead_rows = variant.get("lead", pipeline.LEAD_ROWS if scorer.on_cuda else 0)
+    scorer.floor_tokens = scorer.batch_tokens // variant["floor"] if "floor" in variant else None
+    pipeline.plan_batches = greedy_plan if variant.get("planner") == "greedy" else plan_batches
+
+
 def matmul_tflops(device: str, seconds: float = 2.0) -> float | None:
     """The bf16 matmul rate this GPU reaches (8192^3), TFLOP/s."""
     import torch
@@ -408,6 +457,9 @@ def main() -> None:
     ap.add_argument("--growth-texts", default="fresh", choices=["fresh", "same"],
                     help="fresh: each round of --growth scores new texts (new lengths, so new batch shapes, as every "
                          "shard of a sweep brings); same: every round the same texts (sessions 2-4)")
+    ap.add_argument("--variants", default=None,
+                    help="with --growth: run it for each of these, e.g. 'lead=0;lead=128,floor=16;planner=greedy' (the "
+                         "first piece's rows, the batch floor as a divisor of the budget, dp or sessions 1-5's greedy batches)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -454,6 +506,26 @@ def main() -> None:
         else:
             def texts_for_round(attempt: int) -> list[str]:
                 return texts
+        if args.variants:
+            table = {}
+            for v, variant in enumerate(parse_variants(args.variants)):
+                apply_variant(scorer, variant)
+                name = ",".join(f"{k}={x}" for k, x in variant.items()) or "default"
+                print(f"-- variant {name}", file=sys.stderr, flush=True)
+                table[name] = run_growth(scorer, job_kwargs, lambda a, v=v: texts_for_round(100 * v + a), sizes, args.repeats,
+                                         Path(tmp.name))
+            apply_variant(scorer, {})
+            out = Path(args.out) if args.out else REPO / "bench" / "results" / f"score_growth_variants-{args.model}-{device}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"mode": "growth-variants", "model": args.model, "argv": sys.argv[1:], "variants": table}, indent=2))
+            print(f"{args.model} on {device}: run_score end to end, model loaded once, median of {args.repeats}, tokens/s (padded per real)")
+            print(f"{'variant':<28}" + "".join(f"{n:>22,}" for n in sizes) + f"{'max/min':>9}")
+            for name, growth in table.items():
+                cells = "".join(f"{v['tokens_per_s']:>13,.0f} ({v['runs'][0]['padded_tokens'] / v['runs'][0]['tokens']:.3f})"
+                                for v in growth["sizes"].values())
+                print(f"{name:<28}{cells}{growth['max_over_min']:>9.3f}")
+            print(f"written to {out}")
+            return
         growth = run_growth(scorer, job_kwargs, texts_for_round, sizes, args.repeats, Path(tmp.name))
         result = {"mode": "growth", "growth_texts": args.growth_texts if data == "synthetic" else "same", "model": args.model, "task": task, "device": device, "dtype": dtype, "impl": impl,
                   "packing": scorer.packing_note, "tokenizer": scorer.tokenizer_note, "data": data, "repeats": args.repeats, "argv": sys.argv[1:],

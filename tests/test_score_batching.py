@@ -51,19 +51,62 @@ def test_batches_respect_the_padded_token_budget_and_cover_every_row():
         assert lengths[b.start:b.stop].max() <= b.length
 
 
-def test_batches_close_early_in_a_long_tail_and_pad_less():
+def _plan_cost(batches, floor: int) -> int:
+    return sum(max(b.padded_tokens, floor) for b in batches)
+
+
+def _least_cost(lengths: np.ndarray, budget: int, floor: int) -> int:
+    """Every way of cutting sorted lengths into batches that fit the budget: the least cost."""
+    n = len(lengths)
+    best = None
+    for cuts in range(1 << (n - 1)):
+        starts = [0] + [i + 1 for i in range(n - 1) if cuts >> i & 1] + [n]
+        cost = 0
+        for a, b in zip(starts, starts[1:]):
+            if (b - a) * lengths[a] > budget and b - a > 1:
+                break
+            cost += max((b - a) * int(lengths[a]), floor)
+        else:
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_batches_cost_the_least_of_every_way_to_cut_them(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 11))
+    lengths = np.sort(rng.choice([3, 5, 8, 9, 20, 40], size=n))[::-1]  # repeats: runs of one length
+    budget, floor = int(rng.choice([40, 60, 100, 400])), int(rng.choice([0, 10, 30, 80]))
+    batches = plan_batches(lengths, budget, floor_tokens=floor)
+    assert [(a.stop == b.start) for a, b in zip(batches, batches[1:])] == [True] * (len(batches) - 1)
+    assert batches[0].start == 0 and batches[-1].stop == n
+    assert all(b.padded_tokens <= budget or b.rows == 1 for b in batches)
+    least = _least_cost(lengths, budget, floor)
+    if floor == 0:
+        assert _plan_cost(batches, floor) == least  # the least padding of every cut
+    else:
+        # cuts are looked for where the length drops, so a run of one length split to spare a
+        # floor can cost up to one floor more than the best cut
+        assert least <= _plan_cost(batches, floor) <= least + floor
+
+
+def test_batches_cut_a_long_tail_where_padding_is_saved_not_elsewhere():
     rng = np.random.default_rng(2)
     lengths = np.sort(np.minimum(rng.lognormal(4.0, 0.6, size=8192).astype(int) + 1, 512))[::-1]
-    greedy = plan_batches(lengths, 65536, cut_ratio=0)
-    tail_aware = plan_batches(lengths, 65536)
-    padded = lambda bs: sum(b.padded_tokens for b in bs)  # noqa: E731
-    assert padded(tail_aware) < 0.95 * padded(greedy)
-    assert len(tail_aware) > len(greedy)
-    for b in tail_aware:
-        assert b.padded_tokens <= 65536 or b.rows == 1
-        if b.padded_tokens >= 65536 // 8 and b.stop < len(lengths) and b.padded_tokens + b.length <= 65536:
-            # closed early only where the next row is much shorter
-            assert lengths[b.stop] < 0.85 * b.length or b.rows * b.length + b.length > 65536
+    planned = plan_batches(lengths, 65536)
+    floor = 65536 // 8
+    padded = sum(b.padded_tokens for b in planned)
+    assert padded < 1.05 * lengths.sum()
+    one_length = np.full(4096, 64)  # nothing to save: full batches only
+    assert [b.rows for b in plan_batches(one_length, 65536)] == [1024] * 4
+    # a greedy fill (each batch as full as the budget allows) pads more and costs more
+    greedy, start = [], 0
+    while start < len(lengths):
+        rows = 65536 // int(lengths[start])
+        greedy.append((min(rows, len(lengths) - start), int(lengths[start])))
+        start += rows
+    assert sum(r * length for r, length in greedy) > 1.1 * padded
+    assert _plan_cost(planned, floor) < sum(max(r * length, floor) for r, length in greedy)
 
 
 def test_a_row_longer_than_the_budget_gets_a_batch_of_its_own():

@@ -224,12 +224,12 @@ def oom_in_second_part(monkeypatch):
     from attnfallback.scoring import pipeline, tasks
 
     state = {"chunk": None, "raised": 0}
-    real_run = pipeline.Scorer.run
+    real_launch = pipeline.Scorer.launch
     real_forward = tasks.EmbedTask.forward
 
-    def run(self, prepared):
+    def launch(self, prepared):
         state["chunk"] = prepared.chunk.index
-        return real_run(self, prepared)
+        return real_launch(self, prepared)
 
     def forward(self, batch):
         if state["chunk"] == 1 and batch["input_ids"].shape[0] > 8:
@@ -237,7 +237,7 @@ def oom_in_second_part(monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
         return real_forward(self, batch)
 
-    monkeypatch.setattr(pipeline.Scorer, "run", run)
+    monkeypatch.setattr(pipeline.Scorer, "launch", launch)
     monkeypatch.setattr(tasks.EmbedTask, "forward", forward)
     return state
 
@@ -295,19 +295,19 @@ def test_oom_on_a_single_row(tiny_bert, texts_input, tmp_path, cli, monkeypatch,
 
     from attnfallback.scoring import pipeline, tasks
 
-    real_run, real_forward = pipeline.Scorer.run, tasks.EmbedTask.forward
+    real_launch, real_forward = pipeline.Scorer.launch, tasks.EmbedTask.forward
     state = {"chunk": None}
 
-    def run(self, prepared):
+    def launch(self, prepared):
         state["chunk"] = prepared.chunk.index
-        return real_run(self, prepared)
+        return real_launch(self, prepared)
 
     def forward(self, batch):
         if state["chunk"] == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
         return real_forward(self, batch)
 
-    monkeypatch.setattr(pipeline.Scorer, "run", run)
+    monkeypatch.setattr(pipeline.Scorer, "launch", launch)
     monkeypatch.setattr(tasks.EmbedTask, "forward", forward)
     events = tmp_path / "events"
     out = tmp_path / "out.parquet"
