@@ -28,8 +28,9 @@
 #   lease P, the final code (carry .gpu-wheels/minilm .gpu-wheels/tok .gpu-wheels/pytest):  bash bench/h100.sh v11-final
 #   then (carry .gpu-wheels/tok):                         bash bench/h100.sh v11-qwen
 #   lease Q (carry .gpu-wheels/tok):                      bash bench/h100.sh v11-first1024
-# session 6 (v12: batches cut by least cost, the first part's lead piece):
-#   lease R (carry .gpu-wheels/tok):                      bash bench/h100.sh v12-variants
+# session 6 (v12: batches cut by least cost; a lead piece for the first part, tried and removed):
+#   lease R at 9bcfd65 (carry .gpu-wheels/tok):          bash bench/h100.sh v12-variants
+#   lease S (carry .gpu-wheels/tok):                      bash bench/h100.sh v12-ab
 #
 # .gpu-wheels/tok holds the MiniLM tokenizer and config (the random-weight bench models use it);
 # .gpu-wheels/minilm the whole embedded model (the gpu tests score with it). Results go to $OUT.
@@ -281,8 +282,19 @@ v12-variants)
         --prefer sdpa --growth 1000,10000 --repeats 2 \
         --variants "planner=greedy,lead=0;lead=0;lead=128;floor=16,lead=0;floor=16,lead=128" --out "$OUT/variants-qwen.json"
     ;;
+v12-ab)
+    # the batch planners side by side, each round every variant in turn on texts of its own
+    plain_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step ab-bert 200 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 2 \
+        --variants "planner=greedy;overhead=0;floor=8;overhead=32" --out "$OUT/ab-bert.json"
+    step ab-qwen 240 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 10000 \
+        --prefer sdpa --growth 1000,10000 --repeats 2 \
+        --variants "planner=greedy;overhead=0;floor=8;floor=16" --out "$OUT/ab-qwen.json"
+    ;;
 *)
-    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024|v12-variants" >&2
+    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024|v12-variants|v12-ab" >&2
     exit 2
     ;;
 esac

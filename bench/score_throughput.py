@@ -290,49 +290,35 @@ def register_no_attention() -> None:
         tasks.PACKING_IMPLS = tasks.PACKING_IMPLS + (NO_ATTENTION,)
 
 
-def run_growth(scorer, job_kwargs: dict, texts_for_round, sizes: list[int], repeats: int, workdir: Path) -> dict:
-    """`run_score` end to end (input file read, parts written) on the first N texts of a round's
-    texts (`texts_for_round(round)`) for each N, the model loaded once: tokens/s per size. Round 0
-    runs every size once, in a process that has not run anything yet (kept as `first_run`); the
-    medians come from the rounds after it. With fresh texts each round, every run meets lengths,
-    so batch shapes, it has not seen, as each shard of a sweep does. Each run also keeps where its
-    time went: the pipeline's own account (prepare on the worker, waiting for it, launching,
-    finishing) and the part outside the scoring loop (input checks, the final file)."""
+def growth_run(scorer, job_kwargs: dict, texts: list[str], n: int, workdir: Path, label: str) -> dict:
+    """One `run_score` end to end on the first `n` texts: tokens/s and where the time went (the
+    pipeline's own account: prepare on the worker, waiting for it, launching, finishing; and the
+    part outside the scoring loop: input checks, the final file)."""
     from attnfallback.scoring import ScoreJob, run_score
 
-    runs: dict[int, list[dict]] = {n: [] for n in sizes}
-    first: dict[int, dict] = {}
-    for attempt in range(repeats + 1):
-        texts = texts_for_round(attempt)
-        inputs = {}
-        for n in sizes:
-            path = workdir / f"growth-{n}.jsonl"
-            with open(path, "w", encoding="utf-8") as fh:
-                for t in texts[:n]:
-                    fh.write(json.dumps({"text": t}) + "\n")
-            inputs[n] = path
-        for n in sizes:
-            out = workdir / f"growth-{n}-{attempt}.parquet"
-            for key in scorer.timing:
-                scorer.timing[key] = 0.0
-            t0 = time.perf_counter()
-            result = run_score(ScoreJob(input=str(inputs[n]), output=str(out), **job_kwargs), scorer=scorer)
-            wall = time.perf_counter() - t0
-            assert result.rows_written == n
-            loop_s = result.tokens / result.tokens_per_s if result.tokens_per_s else 0.0
-            run = {"wall_s": wall, "tokens": result.tokens, "tokens_per_s": result.tokens / wall, "padded_tokens": result.padded_tokens, "loop_tokens_per_s": result.tokens_per_s,
-                   "outside_loop_s": wall - loop_s, **{k: round(v, 4) for k, v in scorer.timing.items()}}
-            if attempt:
-                runs[n].append(run)
-            else:
-                first[n] = run
-            out.unlink()
-            print(f"growth {n}{' (first run)' if not attempt else ''}: {result.tokens / wall:,.0f} tokens/s end to end, "
-                  f"{run}", file=sys.stderr, flush=True)
+    path, out = workdir / f"growth-{n}.jsonl", workdir / f"growth-{n}.parquet"
+    with open(path, "w", encoding="utf-8") as fh:
+        for t in texts[:n]:
+            fh.write(json.dumps({"text": t}) + "\n")
+    for key in scorer.timing:
+        scorer.timing[key] = 0.0
+    t0 = time.perf_counter()
+    result = run_score(ScoreJob(input=str(path), output=str(out), **job_kwargs), scorer=scorer)
+    wall = time.perf_counter() - t0
+    assert result.rows_written == n
+    out.unlink()
+    loop_s = result.tokens / result.tokens_per_s if result.tokens_per_s else 0.0
+    run = {"wall_s": wall, "tokens": result.tokens, "tokens_per_s": result.tokens / wall, "padded_tokens": result.padded_tokens,
+           "loop_tokens_per_s": result.tokens_per_s, "outside_loop_s": wall - loop_s, **{k: round(v, 4) for k, v in scorer.timing.items()}}
+    print(f"growth {n}{label}: {result.tokens / wall:,.0f} tokens/s end to end, {run}", file=sys.stderr, flush=True)
+    return run
+
+
+def growth_table(first: dict[int, dict], runs: dict[int, list[dict]]) -> dict:
+    """Medians per size of the runs after round 0 (kept as `first_run`), and max / min tokens/s."""
     table = {}
     for n, rs in runs.items():
-        wall = statistics.median(r["wall_s"] for r in rs)
-        table[n] = {"texts": n, "tokens": rs[0]["tokens"], "median_wall_s": wall,
+        table[n] = {"texts": n, "tokens": rs[0]["tokens"], "median_wall_s": statistics.median(r["wall_s"] for r in rs),
                     "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                     "loop_tokens_per_s": statistics.median(r["loop_tokens_per_s"] for r in rs),
                     "first_run_tokens_per_s": first[n]["tokens"] / first[n]["wall_s"], "first_run": first[n], "runs": rs}
@@ -341,7 +327,39 @@ def run_growth(scorer, job_kwargs: dict, texts_for_round, sizes: list[int], repe
     return {"sizes": table, "max_over_min": max(rates) / min(rates), "loop_max_over_min": max(loop_rates) / min(loop_rates)}
 
 
-def greedy_plan(sorted_lengths, batch_tokens: int, max_cells=None, max_rows=None, floor_tokens=None, cut_ratio: float = 0.85):
+def run_growth(scorer, job_kwargs: dict, texts_for_round, sizes: list[int], repeats: int, workdir: Path,
+               variants: list[dict] | None = None) -> dict:
+    """`run_score` end to end (input file read, parts written) on the first N texts of a round's
+    texts (`texts_for_round(i)`) for each N, the model loaded once: tokens/s per size. Round 0 runs
+    every size once, in a process that has not run anything yet (kept as `first_run`); the medians
+    come from the rounds after it. With fresh texts each round, every run meets lengths, so batch
+    shapes, it has not seen, as each shard of a sweep does.
+
+    `variants` (see `apply_variant`): each round runs every variant in turn, each on texts of its
+    own, so that what drifts during the process falls on all of them alike; one table each."""
+    variants = variants or [{}]
+    first: list[dict[int, dict]] = [{} for _ in variants]
+    runs: list[dict[int, list[dict]]] = [{n: [] for n in sizes} for _ in variants]
+    for attempt in range(repeats + 1):
+        for v, variant in enumerate(variants):
+            if len(variants) > 1:
+                apply_variant(scorer, variant)
+            texts = texts_for_round(attempt * len(variants) + v)
+            for n in sizes:
+                label = (" (first run)" if not attempt else "") + (f" [{variant_name(variant)}]" if len(variants) > 1 else "")
+                run = growth_run(scorer, job_kwargs, texts, n, workdir, label)
+                if attempt:
+                    runs[v][n].append(run)
+                else:
+                    first[v][n] = run
+    if len(variants) > 1:
+        apply_variant(scorer, {})
+    tables = [growth_table(f, r) for f, r in zip(first, runs)]
+    return tables[0] if len(variants) == 1 else {variant_name(v): t for v, t in zip(variants, tables)}
+
+
+def greedy_plan(sorted_lengths, batch_tokens: int, max_cells=None, max_rows=None, floor_tokens=None, overhead_tokens=None,
+                cut_ratio: float = 0.85):
     """Sessions 1-5's batches, for comparison: each as full as the budget allows, closed early
     (once it holds batch_tokens / 8) before the first row shorter than `cut_ratio` x its longest."""
     import numpy as np
@@ -367,26 +385,32 @@ def greedy_plan(sorted_lengths, batch_tokens: int, max_cells=None, max_rows=None
 
 
 def parse_variants(text: str) -> list[dict]:
-    """`lead=128,floor=16;planner=greedy` -> [{"lead": 128, "floor": 16}, {"planner": "greedy"}]."""
+    """`floor=16,overhead=0;planner=greedy` -> [{"floor": 16, "overhead": 0}, {"planner": "greedy"}]."""
     variants = []
     for part in filter(None, (p.strip() for p in text.split(";"))):
         variant = {}
         for item in part.split(","):
             key, _, value = item.partition("=")
-            if key not in ("lead", "floor", "planner") or not value:
-                sys.exit(f"--variants: expected lead=N, floor=N or planner=dp|greedy, found {item!r}")
+            if key not in ("floor", "overhead", "planner") or not value or (key == "planner" and value not in ("dp", "greedy")):
+                sys.exit(f"--variants: expected floor=N, overhead=N or planner=dp|greedy, found {item!r}")
             variant[key] = value if key == "planner" else int(value)
         variants.append(variant)
     return variants
 
 
+def variant_name(variant: dict) -> str:
+    return ",".join(f"{k}={x}" for k, x in variant.items()) or "default"
+
+
 def apply_variant(scorer, variant: dict) -> None:
-    """Set the first piece's rows, the batch floor (a divisor of the budget) and the batch planner."""
+    """Set plan_batches' floor and overhead (divisors of the budget; overhead 0: none) or sessions
+    1-5's greedy batches instead."""
     from attnfallback.scoring import pipeline
     from attnfallback.scoring.batching import plan_batches
 
-    scorer.lead_rows = variant.get("lead", pipeline.LEAD_ROWS if scorer.on_cuda else 0)
     scorer.floor_tokens = scorer.batch_tokens // variant["floor"] if "floor" in variant else None
+    overhead = variant.get("overhead")
+    scorer.overhead_tokens = None if overhead is None else (scorer.batch_tokens // overhead if overhead else 0)
     pipeline.plan_batches = greedy_plan if variant.get("planner") == "greedy" else plan_batches
 
 
@@ -458,8 +482,8 @@ def main() -> None:
                     help="fresh: each round of --growth scores new texts (new lengths, so new batch shapes, as every "
                          "shard of a sweep brings); same: every round the same texts (sessions 2-4)")
     ap.add_argument("--variants", default=None,
-                    help="with --growth: run it for each of these, e.g. 'lead=0;lead=128,floor=16;planner=greedy' (the "
-                         "first piece's rows, the batch floor as a divisor of the budget, dp or sessions 1-5's greedy batches)")
+                    help="with --growth: run it for each of these in turn, e.g. 'planner=greedy;floor=8,overhead=0;floor=16' "
+                         "(plan_batches' floor and overhead as divisors of the budget, or sessions 1-5's greedy batches)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -507,18 +531,12 @@ def main() -> None:
             def texts_for_round(attempt: int) -> list[str]:
                 return texts
         if args.variants:
-            table = {}
-            for v, variant in enumerate(parse_variants(args.variants)):
-                apply_variant(scorer, variant)
-                name = ",".join(f"{k}={x}" for k, x in variant.items()) or "default"
-                print(f"-- variant {name}", file=sys.stderr, flush=True)
-                table[name] = run_growth(scorer, job_kwargs, lambda a, v=v: texts_for_round(100 * v + a), sizes, args.repeats,
-                                         Path(tmp.name))
-            apply_variant(scorer, {})
+            table = run_growth(scorer, job_kwargs, texts_for_round, sizes, args.repeats, Path(tmp.name), parse_variants(args.variants))
             out = Path(args.out) if args.out else REPO / "bench" / "results" / f"score_growth_variants-{args.model}-{device}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"mode": "growth-variants", "model": args.model, "argv": sys.argv[1:], "variants": table}, indent=2))
-            print(f"{args.model} on {device}: run_score end to end, model loaded once, median of {args.repeats}, tokens/s (padded per real)")
+            print(f"{args.model} on {device}: run_score end to end, model loaded once, variants in turn each round, "
+                  f"median of {args.repeats}, tokens/s (padded per real token)")
             print(f"{'variant':<28}" + "".join(f"{n:>22,}" for n in sizes) + f"{'max/min':>9}")
             for name, growth in table.items():
                 cells = "".join(f"{v['tokens_per_s']:>13,.0f} ({v['runs'][0]['padded_tokens'] / v['runs'][0]['tokens']:.3f})"

@@ -51,11 +51,11 @@ def test_batches_respect_the_padded_token_budget_and_cover_every_row():
         assert lengths[b.start:b.stop].max() <= b.length
 
 
-def _plan_cost(batches, floor: int) -> int:
-    return sum(max(b.padded_tokens, floor) for b in batches)
+def _plan_cost(batches, floor: int, overhead: int = 0) -> int:
+    return sum(max(b.padded_tokens, floor) + overhead for b in batches)
 
 
-def _least_cost(lengths: np.ndarray, budget: int, floor: int) -> int:
+def _least_cost(lengths: np.ndarray, budget: int, floor: int, overhead: int) -> int:
     """Every way of cutting sorted lengths into batches that fit the budget: the least cost."""
     n = len(lengths)
     best = None
@@ -65,7 +65,7 @@ def _least_cost(lengths: np.ndarray, budget: int, floor: int) -> int:
         for a, b in zip(starts, starts[1:]):
             if (b - a) * lengths[a] > budget and b - a > 1:
                 break
-            cost += max((b - a) * int(lengths[a]), floor)
+            cost += max((b - a) * int(lengths[a]), floor) + overhead
         else:
             best = cost if best is None else min(best, cost)
     return best
@@ -77,24 +77,26 @@ def test_batches_cost_the_least_of_every_way_to_cut_them(seed):
     n = int(rng.integers(1, 11))
     lengths = np.sort(rng.choice([3, 5, 8, 9, 20, 40], size=n))[::-1]  # repeats: runs of one length
     budget, floor = int(rng.choice([40, 60, 100, 400])), int(rng.choice([0, 10, 30, 80]))
-    batches = plan_batches(lengths, budget, floor_tokens=floor)
+    overhead = int(rng.choice([0, 0, 4, 25]))
+    batches = plan_batches(lengths, budget, floor_tokens=floor, overhead_tokens=overhead)
     assert [(a.stop == b.start) for a, b in zip(batches, batches[1:])] == [True] * (len(batches) - 1)
     assert batches[0].start == 0 and batches[-1].stop == n
     assert all(b.padded_tokens <= budget or b.rows == 1 for b in batches)
-    least = _least_cost(lengths, budget, floor)
-    if floor == 0:
-        assert _plan_cost(batches, floor) == least  # the least padding of every cut
+    least = _least_cost(lengths, budget, floor, overhead)
+    cost = _plan_cost(batches, floor, overhead)
+    if floor == overhead == 0:
+        assert cost == least  # the least padding of every cut
     else:
         # cuts are looked for where the length drops, so a run of one length split to spare a
-        # floor can cost up to one floor more than the best cut
-        assert least <= _plan_cost(batches, floor) <= least + floor
+        # floor or an overhead can cost up to one of each more than the best cut
+        assert least <= cost <= least + floor + overhead
 
 
 def test_batches_cut_a_long_tail_where_padding_is_saved_not_elsewhere():
     rng = np.random.default_rng(2)
     lengths = np.sort(np.minimum(rng.lognormal(4.0, 0.6, size=8192).astype(int) + 1, 512))[::-1]
     planned = plan_batches(lengths, 65536)
-    floor = 65536 // 8
+    floor, overhead = 65536 // 8, 65536 // 64
     padded = sum(b.padded_tokens for b in planned)
     assert padded < 1.05 * lengths.sum()
     one_length = np.full(4096, 64)  # nothing to save: full batches only
@@ -106,7 +108,7 @@ def test_batches_cut_a_long_tail_where_padding_is_saved_not_elsewhere():
         greedy.append((min(rows, len(lengths) - start), int(lengths[start])))
         start += rows
     assert sum(r * length for r, length in greedy) > 1.1 * padded
-    assert _plan_cost(planned, floor) < sum(max(r * length, floor) for r, length in greedy)
+    assert _plan_cost(planned, floor, overhead) < sum(max(r * length, floor) + overhead for r, length in greedy)
 
 
 def test_a_row_longer_than_the_budget_gets_a_batch_of_its_own():

@@ -332,14 +332,10 @@ def test_non_finite_rows_are_refused_by_id(nan_bert, tmp_path):
     assert not (tmp_path / "out.parquet").exists()
 
 
-@pytest.mark.parametrize("lead_rows", [0, 1])
-def test_non_finite_rows_are_flagged_when_asked(nan_bert, tmp_path, lead_rows):
+def test_non_finite_rows_are_flagged_when_asked(nan_bert, tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [{"text": "a man plays guitar"}, {"text": "a man plays piano"}, {"text": "the piano"}])
     events = tmp_path / "events"
-    job = job_for(nan_bert, path, tmp_path / "out.parquet", on_nonfinite="flag", events=str(events))
-    scorer = Scorer.from_job(job)
-    scorer.lead_rows = lead_rows  # 1: the part in two pieces, [row 0] and [rows 1, 2]
-    result = run_score(job, scorer=scorer)
+    result = run_score(job_for(nan_bert, path, tmp_path / "out.parquet", on_nonfinite="flag", events=str(events)))
     out = read_output(tmp_path / "out.parquet")
     assert out["nonfinite"] == [False, True, True] and result.nonfinite == 2
     assert np.isfinite(out["embedding"][0]).all() and not np.isfinite(out["embedding"][1]).all()
@@ -480,20 +476,3 @@ def test_the_output_is_one_row_group_a_part_with_no_dictionary_or_statistics_on_
     assert read_output_metadata(out)["result"]["rows_written"] == 61
     assert result.padded_tokens > result.tokens > 0  # rows of different lengths, padded batches on the CPU
 
-
-def test_the_first_part_in_two_pieces_gives_the_rows_of_one(st_bert, input_file, texts, tmp_path, monkeypatch):
-    job = job_for(st_bert, input_file, tmp_path / "whole.parquet", id_column="key", part_rows=16, batch_tokens=300)
-    whole = run_score(job)
-    scorer = Scorer.from_job(job)
-    scorer.lead_rows = 5
-    prepared = []
-    real_prepare = scorer.prepare
-    monkeypatch.setattr(scorer, "prepare", lambda chunk: prepared.append(len(chunk)) or real_prepare(chunk))
-    job.output = str(tmp_path / "pieces.parquet")
-    pieces = run_score(job, scorer=scorer)
-    assert prepared == [5, 11, 16, 16, 13]  # the first part (16 rows) as its first 5 rows, then the rest
-    a, b = read_output(tmp_path / "pieces.parquet"), read_output(tmp_path / "whole.parquet")
-    assert a["id"] == b["id"] == [f"r{i:03d}" for i in range(len(texts))]
-    assert np.abs(np.array(a["embedding"], dtype=np.float32) - reference_embeddings(st_bert, texts)).max() < TOL
-    assert (pieces.parts, pieces.rows_written, pieces.tokens) == (whole.parts, whole.rows_written, whole.tokens) == (4, 61, whole.tokens)
-    assert pieces.padded_tokens >= pieces.tokens

@@ -19,6 +19,7 @@ CUDA_BATCH_TOKENS = 65536
 CUDA_EAGER_BATCH_TOKENS = 16384
 EAGER_SCORE_BYTES = 1 << 30  # rows x heads x L x L x 4 bytes per batch
 FLOOR_DIVISOR = 8  # see plan_batches
+OVERHEAD_DIVISOR = 64
 
 
 # CUDA, non-eager, when the model's feed-forward width is known: the budget that keeps one
@@ -97,21 +98,26 @@ class BatchSlice:
 
 
 def plan_batches(sorted_lengths: np.ndarray, batch_tokens: int, max_cells: int | None = None,
-                 max_rows: int | None = None, floor_tokens: int | None = None) -> list[BatchSlice]:
+                 max_rows: int | None = None, floor_tokens: int | None = None,
+                 overhead_tokens: int | None = None) -> list[BatchSlice]:
     """Batches over lengths sorted longest first, cut where they cost least.
 
     A batch is padded to its first (longest) row and holds at most `batch_tokens` padded tokens
     (and, for eager, rows x length^2 <= max_cells; at most `max_rows` rows); a row longer than the
     budget gets a batch of its own. A batch costs its padded tokens, but never less than
-    `floor_tokens` (default batch_tokens // FLOOR_DIVISOR): below that, what a forward costs is
-    mostly launching it. The cuts are found by dynamic programming over the places where the
-    length drops (a run of one length is cut only into full batches): with no floor they give the
-    least padding of any cut; with one, a cost close to the least (within 0.25% on the bench's
-    lengths). A long tail is cut where that saves padding, and nothing is cut where it does not.
+    `floor_tokens` (default batch_tokens // FLOOR_DIVISOR: below that, a forward costs about
+    what launching it costs), plus `overhead_tokens` (default batch_tokens // OVERHEAD_DIVISOR:
+    what each forward costs beyond its tokens, so a cut must save more padding than that).
+
+    The cuts are found by dynamic programming over the places where the length drops (a run of
+    one length is cut only into full batches): with neither floor nor overhead they give the least
+    padding of any cut; with them, a cost close to the least (tests compare with every cut of small
+    cases). A long tail is cut where that saves padding, and nothing is cut where it does not.
     """
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens must be >= 1, found {batch_tokens}")
     floor = max(batch_tokens // FLOOR_DIVISOR, 1) if floor_tokens is None else max(int(floor_tokens), 0)
+    overhead = batch_tokens // OVERHEAD_DIVISOR if overhead_tokens is None else max(int(overhead_tokens), 0)
     lengths = np.maximum(np.asarray(sorted_lengths, dtype=np.int64), 1)
     n = len(lengths)
     if n == 0:
@@ -141,10 +147,10 @@ def plan_batches(sorted_lengths: np.ndarray, batch_tokens: int, max_cells: int |
             step[r], tail_cost = r + 1, best[r + 1]
         else:
             ends = np.arange(r + 1, last + 1)
-            costs = np.maximum((bounds[ends] - tail) * length, floor) + best[ends]
+            costs = np.maximum((bounds[ends] - tail) * length, floor) + overhead + best[ends]
             pick = len(costs) - 1 - int(np.argmin(costs[::-1]))  # on ties, the fewer batches
             step[r], tail_cost = int(ends[pick]), costs[pick]
-        best[r] = full * max(cap * length, floor) + tail_cost
+        best[r] = full * (max(cap * length, floor) + overhead) + tail_cost
     batches: list[BatchSlice] = []
     r = 0
     while r < runs:

@@ -48,10 +48,6 @@ from attnfallback.sdpa_order import sdpa_order
 log = logging.getLogger("attnfallback")
 
 QUEUE_CHUNKS = 2  # chunks tokenized ahead of the forward pass
-# On CUDA the first chunk of a run is prepared in two pieces, its first LEAD_ROWS rows alone, so
-# the GPU starts on them while the rest is tokenized (a fixed size: the batches, so the outputs'
-# bits, do not depend on timing)
-LEAD_ROWS = 128
 PACKING_CHECK_TEXTS = (  # rows of different lengths: packed and padded outputs must agree on them
     ("Attention fallback packing check: the third row is the longest of these three.",),
     ("Short row.",),
@@ -87,21 +83,11 @@ class HostBatch:
 
 @dataclass
 class PreparedChunk:
-    """A chunk (or a piece of one: rows [offset, offset + len(chunk)) of `whole`) tokenized,
-    sorted and batched."""
-
     chunk: Chunk
     encoded: Encoded
     order: np.ndarray
     batches: list[HostBatch]
     prepare_s: float = 0.0
-    whole: Chunk | None = None
-    offset: int = 0
-
-    @property
-    def completes(self) -> bool:
-        """Whether this is a whole chunk or its last piece."""
-        return self.whole is None or self.offset + len(self.chunk) == len(self.whole)
 
 
 @dataclass
@@ -164,8 +150,8 @@ class Scorer:
         self.id_type = "int64"
         self.packing = getattr(job, "packing", "auto")
         self.pack = False  # batches packed padding-free (see refresh_packing)
-        self.lead_rows = LEAD_ROWS if self.on_cuda else 0  # see LEAD_ROWS; 0: the first chunk whole
-        self.floor_tokens: int | None = None  # plan_batches' floor (None: its default)
+        self.floor_tokens: int | None = None  # plan_batches' floor and per-batch overhead (None: its defaults)
+        self.overhead_tokens: int | None = None
         self.packing_note = "off"
         self._packing_checked: dict[str, str | None] = {}  # impl -> None (agrees) or why not
         self.tokenizer_process = check_tokenizer_process_mode(getattr(job, "tokenizer_process", "auto"))
@@ -346,23 +332,12 @@ class Scorer:
         t0 = time.perf_counter()
         encoded = self._encode(chunk.texts)
         order = length_order(encoded.lengths)
-        slices = plan_batches(encoded.lengths[order], self.batch_tokens, self.max_cells, floor_tokens=self.floor_tokens)
+        slices = plan_batches(encoded.lengths[order], self.batch_tokens, self.max_cells, floor_tokens=self.floor_tokens,
+                              overhead_tokens=self.overhead_tokens)
         batches = [self._host_batch(encoded, order[s.start:s.stop], s.length) for s in slices]
         seconds = time.perf_counter() - t0
         self.timing["prepare_s"] += seconds
         return PreparedChunk(chunk, encoded, order, batches, seconds)
-
-    def prepare_pieces(self, chunk: Chunk, lead_rows: int) -> Iterator[PreparedChunk]:
-        """`prepare` in two pieces, the first `lead_rows` rows and the rest (the whole chunk when it
-        is not longer than twice that): the first can run while the second is tokenized."""
-        if lead_rows < 1 or len(chunk) <= 2 * lead_rows:
-            yield self.prepare(chunk)
-            return
-        for start, stop in ((0, lead_rows), (lead_rows, len(chunk))):
-            piece = Chunk(chunk.index, chunk.ids[start:stop], chunk.texts[start:stop], chunk.lines[start:stop])
-            prepared = self.prepare(piece)
-            prepared.whole, prepared.offset = chunk, start
-            yield prepared
 
     def _host_batch(self, encoded: Encoded, rows: np.ndarray, length: int) -> HostBatch:
         return self._packed_batch(encoded, rows) if self.pack else self._padded_batch(encoded, rows, length)
@@ -434,22 +409,18 @@ class Scorer:
         self.timing["launch_s"] += seconds
         return Launched(prepared, host, event, keep, self.oom_splits - splits_before, seconds)
 
-    def finish(self, launched: Launched | list[Launched]) -> ChunkResult:
-        """Wait for a launched chunk's outputs (or all its pieces', in order); restore input order,
-        check finiteness, make columns."""
+    def finish(self, launched: Launched) -> ChunkResult:
+        """Wait for a launched chunk's outputs; restore input order, check finiteness, make columns."""
         t0 = time.perf_counter()
-        pieces = launched if isinstance(launched, list) else [launched]
-        for piece in pieces:
-            if piece.event is not None:
-                piece.event.synchronize()
-            piece.keep.clear()
-        chunk = pieces[-1].prepared.whole or pieces[-1].prepared.chunk
-        n = len(chunk)
-        order = np.concatenate([p.prepared.order + p.prepared.offset for p in pieces]) if len(pieces) > 1 else pieces[0].prepared.order
+        if launched.event is not None:
+            launched.event.synchronize()
+        launched.keep.clear()
+        prepared = launched.prepared
+        n = len(prepared.chunk)
+        order = prepared.order
         in_order = {}
-        for name in pieces[0].host:
-            values = [p.host[name].numpy() for p in pieces]
-            sorted_values = values[0] if len(values) == 1 else np.concatenate(values)
+        for name, tensor in launched.host.items():
+            sorted_values = tensor.numpy()
             restored = np.empty_like(sorted_values)
             restored[order] = sorted_values
             in_order[name] = restored
@@ -459,23 +430,22 @@ class Scorer:
                 finite &= np.isfinite(value.reshape(n, -1)).all(axis=1)
         nonfinite = ~finite
         if nonfinite.any() and not self.flag_nonfinite:
-            bad = [chunk.ids[i] for i in np.flatnonzero(nonfinite)]
+            bad = [prepared.chunk.ids[i] for i in np.flatnonzero(nonfinite)]
             shown = ", ".join(map(repr, bad[:20])) + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
             raise NonFiniteError(f"the model produced NaN or inf for {len(bad)} row(s), ids: {shown} "
                                  "(--on-nonfinite flag writes them with a `nonfinite` column instead)", ids=bad)
         columns = self.task.to_arrow(in_order) if n else self._empty_columns()
         self.timing["finish_s"] += time.perf_counter() - t0
-        prepared = [p.prepared for p in pieces]
         return ChunkResult(
-            chunk=chunk,
+            chunk=prepared.chunk,
             columns=columns,
             nonfinite=nonfinite,
-            tokens=sum(int(p.encoded.lengths.sum()) for p in prepared),
-            padded_tokens=sum(b.cells for p in prepared for b in p.batches),
-            truncated=sum(int(p.encoded.truncated.sum()) for p in prepared),
-            batches=sum(len(p.batches) for p in prepared),
-            oom_splits=sum(p.oom_splits for p in pieces),
-            seconds=sum(p.seconds for p in pieces) + time.perf_counter() - t0,
+            tokens=int(prepared.encoded.lengths.sum()),
+            padded_tokens=sum(b.cells for b in prepared.batches),
+            truncated=int(prepared.encoded.truncated.sum()),
+            batches=len(prepared.batches),
+            oom_splits=launched.oom_splits,
+            seconds=launched.seconds + time.perf_counter() - t0,
         )
 
     def _empty_columns(self) -> dict:
@@ -532,10 +502,9 @@ class Scorer:
 
         def produce():
             try:
-                for i, chunk in enumerate(chunks):
-                    for prepared in self.prepare_pieces(chunk, self.lead_rows if i == 0 else 0):
-                        if stop.is_set() or not put(prepared):
-                            return
+                for chunk in chunks:
+                    if stop.is_set() or not put(self.prepare(chunk)):
+                        return
                 put(_DONE)
             except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
                 put(_Failure(e))
@@ -546,7 +515,6 @@ class Scorer:
         # the next one runs on the GPU; on the CPU that work would only compete for the cores
         finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnfallback-finish") if self.on_cuda else None
         pending: deque = deque()  # futures of chunks being finished, in order
-        held: list[Launched] = []  # the launched pieces of a chunk whose last piece is still to come
 
         def drain(everything: bool) -> Iterator[ChunkResult]:
             """Finished chunks in order: those done (keeping one in flight), or all of them."""
@@ -562,14 +530,10 @@ class Scorer:
                     break
                 if isinstance(item, _Failure):
                     raise item.exc
-                held.append(self.launch(item))
-                if not item.completes:
-                    continue
-                pieces, held = held, []
                 if finisher is None:
-                    yield self.finish(pieces)
+                    yield self.run(item)
                     continue
-                pending.append(finisher.submit(self.finish, pieces))
+                pending.append(finisher.submit(self.finish, self.launch(item)))
                 yield from drain(everything=False)
             yield from drain(everything=True)
         finally:
