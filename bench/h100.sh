@@ -30,7 +30,9 @@
 #   lease Q (carry .gpu-wheels/tok):                      bash bench/h100.sh v11-first1024
 # session 6 (v12: batches cut by least cost; a lead piece for the first part, tried and removed):
 #   lease R at 9bcfd65 (carry .gpu-wheels/tok):          bash bench/h100.sh v12-variants
-#   lease S (carry .gpu-wheels/tok):                      bash bench/h100.sh v12-ab
+#   lease S at 75803f9 (carry .gpu-wheels/tok):          bash bench/h100.sh v12-ab
+#   lease T, the final code (carry .gpu-wheels/minilm .gpu-wheels/tok .gpu-wheels/pytest):  bash bench/h100.sh v12-final
+#   then (carry .gpu-wheels/tok):                         bash bench/h100.sh v12-qwen
 #
 # .gpu-wheels/tok holds the MiniLM tokenizer and config (the random-weight bench models use it);
 # .gpu-wheels/minilm the whole embedded model (the gpu tests score with it). Results go to $OUT.
@@ -204,7 +206,7 @@ v10-qwen)
     step growth-qwen-v10 300 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
         --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-v10.json"
     ;;
-v10-final|v11-final)
+v10-final|v11-final|v12-final)
     # no FlashAttention-4 (as on the image): the gpu tests, row 1 on sdpa and BERT growth on the final code
     python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .gpu-wheels/pytest/*.whl
     plain_env /tmp/pyt
@@ -248,7 +250,7 @@ v11-growth)
     step growth-qwen-v11 300 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
         --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-v11.json"
     ;;
-v11-qwen)
+v11-qwen|v12-qwen)
     # the final code: row 2 on sdpa, Qwen growth on fresh texts, the tokenizer's rate
     plain_env
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
@@ -294,7 +296,7 @@ v12-ab)
         --variants "planner=greedy;overhead=0;floor=8;floor=16" --out "$OUT/ab-qwen.json"
     ;;
 *)
-    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024|v12-variants|v12-ab" >&2
+    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024|v12-variants|v12-ab|v12-final|v12-qwen" >&2
     exit 2
     ;;
 esac

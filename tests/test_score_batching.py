@@ -96,9 +96,9 @@ def test_batches_cut_a_long_tail_where_padding_is_saved_not_elsewhere():
     rng = np.random.default_rng(2)
     lengths = np.sort(np.minimum(rng.lognormal(4.0, 0.6, size=8192).astype(int) + 1, 512))[::-1]
     planned = plan_batches(lengths, 65536)
-    floor, overhead = 65536 // 8, 65536 // 64
+    floor, overhead = 65536 // 8, 65536 // 32
     padded = sum(b.padded_tokens for b in planned)
-    assert padded < 1.05 * lengths.sum()
+    assert padded < 1.1 * lengths.sum()
     one_length = np.full(4096, 64)  # nothing to save: full batches only
     assert [b.rows for b in plan_batches(one_length, 65536)] == [1024] * 4
     # a greedy fill (each batch as full as the budget allows) pads more and costs more
