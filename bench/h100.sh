@@ -31,8 +31,9 @@
 # session 6 (v12: batches cut by least cost; a lead piece for the first part, tried and removed):
 #   lease R at 9bcfd65 (carry .gpu-wheels/tok):          bash bench/h100.sh v12-variants
 #   lease S at 75803f9 (carry .gpu-wheels/tok):          bash bench/h100.sh v12-ab
-#   lease T, the final code (carry .gpu-wheels/minilm .gpu-wheels/tok .gpu-wheels/pytest):  bash bench/h100.sh v12-final
-#   then (carry .gpu-wheels/tok):                         bash bench/h100.sh v12-qwen
+#   lease T at 24fb96b (overhead budget/32) (carry .gpu-wheels/minilm .gpu-wheels/tok .gpu-wheels/pytest):  bash bench/h100.sh v12-final
+#   lease U at 24fb96b (carry .gpu-wheels/tok):          bash bench/h100.sh v12-qwen (lease T's own ran on a GPU at 190 TFLOP/s)
+#   lease V, the final code (overhead budget/64) (carry .gpu-wheels/tok):  bash bench/h100.sh v12-rows
 #
 # .gpu-wheels/tok holds the MiniLM tokenizer and config (the random-weight bench models use it);
 # .gpu-wheels/minilm the whole embedded model (the gpu tests score with it). Results go to $OUT.
@@ -295,8 +296,21 @@ v12-ab)
         --prefer sdpa --growth 1000,10000 --repeats 2 \
         --variants "planner=greedy;overhead=0;floor=8;floor=16" --out "$OUT/ab-qwen.json"
     ;;
+v12-rows)
+    # rows 1 and 2 and both models' growth, on the final code
+    plain_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step bert-final 100 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
+        --skip st-encode-bs32,hf-dataset-order-bs32 --out "$OUT/bert-final.json"
+    step growth-bert-final 100 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --out "$OUT/growth-bert-final.json"
+    step qwen-final 170 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --repeats 2 \
+        --prefer sdpa --hf-impl sdpa --out "$OUT/qwen-final.json"
+    step growth-qwen-final 240 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-final.json"
+    ;;
 *)
-    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024|v12-variants|v12-ab|v12-final|v12-qwen" >&2
+    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024|v12-variants|v12-ab|v12-final|v12-qwen|v12-rows" >&2
     exit 2
     ;;
 esac

@@ -19,7 +19,7 @@ CUDA_BATCH_TOKENS = 65536
 CUDA_EAGER_BATCH_TOKENS = 16384
 EAGER_SCORE_BYTES = 1 << 30  # rows x heads x L x L x 4 bytes per batch
 FLOOR_DIVISOR = 8  # see plan_batches
-OVERHEAD_DIVISOR = 32
+OVERHEAD_DIVISOR = 64
 
 
 # CUDA, non-eager, when the model's feed-forward width is known: the budget that keeps one
