@@ -361,7 +361,8 @@ def run_growth(scorer, job_kwargs: dict, texts_for_round, sizes: list[int], repe
 def greedy_plan(sorted_lengths, batch_tokens: int, max_cells=None, max_rows=None, floor_tokens=None, overhead_tokens=None,
                 cut_ratio: float = 0.85):
     """Sessions 1-5's batches, for comparison: each as full as the budget allows, closed early
-    (once it holds batch_tokens / 8) before the first row shorter than `cut_ratio` x its longest."""
+    (once it holds batch_tokens / 8) before the first row shorter than `cut_ratio` x its longest.
+    Takes plan_batches' arguments, so it can stand in for it; the floor and overhead are not used."""
     import numpy as np
 
     from attnfallback.scoring.batching import BatchSlice

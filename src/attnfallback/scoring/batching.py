@@ -134,8 +134,8 @@ def plan_batches(sorted_lengths: np.ndarray, batch_tokens: int, max_cells: int |
             rows = min(rows, max_rows)
         return max(rows, 1)
 
-    # best[r]: least cost of the rows from run r's start to the end; a state inside run r is
-    # where its full batches end (`full_stop`), and from there one batch reaches a later run start
+    # best[r]: the least cost of the rows from run r's start to the end. Run r first gives as many
+    # full batches as it holds; from where they end (`tail`), one batch reaches a later run start
     best = np.zeros(runs + 1)
     step = np.zeros(runs, dtype=np.int64)  # from run r's tail: the run start the next batch ends at
     for r in range(runs - 1, -1, -1):
