@@ -52,6 +52,28 @@ plain_env() {  # no FlashAttention-4 staged (as on the image)
     export PYTHONPATH=$PWD/src${1:+:$1} HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 }
 
+bert_final_steps() {  # row 1 on sdpa and BERT growth on fresh texts
+    step bert-final 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
+        --skip st-encode-bs32,hf-dataset-order-bs32 --out "$OUT/bert-final.json"
+    step growth-bert-final 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --out "$OUT/growth-bert-final.json"
+}
+
+qwen_final_steps() {  # row 2 on sdpa and Qwen growth on fresh texts
+    step qwen-final 280 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --repeats 2 \
+        --prefer sdpa --hf-impl sdpa --out "$OUT/qwen-final.json"
+    step growth-qwen-final 280 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-final.json"
+}
+
+variant_steps() {  # name, BERT variants, Qwen variants: growth per variant, each round every variant in turn;
+    # Qwen at 1k and 10k only (its 100k run takes 80 s)
+    step "$1-bert" 240 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --variants "$2" --out "$OUT/$1-bert.json"
+    step "$1-qwen" 300 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 10000 \
+        --prefer sdpa --growth 1000,10000 --repeats 2 --variants "$3" --out "$OUT/$1-qwen.json"
+}
+
 step() {  # name, seconds, command...: run one step, keep its output, never stop the others
     local name=$1 limit=$2
     shift 2
@@ -215,10 +237,7 @@ v10-final|v11-final|v12-final)
     ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/minilm \
         step pytest-gpu 220 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ --junitxml "$OUT/gpu-junit.xml"
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
-    step bert-final 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
-        --skip st-encode-bs32,hf-dataset-order-bs32 --out "$OUT/bert-final.json"
-    step growth-bert-final 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
-        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --out "$OUT/growth-bert-final.json"
+    bert_final_steps
     ;;
 v11-probe)
     # session 5: what a new batch shape costs per SDPA backend, the tokenizer's ceiling, BERT growth as it was
@@ -256,10 +275,7 @@ v11-qwen|v12-qwen)
     plain_env
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
     step tokenize-rate 90 python3 bench/tokenize_rate.py --rows 8192 --threads 16 --out "$OUT/tokenize-rate.json"
-    step qwen-final 280 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --repeats 2 \
-        --prefer sdpa --hf-impl sdpa --out "$OUT/qwen-final.json"
-    step growth-qwen-final 280 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
-        --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-final.json"
+    qwen_final_steps
     ;;
 v11-first1024)
     # the same steps with the first part at 1,024 rows (a 1,000-text run is then one part)
@@ -275,39 +291,24 @@ v11-first1024)
         --prefer sdpa --hf-impl sdpa --first-part-rows 1024 --out "$OUT/qwen-1024.json"
     ;;
 v12-variants)
-    # growth per batch planner, lead piece and floor; Qwen at 1k and 10k only (its 100k run takes 80 s)
+    # lease R ran this at 9bcfd65: `lead=` (the first part's lead piece) went with that code
     plain_env
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
-    step variants-bert 240 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
-        --prefer sdpa --growth 1000,10000,100000 --repeats 2 \
-        --variants "planner=greedy,lead=0;lead=0;lead=128;lead=256;floor=16,lead=128" --out "$OUT/variants-bert.json"
-    step variants-qwen 300 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 10000 \
-        --prefer sdpa --growth 1000,10000 --repeats 2 \
-        --variants "planner=greedy,lead=0;lead=0;lead=128;floor=16,lead=0;floor=16,lead=128" --out "$OUT/variants-qwen.json"
+    variant_steps variants "planner=greedy,lead=0;lead=0;lead=128;lead=256;floor=16,lead=128" \
+        "planner=greedy,lead=0;lead=0;lead=128;floor=16,lead=0;floor=16,lead=128"
     ;;
 v12-ab)
-    # the batch planners side by side, each round every variant in turn on texts of its own
+    # the batch planners side by side (floor and overhead as divisors of the budget)
     plain_env
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
-    step ab-bert 200 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
-        --prefer sdpa --growth 1000,10000,100000 --repeats 2 \
-        --variants "planner=greedy;overhead=0;floor=8;overhead=32" --out "$OUT/ab-bert.json"
-    step ab-qwen 240 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 10000 \
-        --prefer sdpa --growth 1000,10000 --repeats 2 \
-        --variants "planner=greedy;overhead=0;floor=8;floor=16" --out "$OUT/ab-qwen.json"
+    variant_steps ab "planner=greedy;overhead=0;floor=8;overhead=32" "planner=greedy;overhead=0;floor=8;floor=16"
     ;;
 v12-rows)
     # rows 1 and 2 and both models' growth, on the final code
     plain_env
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
-    step bert-final 100 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 20000 --prefer sdpa \
-        --skip st-encode-bs32,hf-dataset-order-bs32 --out "$OUT/bert-final.json"
-    step growth-bert-final 100 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 100000 \
-        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --out "$OUT/growth-bert-final.json"
-    step qwen-final 170 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 6000 --repeats 2 \
-        --prefer sdpa --hf-impl sdpa --out "$OUT/qwen-final.json"
-    step growth-qwen-final 240 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
-        --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-final.json"
+    bert_final_steps
+    qwen_final_steps
     ;;
 *)
     echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024|v12-variants|v12-ab|v12-final|v12-qwen|v12-rows" >&2

@@ -374,6 +374,8 @@ def greedy_plan(sorted_lengths, batch_tokens: int, max_cells=None, max_rows=None
         rows = max(batch_tokens // length, 1)
         if max_cells is not None:
             rows = min(rows, max(max_cells // (length * length), 1))
+        if max_rows is not None:
+            rows = min(rows, max_rows)
         stop = min(start + rows, n)
         first_optional = start + max(min_fill // length, 1)
         if first_optional < stop:
