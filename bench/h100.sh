@@ -33,7 +33,9 @@
 #   lease S at 75803f9 (carry .gpu-wheels/tok):          bash bench/h100.sh v12-ab
 #   lease T at 24fb96b (overhead budget/32) (carry .gpu-wheels/minilm .gpu-wheels/tok .gpu-wheels/pytest):  bash bench/h100.sh v12-final
 #   lease U at 24fb96b (carry .gpu-wheels/tok):          bash bench/h100.sh v12-qwen (lease T's own ran on a GPU at 190 TFLOP/s)
-#   lease V, the final code (overhead budget/64) (carry .gpu-wheels/tok):  bash bench/h100.sh v12-rows
+#   lease U, the final code (overhead budget/64) (carry .gpu-wheels/tok):  bash bench/h100.sh v12-rows
+# session 7 (v13: the first part in pieces by characters; floors):
+#   lease W (carry .gpu-wheels/tok):                      bash bench/h100.sh v13-probe
 #
 # .gpu-wheels/tok holds the MiniLM tokenizer and config (the random-weight bench models use it);
 # .gpu-wheels/minilm the whole embedded model (the gpu tests score with it). Results go to $OUT.
@@ -310,8 +312,23 @@ v12-rows)
     bert_final_steps
     qwen_final_steps
     ;;
+v13-probe)
+    # a forward's host time against its GPU time per model (where the floor of a batch lies), then
+    # the first part in pieces by characters against whole, and lower floors for Qwen
+    plain_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    for tokens in 8192 32768; do
+        step "shape-bert-$tokens" 60 python3 bench/shape_cost.py --model bert-base-random --chunks 2 --backends ours \
+            --batch-tokens $tokens --out "$OUT/shape-bert-$tokens.json"
+        step "shape-qwen-$tokens" 90 python3 bench/shape_cost.py --model qwen2-0.5b-random --chunks 1 --backends ours \
+            --batch-tokens $tokens --out "$OUT/shape-qwen-$tokens.json"
+    done
+    variant_steps v13 "lead=whole;lead=chars" \
+        "lead=whole;lead=chars;lead=chars,floor=32,overhead=128;lead=chars,floor=64,overhead=256"
+    ;;
 *)
-    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024|v12-variants|v12-ab|v12-final|v12-qwen|v12-rows" >&2
+    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024|v12-variants|v12-ab|v12-final|v12-qwen|v12-rows|v13-probe" >&2
     exit 2
     ;;
 esac

@@ -214,24 +214,24 @@ def make_ours(scorer, texts: list[str], part_rows: int, prepared_ahead: bool = F
         chunks.append(Chunk(i, list(range(start, stop)), [(t,) for t in texts[start:stop]]))
         start = stop
     cache: dict = {}
-    real_prepare = scorer.prepare
+    real_prepare_pieces = scorer.prepare_pieces
 
-    def cached_prepare(chunk):
+    def cached_prepare_pieces(chunk):
         key = (chunk.index, chunk.ids[0] if chunk.ids else None, len(chunk))
         if key not in cache:
-            cache[key] = real_prepare(chunk)
-        return cache[key]
+            cache[key] = list(real_prepare_pieces(chunk))
+        return iter(cache[key])
 
     def run():
         rows = 0
         if prepared_ahead:
-            scorer.prepare = cached_prepare
+            scorer.prepare_pieces = cached_prepare_pieces
         before, scorer.tokenizer_process = scorer.tokenizer_process, tokenizer_process
         try:
             for result in scorer.score_chunks(iter(chunks)):
                 rows += build_table(schema, result.chunk.ids, result).num_rows
         finally:
-            scorer.__dict__.pop("prepare", None)
+            scorer.__dict__.pop("prepare_pieces", None)
             scorer.tokenizer_process = before
         assert rows == len(texts)
     if prepared_ahead:
@@ -387,16 +387,21 @@ def greedy_plan(sorted_lengths, batch_tokens: int, max_cells=None, max_rows=None
     return batches
 
 
+VARIANT_WORDS = {"planner": ("dp", "greedy"), "lead": ("chars", "whole")}
+
+
 def parse_variants(text: str) -> list[dict]:
-    """`floor=16,overhead=0;planner=greedy` -> [{"floor": 16, "overhead": 0}, {"planner": "greedy"}]."""
+    """`floor=16,overhead=0;planner=greedy;lead=whole` -> [{"floor": 16, "overhead": 0}, {"planner": "greedy"},
+    {"lead": "whole"}]."""
     variants = []
     for part in filter(None, (p.strip() for p in text.split(";"))):
         variant = {}
         for item in part.split(","):
             key, _, value = item.partition("=")
-            if key not in ("floor", "overhead", "planner") or not value or (key == "planner" and value not in ("dp", "greedy")):
-                sys.exit(f"--variants: expected floor=N, overhead=N or planner=dp|greedy, found {item!r}")
-            variant[key] = value if key == "planner" else int(value)
+            numeric = key in ("floor", "overhead") and value.isdigit()
+            if not (numeric or value in VARIANT_WORDS.get(key, ())):
+                sys.exit(f"--variants: expected floor=N, overhead=N, planner=dp|greedy or lead=chars|whole, found {item!r}")
+            variant[key] = int(value) if numeric else value
         variants.append(variant)
     return variants
 
@@ -407,9 +412,12 @@ def variant_name(variant: dict) -> str:
 
 def apply_variant(scorer, variant: dict) -> None:
     """Set plan_batches' floor and overhead (divisors of the budget; overhead 0: none) or sessions
-    1-5's greedy batches instead."""
+    1-5's greedy batches instead; lead=whole prepares the first part whole (sessions 1-6)."""
     from attnfallback.scoring import pipeline
     from attnfallback.scoring.batching import plan_batches
+
+    lead = variant.get("lead", "chars" if scorer.on_cuda else "whole")
+    scorer.lead_fractions = pipeline.LEAD_FRACTIONS if lead == "chars" else ()
 
     scorer.floor_tokens = scorer.batch_tokens // variant["floor"] if "floor" in variant else None
     overhead = variant.get("overhead")

@@ -1,13 +1,16 @@
 """The scorer: a model loaded once through the fallback, and the loop that feeds it.
 
     rows -> chunks --(worker thread: tokenize (on CUDA in a child process), length sort,
-    token-budget batches, pinned tensors)-->
+    token-budget batches, pinned tensors; on CUDA the run's first part in pieces)-->
     bounded queue --(this thread: non-blocking copy, forward under inference_mode, outputs kept on
     the device)--> one asynchronous copy to the host per chunk --(finisher thread on CUDA: inverse
     permutation, finiteness, Arrow columns)--> results in order
 
 The forward thread never waits on the host per batch; a chunk's outputs come back in one copy,
-turned into columns while the next chunk runs.
+turned into columns while the next chunk runs. Nothing runs on the GPU before the first part is
+tokenized, so on CUDA that part is prepared in pieces by character count (`lead_pieces`): the
+GPU starts on the longest rows while the shorter ones are tokenized, and since each piece holds
+rows of similar length, the pieces pad about as little as the whole part sorted at once.
 On CUDA out-of-memory a batch is split in halves and retried (an `oom_split` event), down to a
 single row, so no row is ever dropped.
 """
@@ -47,7 +50,11 @@ from attnfallback.sdpa_order import sdpa_order
 
 log = logging.getLogger("attnfallback")
 
-QUEUE_CHUNKS = 2  # chunks tokenized ahead of the forward pass
+QUEUE_CHUNKS = 2  # chunks (or pieces of the first) tokenized ahead of the forward pass
+# The run's first part on CUDA: pieces holding these shares of its characters, longest rows first,
+# then the rest; a piece of fewer than LEAD_MIN_ROWS rows joins the next (see lead_pieces)
+LEAD_FRACTIONS = (1 / 8, 1 / 4, 1 / 2)
+LEAD_MIN_ROWS = 32
 PACKING_CHECK_TEXTS = (  # rows of different lengths: packed and padded outputs must agree on them
     ("Attention fallback packing check: the third row is the longest of these three.",),
     ("Short row.",),
@@ -83,11 +90,21 @@ class HostBatch:
 
 @dataclass
 class PreparedChunk:
+    """A chunk (or a piece of one) tokenized and batched. `encoded` holds the piece's rows, `rows`
+    says which positions of the chunk those are (None: all of them, in order), and `last` whether
+    it completes its chunk."""
+
     chunk: Chunk
     encoded: Encoded
     order: np.ndarray
     batches: list[HostBatch]
     prepare_s: float = 0.0
+    rows: np.ndarray | None = None
+    last: bool = True
+
+    def positions(self) -> np.ndarray:
+        """Chunk positions of the outputs, which come in length-sorted order."""
+        return self.order if self.rows is None else self.rows[self.order]
 
 
 @dataclass
@@ -152,6 +169,8 @@ class Scorer:
         self.pack = False  # batches packed padding-free (see refresh_packing)
         self.floor_tokens: int | None = None  # plan_batches' floor and per-batch overhead (None: its defaults)
         self.overhead_tokens: int | None = None
+        # the run's first part in pieces (CUDA: the GPU would wait for all of its tokenizing)
+        self.lead_fractions: tuple[float, ...] = LEAD_FRACTIONS if self.on_cuda else ()
         self.packing_note = "off"
         self._packing_checked: dict[str, str | None] = {}  # impl -> None (agrees) or why not
         self.tokenizer_process = check_tokenizer_process_mode(getattr(job, "tokenizer_process", "auto"))
@@ -327,17 +346,29 @@ class Scorer:
                 self._child = None
         return self.encoder.encode(texts)
 
-    def prepare(self, chunk: Chunk) -> PreparedChunk:
-        """Tokenize, sort by length (stable), plan token-budget batches, pad (and pin on CUDA)."""
+    def prepare(self, chunk: Chunk, rows: np.ndarray | None = None, last: bool = True) -> PreparedChunk:
+        """Tokenize, sort by length (stable), plan token-budget batches, pad (and pin on CUDA).
+        `rows`: only these positions of the chunk (a piece, see `prepare_pieces`)."""
         t0 = time.perf_counter()
-        encoded = self._encode(chunk.texts)
+        encoded = self._encode(chunk.texts if rows is None else [chunk.texts[i] for i in rows])
         order = length_order(encoded.lengths)
         slices = plan_batches(encoded.lengths[order], self.batch_tokens, self.max_cells, floor_tokens=self.floor_tokens,
                               overhead_tokens=self.overhead_tokens)
         batches = [self._host_batch(encoded, order[s.start:s.stop], s.length) for s in slices]
         seconds = time.perf_counter() - t0
         self.timing["prepare_s"] += seconds
-        return PreparedChunk(chunk, encoded, order, batches, seconds)
+        return PreparedChunk(chunk, encoded, order, batches, seconds, rows, last)
+
+    def prepare_pieces(self, chunk: Chunk) -> Iterator[PreparedChunk]:
+        """The chunk prepared whole, or, for the run's first part when `lead_fractions` is set, in
+        pieces (`lead_pieces`), each yielded as soon as it is ready. The pieces depend on the texts
+        only, never on timing, so the batches (and the outputs' bits) do not either."""
+        pieces = lead_pieces(chunk.texts, self.lead_fractions) if chunk.index == 0 and self.lead_fractions else []
+        if len(pieces) < 2:
+            yield self.prepare(chunk)
+            return
+        for i, rows in enumerate(pieces):
+            yield self.prepare(chunk, rows, last=i == len(pieces) - 1)
 
     def _host_batch(self, encoded: Encoded, rows: np.ndarray, length: int) -> HostBatch:
         return self._packed_batch(encoded, rows) if self.pack else self._padded_batch(encoded, rows, length)
@@ -373,7 +404,7 @@ class Scorer:
 
     def run(self, prepared: PreparedChunk) -> ChunkResult:
         """Forward every batch of a chunk; outputs back in input order, one host copy per chunk."""
-        return self.finish(self.launch(prepared))
+        return self.finish([self.launch(prepared)])
 
     def launch(self, prepared: PreparedChunk) -> Launched:
         """Queue the chunk's batches on the device and an asynchronous copy of the outputs back.
@@ -409,20 +440,22 @@ class Scorer:
         self.timing["launch_s"] += seconds
         return Launched(prepared, host, event, keep, self.oom_splits - splits_before, seconds)
 
-    def finish(self, launched: Launched) -> ChunkResult:
-        """Wait for a launched chunk's outputs; restore input order, check finiteness, make columns."""
+    def finish(self, pieces: list[Launched]) -> ChunkResult:
+        """Wait for a launched chunk's outputs (all its pieces); restore input order, check
+        finiteness, make columns."""
         t0 = time.perf_counter()
-        if launched.event is not None:
-            launched.event.synchronize()
-        launched.keep.clear()
-        prepared = launched.prepared
-        n = len(prepared.chunk)
-        order = prepared.order
+        for launched in pieces:
+            if launched.event is not None:
+                launched.event.synchronize()
+            launched.keep.clear()
+        chunk = pieces[0].prepared.chunk
+        n = len(chunk)
         in_order = {}
-        for name, tensor in launched.host.items():
-            sorted_values = tensor.numpy()
-            restored = np.empty_like(sorted_values)
-            restored[order] = sorted_values
+        for name in pieces[0].host:
+            first = pieces[0].host[name].numpy()
+            restored = np.empty((n, *first.shape[1:]), dtype=first.dtype)
+            for launched in pieces:
+                restored[launched.prepared.positions()] = launched.host[name].numpy()
             in_order[name] = restored
         finite = np.ones(n, dtype=bool)
         for value in in_order.values():
@@ -430,22 +463,23 @@ class Scorer:
                 finite &= np.isfinite(value.reshape(n, -1)).all(axis=1)
         nonfinite = ~finite
         if nonfinite.any() and not self.flag_nonfinite:
-            bad = [prepared.chunk.ids[i] for i in np.flatnonzero(nonfinite)]
+            bad = [chunk.ids[i] for i in np.flatnonzero(nonfinite)]
             shown = ", ".join(map(repr, bad[:20])) + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
             raise NonFiniteError(f"the model produced NaN or inf for {len(bad)} row(s), ids: {shown} "
                                  "(--on-nonfinite flag writes them with a `nonfinite` column instead)", ids=bad)
         columns = self.task.to_arrow(in_order) if n else self._empty_columns()
         self.timing["finish_s"] += time.perf_counter() - t0
+        prepared = [launched.prepared for launched in pieces]
         return ChunkResult(
-            chunk=prepared.chunk,
+            chunk=chunk,
             columns=columns,
             nonfinite=nonfinite,
-            tokens=int(prepared.encoded.lengths.sum()),
-            padded_tokens=sum(b.cells for b in prepared.batches),
-            truncated=int(prepared.encoded.truncated.sum()),
-            batches=len(prepared.batches),
-            oom_splits=launched.oom_splits,
-            seconds=launched.seconds + time.perf_counter() - t0,
+            tokens=sum(int(p.encoded.lengths.sum()) for p in prepared),
+            padded_tokens=sum(b.cells for p in prepared for b in p.batches),
+            truncated=sum(int(p.encoded.truncated.sum()) for p in prepared),
+            batches=sum(len(p.batches) for p in prepared),
+            oom_splits=sum(launched.oom_splits for launched in pieces),
+            seconds=sum(launched.seconds for launched in pieces) + time.perf_counter() - t0,
         )
 
     def _empty_columns(self) -> dict:
@@ -503,8 +537,9 @@ class Scorer:
         def produce():
             try:
                 for chunk in chunks:
-                    if stop.is_set() or not put(self.prepare(chunk)):
-                        return
+                    for piece in self.prepare_pieces(chunk):
+                        if stop.is_set() or not put(piece):
+                            return
                 put(_DONE)
             except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
                 put(_Failure(e))
@@ -515,6 +550,7 @@ class Scorer:
         # the next one runs on the GPU; on the CPU that work would only compete for the cores
         finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnfallback-finish") if self.on_cuda else None
         pending: deque = deque()  # futures of chunks being finished, in order
+        launched: list[Launched] = []  # the pieces of the chunk being launched
 
         def drain(everything: bool) -> Iterator[ChunkResult]:
             """Finished chunks in order: those done (keeping one in flight), or all of them."""
@@ -530,10 +566,14 @@ class Scorer:
                     break
                 if isinstance(item, _Failure):
                     raise item.exc
-                if finisher is None:
-                    yield self.run(item)
+                launched.append(self.launch(item))
+                if not item.last:
                     continue
-                pending.append(finisher.submit(self.finish, self.launch(item)))
+                pieces, launched = launched, []
+                if finisher is None:
+                    yield self.finish(pieces)
+                    continue
+                pending.append(finisher.submit(self.finish, pieces))
                 yield from drain(everything=False)
             yield from drain(everything=True)
         finally:
@@ -587,6 +627,29 @@ class Scorer:
             field_type = table.schema.field(id_column).type if id_column in table.column_names else pa.int64()
             id_type = "string" if (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)) else "int64"
         return InputSpec(names, id_column, id_type)
+
+
+def lead_pieces(texts: list[tuple[str, ...]], fractions: tuple[float, ...] = LEAD_FRACTIONS,
+                min_rows: int = LEAD_MIN_ROWS) -> list[np.ndarray]:
+    """Row positions of a chunk's pieces: rows ordered by character count, longest first (stable),
+    cut where the running count of characters passes each fraction in turn (then the rest). A piece
+    of fewer than `min_rows` rows joins the next one; the last piece keeps at least `min_rows` too.
+
+    Characters stand in for tokens, which are not known before tokenizing: rows of similar
+    character counts have similar token counts, so each piece sorts into batches that pad little.
+    """
+    n = len(texts)
+    chars = np.fromiter((sum(map(len, row)) for row in texts), dtype=np.int64, count=n)
+    order = np.argsort(-chars, kind="stable")
+    running = np.cumsum(chars[order])
+    total = int(running[-1]) if n else 0
+    cuts, start = [], 0
+    for share in np.cumsum(fractions):
+        cut = int(np.searchsorted(running, share * total, side="left")) + 1
+        if cut - start >= min_rows and n - cut >= min_rows:
+            cuts.append(cut)
+            start = cut
+    return [order[a:b] for a, b in zip([0, *cuts], [*cuts, n])] if n else []
 
 
 def build_table(schema, ids: list, result: ChunkResult):
