@@ -36,6 +36,7 @@
 #   lease U, the final code (overhead budget/64) (carry .gpu-wheels/tok):  bash bench/h100.sh v12-rows
 # session 7 (v13: the first part in pieces by characters; floors):
 #   lease W (carry .gpu-wheels/tok):                      bash bench/h100.sh v13-probe
+#   lease X (carry .gpu-wheels/tok):                      bash bench/h100.sh v13-lead
 #
 # .gpu-wheels/tok holds the MiniLM tokenizer and config (the random-weight bench models use it);
 # .gpu-wheels/minilm the whole embedded model (the gpu tests score with it). Results go to $OUT.
@@ -314,7 +315,8 @@ v12-rows)
     ;;
 v13-probe)
     # a forward's host time against its GPU time per model (where the floor of a batch lies), then
-    # the first part in pieces by characters against whole, and lower floors for Qwen
+    # the first part in pieces by characters against whole, and lower floors for Qwen (lease W ran
+    # `lead=chars`, the name 8-4-2 had then)
     plain_env
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -324,11 +326,22 @@ v13-probe)
         step "shape-qwen-$tokens" 90 python3 bench/shape_cost.py --model qwen2-0.5b-random --chunks 1 --backends ours \
             --batch-tokens $tokens --out "$OUT/shape-qwen-$tokens.json"
     done
-    variant_steps v13 "lead=whole;lead=chars" \
-        "lead=whole;lead=chars;lead=chars,floor=32,overhead=128;lead=chars,floor=64,overhead=256"
+    variant_steps v13 "lead=whole;lead=8-4-2" \
+        "lead=whole;lead=8-4-2;lead=8-4-2,floor=32,overhead=128;lead=8-4-2,floor=64,overhead=256"
+    ;;
+v13-lead)
+    # the first part whole, in one piece of 1/8 of its characters and the rest, or in four pieces;
+    # 1k and 10k texts (100k scores the first part in the same pieces; lease W: within its noise)
+    plain_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    step v13-lead-bert 200 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 10000 \
+        --prefer sdpa --growth 1000,10000 --repeats 4 --variants "lead=whole;lead=8;lead=8-4-2" --out "$OUT/v13-lead-bert.json"
+    step v13-lead-qwen 280 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 10000 \
+        --prefer sdpa --growth 1000,10000 --repeats 2 --variants "lead=whole;lead=8;lead=8-4-2" --out "$OUT/v13-lead-qwen.json"
     ;;
 *)
-    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024|v12-variants|v12-ab|v12-final|v12-qwen|v12-rows|v13-probe" >&2
+    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024|v12-variants|v12-ab|v12-final|v12-qwen|v12-rows|v13-probe|v13-lead" >&2
     exit 2
     ;;
 esac

@@ -387,20 +387,18 @@ def greedy_plan(sorted_lengths, batch_tokens: int, max_cells=None, max_rows=None
     return batches
 
 
-VARIANT_WORDS = {"planner": ("dp", "greedy"), "lead": ("chars", "whole")}
-
-
 def parse_variants(text: str) -> list[dict]:
-    """`floor=16,overhead=0;planner=greedy;lead=whole` -> [{"floor": 16, "overhead": 0}, {"planner": "greedy"},
-    {"lead": "whole"}]."""
+    """`floor=16,overhead=0;planner=greedy;lead=8-4-2` -> [{"floor": 16, "overhead": 0}, {"planner": "greedy"},
+    {"lead": "8-4-2"}]. lead: the first part whole, or in pieces of 1/8, 1/4, 1/2 of its characters (then the rest)."""
     variants = []
     for part in filter(None, (p.strip() for p in text.split(";"))):
         variant = {}
         for item in part.split(","):
             key, _, value = item.partition("=")
             numeric = key in ("floor", "overhead") and value.isdigit()
-            if not (numeric or value in VARIANT_WORDS.get(key, ())):
-                sys.exit(f"--variants: expected floor=N, overhead=N, planner=dp|greedy or lead=chars|whole, found {item!r}")
+            lead = key == "lead" and (value == "whole" or all(d.isdigit() and int(d) > 0 for d in value.split("-")))
+            if not (numeric or lead or (key == "planner" and value in ("dp", "greedy"))):
+                sys.exit(f"--variants: expected floor=N, overhead=N, planner=dp|greedy or lead=whole|N-N-..., found {item!r}")
             variant[key] = int(value) if numeric else value
         variants.append(variant)
     return variants
@@ -416,8 +414,11 @@ def apply_variant(scorer, variant: dict) -> None:
     from attnfallback.scoring import pipeline
     from attnfallback.scoring.batching import plan_batches
 
-    lead = variant.get("lead", "chars" if scorer.on_cuda else "whole")
-    scorer.lead_fractions = pipeline.LEAD_FRACTIONS if lead == "chars" else ()
+    lead = variant.get("lead")
+    if lead is None:
+        scorer.lead_fractions = pipeline.LEAD_FRACTIONS if scorer.on_cuda else ()
+    else:
+        scorer.lead_fractions = () if lead == "whole" else tuple(1 / int(d) for d in lead.split("-"))
 
     scorer.floor_tokens = scorer.batch_tokens // variant["floor"] if "floor" in variant else None
     overhead = variant.get("overhead")
