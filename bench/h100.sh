@@ -37,9 +37,12 @@
 # session 7 (v13: the first part in pieces by characters; floors):
 #   lease W (carry .gpu-wheels/tok):                      bash bench/h100.sh v13-probe
 #   lease X (carry .gpu-wheels/tok):                      bash bench/h100.sh v13-lead
+#   lease Y, the final code (carry .gpu-wheels/minilm .gpu-wheels/tok .gpu-wheels/pytest):  bash bench/h100.sh v13-final
+#   then (carry .gpu-wheels/tok):                         bash bench/h100.sh v13-qwen
 #
 # .gpu-wheels/tok holds the MiniLM tokenizer and config (the random-weight bench models use it);
-# .gpu-wheels/minilm the whole embedded model (the gpu tests score with it). Results go to $OUT.
+# .gpu-wheels/minilm the whole embedded model (the gpu tests score with it; its weights saved in
+# float16, 45 MB, to fit a call's 64 MiB with the others). Results go to $OUT.
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -232,7 +235,7 @@ v10-qwen)
     step growth-qwen-v10 300 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
         --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-v10.json"
     ;;
-v10-final|v11-final|v12-final)
+v10-final|v11-final|v12-final|v13-final)
     # no FlashAttention-4 (as on the image): the gpu tests, row 1 on sdpa and BERT growth on the final code
     python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .gpu-wheels/pytest/*.whl
     plain_env /tmp/pyt
@@ -273,7 +276,7 @@ v11-growth)
     step growth-qwen-v11 300 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
         --prefer sdpa --growth 1000,10000,100000 --repeats 1 --out "$OUT/growth-qwen-v11.json"
     ;;
-v11-qwen|v12-qwen)
+v11-qwen|v12-qwen|v13-qwen)
     # the final code: row 2 on sdpa, Qwen growth on fresh texts, the tokenizer's rate
     plain_env
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
@@ -341,7 +344,7 @@ v13-lead)
         --prefer sdpa --growth 1000,10000 --repeats 2 --variants "lead=whole;lead=8;lead=8-4-2" --out "$OUT/v13-lead-qwen.json"
     ;;
 *)
-    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024|v12-variants|v12-ab|v12-final|v12-qwen|v12-rows|v13-probe|v13-lead" >&2
+    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024|v12-variants|v12-ab|v12-final|v12-qwen|v12-rows|v13-probe|v13-lead|v13-final|v13-qwen" >&2
     exit 2
     ;;
 esac

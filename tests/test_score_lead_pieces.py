@@ -10,6 +10,8 @@ import pytest
 from attnfallback.errors import NonFiniteError
 from attnfallback.scoring import ScoreJob, Scorer
 from attnfallback.scoring.pipeline import LEAD_FRACTIONS, Chunk, lead_pieces
+
+FOUR = (1 / 8, 1 / 4, 1 / 2)  # four pieces: 1/8, 1/4, 1/2 of the characters, then the rest
 from scoring_helpers import add_sentence_config, poison_token, seeded_texts
 
 
@@ -21,14 +23,14 @@ def chars(texts, rows):
 def test_pieces_hold_every_row_once_longest_first_cut_at_the_shares(seed):
     rng = random.Random(seed)
     texts = [(t,) for t in seeded_texts(rng.randint(64, 600), seed=seed, max_words=rng.choice([5, 40, 200]))]
-    pieces = lead_pieces(texts, LEAD_FRACTIONS, min_rows=8)
+    pieces = lead_pieces(texts, FOUR, min_rows=8)
     assert sorted(np.concatenate(pieces).tolist()) == list(range(len(texts)))
     assert all(len(p) >= 8 for p in pieces)
     for a, b in zip(pieces, pieces[1:]):
         assert chars(texts, a).min() >= chars(texts, b).max()  # every row of a piece as long as any later one
     total = chars(texts, range(len(texts))).sum()
     done = 0
-    for piece, share in zip(pieces, np.cumsum(LEAD_FRACTIONS)):
+    for piece, share in zip(pieces, np.cumsum(FOUR)):
         done += chars(texts, piece).sum()
         # a piece ends at the first row whose running count reaches its share (or later, merged)
         assert done >= share * total
@@ -37,7 +39,9 @@ def test_pieces_hold_every_row_once_longest_first_cut_at_the_shares(seed):
 
 def test_small_or_empty_chunks_stay_whole_and_ties_keep_input_order():
     assert lead_pieces([], LEAD_FRACTIONS) == []
-    assert len(lead_pieces([("x",)] * 63, LEAD_FRACTIONS, min_rows=32)) == 1  # no piece could keep 32 rows
+    assert len(lead_pieces([("x",)] * 63, FOUR, min_rows=32)) == 1  # no piece could keep 32 rows
+    first, rest = lead_pieces([(t,) for t in seeded_texts(300, seed=1)], LEAD_FRACTIONS)  # the default: 1/8, the rest
+    assert len(first) >= 32 and len(rest) > len(first)
     same = lead_pieces([("same length",)] * 100, (0.5,), min_rows=10)
     assert [p.tolist() for p in same] == [list(range(50)), list(range(50, 100))]
 
@@ -53,7 +57,7 @@ def scorers(tiny_bert):
     whole = Scorer.from_job(ScoreJob(model=str(tiny_bert), device="cpu"))
     pieces = Scorer.from_job(ScoreJob(model=str(tiny_bert), device="cpu"))
     assert whole.lead_fractions == () and pieces.lead_fractions == ()  # the CPU: whole parts by default
-    pieces.lead_fractions = LEAD_FRACTIONS
+    pieces.lead_fractions = FOUR
     return whole, pieces
 
 
@@ -111,7 +115,7 @@ def test_a_non_finite_row_in_a_piece_is_named_by_its_own_id(tmp_path):
     model_dir = add_sentence_config(build_tiny_model(tmp_path / "nan-bert", "bert"))
     poison_token(model_dir, "piano")
     scorer = Scorer.from_job(ScoreJob(model=str(model_dir), device="cpu"))
-    scorer.lead_fractions = LEAD_FRACTIONS
+    scorer.lead_fractions = FOUR
     texts = seeded_texts(300, seed=9, max_words=30)
     texts = [t.replace("piano", "guitar") for t in texts]
     texts[17] = "a woman plays piano " + "slowly " * 40  # among the longest: in the first piece

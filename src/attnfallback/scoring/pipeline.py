@@ -52,8 +52,10 @@ log = logging.getLogger("attnfallback")
 
 QUEUE_CHUNKS = 2  # chunks (or pieces of the first) tokenized ahead of the forward pass
 # The run's first part on CUDA: pieces holding these shares of its characters, longest rows first,
-# then the rest; a piece of fewer than LEAD_MIN_ROWS rows joins the next (see lead_pieces)
-LEAD_FRACTIONS = (1 / 8, 1 / 4, 1 / 2)
+# then the rest; each piece holds at least LEAD_MIN_ROWS rows (see lead_pieces). One
+# eighth, then the rest: the GPU starts after an eighth of the tokenizing; more pieces only add
+# forwards, which cost a launch-bound model host time (bench/NOTES.md, v13)
+LEAD_FRACTIONS = (1 / 8,)
 LEAD_MIN_ROWS = 32
 PACKING_CHECK_TEXTS = (  # rows of different lengths: packed and padded outputs must agree on them
     ("Attention fallback packing check: the third row is the longest of these three.",),
@@ -632,8 +634,9 @@ class Scorer:
 def lead_pieces(texts: list[tuple[str, ...]], fractions: tuple[float, ...] = LEAD_FRACTIONS,
                 min_rows: int = LEAD_MIN_ROWS) -> list[np.ndarray]:
     """Row positions of a chunk's pieces: rows ordered by character count, longest first (stable),
-    cut where the running count of characters passes each fraction in turn (then the rest). A piece
-    of fewer than `min_rows` rows joins the next one; the last piece keeps at least `min_rows` too.
+    cut where the running count of characters reaches each fraction in turn (then the rest). Every
+    piece holds at least `min_rows` rows: a piece is extended past its share to reach them, and a
+    cut that would leave the rest fewer is not made.
 
     Characters stand in for tokens, which are not known before tokenizing: rows of similar
     character counts have similar token counts, so each piece sorts into batches that pad little.
@@ -645,8 +648,10 @@ def lead_pieces(texts: list[tuple[str, ...]], fractions: tuple[float, ...] = LEA
     total = int(running[-1]) if n else 0
     cuts, start = [], 0
     for share in np.cumsum(fractions):
-        cut = int(np.searchsorted(running, share * total, side="left")) + 1
-        if cut - start >= min_rows and n - cut >= min_rows:
+        cut = max(int(np.searchsorted(running, share * total, side="left")) + 1, start + min_rows)
+        if n - cut < min_rows:
+            break
+        if cut > start:
             cuts.append(cut)
             start = cut
     return [order[a:b] for a, b in zip([0, *cuts], [*cuts, n])] if n else []
