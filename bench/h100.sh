@@ -39,6 +39,7 @@
 #   lease X (carry .gpu-wheels/tok):                      bash bench/h100.sh v13-lead
 #   lease Y, the final code (carry .gpu-wheels/minilm .gpu-wheels/tok .gpu-wheels/pytest):  bash bench/h100.sh v13-final
 #   then (carry .gpu-wheels/tok):                         bash bench/h100.sh v13-qwen
+#   lease Z (carry .gpu-wheels/tok):                      bash bench/h100.sh v13-floor
 #
 # .gpu-wheels/tok holds the MiniLM tokenizer and config (the random-weight bench models use it);
 # .gpu-wheels/minilm the whole embedded model (the gpu tests score with it; its weights saved in
@@ -332,6 +333,16 @@ v13-probe)
     variant_steps v13 "lead=whole;lead=8-4-2" \
         "lead=whole;lead=8-4-2;lead=8-4-2,floor=32,overhead=128;lead=8-4-2,floor=64,overhead=256"
     ;;
+v13-floor)
+    # lower floors: Qwen's 1k run (the one that pads most) in many rounds, BERT's 1k and 10k
+    plain_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    step v13-floor-qwen 200 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 1000 \
+        --prefer sdpa --growth 1000 --repeats 8 --variants "floor=8;floor=11;floor=16;floor=20" --out "$OUT/v13-floor-qwen.json"
+    step v13-floor-bert 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 10000 \
+        --prefer sdpa --growth 1000,10000 --repeats 4 --variants "floor=8;floor=11;floor=16" --out "$OUT/v13-floor-bert.json"
+    ;;
 v13-lead)
     # the first part whole, in one piece of 1/8 of its characters and the rest, or in four pieces;
     # 1k and 10k texts (100k scores the first part in the same pieces; lease W: within its noise)
@@ -344,7 +355,7 @@ v13-lead)
         --prefer sdpa --growth 1000,10000 --repeats 2 --variants "lead=whole;lead=8;lead=8-4-2" --out "$OUT/v13-lead-qwen.json"
     ;;
 *)
-    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024|v12-variants|v12-ab|v12-final|v12-qwen|v12-rows|v13-probe|v13-lead|v13-final|v13-qwen" >&2
+    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024|v12-variants|v12-ab|v12-final|v12-qwen|v12-rows|v13-probe|v13-lead|v13-final|v13-qwen|v13-floor" >&2
     exit 2
     ;;
 esac
