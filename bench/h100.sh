@@ -40,6 +40,10 @@
 #   lease Y, the final code (carry .gpu-wheels/minilm .gpu-wheels/tok .gpu-wheels/pytest):  bash bench/h100.sh v13-final
 #   then (carry .gpu-wheels/tok):                         bash bench/h100.sh v13-qwen
 #   lease Z (carry .gpu-wheels/tok):                      bash bench/h100.sh v13-floor
+#   lease AA, call 1 (carry .gpu-wheels/fa4-1 .gpu-wheels/pytest):  bash bench/h100.sh stage
+#   call 2 (carry .gpu-wheels/fa4-2 .gpu-wheels/tok):     bash bench/h100.sh v13-long
+#   call 3 (carry .gpu-wheels/minilm .gpu-wheels/tok .gpu-wheels/pytest):  bash bench/h100.sh v13-tests
+#   call 4 (carry .gpu-wheels/tok):                       bash bench/h100.sh v13-qwen-growth
 #
 # .gpu-wheels/tok holds the MiniLM tokenizer and config (the random-weight bench models use it);
 # .gpu-wheels/minilm the whole embedded model (the gpu tests score with it; its weights saved in
@@ -343,6 +347,28 @@ v13-floor)
     step v13-floor-bert 150 python3 bench/score_throughput.py --device cuda --model bert-base-random --texts 10000 \
         --prefer sdpa --growth 1000,10000 --repeats 4 --variants "floor=8;floor=11;floor=16" --out "$OUT/v13-floor-bert.json"
     ;;
+v13-long)
+    # the long-text row with FlashAttention-4 (after `stage`; carry .gpu-wheels/fa4-2)
+    source .gpu-wheels/fa4-2/install.sh || exit 3
+    setup_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step long 400 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 400 --mean-words 555 \
+        --max-words 1900 --impls flash_attention_4,sdpa,eager --attention-bound --hf-impl sdpa --skip hf-dataset-order-bs32 \
+        --repeats 2 --out "$OUT/long.json"
+    ;;
+v13-tests)
+    # the gpu tests with FlashAttention-4 installed by v13-long on this machine
+    setup_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/minilm
+    step pytest-gpu 500 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ --junitxml "$OUT/gpu-junit.xml"
+    ;;
+v13-qwen-growth)
+    # Qwen growth on the final code, median of 2 rounds after round 0
+    plain_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/tok
+    step growth-qwen-r2 560 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 100000 \
+        --prefer sdpa --growth 1000,10000,100000 --repeats 2 --out "$OUT/growth-qwen-r2.json"
+    ;;
 v13-lead)
     # the first part whole, in one piece of 1/8 of its characters and the rest, or in four pieces;
     # 1k and 10k texts (100k scores the first part in the same pieces; lease W: within its noise)
@@ -355,7 +381,7 @@ v13-lead)
         --prefer sdpa --growth 1000,10000 --repeats 2 --variants "lead=whole;lead=8;lead=8-4-2" --out "$OUT/v13-lead-qwen.json"
     ;;
 *)
-    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024|v12-variants|v12-ab|v12-final|v12-qwen|v12-rows|v13-probe|v13-lead|v13-final|v13-qwen|v13-floor" >&2
+    echo "usage: bash bench/h100.sh stage|fa4|throughput|long|sdpa|gil|budget|v9-rows|v9-tests|v9-growth|v10-growth|v10-rows|v10-tests|v10-qwen|v10-final|v11-probe|v11-growth|v11-final|v11-qwen|v11-first1024|v12-variants|v12-ab|v12-final|v12-qwen|v12-rows|v13-probe|v13-lead|v13-final|v13-qwen|v13-floor|v13-long|v13-tests|v13-qwen-growth" >&2
     exit 2
     ;;
 esac
