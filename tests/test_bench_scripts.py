@@ -49,6 +49,42 @@ def test_growth_scores_each_size_end_to_end(tmp_path):
     assert too_many.returncode != 0 and "--growth 30 needs --texts >= 30" in too_many.stderr
 
 
+def test_growth_variants_run_in_turn_and_set_the_first_parts_pieces(tmp_path):
+    out = tmp_path / "variants.json"
+    done = run_script("--texts", "200", "--growth", "100,200", "--variants", "lead=whole;lead=8-4-2,floor=16", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    tables = json.loads(out.read_text())["variants"]
+    assert set(tables) == {"lead=whole", "lead=8-4-2,floor=16"}
+    for table in tables.values():
+        assert sorted(int(k) for k in table["sizes"]) == [100, 200] and table["max_over_min"] >= 1.0
+    bad = run_script("--texts", "20", "--growth", "20", "--variants", "lead=eighth")
+    assert bad.returncode != 0 and "lead=whole|N-N-..., found 'lead=eighth'" in bad.stderr
+
+
+def test_variant_settings_reach_the_scorer():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from score_throughput import apply_variant, parse_variants
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    from types import SimpleNamespace
+
+    from attnfallback.scoring import pipeline
+    from attnfallback.scoring.batching import plan_batches
+
+    assert parse_variants("lead=8-4-2,floor=16;lead=whole;planner=greedy") == [
+        {"lead": "8-4-2", "floor": 16}, {"lead": "whole"}, {"planner": "greedy"}]
+    scorer = SimpleNamespace(on_cuda=True, batch_tokens=1024, floor_tokens=None, overhead_tokens=None, lead_fractions=())
+    apply_variant(scorer, {"lead": "8-4-2", "floor": 16, "overhead": 0})
+    assert scorer.lead_fractions == (1 / 8, 1 / 4, 1 / 2) and scorer.floor_tokens == 64 and scorer.overhead_tokens == 0
+    apply_variant(scorer, {"planner": "greedy"})
+    try:
+        assert scorer.lead_fractions == pipeline.LEAD_FRACTIONS and pipeline.plan_batches is not plan_batches
+    finally:
+        apply_variant(scorer, {})
+    assert pipeline.plan_batches is plan_batches and scorer.floor_tokens is None
+
+
 def test_memory_script_scores_every_row_and_reads_the_child_peak(tmp_path):
     out = tmp_path / "memory.json"
     done = subprocess.run([sys.executable, str(REPO / "bench" / "score_memory.py"), "--rows", "50", "--out", str(out)],
