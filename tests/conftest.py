@@ -93,3 +93,13 @@ def tiny_bert(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def nan_bert(tmp_path_factory) -> Path:
+    """A tiny sentence-transformers BERT whose token "piano" embeds as NaN: rows holding it give NaN."""
+    from scoring_helpers import add_sentence_config, poison_token
+
+    model_dir = add_sentence_config(build_tiny_model(tmp_path_factory.mktemp("nan-bert"), "bert"))
+    poison_token(model_dir, "piano")
+    return model_dir

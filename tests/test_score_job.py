@@ -11,7 +11,7 @@ from attnfallback.errors import InputError, NonFiniteError, UsageError
 from attnfallback.events import validate
 from attnfallback.scoring import ScoreJob, Scorer, run_score
 from conftest import build_tiny_model
-from scoring_helpers import add_sentence_config, failing_above, poison_token, read_events, read_output, seeded_texts, write_jsonl, write_parquet
+from scoring_helpers import add_sentence_config, failing_above, read_events, read_output, seeded_texts, write_jsonl, write_parquet
 
 TOL = 1e-5
 
@@ -315,13 +315,6 @@ def test_out_of_memory_splits_the_batch_and_loses_no_row(st_bert, input_file, tm
     splits = [e for e in read_events(events) if e["event"] == "oom_split"]
     assert len(splits) == result.oom_splits and all(validate(e) == [] for e in splits)
     assert splits[0]["rows"] > 5 and sum(splits[0]["halves"]) == splits[0]["rows"]
-
-
-@pytest.fixture(scope="module")
-def nan_bert(tmp_path_factory):
-    model_dir = add_sentence_config(build_tiny_model(tmp_path_factory.mktemp("nan-bert"), "bert"))
-    poison_token(model_dir, "piano")
-    return model_dir
 
 
 def test_non_finite_rows_are_refused_by_id(nan_bert, tmp_path):

@@ -12,7 +12,7 @@ from attnfallback.scoring import ScoreJob, Scorer
 from attnfallback.scoring.pipeline import LEAD_FRACTIONS, Chunk, lead_pieces
 
 FOUR = (1 / 8, 1 / 4, 1 / 2)  # four pieces: 1/8, 1/4, 1/2 of the characters, then the rest
-from scoring_helpers import add_sentence_config, poison_token, seeded_texts
+from scoring_helpers import seeded_texts
 
 
 def chars(texts, rows):
@@ -109,12 +109,8 @@ def rng_words(seed: int) -> int:
     return (20, 60, 150, 300)[seed % 4]
 
 
-def test_a_non_finite_row_in_a_piece_is_named_by_its_own_id(tmp_path):
-    from conftest import build_tiny_model
-
-    model_dir = add_sentence_config(build_tiny_model(tmp_path / "nan-bert", "bert"))
-    poison_token(model_dir, "piano")
-    scorer = Scorer.from_job(ScoreJob(model=str(model_dir), device="cpu"))
+def test_a_non_finite_row_in_a_piece_is_named_by_its_own_id(nan_bert):
+    scorer = Scorer.from_job(ScoreJob(model=str(nan_bert), device="cpu"))
     scorer.lead_fractions = FOUR
     texts = seeded_texts(300, seed=9, max_words=30)
     texts = [t.replace("piano", "guitar") for t in texts]
