@@ -260,7 +260,7 @@ def measure(loaded, impl: str, workload: Workload, *, seconds: float = 5.0, min_
     """
     import torch
 
-    from attnfallback.loader import _first_line
+    from attnfallback.loader import first_line
     from attnfallback.parity import switch_to
 
     actual, reasons = switch_to(loaded, impl)
@@ -271,7 +271,7 @@ def measure(loaded, impl: str, workload: Workload, *, seconds: float = 5.0, min_
     try:
         batches = workload.batches(loaded.device, impl, pad_id=pad_id, batch_tokens=batch_tokens, num_heads=_num_heads(loaded.model))
     except RuntimeError as e:
-        return None, [f"cannot place the workload on {loaded.device}: {_first_line(e)}"]
+        return None, [f"cannot place the workload on {loaded.device}: {first_line(e)}"]
 
     def run() -> None:
         with torch.inference_mode(), sdpa_order(loaded.device.type):
@@ -288,7 +288,7 @@ def measure(loaded, impl: str, workload: Workload, *, seconds: float = 5.0, min_
         if getattr(loaded.device, "type", None) == "cuda":
             torch.cuda.empty_cache()
         where = "warm-up" if not times else f"timed pass {len(times) + 1}"
-        return None, [f"{where} failed: {_first_line(e)}"]
+        return None, [f"{where} failed: {first_line(e)}"]
     padded = sum(int(b["input_ids"].numel()) for b in batches)
     return Measurement(impl, actual or impl, workload.tokens, padded, len(batches), warmup, times), []
 

@@ -1,20 +1,32 @@
-"""Policy `fastest`: measure the viable candidates on this device and keep the fastest.
+"""Choosing by measurement: time the viable candidates on the run's own work and keep the fastest.
 
-The loader calls `choose_fastest` once the first candidate has loaded and verified. The model is
-switched in place to each other candidate (never re-read), which must pass the verification
-forward, and timed on a calibration sample within the policy's time budget; the fastest stays.
-Compilation (flex_attention, FlashAttention-4's first call) is the warm-up pass: reported as
-`compile_s`, never counted in tokens/s, but spent from the budget, so candidates that compile are
-measured last; the budget decides whether a candidate starts, so the last one measured may run a
-little past it. Compilation already paid by the loader's verification forward shows in
-`timing.verify_s`, not here. The choice is cached in a small JSON file keyed by (GPU class, model identity,
-model class, dtype, candidate set, package versions, workload shape), so later shards on the same
-class load, verify and skip the measurement.
+Two callers, one rule. Under the default policy (graceful) on a CUDA GPU, `score` measures its
+viable candidates on the shard's own first rows, through the scorer's own forward (a `Bench` it
+passes down to the loader); under policy `fastest` any caller measures, on the scorer's bench when
+there is one, else on a generic forward over a sample (`ForwardBench`: a length distribution, a list
+of lengths, or texts). `strict` never measures: it runs exactly the first preference.
 
-Sample: the `sample` argument, else `policy.extra["fastest_sample"]`, else
-$ATTNFALLBACK_FASTEST_SAMPLE (a length distribution such as `long`), else `short`. It may be a
-length distribution, a list of token lengths, or a list of texts (a job's own inputs).
-Cache directory: `cache_dir`, else $ATTNFALLBACK_CACHE, else ~/.cache/attnfallback.
+The rule (`choose`):
+1. Candidates are the viable implementations, in preference order. The one the loader verified
+   is timed first; then those that do not compile; then those that compile (flex_attention,
+   FlashAttention-4), each only when the time left covers its predicted compile (the last one
+   seen on this GPU class, model and versions, kept in the cache directory; else a prior). A
+   compile is a one-shot cost this shard pays, so it is charged in the budget, not in tokens/s.
+2. Budget: graceful measures within min(2 s, 5% of the shard's expected time), the expected time
+   read from the first candidate's rate over the shard's expected tokens; a shard too small to
+   pay for measuring keeps the loader's choice. `fastest` measures within
+   `Policy.fastest_budget_s` (20 s).
+3. The preference stays a preference: the earliest-preferred measured candidate is kept unless a
+   later one is faster by more than the margin (5% under graceful, none under `fastest`).
+4. The choice is cached under a key of (GPU class, model identity, model class, task, dtype,
+   candidates, package versions, workload shape) in $ATTNFALLBACK_CACHE (default
+   ~/.cache/attnfallback), a directory many shards may share (shared storage included): entries are
+   written to a temporary file, flushed to disk and renamed into place, so a reader sees a whole
+   entry or none; an entry that is unreadable, for another key, or older than
+   $ATTNFALLBACK_CACHE_MAX_AGE_DAYS (30) is ignored with a warning. A later shard with the same key
+   verifies the cached choice and skips the measurement. Only complete measurements are cached.
+
+Everything measured, skipped and why lands in `decision.measured` and so in the `attn_impl` event.
 """
 
 from __future__ import annotations
@@ -22,35 +34,87 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
+from attnfallback import envs
 from attnfallback import impls as impl_registry
 from attnfallback.bench import Timer, measure, workload_for
+from attnfallback.decision import Attempt
 
 log = logging.getLogger("attnfallback")
 
-ENV_CACHE = "ATTNFALLBACK_CACHE"
-ENV_SAMPLE = "ATTNFALLBACK_FASTEST_SAMPLE"
-CACHE_SCHEMA = "attnfallback.fastest/1"
+ENV_CACHE = envs.CACHE
+ENV_SAMPLE = envs.FASTEST_SAMPLE
+ENV_MAX_AGE = envs.CACHE_MAX_AGE_DAYS
+CACHE_SCHEMA = "attnfallback.fastest/2"
+COMPILE_SCHEMA = "attnfallback.compile/1"
 DEFAULT_SAMPLE = "short"
+DEFAULT_MAX_AGE_DAYS = 30.0
 MAX_REPEATS = 5  # a median of five passes is steady enough to rank candidates
-# Tokens in the calibration sample: a few passes of it fit the budget with room for warm-ups.
+# Tokens in the generic calibration sample: a few passes of it fit the budget with room for warm-ups.
 SAMPLE_TOKENS = {"cuda": 131_072, "cpu": 4_096}
+GRACEFUL_BUDGET_S = 2.0
+GRACEFUL_BUDGET_SHARE = 0.05
+GRACEFUL_MARGIN = 0.05
+# Predicted first-call compile when none was seen yet on this GPU class (bench/NOTES.md, session 8).
+COMPILE_PRIOR_S = {"flash_attention_4": 3.0, "flex_attention": 20.0}
 
 
-def cache_directory(cache_dir: str | os.PathLike | None = None) -> Path:
-    """`cache_dir`, else $ATTNFALLBACK_CACHE, else ~/.cache/attnfallback."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get(ENV_CACHE)
-    return Path(env) if env else Path.home() / ".cache" / "attnfallback"
+@dataclass
+class Trial:
+    """One candidate timed on the bench: the first pass (compilation included) and steady ones."""
+
+    impl: str
+    actual: str
+    tokens: int
+    first_s: float
+    repeat_s: list[float]
+    padded_tokens: int = 0
+    batches: int = 0
+
+    @property
+    def steady_s(self) -> float:
+        ordered = sorted(self.repeat_s)
+        return ordered[len(ordered) // 2] if ordered else self.first_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.steady_s if self.steady_s > 0 else float("inf")
+
+    @property
+    def compile_s(self) -> float:
+        """What the first pass cost beyond a steady one (compilation, autotuning, allocation)."""
+        return max(0.0, self.first_s - self.steady_s)
 
 
-def cache_key(decision, candidates: list[str], workload_tag: str) -> dict:
+class Bench(Protocol):
+    """Runs candidates on the work to be done. `trial` switches the model to `impl`, checks it
+    (verification: a failure returns (None, reasons)), runs one first pass and steady passes for
+    about `seconds`, and leaves the model on `impl`."""
+
+    description: dict  # what the sample is (rows, tokens, mean length, source)
+    expected_tokens: int | None  # tokens the run will score, None when unknown
+
+    def tag(self) -> str: ...
+
+    def trial(self, impl: str, seconds: float) -> tuple[Trial | None, list[str]]: ...
+
+    def switch(self, impl: str) -> list[str]: ...
+
+
+# --- the cache -------------------------------------------------------------------------------------
+
+cache_directory = envs.cache_directory
+
+
+def cache_key(decision, candidates: list[str], workload_tag: str, task: str | None = None) -> dict:
     """What the choice depends on. A change in any of these measures again."""
     device = decision.device
     return {
@@ -58,6 +122,7 @@ def cache_key(decision, candidates: list[str], workload_tag: str) -> dict:
         "gpu_class": device.gpu_class or device.name or device.kind,
         "model": decision.facts.identity,
         "model_class": decision.facts.model_class,
+        "task": task,
         "dtype": decision.dtype,
         "candidates": sorted(candidates),
         "versions": dict(sorted(decision.versions.items())),
@@ -73,36 +138,299 @@ def cache_path(directory: Path, digest: str) -> Path:
     return directory / f"fastest-{digest}.json"
 
 
-def read_cache(path: Path, key: dict) -> dict | None:
-    """The cached entry for `key`, or None (absent, unreadable, or for another key)."""
+def _max_age_days() -> float:
+    try:
+        return float(os.environ.get(ENV_MAX_AGE, DEFAULT_MAX_AGE_DAYS))
+    except ValueError:
+        return DEFAULT_MAX_AGE_DAYS
+
+
+def _age_days(entry: dict) -> float | None:
+    try:
+        then = datetime.fromisoformat(str(entry["measured_at"]))
+    except (KeyError, ValueError):
+        return None
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=timezone.utc)
+    return (datetime.now(timezone.utc) - then).total_seconds() / 86400
+
+
+def read_entry(path: Path, key: dict, schema: str = CACHE_SCHEMA) -> dict | None:
+    """The entry for `key` in `path`, or None: absent (silently), or unreadable, for another key
+    or stale (each with a warning: a shard then measures again, and its write replaces it)."""
     try:
         entry = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        log.warning("fastest: ignoring unreadable cache file %s (%s)", path, e)
+        log.warning("measured-choice cache: ignoring unreadable file %s (%s)", path, e)
         return None
-    if not isinstance(entry, dict) or entry.get("key") != key or entry.get("chosen") not in key["candidates"]:
+    if not isinstance(entry, dict) or entry.get("schema", entry.get("key", {}).get("schema")) != schema or entry.get("key") != key:
+        log.warning("measured-choice cache: ignoring %s, an entry for another key or format", path)
+        return None
+    age = _age_days(entry)
+    if age is None or age > _max_age_days():
+        log.warning("measured-choice cache: ignoring %s, %s", path,
+                    "with no date" if age is None else f"{age:.0f} days old (more than ${ENV_MAX_AGE}={_max_age_days():g})")
         return None
     return entry
 
 
-def write_cache(path: Path, entry: dict) -> str | None:
-    """Write atomically (temp file + rename); the error as text when it cannot be written."""
+def read_cache(path: Path, key: dict) -> dict | None:
+    """A cached choice for `key` (see read_entry) whose chosen candidate is one of its candidates."""
+    entry = read_entry(path, key)
+    if entry is not None and entry.get("chosen") not in key["candidates"]:
+        log.warning("measured-choice cache: ignoring %s, its choice %r is not a candidate", path, entry.get("chosen"))
+        return None
+    return entry
+
+
+def write_atomically(path: Path, data: dict) -> str | None:
+    """Write JSON to a temporary file in the same directory, flush it to disk, rename it into
+    place: concurrent writers leave one whole file, a reader never sees a partial one. Returns
+    the error as text when it cannot be written (nothing is raised: a cache is optional)."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".fastest-", suffix=".json", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(entry, fh, indent=2, sort_keys=True)
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; other shards' users read it too
         os.replace(tmp, path)
     except OSError as e:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        log.warning("fastest: cannot write cache file %s (%s)", path, e)
+        log.warning("measured-choice cache: cannot write %s (%s)", path, e)
         return str(e)
     return None
+
+
+def write_cache(path: Path, entry: dict) -> str | None:
+    return write_atomically(path, entry)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def compile_key(decision, impl: str) -> dict:
+    device = decision.device
+    return {"schema": COMPILE_SCHEMA, "gpu_class": device.gpu_class or device.name or device.kind, "impl": impl,
+            "model_class": decision.facts.model_class, "head_dim": decision.facts.head_dim, "dtype": decision.dtype,
+            "versions": dict(sorted(decision.versions.items()))}
+
+
+def predicted_compile_s(directory: Path, decision, impl: str) -> tuple[float, str]:
+    """(seconds, where the figure comes from) for `impl`'s first-call compile on this model."""
+    if impl not in impl_registry.REGISTRY or not impl_registry.REGISTRY[impl].compiles:
+        return 0.0, "does not compile"
+    key = compile_key(decision, impl)
+    entry = read_entry(directory / f"compile-{key_digest(key)}.json", key, COMPILE_SCHEMA)
+    if entry is not None and isinstance(entry.get("compile_s"), (int, float)):
+        return float(entry["compile_s"]), f"seen {entry.get('measured_at')}"
+    return COMPILE_PRIOR_S.get(impl, 5.0), "prior (never seen on this GPU class)"
+
+
+def remember_compile(directory: Path, decision, impl: str, seconds: float) -> None:
+    key = compile_key(decision, impl)
+    write_atomically(directory / f"compile-{key_digest(key)}.json",
+                     {"schema": COMPILE_SCHEMA, "key": key, "compile_s": round(seconds, 4), "measured_at": _now()})
+
+
+# --- the rule --------------------------------------------------------------------------------------
+
+@dataclass
+class Settings:
+    """How one choice is measured: budget (None: graceful's min(2 s, 5% of the expected time)),
+    margin, and whether candidates that compile need the budget to cover their compile."""
+
+    budget_s: float | None
+    margin: float
+    charge_compiles: bool
+    task: str | None = None
+    extra_key: dict = field(default_factory=dict)
+
+
+def measuring_order(current: str | None, candidates: list[str]) -> list[str]:
+    """The loaded one first (no switch needed), then the others, those that compile last."""
+    rest = [c for c in candidates if c != current]
+    compiles = [c for c in rest if c in impl_registry.REGISTRY and impl_registry.REGISTRY[c].compiles]
+    return ([current] if current in candidates else []) + [c for c in rest if c not in compiles] + compiles
+
+
+_measuring_order = measuring_order
+
+
+def pick(candidates: list[str], tokens_per_s: dict[str, float], margin: float) -> tuple[str, str]:
+    """(chosen, why): the earliest-preferred measured candidate, unless a later one is faster by
+    more than `margin`."""
+    measured = [c for c in candidates if c in tokens_per_s]
+    chosen = measured[0]
+    for other in measured[1:]:
+        if tokens_per_s[other] > tokens_per_s[chosen] * (1 + margin):
+            chosen = other
+    rates = ", ".join(f"{c} {tokens_per_s[c]:,.0f}" for c in measured)
+    if chosen == measured[0]:
+        return chosen, f"measured tokens/s {rates}: kept {chosen}, the first preference measured" + (
+            f" (no other faster by more than {margin:.0%})" if margin and len(measured) > 1 else "")
+    return chosen, f"measured tokens/s {rates}: {chosen} is faster than {measured[0]} by more than {margin:.0%}"
+
+
+def graceful_budget(expected_s: float | None) -> float:
+    """min(2 s, 5% of the shard's expected time); 2 s when the expected time is unknown."""
+    if expected_s is None or not math.isfinite(expected_s):
+        return GRACEFUL_BUDGET_S
+    return min(GRACEFUL_BUDGET_S, GRACEFUL_BUDGET_SHARE * expected_s)
+
+
+def choose(loaded, viable: list[str], bench: Bench, settings: Settings, *, cache_dir=None) -> None:
+    """Measure `viable` on `bench` by the rule above; switch `loaded` to the choice; record it in
+    `loaded.decision.measured` (and an attempt per candidate switched to)."""
+    decision = loaded.decision
+    failed = {a.impl for a in decision.attempts if not a.ok and a.stage != "plan"}
+    candidates = [c for c in dict.fromkeys(viable) if c not in failed]
+    current = decision.used
+    if current is not None and current not in candidates:
+        candidates.insert(0, current)  # transformers resolved a name to another one; keep what runs
+    if len(candidates) < 2:
+        decision.measured = {"tokens_per_s": {}, "compile_s": {}, "cache": "not needed", "cache_key": None,
+                             "reason": f"one viable candidate ({', '.join(candidates) or 'none'}): nothing to compare"}
+        decision.measured["note"] = decision.measured["reason"]
+        return
+    directory = cache_directory(cache_dir)
+    key = cache_key(decision, candidates, bench.tag(), settings.task)
+    key.update(settings.extra_key)
+    digest = key_digest(key)
+    path = cache_path(directory, digest)
+    entry = read_cache(path, key)
+    if entry is not None:
+        chosen = entry["chosen"]
+        reasons = [] if chosen == current else bench.switch(chosen)
+        if not reasons:
+            if chosen != current:
+                decision.attempts.append(Attempt(chosen, "verify", True, [f"measured choice (cached): {entry['tokens_per_s'][chosen]:,.0f} tokens/s"]))
+            decision.used = chosen
+            decision.measured = {
+                "tokens_per_s": entry["tokens_per_s"], "compile_s": entry.get("compile_s", {}), "cache": "hit",
+                "cache_key": digest, "cache_file": str(path), "measured_at": entry.get("measured_at"),
+                "sample": entry.get("sample"), "chosen": chosen,
+                "reason": f"cached measurement of {entry.get('measured_at')}: {entry.get('reason', chosen)}",
+            }
+            return
+        log.warning("measured-choice cache: the cached choice %s no longer verifies (%s); measuring again", chosen, "; ".join(reasons))
+        decision.attempts.append(Attempt(chosen, "verify", False, list(reasons)))
+        failed.add(chosen)
+        candidates = [c for c in candidates if c != chosen]
+        if current is not None:
+            bench.switch(current)
+
+    started = time.perf_counter()
+    order = measuring_order(current, candidates)
+    budget = settings.budget_s
+    trials: dict[str, Trial] = {}
+    skipped: dict[str, str] = {}
+    predicted: dict[str, dict] = {}
+    expected_s = None
+    last_tried = current
+    for i, impl in enumerate(order):
+        spent = time.perf_counter() - started
+        left = (budget if budget is not None else GRACEFUL_BUDGET_S) - spent
+        if trials and left <= 0:
+            skipped[impl] = f"the time budget for measuring ({budget:.3g} s) was spent before it was measured"
+            continue
+        if trials and settings.charge_compiles:
+            compile_s, source = predicted_compile_s(directory, decision, impl)
+            if compile_s > 0:
+                predicted[impl] = {"compile_s": compile_s, "source": source}
+            if compile_s > left:
+                skipped[impl] = (f"its first call compiles (about {compile_s:.2g} s, {source}), more than the "
+                                 f"{left:.2g} s of measuring budget left")
+                continue
+        share = max(left, 0.0) / max(len(order) - i, 1) / 2
+        last_tried = impl
+        trial, reasons = bench.trial(impl, share)
+        if trial is None:
+            decision.attempts.append(Attempt(impl, "verify", False, list(reasons)))
+            continue
+        trials[impl] = trial
+        if impl in impl_registry.REGISTRY and impl_registry.REGISTRY[impl].compiles:
+            remember_compile(directory, decision, impl, trial.compile_s)
+        if impl != current:
+            decision.attempts.append(Attempt(impl, "verify", True, [f"measured {trial.tokens_per_s:,.0f} tokens/s"]))
+        if budget is None and expected_s is None:  # graceful: the budget follows the shard's size
+            expected_s = bench.expected_tokens / trial.tokens_per_s if bench.expected_tokens else None
+            budget = graceful_budget(expected_s)
+
+    tokens_per_s = {impl: t.tokens_per_s for impl, t in trials.items()}
+    compile_s = {impl: round(t.compile_s, 4) for impl, t in trials.items()}
+    measured = {"tokens_per_s": tokens_per_s, "compile_s": compile_s, "cache": "miss", "cache_key": digest,
+                "cache_file": str(path), "sample": bench.description, "budget_s": budget, "expected_shard_s": expected_s,
+                "seconds": round(time.perf_counter() - started, 4)}
+    if predicted:
+        measured["predicted_compile"] = predicted
+    if skipped:
+        measured["skipped"] = skipped
+    if not trials:  # every candidate failed its measurement; keep what the loader verified
+        if current is not None and last_tried != current:
+            bench.switch(current)
+        measured["reason"] = measured["note"] = "no candidate could be measured; kept the loader's choice"
+        decision.measured = measured
+        return
+    chosen, why = pick([c for c in candidates if c not in failed], tokens_per_s, settings.margin)
+    if len(trials) == 1 and skipped:
+        why = f"kept {chosen}: " + ("the shard is too small to pay for measuring another candidate"
+                                   if all("budget" in r and "compiles" not in r for r in skipped.values())
+                                   else "; ".join(f"{k} not measured: {v}" for k, v in skipped.items()))
+    if last_tried != chosen:
+        reasons = bench.switch(chosen)
+        if reasons:  # it verified moments ago; refuse to guess, keep the loader's choice
+            log.warning("measured choice %s no longer verifies (%s); keeping %s", chosen, "; ".join(reasons), current)
+            bench.switch(current)
+            chosen, why = current, f"kept {current}: {chosen} no longer verified"
+    decision.used = trials[chosen].actual if chosen in trials else chosen
+    measured.update(chosen=chosen, reason=why)
+    if skipped:
+        measured["cache_written"] = False  # a partial measurement is not a result for later shards
+    else:
+        error = write_cache(path, {"schema": CACHE_SCHEMA, "key": key, "chosen": chosen, "tokens_per_s": tokens_per_s,
+                                   "compile_s": compile_s, "sample": bench.description, "measured_at": _now(), "reason": why})
+        measured["cache_written"] = error is None
+        if error is not None:
+            measured["cache_error"] = error
+    decision.measured = measured
+
+
+# --- the generic bench: a forward over a sample, for callers without a scorer ----------------------
+
+class ForwardBench:
+    """`bench.measure` over a workload made from `sample`: the loader's verification forward on
+    each candidate, then padded token-budget batches (a caller without its own forward path)."""
+
+    def __init__(self, loaded, sample, timer: Timer | None = None):
+        device_kind = getattr(loaded.device, "type", "cpu")
+        self.loaded = loaded
+        self.workload = workload_for(loaded, sample, target_tokens=SAMPLE_TOKENS.get(device_kind, SAMPLE_TOKENS["cpu"]))
+        self.description = self.workload.description
+        self.expected_tokens = None
+        self.timer = timer
+
+    def tag(self) -> str:
+        return self.workload.tag()
+
+    def switch(self, impl: str) -> list[str]:
+        from attnfallback.parity import switch_to
+
+        return switch_to(self.loaded, impl)[1]
+
+    def trial(self, impl: str, seconds: float):
+        result, reasons = measure(self.loaded, impl, self.workload, seconds=seconds, min_repeats=1, max_repeats=MAX_REPEATS,
+                                  timer=self.timer)
+        if result is None:
+            return None, reasons
+        return Trial(impl, result.actual, result.tokens, result.warmup_s, list(result.repeat_s), result.padded_tokens,
+                     result.batches), []
 
 
 def _sample_for(loaded, sample):
@@ -112,113 +440,10 @@ def _sample_for(loaded, sample):
     return extra.get("fastest_sample") or os.environ.get(ENV_SAMPLE) or DEFAULT_SAMPLE
 
 
-def _measuring_order(current: str, candidates: list[str]) -> list[str]:
-    """The loaded one first (no switch needed), then the others, those that compile last."""
-    rest = [c for c in candidates if c != current]
-    compiles = [c for c in rest if c in impl_registry.REGISTRY and impl_registry.REGISTRY[c].compiles]
-    return ([current] if current in candidates else []) + [c for c in rest if c not in compiles] + compiles
-
-
 def choose_fastest(loaded, viable: list[str], *, sample=None, budget_s: float | None = None,
-                   cache_dir: str | os.PathLike | None = None, timer: Timer | None = None) -> None:
-    """Switch `loaded` to the fastest of `viable` and record the measurement in its decision.
-
-    Sets `decision.used` and `decision.measured` = {"tokens_per_s", "compile_s", "cache"
-    ("hit" | "miss"), "cache_key", ...}; appends an attempt per candidate switched to.
-    """
-    from attnfallback.loader import Attempt
-    from attnfallback.parity import switch_to
-
-    decision = loaded.decision
-    budget = float(budget_s if budget_s is not None else decision.policy.fastest_budget_s)
-    failed = {a.impl: a.reasons for a in decision.attempts if not a.ok and a.stage != "plan"}
-    candidates = [c for c in dict.fromkeys(viable) if c not in failed]
-    current = decision.used
-    if current is not None and current not in candidates:
-        candidates.insert(0, current)  # transformers resolved a name to another one; keep what runs
-    if len(candidates) < 2:
-        decision.measured = {"tokens_per_s": {}, "compile_s": {}, "cache": "not needed", "cache_key": None,
-                             "note": f"one viable candidate ({', '.join(candidates) or 'none'}): nothing to compare"}
-        return
-
-    device_kind = getattr(loaded.device, "type", "cpu")
-    workload = workload_for(loaded, _sample_for(loaded, sample), target_tokens=SAMPLE_TOKENS.get(device_kind, SAMPLE_TOKENS["cpu"]))
-    key = cache_key(decision, candidates, workload.tag())
-    digest = key_digest(key)
-    path = cache_path(cache_directory(cache_dir), digest)
-
-    entry = read_cache(path, key)
-    if entry is not None:
-        chosen = entry["chosen"]
-        actual, reasons = (current, []) if chosen == current else switch_to(loaded, chosen)
-        if not reasons:
-            if chosen != current:
-                decision.attempts.append(Attempt(chosen, "verify", True, [f"fastest (cached): {entry['tokens_per_s'][chosen]:.0f} tokens/s"]))
-            decision.used = actual or chosen
-            decision.measured = {
-                "tokens_per_s": entry["tokens_per_s"], "compile_s": entry["compile_s"], "cache": "hit",
-                "cache_key": digest, "cache_file": str(path), "measured_at": entry.get("measured_at"),
-                "sample": entry.get("sample"), "chosen": chosen,
-            }
-            return
-        log.warning("fastest: cached choice %s no longer verifies (%s); measuring again", chosen, "; ".join(reasons))
-        decision.attempts.append(Attempt(chosen, "verify", False, list(reasons)))
-        if current is not None:
-            switch_to(loaded, current)
-
-    started = time.perf_counter()
-    order = _measuring_order(current, candidates)
-    tokens_per_s: dict[str, float] = {}
-    compile_s: dict[str, float] = {}
-    warmup_s: dict[str, float] = {}
-    skipped: dict[str, str] = {}
-    actual_of: dict[str, str] = {}
-    for i, impl in enumerate(order):
-        remaining = budget - (time.perf_counter() - started)
-        if remaining <= 0 and tokens_per_s:
-            skipped[impl] = f"time budget of {budget:g} s spent before it was measured"
-            continue
-        share = max(remaining, 0.0) / (len(order) - i)
-        result, reasons = measure(loaded, impl, workload, seconds=share / 2, min_repeats=1, max_repeats=MAX_REPEATS, timer=timer)
-        if result is None:
-            decision.attempts.append(Attempt(impl, "verify", False, list(reasons)))
-            continue
-        tokens_per_s[impl] = result.tokens_per_s
-        compile_s[impl] = result.compile_s
-        warmup_s[impl] = result.warmup_s
-        actual_of[impl] = result.actual
-        if impl != current:
-            decision.attempts.append(Attempt(impl, "verify", True, [f"fastest: measured {result.tokens_per_s:.0f} tokens/s"]))
-
-    if not tokens_per_s:  # every candidate failed its measurement; keep what the loader verified
-        if current is not None:
-            switch_to(loaded, current)
-        decision.measured = {"tokens_per_s": {}, "compile_s": {}, "cache": "miss", "cache_key": digest,
-                             "note": "no candidate could be measured; kept the loader's choice"}
-        return
-
-    chosen = max(tokens_per_s, key=tokens_per_s.get)
-    if getattr(loaded.model.config, "_attn_implementation", None) != actual_of[chosen]:
-        actual, reasons = switch_to(loaded, chosen)
-        if reasons:  # it verified minutes ago; refuse to guess, keep the loader's choice
-            log.warning("fastest: %s no longer verifies (%s); keeping %s", chosen, "; ".join(reasons), current)
-            switch_to(loaded, current)
-            chosen = current
-    decision.used = actual_of.get(chosen, chosen)
-    measured = {
-        "tokens_per_s": tokens_per_s, "compile_s": compile_s, "warmup_s": warmup_s, "cache": "miss",
-        "cache_key": digest, "cache_file": str(path), "sample": workload.description, "budget_s": budget,
-        "seconds": time.perf_counter() - started, "chosen": chosen,
-    }
-    if skipped:
-        measured["skipped"] = skipped
-        measured["cache_written"] = False  # a partial measurement is not a result for later shards
-    else:
-        error = write_cache(path, {
-            "key": key, "chosen": chosen, "tokens_per_s": tokens_per_s, "compile_s": compile_s,
-            "sample": workload.description, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        })
-        measured["cache_written"] = error is None
-        if error is not None:
-            measured["cache_error"] = error
-    decision.measured = measured
+                   cache_dir: str | os.PathLike | None = None, timer: Timer | None = None, bench: Bench | None = None) -> None:
+    """Policy `fastest`: switch `loaded` to the fastest of `viable` (no margin, compiles measured
+    while the budget lasts) on `bench`, else on a ForwardBench over the sample."""
+    bench = bench or ForwardBench(loaded, _sample_for(loaded, sample), timer)
+    budget = float(budget_s if budget_s is not None else loaded.decision.policy.fastest_budget_s)
+    choose(loaded, viable, bench, Settings(budget_s=budget, margin=0.0, charge_compiles=False), cache_dir=cache_dir)

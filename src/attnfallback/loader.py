@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from attnfallback import planner
+from attnfallback import envs, fastest, impls, planner
 from attnfallback.caps import DeviceCaps, SoftwareCaps, probe_device, probe_software
+from attnfallback.decision import Attempt, Decision
 from attnfallback.errors import AttentionUnavailable, ModelLoadError
 from attnfallback.model_facts import ModelFacts, ModelRef, read_facts, resolve_ref
 from attnfallback.policy import Mode, Policy
@@ -28,82 +29,6 @@ log = logging.getLogger("attnfallback")
 # Errors a GPU class or a missing kernel explains; anything else is not the attention's fault.
 RECOVERABLE = (ValueError, ImportError, RuntimeError, NotImplementedError, AssertionError, TypeError)
 VERIFY_BATCH = (2, 8)  # two rows of eight tokens; the second row padded, so masks are exercised
-
-
-@dataclass
-class Attempt:
-    """One step of the decision: an implementation, the stage it reached, and why it failed."""
-
-    impl: str
-    stage: str  # plan | load | verify
-    ok: bool
-    reasons: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {"impl": self.impl, "stage": self.stage, "ok": self.ok, "reasons": list(self.reasons)}
-
-
-@dataclass
-class Decision:
-    """What was requested, what runs, and every attempt on the way."""
-
-    requested: str
-    used: str | None
-    attempts: list[Attempt]
-    policy: Policy
-    dtype: str
-    device: DeviceCaps
-    facts: ModelFacts
-    versions: dict
-    timing: dict = field(default_factory=dict)
-    kernels: list[str] | None = None
-    measured: dict | None = None  # fastest policy: tokens/s per implementation
-
-    @property
-    def fell_back(self) -> bool:
-        """Something other than the first preference runs because the first could not.
-        Under `fastest`, a measured choice among runnable candidates is not a fallback."""
-        if self.used == self.requested:
-            return False
-        measured = (self.measured or {}).get("tokens_per_s") or {}
-        return self.requested not in measured
-
-    @property
-    def first_reason(self) -> str | None:
-        for a in self.attempts:
-            if not a.ok and a.reasons:
-                return f"{a.impl}: {a.reasons[0]}"
-        return None
-
-    def to_dict(self) -> dict:
-        """The fields of the `attn_impl` event (without the common envelope)."""
-        d = {
-            "gpu": {
-                "name": self.device.name,
-                "class": self.device.gpu_class or self.device.kind,
-                "cc": self.device.cc_text,
-                "memory_gb": None if self.device.memory_gb is None else round(self.device.memory_gb, 1),
-            },
-            "model": {
-                "id": self.facts.model_id,
-                "revision": self.facts.revision,
-                "identity": self.facts.identity,
-                "dtype": self.dtype,
-                "architecture": self.facts.architecture,
-            },
-            "policy": {"mode": self.policy.mode.value, "prefer": list(self.policy.prefer)},
-            "requested": self.requested,
-            "used": self.used,
-            "fell_back": self.fell_back,
-            "attempts": [a.to_dict() for a in self.attempts],
-            "versions": self.versions,
-            "timing": {k: round(v, 4) for k, v in self.timing.items()},
-        }
-        if self.kernels is not None:
-            d["kernels"] = list(self.kernels)
-        if self.measured is not None:
-            d["measured"] = self.measured
-        return d
 
 
 @dataclass
@@ -156,7 +81,8 @@ def torch_dtype(name: str):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`: an exception as a reason."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
@@ -190,7 +116,7 @@ def verify_forward(model, facts: ModelFacts, device) -> list[str]:
         with torch.inference_mode(), sdpa_order(getattr(device, "type", str(device))):
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
     except RECOVERABLE as e:
-        return [f"forward failed: {_first_line(e)}"]
+        return [f"forward failed: {first_line(e)}"]
     tensor = None
     for name in ("logits", "last_hidden_state"):
         tensor = getattr(out, name, None)
@@ -204,6 +130,39 @@ def verify_forward(model, facts: ModelFacts, device) -> list[str]:
     if not torch.isfinite(tensor.float()).all():
         return ["forward produced non-finite outputs (NaN or inf)"]
     return []
+
+
+def _measures(policy: Policy, device: DeviceCaps, bench_factory, viable: list[str]) -> bool:
+    """Whether this load chooses by measurement (fastest.py): always under `fastest`; under
+    graceful with measure=auto on a CUDA GPU (measure=on: any device), when the caller can run
+    its own work and more than one candidate is viable; never under strict."""
+    if policy.mode is Mode.FASTEST:
+        return True
+    wanted = policy.measure == "on" or (policy.measure == "auto" and device.kind == "cuda")
+    return policy.mode is Mode.GRACEFUL and wanted and bench_factory is not None and len(viable) > 1
+
+
+def _loading_order(candidates, measuring: bool) -> list:
+    """The plan's order; when measuring, the viable candidates that compile go last, so the
+    weights are loaded and verified without paying a compile the measurement may not choose."""
+    if not measuring:
+        return list(candidates)
+    compiles = {c.impl for c in candidates if c.viable and c.impl in impls.REGISTRY and impls.REGISTRY[c.impl].compiles}
+    return [c for c in candidates if c.impl not in compiles] + [c for c in candidates if c.impl in compiles]
+
+
+def enable_flash_kernel_cache(env=None) -> str | None:
+    """Point FlashAttention-4's on-disk kernel cache at <cache directory>/flash-kernels, so a
+    shard reuses the kernels an earlier process on this machine (or shared storage) compiled,
+    unless the user set FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED or $ATTNFALLBACK_FLASH_KERNEL_CACHE
+    is `off`. Read by flash_attn.cute when first imported: a no-op once it is. Returns the directory."""
+    env = os.environ if env is None else env
+    if envs.choice(envs.FLASH_KERNEL_CACHE, ("on", "off"), "on", env) == "off" or "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED" in env:
+        return env.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
+    directory = str(envs.cache_directory(env=env) / "flash-kernels")
+    env["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] = "1"
+    env.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", directory)
+    return env["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"]
 
 
 def _resolve_device(device: str, device_caps: DeviceCaps | None) -> DeviceCaps:
@@ -237,16 +196,23 @@ def load_model(
     software_caps: SoftwareCaps | None = None,
     model_kwargs: dict | None = None,
     sink=None,
+    bench_factory=None,
+    facts: ModelFacts | None = None,
 ) -> LoadedModel:
     """Load `model` with the fastest attention implementation that runs here.
 
-    graceful: the first candidate that plans, loads and verifies; strict: the first preference
-    or AttentionUnavailable (an `attn_unavailable` event is written first). Writes an
-    `attn_impl` event when an events directory is given (or $ATTNFALLBACK_EVENTS is set).
+    graceful: the first candidate that plans, loads and verifies; on a CUDA GPU, when
+    `bench_factory(loaded)` gives a way to run the caller's own work (`score` gives the shard's
+    rows through its own forward) and more than one candidate is viable, the one measured fastest
+    (fastest.py: the rule, the budget, the cache). strict: the first preference or
+    AttentionUnavailable (an `attn_unavailable` event is written first). fastest: always
+    measured. Writes an `attn_impl` event when an events directory is given (or
+    $ATTNFALLBACK_EVENTS is set). `facts`: the model's facts when the caller has read them.
     """
     policy = policy if policy is not None else Policy.resolve()
-    ref = resolve_ref(model, revision)
-    facts = read_facts(ref, auto_class=auto_class, trust_remote_code=trust_remote_code)
+    if facts is None:
+        ref = resolve_ref(model, revision)
+        facts = read_facts(ref, auto_class=auto_class, trust_remote_code=trust_remote_code)
     dev = _resolve_device(device, device_caps)
     software = software_caps if software_caps is not None else probe_software()
     dtype_name = planner.resolve_dtype(dtype, dev)
@@ -274,10 +240,14 @@ def load_model(
 
     import torch
 
+    viable = [c.impl for c in the_plan.candidates if c.viable]
+    measuring = _measures(policy, dev, bench_factory, viable)
+    if "flash_attention_4" in viable:
+        enable_flash_kernel_cache()
     torch_device = torch.device(dev.torch_device)
     loaded = None
     t_load = t_verify = 0.0
-    for cand in the_plan.candidates:
+    for cand in _loading_order(the_plan.candidates, measuring):
         if not cand.viable:
             attempts.append(Attempt(cand.impl, "plan", False, list(cand.reasons)))
             continue
@@ -291,12 +261,12 @@ def load_model(
                 loaded.set_attn_implementation(cand.impl)
         except RECOVERABLE as e:
             t_load += time.perf_counter() - t0
-            attempts.append(Attempt(cand.impl, "load", False, [f"load failed: {_first_line(e)}"]))
+            attempts.append(Attempt(cand.impl, "load", False, [f"load failed: {first_line(e)}"]))
             if policy.is_strict:
                 raise fail() from e
             continue
         except OSError as e:
-            raise ModelLoadError(f"cannot load {facts.model_id}: {_first_line(e)}") from e
+            raise ModelLoadError(f"cannot load {facts.model_id}: {first_line(e)}") from e
         t_load += time.perf_counter() - t0
         actual = getattr(loaded.config, "_attn_implementation", None) or cand.impl
         if policy.verify:
@@ -319,10 +289,17 @@ def load_model(
         raise fail()
 
     result = LoadedModel(model=loaded, decision=decision, facts=facts, device=torch_device, sink=sink)
-    if policy.mode is Mode.FASTEST:
-        from attnfallback.fastest import choose_fastest
-
-        choose_fastest(result, [c.impl for c in the_plan.candidates if c.viable])
+    if measuring:
+        t0 = time.perf_counter()
+        bench = bench_factory(result) if bench_factory is not None else None
+        if bench is None and policy.mode is not Mode.FASTEST:
+            pass  # nothing of the caller's own to run: the preference order stands
+        elif policy.mode is Mode.FASTEST:
+            fastest.choose_fastest(result, viable, bench=bench)
+        else:
+            fastest.choose(result, viable, bench, fastest.Settings(budget_s=None, margin=fastest.GRACEFUL_MARGIN,
+                                                                   charge_compiles=True, task=getattr(bench, "task", None)))
+        decision.timing["measure_s"] = time.perf_counter() - t0
     if torch_device.type == "cuda" and policy.verify:
         from attnfallback.kernels_seen import attention_kernels
 
@@ -333,7 +310,7 @@ def load_model(
     if decision.fell_back:
         log.warning("attention: requested %s, using %s (%s)", decision.requested, decision.used, decision.first_reason)
     elif decision.used != decision.requested:
-        log.info("attention: using %s, measured fastest of %s", decision.used, ", ".join(decision.measured["tokens_per_s"]))
+        log.info("attention: using %s (%s)", decision.used, decision.choice)
     else:
         log.info("attention: using %s as requested", decision.used)
     if sink is not None:

@@ -451,7 +451,7 @@ def switch_to(loaded, impl: str) -> tuple[str | None, list[str]]:
     try:
         loaded.model.set_attn_implementation(impl)
     except loader.RECOVERABLE as e:
-        return None, [f"load failed: {loader._first_line(e)}"]
+        return None, [f"load failed: {loader.first_line(e)}"]
     reasons = loader.verify_forward(loaded.model, loaded.facts, loaded.device)
     actual = getattr(loaded.model.config, "_attn_implementation", None) or impl
     return actual, reasons
@@ -560,9 +560,9 @@ def run_parity(
         try:
             out = outputs_for(loaded, inputs, job)
         except RuntimeError as e:  # out of memory, a kernel refusing a shape
-            from attnfallback.loader import _first_line
+            from attnfallback.loader import first_line
 
-            report.unavailable[impl] = [f"forward over the rows failed: {_first_line(e)}"]
+            report.unavailable[impl] = [f"forward over the rows failed: {first_line(e)}"]
             continue
         metrics = compare(out, ref_outputs, task, paired=paired, top_k=top_k)
         within = bool(np.isfinite(out).all()) and metrics["rel_l2"] <= tolerance

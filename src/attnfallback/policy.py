@@ -52,6 +52,8 @@ _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp3
 ENV_POLICY = "ATTNFALLBACK_POLICY"
 ENV_PREFER = "ATTNFALLBACK_PREFER"
 ENV_EVENTS = "ATTNFALLBACK_EVENTS"
+ENV_MEASURE = "ATTNFALLBACK_MEASURE"
+MEASURE_MODES = ("auto", "on", "off")
 
 
 def is_kernels_hub_id(name: str) -> bool:
@@ -91,6 +93,15 @@ def parse_mode(value: str | Mode) -> Mode:
         raise UnknownNameError("policy", str(value), [m.value for m in Mode]) from None
 
 
+def parse_measure(value: str | None) -> str:
+    """`auto` (graceful measures its viable candidates on a CUDA GPU), `on` (on any device) or
+    `off` (the preference order alone)."""
+    text = "auto" if value is None else str(value).strip().lower() or "auto"
+    if text not in MEASURE_MODES:
+        raise UnknownNameError("measure mode", str(value), MEASURE_MODES)
+    return text
+
+
 def parse_dtype(value: str | None) -> str:
     """`auto`, `bfloat16`, `float16` or `float32` (bf16/fp16/fp32 accepted)."""
     if value is None:
@@ -107,7 +118,10 @@ class Policy:
     """How a run chooses its attention implementation.
 
     mode: graceful | strict | fastest; prefer: ordered implementation names;
-    verify: run a forward pass after loading; fastest_budget_s: time budget of `fastest`.
+    verify: run a forward pass after loading; fastest_budget_s: time budget of `fastest`;
+    measure: under graceful, `auto` times the viable candidates on a CUDA GPU when the caller
+    can run its own work (`score` on the shard's rows; fastest.py has the rule), `on` on any
+    device, `off` takes the preference order as it is. strict never measures.
     """
 
     mode: Mode = Mode.GRACEFUL
@@ -115,10 +129,12 @@ class Policy:
     verify: bool = True
     fastest_budget_s: float = 20.0
     extra: Mapping[str, object] = field(default_factory=dict)
+    measure: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "mode", parse_mode(self.mode))
         object.__setattr__(self, "prefer", parse_prefer(self.prefer))
+        object.__setattr__(self, "measure", parse_measure(self.measure))
 
     @property
     def is_strict(self) -> bool:
@@ -147,18 +163,21 @@ class Policy:
         prefer: str | Iterable[str] | None = None,
         verify: bool = True,
         env: Mapping[str, str] | None = None,
+        measure: str | None = None,
     ) -> Policy:
-        """Arguments first, else ATTNFALLBACK_POLICY / ATTNFALLBACK_PREFER, else the defaults."""
+        """Arguments first, else ATTNFALLBACK_POLICY / ATTNFALLBACK_PREFER / ATTNFALLBACK_MEASURE,
+        else the defaults."""
         env = os.environ if env is None else env
         mode = mode if mode is not None else env.get(ENV_POLICY) or Mode.GRACEFUL
         prefer = prefer if prefer is not None else env.get(ENV_PREFER) or None
-        return cls(mode=parse_mode(mode), prefer=parse_prefer(prefer), verify=verify)
+        measure = measure if measure is not None else env.get(ENV_MEASURE) or None
+        return cls(mode=parse_mode(mode), prefer=parse_prefer(prefer), verify=verify, measure=parse_measure(measure))
 
     def with_prefer(self, prefer: Iterable[str]) -> Policy:
         return replace(self, prefer=parse_prefer(prefer))
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode.value, "prefer": list(self.prefer), "verify": self.verify}
+        return {"mode": self.mode.value, "prefer": list(self.prefer), "verify": self.verify, "measure": self.measure}
 
 
 def events_dir_from_env(value: str | os.PathLike | None, env: Mapping[str, str] | None = None) -> str | None:

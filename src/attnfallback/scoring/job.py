@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from attnfallback.errors import InputError, OutputError, UsageError
+from attnfallback.policy import Mode, Policy, parse_measure
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec
 from attnfallback.scoring.tasks import TEXT_COLUMNS, check_packing_mode, parse_task
 from attnfallback.scoring.tokenizer_process import check_tokenizer_process_mode
@@ -67,6 +68,7 @@ class ScoreJob:
     first_part_rows: int = FIRST_PART_ROWS  # the first part's rows; parts double from there up to part_rows
     packing: str = "auto"  # auto: padding-free batches where the implementation is a varlen flash kernel | off
     tokenizer_process: str = "auto"  # auto: on CUDA, tokenize in a child process (scoring/tokenizer_process.py) | off
+    measure: str | None = None  # auto (graceful times its candidates on a CUDA GPU) | off; None: $ATTNFALLBACK_MEASURE, else auto
 
 
 @dataclass
@@ -124,6 +126,7 @@ def _validate_job(job: ScoreJob) -> str:
         raise UsageError(f"part_rows must be positive, found {job.part_rows}")
     if job.first_part_rows < 1:
         raise UsageError(f"first_part_rows must be positive, found {job.first_part_rows}")
+    parse_measure(job.measure)
     if job.batch_tokens is not None and job.batch_tokens < 1:
         raise UsageError(f"--batch-tokens must be positive, found {job.batch_tokens}")
     check_packing_mode(job.packing)
@@ -310,7 +313,8 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
             _emit(sink, "shard_done", rows=done.rows_in, rows_written=done.rows_written, rows_skipped=done.rows_skipped,
                   tokens=done.tokens, seconds=0.0, non_finite=done.nonfinite, output=done.output, already_complete=True)
             return done
-        return _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fingerprint, resume_parts, t_start, scorer)
+        return _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fingerprint, resume_parts, t_start, scorer,
+                      facts)
     except BaseException as e:
         if sink is not None and not isinstance(e, KeyboardInterrupt):
             _emit(sink, "shard_failed", error=type(e).__name__, message=str(e)[:2000],
@@ -353,30 +357,31 @@ def _check_existing(store, existing, job: ScoreJob, fingerprint: dict):
     return None
 
 
-FASTEST_SAMPLE_ROWS = 256
+MEASURE_SAMPLE_ROWS = 256
 
 
-def _fastest_sample(job: ScoreJob, source, spec, shard) -> list[str] | None:
-    """Under policy `fastest`: the first texts of this shard, the calibration sample its
-    candidates are timed on (the job's own lengths, not a generic distribution)."""
+def measuring_sample(job: ScoreJob, source, spec, shard) -> list[tuple[str, ...]] | None:
+    """The shard's first good rows, the sample its candidates are timed on when the policy
+    measures (graceful on a CUDA GPU, or fastest; fastest.py): the job's own lengths. None under
+    strict or --measure off, which never measure."""
     from itertools import islice
 
-    from attnfallback.policy import Mode, Policy
-    from attnfallback.scoring.inputs import iter_rows
-
-    if Policy.resolve(mode=job.policy, prefer=job.prefer).mode is not Mode.FASTEST:
+    policy = Policy.resolve(mode=job.policy, prefer=job.prefer, measure=job.measure)
+    if policy.mode is Mode.STRICT or (policy.mode is Mode.GRACEFUL and policy.measure == "off"):
         return None
     rows = (r for r in iter_rows(source, spec) if r.problem is None and shard.owns(r.number))
-    return [" ".join(r.texts) for r in islice(rows, FASTEST_SAMPLE_ROWS)] or None
+    return [tuple(r.texts) for r in islice(rows, MEASURE_SAMPLE_ROWS)] or None
 
 
 def _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fingerprint, resume_parts, t_start,
-           scorer=None) -> ScoreResult:
+           scorer=None, facts=None) -> ScoreResult:
     from attnfallback.scoring.pipeline import Scorer, build_table
     from attnfallback.scoring.writer import PartInfo
 
     if scorer is None:
-        scorer = Scorer.from_job(job, sink=sink, sample_texts=_fastest_sample(job, source, spec, shard))
+        expected = None if source.num_rows is None else len(range(shard.index, source.num_rows, shard.count))
+        scorer = Scorer.from_job(job, sink=sink, sample_texts=measuring_sample(job, source, spec, shard),
+                                 expected_rows=expected, facts=facts)
     elif scorer.task.name != task:
         raise UsageError(f"the scorer given was loaded for task {scorer.task.name}, the job is for {task}")
     scorer.id_type = spec.id_type

@@ -29,7 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from attnfallback.errors import NonFiniteError, UsageError
+from attnfallback.fastest import Trial
+from attnfallback.kernel_variants import declared_shape, padded_boundaries, shape_mode
+from attnfallback.loader import RECOVERABLE, first_line, load_model
 from attnfallback.model_facts import text_config
+from attnfallback.policy import Policy, parse_dtype
 from attnfallback.scoring.batching import default_batch_tokens, eager_max_cells, ffn_width, length_order, plan_batches
 from attnfallback.scoring.inputs import InputSpec, rows_of_table
 from attnfallback.scoring.tasks import (
@@ -174,6 +178,7 @@ class Scorer:
         # the run's first part in pieces (CUDA: the GPU would wait for all of its tokenizing)
         self.lead_fractions: tuple[float, ...] = LEAD_FRACTIONS if self.on_cuda else ()
         self.packing_note = "off"
+        self.flash_shapes = shape_mode()  # packed batches' declared shapes (kernel_variants.py)
         self._packing_checked: dict[str, str | None] = {}  # impl -> None (agrees) or why not
         self.tokenizer_process = check_tokenizer_process_mode(getattr(job, "tokenizer_process", "auto"))
         self.tokenizer_note = "in the worker thread" + (" (turned off)" if self.tokenizer_process == "off" else "")
@@ -187,42 +192,56 @@ class Scorer:
     # -- construction -----------------------------------------------------------------------
 
     @classmethod
-    def from_job(cls, job, *, loaded=None, sink=None, sample_texts: list[str] | None = None) -> Scorer:
+    def from_job(cls, job, *, loaded=None, sink=None, sample_texts: list[tuple[str, ...]] | None = None,
+                 expected_rows: int | None = None, facts=None) -> Scorer:
         """Load `job.model` for `job.task` through the fallback (or wrap an already loaded model).
-        Under policy `fastest`, `sample_texts` (the job's own) are what the candidates are timed on."""
-        from dataclasses import replace
-
-        from attnfallback.loader import load_model
-        from attnfallback.policy import Mode, Policy, parse_dtype
-
+        `sample_texts`: the shard's first rows, on which the viable candidates are timed through
+        this scorer's own forward when the policy measures (fastest.py); `expected_rows`: the
+        shard's rows, which set the measuring budget."""
         task_name = parse_task(job.task)
         if job.on_nonfinite not in ("error", "flag"):
             raise UsageError(f"--on-nonfinite must be error or flag, found {job.on_nonfinite!r}")
-        if loaded is None:
-            policy = Policy.resolve(mode=job.policy, prefer=job.prefer)
-            if policy.mode is Mode.FASTEST and sample_texts:
-                policy = replace(policy, extra={**policy.extra, "fastest_sample": list(sample_texts)})
-            loaded = load_model(
-                job.model,
-                revision=job.revision,
-                auto_class=AUTO_CLASSES[task_name],
-                dtype=parse_dtype(job.dtype),
-                device=job.device,
-                policy=policy,
-                events=job.events,
-                run_id=job.run_id,
-                shard=job.shard,
-                trust_remote_code=job.trust_remote_code,
-                model_kwargs=_model_kwargs(task_name, job),
-                sink=sink,
-            )
+        if loaded is not None:
+            return cls.for_loaded(loaded, job, task_name)
+        built: list[Scorer] = []
+
+        def bench_factory(loaded_model):
+            built.append(cls.for_loaded(loaded_model, job, task_name))
+            return SampleBench(built[0], sample_texts, expected_rows) if sample_texts else None
+
+        loaded = load_model(
+            job.model,
+            revision=job.revision,
+            auto_class=AUTO_CLASSES[task_name],
+            dtype=parse_dtype(job.dtype),
+            device=job.device,
+            policy=Policy.resolve(mode=job.policy, prefer=job.prefer, measure=getattr(job, "measure", None)),
+            events=job.events,
+            run_id=job.run_id,
+            shard=job.shard,
+            trust_remote_code=job.trust_remote_code,
+            model_kwargs=_model_kwargs(task_name, job),
+            sink=sink,
+            bench_factory=bench_factory,
+            facts=facts,
+        )
+        if not built:
+            return cls.for_loaded(loaded, job, task_name)
+        scorer = built[0]
+        if scorer.loaded.model.config._attn_implementation != loaded.decision.used:
+            scorer.use_implementation(loaded.decision.used)
+        return scorer
+
+    @classmethod
+    def for_loaded(cls, loaded, job, task_name: str) -> Scorer:
+        """A scorer around a model already loaded (its current implementation)."""
         columns = len(job.text_columns) if job.text_columns else 1
         model_dir = loaded.facts.ref.location if loaded.facts.ref.is_local else _hub_snapshot(loaded.model)
         task = build_task(task_name, loaded.model, loaded.tokenizer, model_dir, columns)
         max_length = job.max_length or task.default_max_length()
         if max_length < 2:
             raise UsageError(f"--max-length must be at least 2, found {max_length}")
-        impl = loaded.decision.used
+        impl = getattr(loaded.model.config, "_attn_implementation", None) or loaded.decision.used
         budget, max_cells = _budgets(job, loaded, impl)
         scorer = cls(loaded, job, task, int(max_length), budget, max_cells)
         scorer.refresh_packing()
@@ -391,11 +410,16 @@ class Scorer:
         return HostBatch(rows, length, tensors, int(lengths.sum()), len(rows) * length)
 
     def _packed_batch(self, encoded: Encoded, rows: np.ndarray) -> HostBatch:
-        tensors = self._tensors(pack_rows(encoded, rows, self.with_types))
+        arrays = pack_rows(encoded, rows, self.with_types)
         lengths = encoded.lengths[rows]
         longest = int(lengths.max()) if len(rows) else 0
+        impl = getattr(self.loaded.model.config, "_attn_implementation", None)
+        declared, empty = declared_shape(impl, len(rows), longest, self.flash_shapes)
+        if empty:
+            arrays["kernel_cu_seqlens"] = padded_boundaries(arrays["cu_seqlens"], empty)
+        tensors = self._tensors(arrays)
         tensors["_packed"] = True  # host-side values, not copied
-        tensors["_max_length"] = longest
+        tensors["_max_length"] = declared
         tokens = int(lengths.sum())
         return HostBatch(rows, longest, tensors, tokens, tokens)
 
@@ -629,6 +653,94 @@ class Scorer:
             field_type = table.schema.field(id_column).type if id_column in table.column_names else pa.int64()
             id_type = "string" if (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)) else "int64"
         return InputSpec(names, id_column, id_type)
+
+
+SAMPLE_MIN_REPEATS = 2
+SAMPLE_MAX_REPEATS = 5
+
+
+class SampleBench:
+    """The shard's first rows through the scorer's own forward (tokenized once; batched, packed
+    and budgeted as each implementation would be): the `fastest.Bench` that `score` measures on.
+    A trial's first pass is also its verification: an exception or a non-finite output there
+    rejects the candidate with the reason."""
+
+    def __init__(self, scorer: Scorer, texts: list[tuple[str, ...]], expected_rows: int | None):
+        self.scorer = scorer
+        self.chunk = Chunk(0, list(range(len(texts))), [tuple(t) for t in texts])
+        self.task = scorer.task.name
+        self._encoded: Encoded | None = None
+        self.expected_rows = expected_rows
+        self.description: dict = {"source": "this shard's first rows", "rows": len(texts)}
+        self.expected_tokens: int | None = None
+        self._measure_tokens()
+
+    def _measure_tokens(self) -> None:
+        encoded = self.scorer._encode(self.chunk.texts)
+        self._encoded = encoded
+        tokens = int(encoded.lengths.sum())
+        mean = tokens / max(len(self.chunk), 1)
+        self.description.update(tokens=tokens, mean_length=round(mean, 1), max_length=int(encoded.lengths.max(initial=0)))
+        if self.expected_rows is not None:
+            self.expected_tokens = int(mean * self.expected_rows)
+            self.description["expected_rows"] = self.expected_rows
+
+    def tag(self) -> str:
+        """The sample's shape, coarsely (mean length to the nearest power of two)."""
+        import math
+
+        return f"mean_tokens~{2 ** round(math.log2(max(self.description['mean_length'], 1.0)))}"
+
+    def _prepared(self) -> PreparedChunk:
+        """The sample's batches for the current implementation (tokens reused, batches rebuilt)."""
+        scorer, encoded = self.scorer, self._encoded
+        order = length_order(encoded.lengths)
+        slices = plan_batches(encoded.lengths[order], scorer.batch_tokens, scorer.max_cells,
+                              floor_tokens=scorer.floor_tokens, overhead_tokens=scorer.overhead_tokens)
+        batches = [scorer._host_batch(encoded, order[x.start:x.stop], x.length) for x in slices]
+        return PreparedChunk(self.chunk, encoded, order, batches)
+
+    def _run_once(self, prepared: PreparedChunk) -> tuple[float, list[str]]:
+        t0 = time.perf_counter()
+        try:
+            result = self.scorer.run(prepared)
+        except RECOVERABLE as e:  # torch.OutOfMemoryError and kernels refusing a shape are RuntimeErrors
+            if self.scorer.on_cuda:
+                self.scorer._torch.cuda.empty_cache()
+            return 0.0, [f"a forward on this shard's rows failed: {first_line(e)}"]
+        except NonFiniteError as e:
+            return 0.0, [f"non-finite outputs on this shard's rows ({len(e.ids)} of {len(self.chunk)})"]
+        return time.perf_counter() - t0, []
+
+    def switch(self, impl: str) -> list[str]:
+        """Run on `impl` from now on; its reasons not to, after one pass over the sample."""
+        try:
+            self.scorer.use_implementation(impl)
+        except RECOVERABLE as e:
+            return [f"switch failed: {first_line(e)}"]
+        return self._run_once(self._prepared())[1]
+
+    def trial(self, impl: str, seconds: float):
+        scorer = self.scorer
+        timing = dict(scorer.timing)
+        try:
+            scorer.use_implementation(impl)
+        except RECOVERABLE as e:
+            return None, [f"switch failed: {first_line(e)}"]
+        prepared = self._prepared()
+        first, reasons = self._run_once(prepared)
+        if reasons:
+            return None, reasons
+        repeats: list[float] = []
+        while len(repeats) < SAMPLE_MAX_REPEATS and (len(repeats) < SAMPLE_MIN_REPEATS or sum(repeats) < seconds):
+            elapsed, reasons = self._run_once(prepared)
+            if reasons:
+                return None, reasons
+            repeats.append(elapsed)
+        scorer.timing = timing  # the shard's own account starts after the measurement
+        actual = getattr(scorer.loaded.model.config, "_attn_implementation", None) or impl
+        return Trial(impl, actual, int(self._encoded.lengths.sum()), first, repeats,
+                     sum(b.cells for b in prepared.batches), len(prepared.batches)), []
 
 
 def lead_pieces(texts: list[tuple[str, ...]], fractions: tuple[float, ...] = LEAD_FRACTIONS,

@@ -598,7 +598,7 @@ class Task:
         if not supports_varlen(impl):
             # a packed batch under a dense implementation would attend across rows: never silently
             raise RuntimeError(f"a packed batch reached attention implementation {impl!r}, which cannot keep rows apart")
-        cu = batch["cu_seqlens"]
+        cu = batch.get("kernel_cu_seqlens", batch["cu_seqlens"])  # with empty sequences: kernel_variants.py
         longest = int(batch["_max_length"])  # a host int: no device sync inside the kernels' wrapper
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
                   "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
