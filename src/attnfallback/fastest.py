@@ -334,17 +334,21 @@ def choose(loaded, viable: list[str], bench: Bench, settings: Settings, *, cache
     predicted: dict[str, dict] = {}
     expected_s = None
     last_tried = current
+    trial_cost = 0.0  # what a trial of the sample took: the next one costs about as much
+    ran_s = 0.0
     for i, impl in enumerate(order):
-        spent = time.perf_counter() - started
+        spent = max(time.perf_counter() - started, ran_s)
         left = (budget if budget is not None else GRACEFUL_BUDGET_S) - spent
-        if trials and left <= 0:
-            skipped[impl] = f"the time budget for measuring ({budget:.3g} s) was spent before it was measured"
+        if trials and left <= trial_cost:
+            skipped[impl] = (f"the time budget for measuring ({budget:.3g} s) does not cover another trial "
+                             f"(about {trial_cost:.2g} s)" if left > 0 else
+                             f"the time budget for measuring ({budget:.3g} s) was spent before it was measured")
             continue
         if trials and settings.charge_compiles:
             compile_s, source = predicted_compile_s(directory, decision, impl)
             if compile_s > 0:
                 predicted[impl] = {"compile_s": compile_s, "source": source}
-            if compile_s > left:
+            if compile_s + trial_cost > left:
                 skipped[impl] = (f"its first call compiles (about {compile_s:.2g} s, {source}), more than the "
                                  f"{left:.2g} s of measuring budget left")
                 continue
@@ -355,6 +359,8 @@ def choose(loaded, viable: list[str], bench: Bench, settings: Settings, *, cache
             decision.attempts.append(Attempt(impl, "verify", False, list(reasons)))
             continue
         trials[impl] = trial
+        trial_cost = trial.steady_s * (1 + len(trial.repeat_s))
+        ran_s += trial.first_s + sum(trial.repeat_s)
         if impl in impl_registry.REGISTRY and impl_registry.REGISTRY[impl].compiles:
             remember_compile(directory, decision, impl, trial.compile_s)
         if impl != current:

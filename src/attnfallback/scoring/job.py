@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -95,6 +96,7 @@ class ScoreResult:
     already_complete: bool = False
     padded_tokens: int = 0  # token positions the forward computed (tokens plus padding)
     task: dict = field(default_factory=dict)
+    phases: dict = field(default_factory=dict)  # seconds of each phase of the run (Phases.as_dict)
 
     @property
     def skipped_lines(self) -> list[int]:
@@ -279,6 +281,67 @@ def _open_sink(job: ScoreJob, run_id: str, shard: str):
     return open_sink(job.events, run_id, shard)
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (interpreter start-up and imports before the run), or
+    None where /proc does not say."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            started_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as fh:
+            uptime = float(fh.read().split()[0])
+        return round(max(uptime - started_ticks / os.sysconf("SC_CLK_TCK"), 0.0), 3)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Phases:
+    """Where a run's time goes: `mark(name)` closes the phase that ran since the last mark."""
+
+    def __init__(self, before_run_s: float | None):
+        self._last = time.perf_counter()
+        self._first = self._last
+        self._seconds: dict[str, float] = {}
+        self.before_run_s = before_run_s
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self._seconds[name] = self._seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def as_dict(self, load_detail: dict | None = None) -> dict:
+        """{"before_run_s" (process start to the run), "input_s", "facts_s", "load_s" (with
+        "load_detail": from_pretrained, verification, measurement), "score_s", "finish_s", "run_s"}."""
+        out = {"before_run_s": self.before_run_s, **{k: round(v, 4) for k, v in self._seconds.items()},
+               "run_s": round(self._last - self._first, 4)}
+        if load_detail:
+            out["load_detail"] = {k: round(v, 4) for k, v in load_detail.items()}
+        return out
+
+
+def _start_in_background(fn, *args) -> Future:
+    """`fn(*args)` on a daemon thread; its result (or exception) from the returned future."""
+    future: Future = Future()
+
+    def run():
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the result
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="attnfallback-background", daemon=True).start()
+    return future
+
+
+def _warm_device() -> None:
+    """Import torch and make CUDA's context, where there is a GPU (one to two seconds a process
+    would otherwise spend after loading the config)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.init()
+        torch.zeros(1, device="cuda")
+
+
 def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
     """Score one shard of `job.input` into `job.output` (see the module docstring).
 
@@ -291,19 +354,27 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
     from attnfallback.sharding import parse_shard
 
     t_start = time.perf_counter()
+    phases = Phases(process_age())
+    if scorer is None and job.device != "cpu":
+        _start_in_background(_warm_device)  # CUDA's context is made while the input and config are read
     task = _validate_job(job)
     shard = parse_shard(job.shard)
     shard_text = str(shard)
     run_id = job.run_id or os.environ.get("ATTNFALLBACK_RUN_ID") or new_run_id()
     source = open_input(job.input)
     spec = resolve_spec(source, 2 if task == "pairs" else 1, job.text_column, job.text_columns, job.id_column)
-    if job.on_bad_row == "error":
-        source.num_rows = validate_input(source, spec)  # known now: the progress bar gets a total
+    checking = None
+    if job.on_bad_row == "error":  # every row checked while the model loads; joined before any scoring
+        checking = _start_in_background(validate_input, source, spec)
+    phases.mark("input_s")
     sink = _open_sink(job, run_id, shard_text)
     store = PartStore(job.output)
     try:
         existing = store.open(run_id)
         facts = read_facts(job.model, revision=job.revision, auto_class=AUTO_CLASSES[task], trust_remote_code=job.trust_remote_code)
+        phases.mark("facts_s")
+        if checking is not None and checking.done():
+            source.num_rows = checking.result()  # a bad row fails now, before the model loads
         fingerprint = _fingerprint(job, task, source, spec, shard_text, facts.identity)
         resume_parts = _check_existing(store, existing, job, fingerprint)
         if isinstance(resume_parts, ScoreResult):
@@ -314,7 +385,7 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
                   tokens=done.tokens, seconds=0.0, non_finite=done.nonfinite, output=done.output, already_complete=True)
             return done
         return _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fingerprint, resume_parts, t_start, scorer,
-                      facts)
+                      facts, checking, phases)
     except BaseException as e:
         if sink is not None and not isinstance(e, KeyboardInterrupt):
             _emit(sink, "shard_failed", error=type(e).__name__, message=str(e)[:2000],
@@ -374,16 +445,25 @@ def measuring_sample(job: ScoreJob, source, spec, shard) -> list[tuple[str, ...]
 
 
 def _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fingerprint, resume_parts, t_start,
-           scorer=None, facts=None) -> ScoreResult:
+           scorer=None, facts=None, checking=None, phases=None) -> ScoreResult:
     from attnfallback.scoring.pipeline import Scorer, build_table
     from attnfallback.scoring.writer import PartInfo
 
     if scorer is None:
-        expected = None if source.num_rows is None else len(range(shard.index, source.num_rows, shard.count))
+        def expected_rows() -> int | None:  # asked for after the model loaded, when the measuring budget is set
+            if checking is not None:
+                source.num_rows = checking.result()
+            return None if source.num_rows is None else len(range(shard.index, source.num_rows, shard.count))
+
         scorer = Scorer.from_job(job, sink=sink, sample_texts=measuring_sample(job, source, spec, shard),
-                                 expected_rows=expected, facts=facts)
+                                 expected_rows=expected_rows, facts=facts)
+        phases.mark("load_s")
     elif scorer.task.name != task:
         raise UsageError(f"the scorer given was loaded for task {scorer.task.name}, the job is for {task}")
+    phases = phases if phases is not None else Phases(None)
+    if checking is not None:
+        source.num_rows = checking.result()  # known now: the progress bar gets a total
+    phases.mark("load_s")
     scorer.id_type = spec.id_type
     schema = scorer.output_schema
     store.start(fingerprint, run_id, resume_parts, schema)
@@ -423,6 +503,7 @@ def _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fing
         writer.shutdown(wait=True)
         progress.close()
     score_s = time.perf_counter() - t_score
+    phases.mark("score_s")
 
     parts = store.parts
     rows_written = sum(p.rows for p in parts)
@@ -453,8 +534,11 @@ def _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fing
     )
     store.finish({"format": "attnfallback.output/1", "run_id": run_id, "fingerprint": fingerprint,
                           "result": result.to_dict()})
+    phases.mark("finish_s")
+    result.phases = phases.as_dict(scorer.decision.timing)
     _emit(sink, "shard_done", rows=result.rows_in, rows_written=result.rows_written, rows_skipped=result.rows_skipped,
           skipped=[{"line": s["line"], "reason": s["reason"]} for s in result.skipped], tokens=result.tokens,
           truncated=result.truncated, seconds=result.seconds, tokens_per_s=result.tokens_per_s, non_finite=result.nonfinite,
-          oom_splits=result.oom_splits, output=result.output, parts=result.parts, resumed_parts=resumed, impl=scorer.decision.used)
+          oom_splits=result.oom_splits, output=result.output, parts=result.parts, resumed_parts=resumed, impl=scorer.decision.used,
+          phases=result.phases)
     return result

@@ -193,11 +193,12 @@ class Scorer:
 
     @classmethod
     def from_job(cls, job, *, loaded=None, sink=None, sample_texts: list[tuple[str, ...]] | None = None,
-                 expected_rows: int | None = None, facts=None) -> Scorer:
+                 expected_rows=None, facts=None) -> Scorer:
         """Load `job.model` for `job.task` through the fallback (or wrap an already loaded model).
         `sample_texts`: the shard's first rows, on which the viable candidates are timed through
         this scorer's own forward when the policy measures (fastest.py); `expected_rows`: the
-        shard's rows, which set the measuring budget."""
+        shard's rows (or a callable giving them once the model has loaded), which set the
+        measuring budget."""
         task_name = parse_task(job.task)
         if job.on_nonfinite not in ("error", "flag"):
             raise UsageError(f"--on-nonfinite must be error or flag, found {job.on_nonfinite!r}")
@@ -665,18 +666,18 @@ class SampleBench:
     A trial's first pass is also its verification: an exception or a non-finite output there
     rejects the candidate with the reason."""
 
-    def __init__(self, scorer: Scorer, texts: list[tuple[str, ...]], expected_rows: int | None):
+    def __init__(self, scorer: Scorer, texts: list[tuple[str, ...]], expected_rows):
         self.scorer = scorer
         self.chunk = Chunk(0, list(range(len(texts))), [tuple(t) for t in texts])
         self.task = scorer.task.name
         self._encoded: Encoded | None = None
-        self.expected_rows = expected_rows
+        self.expected_rows = expected_rows() if callable(expected_rows) else expected_rows
         self.description: dict = {"source": "this shard's first rows", "rows": len(texts)}
         self.expected_tokens: int | None = None
         self._measure_tokens()
 
     def _measure_tokens(self) -> None:
-        encoded = self.scorer._encode(self.chunk.texts)
+        encoded = self.scorer.encoder.encode(self.chunk.texts)  # here: the tokenizer process may still be starting
         self._encoded = encoded
         tokens = int(encoded.lengths.sum())
         mean = tokens / max(len(self.chunk), 1)

@@ -1,0 +1,193 @@
+"""End to end, whole processes: `attnfallback score` as a user runs it, against what that user would
+otherwise run (bench/baseline.py: sentence-transformers `encode`, `CrossEncoder.predict`, plain
+transformers), on the same rows, one cold process each.
+
+    python bench/end_to_end.py --device cuda --models modernbert-base-random,xlmr-base-cross-random,llama-1b-random \\
+        --rows 1000,10000,50000 --out bench/results/end_to_end.json
+    python bench/end_to_end.py --device cpu --models default --rows 1000,10000
+
+Per model (random weights of a real shape, bench/zoo_models.py; `default` is the embedded
+all-MiniLM-L6-v2 on the STS-B sentences) and row count, the rows are STS-B sentences joined into
+documents (mean --mean-sentences sentences). Variants, each a fresh process timed from spawn to exit:
+- `ours-sdpa`: `attnfallback score ... --prefer sdpa`;
+- `ours-default`: `attnfallback score ...` with the default preference (FlashAttention-4 first, used
+  when it is installed and measured faster);
+- the baseline at each of --batch-sizes; its end-to-end time is its start-up to loaded plus that
+  batch size's scoring (see bench/baseline.py); the best batch size is the baseline's figure.
+Each run gets its own empty $ATTNFALLBACK_CACHE (a one-shot shard on a fresh machine) unless
+--shared-cache. Ratios are baseline-best / ours. Also reported: ours' time outside the scoring loop
+against the baseline's import + load, and `ours-default` against `ours-sdpa`. Prints a table; writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from zoo_models import MODELS, build_model, stsb_documents, stsb_sentences, write_input  # noqa: E402
+
+BASELINE_KIND = {"embed": "st-encode", "pairs": "cross-encoder", "logprob": "hf-logprob", "classify": "hf-classify"}
+BATCH_SIZES = {"st-encode": "32,64,128,256,512", "cross-encoder": "32,64,128,256,512", "hf-logprob": "8,16,32,64",
+               "hf-classify": "8,16,32,64"}
+
+
+def run_process(cmd: list[str], env: dict, timeout: float) -> tuple[float, subprocess.CompletedProcess]:
+    env = dict(env, BENCH_SPAWNED_AT=repr(time.time()))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return time.perf_counter() - t0, proc
+
+
+def json_tail(text: str) -> dict | None:
+    start = text.find("{")
+    if start < 0:
+        return None
+    try:
+        return json.loads(text[start:text.rindex("}") + 1])
+    except ValueError:
+        return None
+
+
+def run_ours(model: str, task: str, data: Path, out: Path, extra: list[str], env: dict, timeout: float) -> dict:
+    if out.exists():
+        out.unlink()
+    cmd = [sys.executable, "-m", "attnfallback.cli.app", "score", model, "--input", str(data), "--output", str(out),
+           "--task", task, "--json", "--quiet", *extra]
+    if task == "pairs":
+        cmd += ["--text-columns", "a,b"]
+    wall, proc = run_process(cmd, env, timeout)
+    result = json_tail(proc.stdout)
+    if proc.returncode != 0 or result is None:
+        return {"wall_s": wall, "exit": proc.returncode, "error": (proc.stderr or proc.stdout)[-2000:]}
+    decision = result.get("decision") or {}
+    loop_s = result["tokens"] / result["tokens_per_s"] if result.get("tokens_per_s") else None
+    return {"wall_s": round(wall, 3), "exit": 0, "in_run_s": result.get("seconds"), "loop_s": loop_s,
+            "outside_loop_s": None if loop_s is None else round(wall - loop_s, 3), "tokens": result.get("tokens"),
+            "loop_tokens_per_s": result.get("tokens_per_s"), "rows_written": result.get("rows_written"),
+            "used": decision.get("used"), "choice": decision.get("choice"), "measured": decision.get("measured"),
+            "phases": result.get("phases"), "timing": decision.get("timing")}
+
+
+def run_baseline(kind: str, model_dir: str, data: Path, batch_sizes: str, device: str, env: dict, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "baseline.py"), "--kind", kind, "--model", model_dir,
+           "--input", str(data), "--batch-sizes", batch_sizes, "--device", device]
+    wall, proc = run_process(cmd, env, timeout)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BASELINE ")), None)
+    if proc.returncode != 0 or line is None:
+        return {"wall_s": wall, "exit": proc.returncode, "error": (proc.stderr or proc.stdout)[-2000:]}
+    data_ = json.loads(line[len("BASELINE "):])
+    loaded = data_["phases"]["loaded_s"]
+    e2e = {int(bs): round(loaded + s, 3) for bs, s in data_["score_s"].items()}
+    best = min(e2e, key=e2e.get)
+    return {"wall_s": round(wall, 3), "exit": 0, "phases": data_["phases"], "score_s": data_["score_s"], "e2e_s": e2e,
+            "best_batch_size": best, "best_e2e_s": e2e[best], "import_and_load_s": round(loaded - data_["phases"]["read_s"], 3)}
+
+
+def gpu_name(device: str) -> str:
+    if not device.startswith("cuda"):
+        return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, IndexError):
+        return "cuda"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--models", default="modernbert-base-random,xlmr-base-cross-random,llama-1b-random")
+    p.add_argument("--rows", default="1000,10000,50000")
+    p.add_argument("--mean-sentences", type=float, default=4.0)
+    p.add_argument("--variants", default="ours-sdpa,ours-default,baseline")
+    p.add_argument("--batch-sizes", default=None, help="the baseline's batch sizes (default per kind)")
+    p.add_argument("--shared-cache", action="store_true", help="one $ATTNFALLBACK_CACHE for every run (later shards of a sweep)")
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--out", default="bench/results/end_to_end.json")
+    args = p.parse_args()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="e2e-"))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="true")
+    sizes = [int(x) for x in args.rows.split(",")]
+    variants = args.variants.split(",")
+    report = {"device": gpu_name(args.device), "rows": sizes, "mean_sentences": args.mean_sentences, "models": {}}
+    print(f"device: {report['device']}", file=sys.stderr, flush=True)
+    for name in args.models.split(","):
+        if name == "default":
+            from attnfallback.model_facts import default_model_path
+
+            model, model_dir, task = "default", str(default_model_path()), "embed"
+        else:
+            task = MODELS[name]
+            t0 = time.perf_counter()
+            model_dir = str(build_model(name, workdir / name, device=args.device))
+            model = model_dir
+            print(f"built {name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        kind = BASELINE_KIND[task]
+        entry = report["models"][name] = {"task": task, "baseline": kind, "sizes": {}}
+        for n in sizes:
+            if name == "default":
+                sentences = stsb_sentences()
+                docs = [sentences[i % len(sentences)] for i in range(n)]
+            else:
+                docs = stsb_documents(n, args.mean_sentences, seed=n)
+            data = write_input(workdir / f"{name}-{n}.jsonl", docs, task)
+            runs = {}
+            for variant in variants:
+                run_env = dict(env)
+                run_env["ATTNFALLBACK_CACHE"] = str(workdir / ("cache" if args.shared_cache else f"cache-{name}-{n}-{variant}"))
+                if variant == "baseline":
+                    runs[variant] = run_baseline(kind, model_dir, data, args.batch_sizes or BATCH_SIZES[kind], args.device,
+                                                 run_env, args.timeout)
+                else:
+                    extra = ["--prefer", "sdpa"] if variant == "ours-sdpa" else []
+                    extra += ["--device", args.device]
+                    runs[variant] = run_ours(model, task, data, workdir / f"{name}-{n}-{variant}.parquet", extra, run_env,
+                                             args.timeout)
+                r = runs[variant]
+                print(f"{name} {n} {variant}: wall {r.get('wall_s')} s, best e2e {r.get('best_e2e_s')}, used {r.get('used')} "
+                      f"{r.get('error', '')[-400:]}", file=sys.stderr, flush=True)
+            base = runs.get("baseline", {}).get("best_e2e_s")
+            summary = {}
+            for variant in ("ours-sdpa", "ours-default"):
+                r = runs.get(variant, {})
+                if base and r.get("exit") == 0:
+                    summary[f"{variant}_vs_baseline"] = round(base / r["wall_s"], 3)
+                    il = runs["baseline"].get("import_and_load_s")
+                    if il and r.get("outside_loop_s") is not None:
+                        summary[f"{variant}_outside_loop_vs_import_load"] = round(r["outside_loop_s"] / il, 3)
+            if runs.get("ours-sdpa", {}).get("exit") == 0 and runs.get("ours-default", {}).get("exit") == 0:
+                summary["default_vs_sdpa_time"] = round(runs["ours-default"]["wall_s"] / runs["ours-sdpa"]["wall_s"], 3)
+            entry["sizes"][n] = {"runs": runs, "summary": summary}
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+    print(f"\n{report['device']}; whole processes, seconds from spawn to exit")
+    print(f"{'model':26} {'rows':>6} {'baseline (bs)':>16} {'ours sdpa':>9} {'x':>6} {'ours default':>12} {'x':>6} "
+          f"{'default/sdpa':>12} {'outside loop / HF import+load':>30}  default used")
+    for name, entry in report["models"].items():
+        for n, cell in entry["sizes"].items():
+            runs, s = cell["runs"], cell["summary"]
+            b = runs.get("baseline", {})
+            bs = f"{b.get('best_e2e_s', float('nan')):.2f} ({b.get('best_batch_size')})" if b.get("exit") == 0 else "failed"
+            cells = []
+            for variant in ("ours-sdpa", "ours-default"):
+                r = runs.get(variant, {})
+                cells.append(f"{r['wall_s']:.2f}" if r.get("exit") == 0 else ("failed" if r else "-"))
+                cells.append(f"{s.get(f'{variant}_vs_baseline', float('nan')):.2f}")
+            outside = s.get("ours-default_outside_loop_vs_import_load", s.get("ours-sdpa_outside_loop_vs_import_load"))
+            print(f"{name:26} {n:6d} {bs:>16} {cells[0]:>9} {cells[1]:>6} {cells[2]:>12} {cells[3]:>6} "
+                  f"{s.get('default_vs_sdpa_time', float('nan')):12.3f} {outside if outside is not None else float('nan'):30.2f}  "
+                  f"{runs.get('ours-default', {}).get('used')}")
+
+
+if __name__ == "__main__":
+    main()
