@@ -12,6 +12,7 @@ documents (mean --mean-sentences sentences). Variants, each a fresh process time
 - `ours-sdpa`: `attnfallback score ... --prefer sdpa`;
 - `ours-default`: `attnfallback score ...` with the default preference (FlashAttention-4 first, used
   when it is installed and measured faster);
+- `ours-fa4` (asked for by --variants): `attnfallback score ... --prefer flash_attention_4 --policy strict`;
 - the baseline at each of --batch-sizes; its end-to-end time is its start-up to loaded plus that
   batch size's scoring (see bench/baseline.py); the best batch size is the baseline's figure.
 Each run gets its own empty $ATTNFALLBACK_CACHE (a one-shot shard on a fresh machine) unless
@@ -110,6 +111,8 @@ def main() -> None:
     p.add_argument("--mean-sentences", type=float, default=4.0)
     p.add_argument("--variants", default="ours-sdpa,ours-default,baseline")
     p.add_argument("--batch-sizes", default=None, help="the baseline's batch sizes (default per kind)")
+    p.add_argument("--sweep-batch-sizes-up-to", type=int, default=10000,
+                   help="larger row counts run the baseline at the best batch size of the last smaller one")
     p.add_argument("--shared-cache", action="store_true", help="one $ATTNFALLBACK_CACHE for every run (later shards of a sweep)")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--workdir", default=None)
@@ -134,6 +137,7 @@ def main() -> None:
             print(f"built {name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         kind = BASELINE_KIND[task]
         entry = report["models"][name] = {"task": task, "baseline": kind, "sizes": {}}
+        best_batch_size = None
         for n in sizes:
             if name == "default":
                 sentences = stsb_sentences()
@@ -146,10 +150,14 @@ def main() -> None:
                 run_env = dict(env)
                 run_env["ATTNFALLBACK_CACHE"] = str(workdir / ("cache" if args.shared_cache else f"cache-{name}-{n}-{variant}"))
                 if variant == "baseline":
-                    runs[variant] = run_baseline(kind, model_dir, data, args.batch_sizes or BATCH_SIZES[kind], args.device,
-                                                 run_env, args.timeout)
+                    sizes_tried = args.batch_sizes or BATCH_SIZES[kind]
+                    if n > args.sweep_batch_sizes_up_to and best_batch_size is not None:
+                        sizes_tried = str(best_batch_size)  # the best of the smaller run: a full sweep here costs minutes
+                    runs[variant] = run_baseline(kind, model_dir, data, sizes_tried, args.device, run_env, args.timeout)
+                    best_batch_size = runs[variant].get("best_batch_size", best_batch_size)
                 else:
-                    extra = ["--prefer", "sdpa"] if variant == "ours-sdpa" else []
+                    extra = {"ours-sdpa": ["--prefer", "sdpa"], "ours-fa4": ["--prefer", "flash_attention_4", "--policy", "strict"]
+                             }.get(variant, [])
                     extra += ["--device", args.device]
                     runs[variant] = run_ours(model, task, data, workdir / f"{name}-{n}-{variant}.parquet", extra, run_env,
                                              args.timeout)
@@ -158,7 +166,7 @@ def main() -> None:
                       f"{r.get('error', '')[-400:]}", file=sys.stderr, flush=True)
             base = runs.get("baseline", {}).get("best_e2e_s")
             summary = {}
-            for variant in ("ours-sdpa", "ours-default"):
+            for variant in ("ours-sdpa", "ours-default", "ours-fa4"):
                 r = runs.get(variant, {})
                 if base and r.get("exit") == 0:
                     summary[f"{variant}_vs_baseline"] = round(base / r["wall_s"], 3)
@@ -167,6 +175,9 @@ def main() -> None:
                         summary[f"{variant}_outside_loop_vs_import_load"] = round(r["outside_loop_s"] / il, 3)
             if runs.get("ours-sdpa", {}).get("exit") == 0 and runs.get("ours-default", {}).get("exit") == 0:
                 summary["default_vs_sdpa_time"] = round(runs["ours-default"]["wall_s"] / runs["ours-sdpa"]["wall_s"], 3)
+            if runs.get("ours-sdpa", {}).get("exit") == 0 and runs.get("ours-fa4", {}).get("exit") == 0:
+                summary["fa4_vs_sdpa_loop_rate"] = round(runs["ours-fa4"]["loop_tokens_per_s"] / runs["ours-sdpa"]["loop_tokens_per_s"], 3)
+                summary["fa4_vs_sdpa_time"] = round(runs["ours-fa4"]["wall_s"] / runs["ours-sdpa"]["wall_s"], 3)
             entry["sizes"][n] = {"runs": runs, "summary": summary}
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=2, default=str))
@@ -187,6 +198,9 @@ def main() -> None:
             print(f"{name:26} {n:6d} {bs:>16} {cells[0]:>9} {cells[1]:>6} {cells[2]:>12} {cells[3]:>6} "
                   f"{s.get('default_vs_sdpa_time', float('nan')):12.3f} {outside if outside is not None else float('nan'):30.2f}  "
                   f"{runs.get('ours-default', {}).get('used')}")
+            if "fa4_vs_sdpa_loop_rate" in s:
+                print(f"{'':26} {'':6} FA4 strict: {runs['ours-fa4']['wall_s']:.2f} s, loop {s['fa4_vs_sdpa_loop_rate']:.2f}x sdpa's rate, "
+                      f"time {s['fa4_vs_sdpa_time']:.2f}x")
 
 
 if __name__ == "__main__":

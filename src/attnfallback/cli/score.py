@@ -42,6 +42,7 @@ def register(app: typer.Typer) -> None:
         shard: str = SHARD,
         prefer: str = PREFER,
         policy: str = POLICY,
+        measure: str = typer.Option(None, "--measure", help="auto: under graceful on a CUDA GPU, time the viable implementations on this shard's first rows and keep the fastest (the preference wins ties within 5%) | on: on any device | off: the preference order alone (default: $ATTNFALLBACK_MEASURE or auto)."),
         dtype: str = DTYPE,
         device: str = DEVICE,
         batch_tokens: int = typer.Option(None, "--batch-tokens", help="Padded tokens per batch (default per device and attention implementation)."),
@@ -73,6 +74,7 @@ def register(app: typer.Typer) -> None:
             dtype=dtype, device=device, batch_tokens=batch_tokens, max_length=max_length, events=events, run_id=run_id,
             resume=resume, on_bad_row=on_bad_row, on_nonfinite=on_nonfinite, quiet=quiet or as_json, revision=revision,
             trust_remote_code=trust_remote_code, part_rows=part_rows, first_part_rows=first_part_rows, packing=packing, tokenizer_process=tokenizer_process,
+            measure=measure,
         )
         data = run_score_engine(job, engine, address=address, actors=actors).to_dict()
         print_json(data) if as_json else render(data)
