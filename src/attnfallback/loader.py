@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from attnfallback import planner
+from attnfallback import impls, planner
 from attnfallback.caps import DeviceCaps, SoftwareCaps, probe_device, probe_software
 from attnfallback.errors import AttentionUnavailable, ModelLoadError
 from attnfallback.model_facts import ModelFacts, ModelRef, read_facts, resolve_ref
@@ -221,6 +221,12 @@ def _open_sink(events, run_id, shard, sink):
     return opened
 
 
+def fallback_expected(decision: Decision) -> bool:
+    """A fallback nobody needs warning about: no CUDA GPU here, and only GPU-only implementations
+    (flash attention, hub kernels) were passed over. Logged at info; the event still says fell_back."""
+    return decision.device.kind != "cuda" and all(impls.get(a.impl).gpu_only for a in decision.attempts if not a.ok)
+
+
 def load_model(
     model: str | os.PathLike = "default",
     *,
@@ -331,7 +337,8 @@ def load_model(
         decision.timing["kernels_s"] = time.perf_counter() - t0
 
     if decision.fell_back:
-        log.warning("attention: requested %s, using %s (%s)", decision.requested, decision.used, decision.first_reason)
+        (log.info if fallback_expected(decision) else log.warning)(
+            "attention: requested %s, using %s (%s)", decision.requested, decision.used, decision.first_reason)
     elif decision.used != decision.requested:
         log.info("attention: using %s, measured fastest of %s", decision.used, ", ".join(decision.measured["tokens_per_s"]))
     else:
