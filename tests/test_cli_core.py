@@ -118,7 +118,11 @@ def test_hub_id_and_revision_load_through_the_hub_code_path(tmp_path, tiny_bert)
     assert missing.returncode == 2 and "acme/other" in missing.stderr
 
 
-def test_log_lines_reach_the_current_stderr(capsys):
+def test_log_lines_reach_the_current_stderr(capsys, monkeypatch):
+    monkeypatch.setenv("ATTNFALLBACK_LOG", "INFO")  # on this CPU the flash fallback is logged at info
     for _ in range(2):  # the second call must not write to the first call's stream
         assert main(["load", "default", "--prefer", "flash_attention_2,sdpa"]) == 0
-        assert "requested flash_attention_2, using sdpa" in capsys.readouterr().err
+        assert "INFO attnfallback: attention: requested flash_attention_2, using sdpa" in capsys.readouterr().err
+    monkeypatch.setenv("ATTNFALLBACK_LOG", "WARNING")
+    assert main(["load", "default", "--prefer", "flash_attention_2,sdpa"]) == 0
+    assert "requested flash_attention_2" not in capsys.readouterr().err  # the default level: no line for it

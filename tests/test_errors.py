@@ -19,6 +19,7 @@ from attnfallback import errors
         (errors.NonFiniteError("NaN in rows 3, 7", ids=[3, 7]), 1),
         (errors.ParityError("sdpa over tolerance"), 4),
         (errors.OutputError("locked", path="/x"), 1),
+        (errors.OutputExistsError("output /x exists from a completed run", path="/x"), 2),
     ],
 )
 def test_exit_codes_and_pickling_keep_the_context(err, code):

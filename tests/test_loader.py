@@ -54,14 +54,46 @@ def test_flash_attention_2_falls_back_to_sdpa_with_the_reason(tmp_path, count_we
     assert event["model"]["identity"].startswith("sampled-sha256:") and event["model"]["dtype"] == "float32"
 
 
-def test_clean_choice_logs_info_and_a_fallback_one_warning(caplog):
+def test_clean_choice_logs_info_and_an_unexpected_fallback_one_warning(caplog, monkeypatch, tmp_path):
     caplog.set_level("INFO", logger="attnfallback")
     load_model("default", policy=Policy.graceful(["sdpa", "eager"]))
     assert [r.levelname for r in caplog.records] == ["INFO"]
     caplog.clear()
-    load_model("default", policy=Policy.graceful(["flash_attention_2", "sdpa"]))
+    # on this CPU, passing over flash_attention_2 (GPU-only) is expected: info, and the event still says fell_back
+    loaded = load_model("default", policy=Policy.graceful(["flash_attention_2", "sdpa"]), events=tmp_path, run_id="r")
+    assert loaded.decision.fell_back
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    message = caplog.records[0].getMessage()
+    assert "requested flash_attention_2, using sdpa" in message and "no CUDA GPU" in message
+    (event,) = read_events(tmp_path)
+    assert event["fell_back"] is True and event["used"] == "sdpa"
+    caplog.clear()
+    # sdpa failing its verification here is not expected: a warning
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError(AMPERE_ERROR)))
+    load_model("default", policy=Policy.graceful(["flash_attention_2", "sdpa", "eager"]))
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and "flash_attention_2" in warnings[0].getMessage() and "sdpa" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "requested flash_attention_2, using eager" in warnings[0].getMessage()
+
+
+def test_a_fallback_from_gpu_only_kernels_is_expected_only_without_a_cuda_gpu():
+    from attnfallback.caps import DeviceCaps
+    from attnfallback.loader import Attempt, Decision, fallback_expected
+    from attnfallback.model_facts import read_facts
+
+    facts = read_facts("default")
+    passed_over = [Attempt("flash_attention_4", "plan", False, ["package flash_attn_4 is not installed"]),
+                   Attempt("kernels-community/flash-attn", "plan", False, ["package kernels is not installed"]),
+                   Attempt("sdpa", "verify", True)]
+
+    def decision(device, attempts):
+        return Decision("flash_attention_4", "sdpa", attempts, Policy.graceful(), "float32", device, facts, {})
+
+    assert fallback_expected(decision(DeviceCaps.cpu(), passed_over))
+    assert not fallback_expected(decision(DeviceCaps.from_class("H100"), passed_over))  # a GPU is here: warn
+    assert not fallback_expected(decision(DeviceCaps.from_class("T4"), passed_over[:1] + passed_over[2:]))
+    on_cpu = [Attempt("flex_attention", "load", False, ["load failed"]), Attempt("sdpa", "verify", True)]
+    assert not fallback_expected(decision(DeviceCaps.cpu(), on_cpu))  # flex runs on CPUs: its failure is news
 
 
 def test_strict_failure_writes_attn_unavailable_and_raises(tmp_path, count_weight_reads):

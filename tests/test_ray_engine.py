@@ -128,3 +128,46 @@ def test_score_engine_dispatch_refuses_unknown_engines_and_stray_addresses(tmp_p
         run_score_engine(job, engine="spark")
     with pytest.raises(UsageError, match="--engine ray"):
         run_score_engine(job, engine="local", address="ray://head:10001")
+
+
+@pytest.mark.parametrize("kind", ["jsonl.gz", "csv.zst", "saved-dataset"])
+def test_ray_reads_compressed_files_and_saved_datasets_with_the_default_id(ray_local, tiny_bert, tmp_path, kind):
+    import gzip
+
+    import pyarrow as pa
+
+    from attnfallback.scoring import ScoreJob, run_score
+    from attnfallback.sweep.ray_engine import run_score_ray
+    from scoring_helpers import save_like_datasets
+
+    # ids out of order, in a column named `id`: both engines use it without being told
+    rows = [{"id": f"r{(i * 7) % 24:02d}", "text": f"ray row {i} " + "word " * (i % 5)} for i in range(24)]
+    if kind == "saved-dataset":
+        path = save_like_datasets(tmp_path / "ds", pa.Table.from_pylist(rows))
+    elif kind == "jsonl.gz":
+        path = tmp_path / "in.jsonl.gz"
+        path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    else:
+        path = tmp_path / "in.csv.zst"
+        text = "id,text\n" + "".join(f"{r['id']},{r['text']}\n" for r in rows)
+        with pa.CompressedOutputStream(str(path), "zstd") as out:
+            out.write(text.encode())
+    common = {"model": str(tiny_bert), "input": str(path), "device": "cpu", "quiet": True}
+    result = run_score_ray(ScoreJob(output=str(tmp_path / "ray.parquet"), **common), actors=2, actor_cpus=0.5)
+    local = run_score(ScoreJob(output=str(tmp_path / "local.parquet"), **common))
+    assert result.rows_written == local.rows_written == len(rows)
+    assert result.columns == local.columns == {"text": ["text"], "text_guessed": False, "id": "id", "id_from": "default"}
+    assert_same_output(result.output, local.output)
+    assert pq.read_table(result.output).column("id").to_pylist() == [r["id"] for r in rows]
+
+
+def test_duplicate_default_ids_are_refused_before_ray_starts(tmp_path):
+    from attnfallback.errors import InputError
+    from attnfallback.scoring import ScoreJob
+    from attnfallback.sweep.ray_engine import run_score_ray
+
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"id": i % 3, "text": f"row {i}"}) + "\n" for i in range(5)))
+    with pytest.raises(InputError, match=r"in\.jsonl:4: duplicate id 0 in column 'id' \(first on line 1\)") as err:
+        run_score_ray(ScoreJob(input=str(path), output=str(tmp_path / "o.parquet")), actors=2)
+    assert err.value.exit_code == 2 and not (tmp_path / "o.parquet").exists()

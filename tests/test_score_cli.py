@@ -8,7 +8,7 @@ import pytest
 
 from attnfallback.cli.app import main
 from conftest import build_tiny_model
-from scoring_helpers import add_sentence_config, write_jsonl
+from scoring_helpers import add_sentence_config, save_like_datasets, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,106 @@ def test_a_model_asking_for_remote_code_is_refused_without_the_flag(model_dir, t
     assert code == 2
     assert "--trust-remote-code" in capsys.readouterr().err
     assert not (tmp_path / "o.parquet").exists() and not (tmp_path / ".o.parquet.parts").exists()
+
+
+def score(model_dir, path, output, *extra):
+    return main(["score", str(model_dir), "--input", str(path), "--output", str(output), "--quiet", "--device", "cpu", *extra])
+
+
+def test_the_inputs_id_column_is_the_default_id(model_dir, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "p0a", "text": "one"}, {"id": "p0b", "text": "two"}])
+    assert score(model_dir, path, tmp_path / "o.parquet", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert pq.read_table(tmp_path / "o.parquet").column("id").to_pylist() == ["p0a", "p0b"]
+    assert data["columns"] == {"text": ["text"], "text_guessed": False, "id": "id", "id_from": "default"}
+    assert score(model_dir, path, tmp_path / "n.parquet", "--id-column", "", "--json") == 0  # '' : row numbers
+    assert pq.read_table(tmp_path / "n.parquet").column("id").to_pylist() == [0, 1]
+    assert json.loads(capsys.readouterr().out)["columns"]["id_from"] == "row number"
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"id": "a", "text": "x"}, {"id": "b", "text": "y"}, {"id": "a", "text": "z"}],
+     "in.jsonl:3: duplicate id 'a' in column 'id' (first on line 1)"),
+    ([{"id": "a", "text": "x"}, {"id": None, "text": "y"}], "in.jsonl:2: null id in column 'id'"),
+])
+def test_duplicate_or_null_default_ids_exit_2_naming_the_lines(model_dir, tmp_path, capsys, rows, message):
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    assert score(model_dir, path, tmp_path / "o.parquet") == 2
+    err = capsys.readouterr().err
+    assert message in err and "--id-column ''" in err
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_a_guessed_text_column_is_said_on_stderr_and_in_json(model_dir, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "s1", "sentence": "a dog runs"}, {"id": "s2", "sentence": "a cat sleeps"}])
+    assert score(model_dir, path, tmp_path / "o.parquet", "--json") == 0
+    out, err = capsys.readouterr()
+    assert "no column named 'text': scoring column 'sentence'" in err and "--text-column" in err
+    assert json.loads(out)["columns"] == {"text": ["sentence"], "text_guessed": True, "id": "id", "id_from": "default"}
+
+
+def test_an_existing_output_exits_2(model_dir, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "one"}])
+    assert score(model_dir, path, tmp_path / "o.parquet") == 0
+    capsys.readouterr()
+    assert score(model_dir, path, tmp_path / "o.parquet") == 2
+    assert "exists from a completed run" in capsys.readouterr().err
+    (tmp_path / "foreign.parquet").write_bytes(b"not ours")
+    assert score(model_dir, path, tmp_path / "foreign.parquet") == 2
+    assert "was not written by attnfallback" in capsys.readouterr().err
+    (tmp_path / "adir.parquet").mkdir()
+    assert score(model_dir, path, tmp_path / "adir.parquet") == 2
+
+
+def test_shards_are_numbered_from_0_and_the_error_for_n_of_n_says_so(model_dir, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "one"}])
+    assert score(model_dir, path, tmp_path / "o.parquet", "--shard", "4/4") == 2
+    err = capsys.readouterr().err
+    assert "numbered from 0" in err and "0/4 .. 3/4" in err and "did you mean 3/4?" in err
+    assert main(["score", "--help"]) == 0
+    assert "numbered from 0" in capsys.readouterr().out
+
+
+def test_an_excel_csv_with_a_byte_order_mark_finds_its_id_column(model_dir, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufeffid,text\r\nx1,hello there\r\nx2,good bye\r\n".encode("utf-8"))
+    assert score(model_dir, path, tmp_path / "o.parquet", "--id-column", "id") == 0
+    assert pq.read_table(tmp_path / "o.parquet").column("id").to_pylist() == ["x1", "x2"]
+
+
+def test_no_warning_for_the_expected_cpu_fallback(model_dir, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "one"}])
+    assert score(model_dir, path, tmp_path / "o.parquet", "--json") == 0  # default prefer: flash_attention_4 first
+    out, err = capsys.readouterr()
+    assert json.loads(out)["decision"]["fell_back"] is True
+    assert "WARNING" not in err and "flash_attention_4" not in err
+
+
+def test_a_saved_dataset_and_a_compressed_file_score_and_resume(model_dir, tmp_path, capsys):
+    import gzip
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"q{i}", "text": f"question number {i}"} for i in range(6)]
+    ds = save_like_datasets(tmp_path / "eval-set", pa.Table.from_pylist(rows))
+    assert score(model_dir, ds, tmp_path / "ds.parquet", "--json") == 0
+    assert pq.read_table(tmp_path / "ds.parquet").column("id").to_pylist() == [r["id"] for r in rows]
+    packed = tmp_path / "in.jsonl.gz"
+    packed.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    assert score(model_dir, packed, tmp_path / "gz.parquet", "--json") == 0
+    assert pq.read_table(tmp_path / "gz.parquet").column("id").to_pylist() == [r["id"] for r in rows]
+    capsys.readouterr()
+    # resume fingerprint of a directory: its files' sizes and times
+    assert score(model_dir, ds, tmp_path / "ds.parquet", "--resume", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["already_complete"] is True
+    data_file = ds / "data-00001-of-00002.arrow"
+    stat = data_file.stat()
+    os.utime(data_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert score(model_dir, ds, tmp_path / "ds.parquet", "--resume") == 2
+    assert "different job (input_mtime_ns" in capsys.readouterr().err

@@ -200,3 +200,16 @@ def test_job_environment_isolates_devices_and_identity(tmp_path, texts):
     assert env["ATTNFALLBACK_RUN_ID"] == "r" and env["ATTNFALLBACK_SHARD"] == "1/2"
     cpu = job_env(Worker("cpu0", "cpu", "", 1), job, base={})
     assert cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["OMP_NUM_THREADS"] == "1"
+
+
+def test_a_saved_dataset_directory_is_an_input_and_an_empty_id_column_is_passed_on(tmp_path):
+    import pyarrow as pa
+
+    from scoring_helpers import save_like_datasets
+
+    save_like_datasets(tmp_path / "eval-set", pa.Table.from_pylist([{"text": "a"}, {"text": "b"}]))
+    config = parse_config({"output": "out", "input": "eval-set", "id_column": "", "shards": 2}, base=tmp_path)
+    (spec,) = config.specs
+    assert spec.input == str(tmp_path / "eval-set")
+    args = config.jobs("run-1")[0].score_args(device="cpu")
+    assert args[args.index("--id-column") + 1] == ""  # the row number, even if the input grows an `id` column

@@ -160,3 +160,31 @@ def test_ray_engine_without_ray_says_how_to_install(sweep_dir, monkeypatch, caps
     monkeypatch.setattr(ray_engine, "ray_available", lambda: False)
     assert main(["sweep", str(sweep_dir / "sweep.toml"), "--engine", "ray"]) == 2
     assert "pip install attnfallback[ray]" in capsys.readouterr().err
+
+
+def test_merge_keeps_input_order_when_the_default_id_column_holds_integers(tiny_bert, tmp_path):
+    # the configuration names no id_column, the input has an `id` column of integers in no order:
+    # the shards use it (the default), so the merge must not sort by it as if it were row numbers
+    from attnfallback.scoring import ScoreJob, run_score
+    from attnfallback.sweep.local import _ids_are_row_numbers
+    from attnfallback.sweep.state import merge_outputs
+
+    ids = [50, 10, 40, 20, 30, 0, 60]
+    texts = tmp_path / "in.jsonl"
+    texts.write_text("".join(json.dumps({"id": i, "text": f"row with id {i}"}) + "\n" for i in ids))
+    outputs = []
+    for shard in range(2):
+        output = tmp_path / f"s{shard}.parquet"
+        run_score(ScoreJob(model=str(tiny_bert), input=str(texts), output=str(output), shard=f"{shard}/2",
+                           device="cpu", quiet=True))
+        outputs.append(output)
+    assert not _ids_are_row_numbers(outputs)
+    merged = merge_outputs(outputs, tmp_path / "merged.parquet", ids_are_row_numbers=_ids_are_row_numbers(outputs))
+    assert pq.read_table(merged["path"]).column("id").to_pylist() == ids
+    numbered = []
+    for shard in range(2):
+        output = tmp_path / f"n{shard}.parquet"
+        run_score(ScoreJob(model=str(tiny_bert), input=str(texts), output=str(output), shard=f"{shard}/2",
+                           id_column="", device="cpu", quiet=True))
+        numbered.append(output)
+    assert _ids_are_row_numbers(numbered)

@@ -12,7 +12,10 @@
     ├── ParityError                   an implementation's outputs are over tolerance; exit 4
     ├── ModelLoadError                loading failed for a reason no implementation explains; exit 1
     ├── NonFiniteError                the model produced NaN/inf (.ids); exit 1
-    └── OutputError                   output cannot be written, or is locked by another run; exit 1
+    └── OutputError                   output cannot be written (.path); exit 1
+        └── OutputExistsError         the output, its partial parts or its lock is there already: another
+                                      run's or job's, or a directory; the user chooses (--resume,
+                                      remove it, another output); also a UsageError; exit 2
 
 Input checks raise one of these, never `assert`.
 """
@@ -157,3 +160,10 @@ class OutputError(AttnFallbackError):
     def __init__(self, message: str, path: str | None = None):
         self.path = path
         super().__init__(message)
+
+
+class OutputExistsError(OutputError, UsageError):
+    """The output is taken: a completed or partial output of another run or job, a file
+    attnfallback did not write, a directory, or a lock another run holds. Bad usage: exit 2."""
+
+    exit_code = 2

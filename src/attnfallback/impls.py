@@ -26,6 +26,7 @@ class Implementation:
     check: Callable[[DeviceCaps, SoftwareCaps, ModelFacts | None, str], list[str]]
     compiles: bool = False  # pays a compile cost on its first call
     quadratic_memory: bool = False  # materialises the L x L score matrix
+    gpu_only: bool = False  # runs on CUDA GPUs only: passing it over on a CPU is expected
 
 
 def _version_tuple(text: str | None) -> tuple[int, ...]:
@@ -155,9 +156,9 @@ def check_kernels_hub(name: str):
 REGISTRY: dict[str, Implementation] = {
     impl.name: impl
     for impl in (
-        Implementation("flash_attention_4", check_flash_attention_4, compiles=True),
-        Implementation("flash_attention_3", check_flash_attention_3),
-        Implementation("flash_attention_2", check_flash_attention_2),
+        Implementation("flash_attention_4", check_flash_attention_4, compiles=True, gpu_only=True),
+        Implementation("flash_attention_3", check_flash_attention_3, gpu_only=True),
+        Implementation("flash_attention_2", check_flash_attention_2, gpu_only=True),
         Implementation("sdpa", check_sdpa),
         Implementation("flex_attention", check_flex_attention, compiles=True),
         Implementation("eager", check_eager, quadratic_memory=True),
@@ -170,7 +171,7 @@ def get(name: str) -> Implementation:
     if name in REGISTRY:
         return REGISTRY[name]
     if is_kernels_hub_id(name):
-        return Implementation(name, check_kernels_hub(name))
+        return Implementation(name, check_kernels_hub(name), gpu_only=True)
     from attnfallback.errors import UnknownNameError
 
     raise UnknownNameError("attention implementation", name, list(REGISTRY))

@@ -180,6 +180,12 @@ def _open_sink(events, run_id, shard, sink):
     return opened
 
 
+def fallback_expected(decision: Decision) -> bool:
+    """A fallback nobody needs warning about: no CUDA GPU here, and only GPU-only implementations
+    (flash attention, hub kernels) were passed over. Logged at info; the event still says fell_back."""
+    return decision.device.kind != "cuda" and all(impls.get(a.impl).gpu_only for a in decision.attempts if not a.ok)
+
+
 def load_model(
     model: str | os.PathLike = "default",
     *,
@@ -308,7 +314,8 @@ def load_model(
         decision.timing["kernels_s"] = time.perf_counter() - t0
 
     if decision.fell_back:
-        log.warning("attention: requested %s, using %s (%s)", decision.requested, decision.used, decision.first_reason)
+        (log.info if fallback_expected(decision) else log.warning)(
+            "attention: requested %s, using %s (%s)", decision.requested, decision.used, decision.first_reason)
     elif decision.used != decision.requested:
         log.info("attention: using %s (%s)", decision.used, decision.choice)
     else:

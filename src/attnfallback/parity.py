@@ -114,13 +114,13 @@ def read_texts(
     rows: int | None = None,
     task: str = "embed",
 ) -> TextRows:
-    """Texts from a CSV/TSV, JSONL or Parquet file (the score command's reader).
+    """Texts from any input the score command reads (its reader: JSONL, CSV/TSV, Parquet, Arrow ...).
 
     A header-less CSV of `sentence1,sentence2,score` rows (STS-B as published) is read as such:
     both sentences by default, and the scores kept as gold labels. `rows` keeps the first N rows.
     Rows with a null or empty text are skipped and counted.
     """
-    from attnfallback.scoring.inputs import iter_rows, open_input, resolve_spec
+    from attnfallback.scoring.inputs import ROW_NUMBER_ID, iter_rows, open_input, resolve_spec
 
     path = Path(path)
     if rows is not None and rows < 1:
@@ -129,7 +129,7 @@ def read_texts(
     if path.is_file() and _looks_like_stsb(path) and (wanted is None or set(wanted) <= set(STSB_COLUMNS[:2])):
         return _read_stsb(path, wanted or list(STSB_COLUMNS[:2]), rows)
     source = open_input(path)
-    spec = resolve_spec(source, 2 if task == "pairs" else 1, None, wanted, None)
+    spec = resolve_spec(source, 2 if task == "pairs" else 1, None, wanted, ROW_NUMBER_ID)  # ids play no part here
     columns: list[list[str]] = [[] for _ in spec.text_columns]
     skipped = 0
     for row in iter_rows(source, spec):

@@ -39,7 +39,7 @@ DTYPE = typer.Option("auto", "--dtype", help="auto | bfloat16 | float16 | float3
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N | mps.")
 EVENTS = typer.Option(None, "--events", help="Events directory (default: $ATTNFALLBACK_EVENTS; none: no events).")
 RUN_ID = typer.Option(None, "--run-id", help="Run id for the events (default: generated).")
-SHARD = typer.Option(None, "--shard", help="Shard I/N.")
+SHARD = typer.Option(None, "--shard", help="Shard I/N, numbered from 0: the shards of 4 are 0/4, 1/4, 2/4, 3/4 (default: the whole input, 0/1).")
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
 REVISION = typer.Option(None, "--revision", help="Hub revision (commit sha, branch or tag).")
 TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default).")

@@ -101,7 +101,7 @@ def register(app: typer.Typer) -> None:
     @app.command("parity")
     def parity_cmd(
         model: str = typer.Argument(..., help="Local directory, hub id, or 'default'."),
-        input_path: str = typer.Option(..., "--input", help="CSV/TSV, JSONL or Parquet with texts (STS-B's header-less CSV too)."),
+        input_path: str = typer.Option(..., "--input", help="Texts in any format score reads (JSONL, CSV/TSV, plain or compressed, Parquet, Arrow, a saved dataset; STS-B's header-less CSV too)."),
         task: str = typer.Option("embed", "--task", help="embed | classify | pairs."),
         impls: str = typer.Option(None, "--impls", help="Implementations to compare (default: the default preference list)."),
         reference: str = typer.Option("eager", "--reference", help="The implementation the others are compared with."),

@@ -33,12 +33,12 @@ def register(app: typer.Typer) -> None:
     @app.command("score")
     def score_cmd(
         model: str = typer.Argument(..., help="Local directory, hub id, or 'default'."),
-        input: str = typer.Option(..., "--input", help="JSONL, CSV/TSV or Parquet file (by extension)."),
+        input: str = typer.Option(..., "--input", help="JSONL, CSV or TSV (each plain, .gz or .zst), Parquet, Arrow (.arrow, .feather), or a directory written by datasets' save_to_disk; by extension."),
         output: str = typer.Option(..., "--output", help="Output Parquet file (committed atomically)."),
         task: str = typer.Option("embed", "--task", help="embed | classify | pairs | logprob."),
-        text_column: str = typer.Option(None, "--text-column", help="Text column (default: 'text', else the only string column)."),
+        text_column: str = typer.Option(None, "--text-column", help="Text column (default: 'text', else the only string column, named on stderr)."),
         text_columns: str = typer.Option(None, "--text-columns", help="Two columns: a,b for pairs; prompt,completion for logprob."),
-        id_column: str = typer.Option(None, "--id-column", help="Id column (default: the 0-based row number)."),
+        id_column: str = typer.Option(None, "--id-column", help="Id column, unique and never null (default: 'id' where the input has one, else the 0-based row number; '': the row number always)."),
         shard: str = SHARD,
         prefer: str = PREFER,
         policy: str = POLICY,

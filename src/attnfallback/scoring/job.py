@@ -21,9 +21,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from attnfallback.errors import InputError, OutputError, UsageError
+from attnfallback.errors import InputError, OutputError, OutputExistsError, UsageError
 from attnfallback.policy import Mode, Policy, parse_measure
-from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec
+from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec, row_error
 from attnfallback.scoring.tasks import TEXT_COLUMNS, check_packing_mode, parse_task
 from attnfallback.scoring.tokenizer_process import check_tokenizer_process_mode
 
@@ -49,7 +49,7 @@ class ScoreJob:
     task: str = "embed"  # embed | classify | pairs | logprob
     text_column: str | None = None
     text_columns: list[str] | None = None
-    id_column: str | None = None
+    id_column: str | None = None  # None: 'id' where the input has one, else the row number; '': the row number
     shard: str | None = None
     prefer: str | list[str] | None = None
     policy: str | None = None
@@ -97,6 +97,7 @@ class ScoreResult:
     padded_tokens: int = 0  # token positions the forward computed (tokens plus padding)
     task: dict = field(default_factory=dict)
     phases: dict = field(default_factory=dict)  # seconds of each phase of the run (Phases.as_dict)
+    columns: dict = field(default_factory=dict)  # the text and id columns used, and how each was chosen
 
     @property
     def skipped_lines(self) -> list[int]:
@@ -144,15 +145,15 @@ def _validate_job(job: ScoreJob) -> str:
 
 def _fingerprint(job: ScoreJob, task: str, source: InputSource, spec: InputSpec, shard: str, identity: str) -> dict:
     """What must match for --resume to continue a previous run's parts."""
-    stat = source.path.stat()
+    size, mtime_ns = source.size_and_mtime()
     return {
         "model": str(job.model),
         "model_identity": identity,
         "revision": job.revision,
         "task": task,
         "input": str(source.path.resolve()),
-        "input_size": stat.st_size,
-        "input_mtime_ns": stat.st_mtime_ns,
+        "input_size": size,
+        "input_mtime_ns": mtime_ns,
         "text_columns": spec.text_columns,
         "id_column": spec.id_column,
         "shard": shard,
@@ -182,7 +183,7 @@ def validate_input(source: InputSource, spec: InputSpec) -> int:
     for row in iter_rows(source, spec):
         total += 1
         if row.problem is not None:
-            raise InputError(row.problem + " (--on-bad-row skip skips such rows and lists them)", path=str(source.path), line=row.line)
+            raise row_error(source, spec, row, " (--on-bad-row skip skips such rows and lists them)")
     if total == 0:
         raise InputError("empty input: no rows", path=str(source.path))
     return total
@@ -212,7 +213,7 @@ def shard_chunks(source: InputSource, spec: InputSpec, shard, job: ScoreJob, ski
         counts.rows_in += 1
         if row.problem is not None:
             if job.on_bad_row == "error":
-                raise InputError(row.problem, path=str(source.path), line=row.line)
+                raise row_error(source, spec, row)
             _bad_row(counts, row)
             continue
         ids.append(row.id)
@@ -401,15 +402,15 @@ def _check_existing(store, existing, job: ScoreJob, fingerprint: dict):
     """None (start fresh), a list of parts to resume from, or a ScoreResult (already complete)."""
     out = store.output
     if existing.final_foreign:
-        raise OutputError(f"output {out} exists and was not written by attnfallback; remove it or choose another output", path=str(out))
+        raise OutputExistsError(f"output {out} exists and was not written by attnfallback; remove it or choose another output", path=str(out))
     if existing.final_metadata is not None:
         meta = existing.final_metadata
         if not job.resume:
-            raise OutputError(f"output {out} exists from a completed run ({meta.get('run_id')}); pass --resume to keep it, "
+            raise OutputExistsError(f"output {out} exists from a completed run ({meta.get('run_id')}); pass --resume to keep it, "
                               "or remove it to score again", path=str(out))
         diff = _differences(meta.get("fingerprint", {}), fingerprint)
         if diff:
-            raise OutputError(f"output {out} exists from a different job ({diff}); remove it or choose another output", path=str(out))
+            raise OutputExistsError(f"output {out} exists from a different job ({diff}); remove it or choose another output", path=str(out))
         store.discard_stale_parts()
         result = ScoreResult(**{k: v for k, v in meta.get("result", {}).items() if k in ScoreResult.__dataclass_fields__})
         result.already_complete = True
@@ -418,11 +419,11 @@ def _check_existing(store, existing, job: ScoreJob, fingerprint: dict):
     if existing.manifest is not None:
         manifest = existing.manifest
         if not job.resume:
-            raise OutputError(f"a partial output of run {manifest.get('run_id')} ({len(existing.parts)} part(s) committed) is in "
+            raise OutputExistsError(f"a partial output of run {manifest.get('run_id')} ({len(existing.parts)} part(s) committed) is in "
                               f"{store.work}; pass --resume to continue it, or remove that directory to start over", path=str(store.work))
         diff = _differences(manifest.get("fingerprint", {}), fingerprint)
         if diff:
-            raise OutputError(f"cannot resume: the partial output in {store.work} is from a different job ({diff}); "
+            raise OutputExistsError(f"cannot resume: the partial output in {store.work} is from a different job ({diff}); "
                               "remove it to start over", path=str(store.work))
         return existing.parts
     return None
@@ -531,6 +532,7 @@ def _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fing
         oom_splits=scorer.oom_splits,
         events=None if sink is None else str(sink.path),
         task=scorer.describe(),
+        columns=spec.describe(),
     )
     store.finish({"format": "attnfallback.output/1", "run_id": run_id, "fingerprint": fingerprint,
                           "result": result.to_dict()})

@@ -35,7 +35,7 @@ from attnfallback.loader import RECOVERABLE, first_line, load_model
 from attnfallback.model_facts import text_config
 from attnfallback.policy import Policy, parse_dtype
 from attnfallback.scoring.batching import default_batch_tokens, eager_max_cells, ffn_width, length_order, plan_batches
-from attnfallback.scoring.inputs import InputSpec, rows_of_table
+from attnfallback.scoring.inputs import DEFAULT_ID_COLUMN, InputSpec, rows_of_table
 from attnfallback.scoring.tasks import (
     AUTO_CLASSES,
     Encoded,
@@ -614,8 +614,9 @@ class Scorer:
     def score_table(self, table):
         """Input columns (id + text columns) -> id + output columns, in the same row order.
 
-        The id is `job.id_column` if set, else a column named `id` if present, else the row's
-        position in the table. Bad rows raise InputError, or are dropped with on_bad_row=skip.
+        The id is `job.id_column` if set (`""`: the row's position), else a column named `id` if
+        present, else the row's position in the table. Bad rows raise InputError, or are dropped
+        with on_bad_row=skip.
         """
         import pyarrow as pa
 
@@ -636,6 +637,11 @@ class Scorer:
     def _table_spec(self, table) -> InputSpec:
         import pyarrow as pa
 
+        # the same defaults as the file reader's (inputs.resolve_spec): `id` where present; "" = the row position
+        if self.job.id_column is None:
+            id_column = DEFAULT_ID_COLUMN if DEFAULT_ID_COLUMN in table.column_names else None
+        else:
+            id_column = self.job.id_column or None
         names = list(self.job.text_columns) if self.job.text_columns else None
         if names is None:
             if self.job.text_column:
@@ -644,11 +650,10 @@ class Scorer:
                 names = ["text"]
             else:
                 strings = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-                strings = [s for s in strings if s != (self.job.id_column or "id")]
+                strings = [s for s in strings if s != id_column]
                 if len(strings) != 1:
                     raise UsageError(f"cannot tell the text column; pass text_column (the table has columns: {', '.join(table.column_names)})")
                 names = strings
-        id_column = self.job.id_column or ("id" if "id" in table.column_names else None)
         id_type = "int64"
         if id_column is not None:
             field_type = table.schema.field(id_column).type if id_column in table.column_names else pa.int64()

@@ -27,7 +27,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from attnfallback.errors import OutputError
+from attnfallback.errors import OutputError, OutputExistsError
 
 MANIFEST_FORMAT = "attnfallback.parts/1"
 METADATA_KEY = b"attnfallback"
@@ -97,7 +97,7 @@ class OutputLock:
             except OSError:
                 holder = _read_holder(fd)
                 os.close(fd)
-                raise OutputError(
+                raise OutputExistsError(
                     f"output {self.path.name.removeprefix('.').removesuffix('.lock')} is locked by another run"
                     f"{holder}; two runs cannot write one output (lock: {self.path})",
                     path=str(self.path),
@@ -192,7 +192,7 @@ class PartStore:
     def open(self, run_id: str) -> Existing:
         """Create the output's directory, take the lock, and report what is already there."""
         if self.output.exists() and self.output.is_dir():
-            raise OutputError(f"output {self.output} is a directory; expected a file name such as out.parquet", path=str(self.output))
+            raise OutputExistsError(f"output {self.output} is a directory; expected a file name such as out.parquet", path=str(self.output))
         try:
             self.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:

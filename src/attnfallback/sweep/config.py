@@ -50,7 +50,7 @@ JOB_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "model": ((str,), "a local directory, a hub id or 'default'"),
     "revision": ((str,), "a hub revision"),
     "task": ((str,), " | ".join(TASKS)),
-    "input": ((str,), "an input file (.csv, .jsonl, .parquet)"),
+    "input": ((str,), "an input file (.jsonl, .csv, .tsv, each plain, .gz or .zst; .parquet, .arrow) or a saved dataset directory"),
     "text_column": ((str,), "a column name"),
     "text_columns": ((list, str), "a list of column names"),
     "id_column": ((str,), "a column name"),
@@ -307,7 +307,7 @@ def _build_spec(fields: dict, varying: dict, base: Path, where: str | None) -> J
     if "input" not in fields:
         raise fail("input", "missing key 'input' (the file to score)")
     input_path = _resolve(base, fields["input"])
-    if not input_path.is_file():
+    if not input_path.exists():  # a file, or a directory written by datasets' save_to_disk
         raise fail("input", f"input file {input_path} not found")
     model = fields.get("model", "default")
     if model != "default" and (model.startswith((".", "~", "/")) or (base / model).is_dir()):

@@ -335,6 +335,14 @@ def run_local(
     return result
 
 
+def _ids_are_row_numbers(outputs: list[Path]) -> bool:
+    """Whether the shards' ids are row numbers: each shard's fingerprint names the id column it
+    resolved (a configuration without id_column still uses the input's `id` column if it has one)."""
+    from attnfallback.scoring.writer import read_output_metadata
+
+    return all((read_output_metadata(p) or {}).get("fingerprint", {}).get("id_column", "?") is None for p in outputs)
+
+
 def finish(config: SweepConfig, state: SweepState, result: SweepResult) -> None:
     """Merge each fully done configuration's shards; read the run's events."""
     by_config: dict[str, list[JobResult]] = {}
@@ -345,8 +353,9 @@ def finish(config: SweepConfig, state: SweepState, result: SweepResult) -> None:
             jobs = by_config.get(spec.name, [])
             if len(jobs) != spec.shards or not all(j.ok for j in jobs):
                 continue
-            merged = merge_outputs([Path(j.output) for j in jobs], config.config_dir(spec) / "scores.parquet",
-                                   ids_are_row_numbers=spec.id_column is None)
+            outputs = [Path(j.output) for j in jobs]
+            merged = merge_outputs(outputs, config.config_dir(spec) / "scores.parquet",
+                                   ids_are_row_numbers=_ids_are_row_numbers(outputs))
             result.merged[spec.name] = merged
             state.outputs[spec.name] = merged["path"]
     state.save()

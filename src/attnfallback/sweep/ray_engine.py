@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from importlib.util import find_spec
 from pathlib import Path
 
-from attnfallback.errors import AttnFallbackError, OutputError, UsageError
+from attnfallback.errors import AttnFallbackError, OutputError, OutputExistsError, UsageError
 
 log = logging.getLogger("attnfallback")
 
@@ -229,7 +229,10 @@ class _RaySession:
 
 
 def _read_dataset(source):
-    """Ray Data reads the input the way the local reader does (CSV: every column a string)."""
+    """Ray Data reads the input the way the local reader does (CSV: every column a string).
+
+    Compressed JSONL/CSV: Ray infers the codec from the name (`file_extensions=None`: any name
+    `open_input` accepted). Arrow files and saved datasets: memory-mapped, then handed to Ray."""
     import ray.data
 
     path = str(source.path)
@@ -242,9 +245,14 @@ def _read_dataset(source):
             parse_options=pacsv.ParseOptions(delimiter=source.delimiter, newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in source.columns},
                                                  strings_can_be_null=False),
+            file_extensions=None,
         )
     if source.format == "jsonl":
-        return ray.data.read_json(path, lines=True)
+        return ray.data.read_json(path, lines=True, file_extensions=None)
+    if source.format == "arrow":
+        from attnfallback.scoring.inputs import arrow_table
+
+        return ray.data.from_arrow(arrow_table(source))
     return ray.data.read_parquet(path)
 
 
@@ -304,7 +312,7 @@ def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
     require_ray()
     from attnfallback.events import new_run_id
     from attnfallback.scoring.inputs import open_input, resolve_spec
-    from attnfallback.scoring.job import ScoreResult, _validate_job
+    from attnfallback.scoring.job import ScoreResult, _validate_job, validate_input
 
     if job.shard is not None:
         raise UsageError("--shard with the Ray engine: Ray spreads the rows over its actors (each a shard in the "
@@ -314,10 +322,14 @@ def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
     task = _validate_job(job)
     source = open_input(job.input)
     spec = resolve_spec(source, 2 if task == "pairs" else 1, job.text_column, job.text_columns, job.id_column)
+    if job.on_bad_row == "error":
+        # as the local engine does: the first bad row (a duplicate id across the actors' batches
+        # too) is an error naming its file and line, before any actor starts
+        validate_input(source, spec)
     run_id = job.run_id or new_run_id()
     output = Path(job.output)
     if output.exists() and not job.resume:
-        raise OutputError(f"output {output} exists; remove it or choose another output (--resume keeps it)", path=str(output))
+        raise OutputExistsError(f"output {output} exists; remove it or choose another output (--resume keeps it)", path=str(output))
     if output.exists():
         from attnfallback.scoring.writer import read_output_metadata
 
@@ -400,7 +412,7 @@ def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
         tokens=tokens, truncated=0, seconds=round(seconds, 4), tokens_per_s=round(tokens / seconds, 1) if seconds else 0.0,
         nonfinite=merged["nonfinite"], decision=getattr(first, "decision", None) or {}, run_id=run_id,
         shard=f"ray ({len(shards)} actors)", parts=len(shards),
-        events=job.events, task={"engine": "ray", "actors": [s.to_dict() for s in shards]},
+        events=job.events, task={"engine": "ray", "actors": [s.to_dict() for s in shards]}, columns=spec.describe(),
     )
     return RayRun(result, shards)
 
