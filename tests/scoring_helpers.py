@@ -98,3 +98,16 @@ def failing_above(forward, max_rows: int, seen: list, rows_key: str = "input_ids
         return forward(batch)
 
     return limited
+
+
+def copy_tokenizer(directory: Path) -> Path:
+    """Give a model saved by hand the embedded MiniLM's tokenizer (vocab 30522)."""
+    import shutil
+
+    from attnfallback.model_facts import default_model_path
+
+    src = default_model_path()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, Path(directory) / name)
+    return Path(directory)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from attnfallback.cli.common import DEVICE, DTYPE, EVENTS, JSON, POLICY, PREFER, REVISION, RUN_ID, SHARD, TRUST_REMOTE_CODE, print_json, split_list, stdout_console
+from attnfallback.cli.common import ALLOW_NEW_HEAD, DEVICE, DTYPE, EVENTS, JSON, POLICY, PREFER, REVISION, RUN_ID, SHARD, TRUST_REMOTE_CODE, print_json, split_list, stdout_console
 
 
 def render(data: dict) -> None:
@@ -61,6 +61,7 @@ def register(app: typer.Typer) -> None:
         actors: int = typer.Option(2, "--actors", help="Ray actors, each one shard in the events (with --engine ray)."),
         revision: str = REVISION,
         trust_remote_code: bool = TRUST_REMOTE_CODE,
+        allow_new_head: bool = ALLOW_NEW_HEAD,
         as_json: bool = JSON,
     ):
         """Score MODEL over one shard of --input into --output (Parquet, id first, input order)."""
@@ -73,6 +74,7 @@ def register(app: typer.Typer) -> None:
             dtype=dtype, device=device, batch_tokens=batch_tokens, max_length=max_length, events=events, run_id=run_id,
             resume=resume, on_bad_row=on_bad_row, on_nonfinite=on_nonfinite, quiet=quiet or as_json, revision=revision,
             trust_remote_code=trust_remote_code, part_rows=part_rows, first_part_rows=first_part_rows, packing=packing, tokenizer_process=tokenizer_process,
+            allow_new_head=allow_new_head,
         )
         data = run_score_engine(job, engine, address=address, actors=actors).to_dict()
         print_json(data) if as_json else render(data)

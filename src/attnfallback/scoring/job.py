@@ -67,6 +67,7 @@ class ScoreJob:
     first_part_rows: int = FIRST_PART_ROWS  # the first part's rows; parts double from there up to part_rows
     packing: str = "auto"  # auto: padding-free batches where the implementation is a varlen flash kernel | off
     tokenizer_process: str = "auto"  # auto: on CUDA, tokenize in a child process (scoring/tokenizer_process.py) | off
+    allow_new_head: bool = False  # score with weights the checkpoint lacks (initialised at random): see heads.py
 
 
 @dataclass

@@ -215,6 +215,8 @@ class Scorer:
                 trust_remote_code=job.trust_remote_code,
                 model_kwargs=_model_kwargs(task_name, job),
                 sink=sink,
+                allow_new_head=getattr(job, "allow_new_head", False),
+                task=task_name,
             )
         columns = len(job.text_columns) if job.text_columns else 1
         model_dir = loaded.facts.ref.location if loaded.facts.ref.is_local else _hub_snapshot(loaded.model)
@@ -682,7 +684,8 @@ def _budgets(job, loaded, impl: str) -> tuple[int, int | None]:
 
 
 def _model_kwargs(task: str, job) -> dict:
-    """A cross-encoder checkpoint with a plain encoder gets one label, as sentence-transformers does."""
+    """A plain encoder checkpoint scored as pairs gets one label, as sentence-transformers' CrossEncoder
+    gives it (set on the config by the loader; its classifier is new: refused unless allowed)."""
     if task != "pairs":
         return {}
     from attnfallback.model_facts import read_facts
