@@ -109,6 +109,7 @@ class _Counts:
     rows_total: int = 0  # every row of the input, owned or not
     skipped: list[dict] = field(default_factory=list)
     skipped_count: int = 0
+    skipped_rows: list[int] = field(default_factory=list)  # every skipped row number (a sweep merges by them)
 
 
 def _validate_job(job: ScoreJob) -> str:
@@ -168,6 +169,7 @@ def _differences(old: dict, new: dict) -> str:
 
 def _bad_row(counts: _Counts, row: InputRow) -> None:
     counts.skipped_count += 1
+    counts.skipped_rows.append(row.number)
     if len(counts.skipped) < MAX_LISTED_SKIPS:
         counts.skipped.append({"row": row.number, "line": row.line, "reason": row.problem})
 
@@ -448,7 +450,7 @@ def _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fing
         task=scorer.describe(),
     )
     store.finish({"format": "attnfallback.output/1", "run_id": run_id, "fingerprint": fingerprint,
-                          "result": result.to_dict()})
+                  "result": result.to_dict(), "skipped_rows": counts.skipped_rows})
     _emit(sink, "shard_done", rows=result.rows_in, rows_written=result.rows_written, rows_skipped=result.rows_skipped,
           skipped=[{"line": s["line"], "reason": s["reason"]} for s in result.skipped], tokens=result.tokens,
           truncated=result.truncated, seconds=result.seconds, tokens_per_s=result.tokens_per_s, non_finite=result.nonfinite,

@@ -284,7 +284,7 @@ class _Runner:
                 error = f"{describe_exit(code)}" + (f"; last output: {error}" if error else "")
         status = "done" if ok else "failed"
         self.state.update_job(job.key, status=status, exit_code=code, error=error, seconds=round(seconds, 3),
-                              rows=(score or {}).get("rows_written"))
+                              rows=(score or {}).get("rows_written"), skipped=(score or {}).get("rows_skipped"))
         if ok:
             used = ((score or {}).get("decision") or {}).get("used")
             self.echo(f"  done   {job.key:<24} {seconds:6.1f} s" + (f"  ({used})" if used else ""))
@@ -370,7 +370,7 @@ def read_run_events(events: Path, run_ids: list[str]) -> tuple[list[dict], list[
             order = "TRY_CAST(split_part(shard, '/', 1) AS BIGINT), shard"
             shards = event_log.sql(
                 f"SELECT run_id, shard, host, gpu_class, requested, used, fell_back, strict_failure, "
-                f"failed_impl, reason, rows, tokens, seconds, done FROM shards WHERE run_id IN ({marks}) "
+                f"failed_impl, reason, rows, skipped, rows_in, tokens, seconds, done, interrupted FROM shards WHERE run_id IN ({marks}) "
                 f"ORDER BY run_id, {order}", run_ids).to_pylist()
             summary = event_log.sql(
                 f"""WITH s AS (SELECT * FROM shards WHERE run_id IN ({marks})),

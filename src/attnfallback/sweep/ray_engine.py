@@ -69,7 +69,7 @@ class ActorShard:
     decision: dict | None = None  # the attn_impl fields
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "decision"}
+        return {**{k: v for k, v in self.__dict__.items() if k != "decision"}, "rows_skipped": self.rows_in - self.rows_written}
 
 
 @dataclass
@@ -482,7 +482,7 @@ def score_job_for(spec, output: Path, events: Path, run_id: str):
                     prefer=list(spec.prefer) if spec.prefer else None, policy=spec.policy, dtype=spec.dtype,
                     batch_tokens=spec.batch_tokens, max_length=spec.max_length, events=str(events), run_id=run_id,
                     on_bad_row=spec.on_bad_row, on_nonfinite=spec.on_nonfinite, quiet=True, revision=spec.revision,
-                    trust_remote_code=spec.trust_remote_code, **extra)
+                    trust_remote_code=spec.trust_remote_code, allow_new_head=spec.allow_new_head, **extra)
 
 
 def run_sweep_ray(config, *, resume: bool = False, address: str | None = None, echo=None,

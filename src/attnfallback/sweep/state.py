@@ -174,13 +174,33 @@ def _changed_configs(previous: list[dict], config: SweepConfig) -> list[str]:
     return changes
 
 
+def shard_row_numbers(output: Path, index: int, count: int, rows: int):
+    """The input row numbers of a shard output's rows, in its order (shard i of N owns rows i, i+N, ...
+    and writes them in order, less the rows it skipped), from the run summary the output carries;
+    None where it carries none to tell."""
+    import numpy as np
+
+    from attnfallback.scoring.writer import read_output_metadata
+
+    meta = read_output_metadata(output) or {}
+    result, skipped = meta.get("result") or {}, meta.get("skipped_rows")
+    rows_in = result.get("rows_in")
+    if not isinstance(rows_in, int) or not isinstance(skipped, list) or len(skipped) != result.get("rows_skipped"):
+        return None
+    owned = index + count * np.arange(rows_in, dtype=np.int64)
+    kept = owned[~np.isin(owned, np.asarray(skipped, dtype=np.int64))]
+    return kept if len(kept) == rows else None
+
+
 def merge_outputs(shard_outputs: list[Path], destination: Path, ids_are_row_numbers: bool) -> dict:
     """Join the shards' outputs (shard i holds rows r with r mod N == i) back into input order.
 
-    With row-number ids the rows are sorted by id; otherwise they are interleaved when every
-    shard holds the rows it owns (no row skipped), else concatenated shard by shard. Written to
-    a temporary name, then renamed. Returns {path, rows, order}.
+    Rows are placed by their input row numbers, which each shard output's summary gives (its
+    skipped rows included); failing that, sorted by id when the ids are row numbers, interleaved
+    when no row was skipped, else (outputs without a summary) concatenated shard by shard.
+    Written to a temporary name, then renamed. Returns {path, rows, order}.
     """
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -188,7 +208,12 @@ def merge_outputs(shard_outputs: list[Path], destination: Path, ids_are_row_numb
     tables = [pq.read_table(p) for p in shard_outputs]
     total = sum(t.num_rows for t in tables)
     n = len(tables)
-    if ids_are_row_numbers and all(pa.types.is_integer(t.schema.field(0).type) for t in tables):
+    numbers = [shard_row_numbers(p, i, n, t.num_rows) for i, (p, t) in enumerate(zip(shard_outputs, tables))]
+    if all(r is not None for r in numbers):
+        merged = pa.concat_tables(tables, promote_options="default")
+        merged = merged.take(pa.array(np.argsort(np.concatenate(numbers), kind="stable")))
+        order = "input order (by row number)"
+    elif ids_are_row_numbers and all(pa.types.is_integer(t.schema.field(0).type) for t in tables):
         merged = pa.concat_tables(tables, promote_options="default")
         merged = merged.take(pc.sort_indices(merged.column(0), sort_keys=[(merged.column_names[0], "ascending")]))
         order = "input order (by row number)"
