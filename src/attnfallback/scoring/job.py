@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from attnfallback.errors import InputError, OutputError, UsageError
+from attnfallback.errors import InputError, OutputError, OutputRefused, UsageError
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec
 from attnfallback.scoring.tasks import TEXT_COLUMNS, check_packing_mode, parse_task
 from attnfallback.scoring.tokenizer_process import check_tokenizer_process_mode
@@ -329,15 +329,15 @@ def _check_existing(store, existing, job: ScoreJob, fingerprint: dict):
     """None (start fresh), a list of parts to resume from, or a ScoreResult (already complete)."""
     out = store.output
     if existing.final_foreign:
-        raise OutputError(f"output {out} exists and was not written by attnfallback; remove it or choose another output", path=str(out))
+        raise OutputRefused(f"output {out} exists and was not written by attnfallback; remove it or choose another output", path=str(out))
     if existing.final_metadata is not None:
         meta = existing.final_metadata
         if not job.resume:
-            raise OutputError(f"output {out} exists from a completed run ({meta.get('run_id')}); pass --resume to keep it, "
+            raise OutputRefused(f"output {out} exists from a completed run ({meta.get('run_id')}); pass --resume to keep it, "
                               "or remove it to score again", path=str(out))
         diff = _differences(meta.get("fingerprint", {}), fingerprint)
         if diff:
-            raise OutputError(f"output {out} exists from a different job ({diff}); remove it or choose another output", path=str(out))
+            raise OutputRefused(f"output {out} exists from a different job ({diff}); remove it or choose another output", path=str(out))
         store.discard_stale_parts()
         result = ScoreResult(**{k: v for k, v in meta.get("result", {}).items() if k in ScoreResult.__dataclass_fields__})
         result.already_complete = True
@@ -346,11 +346,11 @@ def _check_existing(store, existing, job: ScoreJob, fingerprint: dict):
     if existing.manifest is not None:
         manifest = existing.manifest
         if not job.resume:
-            raise OutputError(f"a partial output of run {manifest.get('run_id')} ({len(existing.parts)} part(s) committed) is in "
+            raise OutputRefused(f"a partial output of run {manifest.get('run_id')} ({len(existing.parts)} part(s) committed) is in "
                               f"{store.work}; pass --resume to continue it, or remove that directory to start over", path=str(store.work))
         diff = _differences(manifest.get("fingerprint", {}), fingerprint)
         if diff:
-            raise OutputError(f"cannot resume: the partial output in {store.work} is from a different job ({diff}); "
+            raise OutputRefused(f"cannot resume: the partial output in {store.work} is from a different job ({diff}); "
                               "remove it to start over", path=str(store.work))
         return existing.parts
     return None

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from importlib.util import find_spec
 from pathlib import Path
 
-from attnfallback.errors import AttnFallbackError, OutputError, UsageError
+from attnfallback.errors import AttnFallbackError, OutputError, OutputRefused, UsageError
 
 log = logging.getLogger("attnfallback")
 
@@ -317,7 +317,7 @@ def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
     run_id = job.run_id or new_run_id()
     output = Path(job.output)
     if output.exists() and not job.resume:
-        raise OutputError(f"output {output} exists; remove it or choose another output (--resume keeps it)", path=str(output))
+        raise OutputRefused(f"output {output} exists; remove it or choose another output (--resume keeps it)", path=str(output))
     if output.exists():
         from attnfallback.scoring.writer import read_output_metadata
 

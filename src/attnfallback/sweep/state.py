@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from attnfallback.errors import ConfigError, OutputError
+from attnfallback.errors import ConfigError, OutputRefused
+from attnfallback.scoring.writer import output_os_error
 from attnfallback.sweep.config import MANIFEST, SweepConfig
 
 MANIFEST_SCHEMA = "attnfallback.sweep/1"
@@ -35,9 +36,9 @@ def read_manifest(output: str | os.PathLike) -> dict | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise OutputError(f"cannot read the sweep manifest {path}: {e}", path=str(path)) from None
+        raise OutputRefused(f"cannot read the sweep manifest {path}: {e}", path=str(path)) from None
     if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
-        raise OutputError(f"{path} is not a sweep manifest (schema {MANIFEST_SCHEMA})", path=str(path))
+        raise OutputRefused(f"{path} is not a sweep manifest (schema {MANIFEST_SCHEMA})", path=str(path))
     return data
 
 
@@ -139,7 +140,7 @@ def claim_output(config: SweepConfig, resume: bool, engine: str) -> SweepState:
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"cannot create output directory {output}: {e}", path=str(output)) from None
+        raise output_os_error(f"cannot create output directory {output}", e, output) from None
     state = SweepState(config, run_id, engine)
     state.save()
     return state
