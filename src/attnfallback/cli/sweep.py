@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import typer
@@ -109,8 +110,9 @@ def _exit_text(code) -> str:
     return describe_exit(code)
 
 
-def render_sweep(result, console=None) -> None:
-    """The end-of-sweep report: every shard, the events summary, failures, outputs."""
+def render_sweep(result, console=None, resume_command: str | None = None) -> None:
+    """The end-of-sweep report: every shard, the events summary, failures, outputs; and, when shards
+    failed and the sweep can be resumed, the command that resumes it."""
     console = console or stdout_console()
     done = sum(1 for j in result.jobs if j.ok)
     console.print(f"sweep {result.run_id} ({result.engine} engine): {len(result.jobs)} shard jobs, {done} complete, "
@@ -150,8 +152,8 @@ def render_sweep(result, console=None) -> None:
         console.print(f"output {name}: {merged['path']} ({merged['rows']} rows, {merged['order']})", markup=False)
     console.print(f"events: {result.events} (attnfallback events fallbacks {result.events})", markup=False)
     console.print(f"manifest: {result.manifest}", markup=False)
-    if result.failed:
-        console.print("resume the failed shards with --resume", markup=False)
+    if result.failed and resume_command:
+        console.print(f"resume the failed shards: {resume_command}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -170,6 +172,6 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json(result.to_dict())
         else:
-            render_sweep(result)
+            render_sweep(result, resume_command=f"attnfallback sweep {shlex.quote(config)} --resume")
         if result.exit_code:
             raise typer.Exit(result.exit_code)

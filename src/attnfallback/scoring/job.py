@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from attnfallback.errors import InputError, OutputError, OutputRefused, UsageError
+from attnfallback.errors import InputError, Interrupted, OutputError, OutputRefused, UsageError
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec
 from attnfallback.scoring.tasks import TEXT_COLUMNS, check_packing_mode, parse_task
 from attnfallback.scoring.tokenizer_process import check_tokenizer_process_mode
@@ -314,8 +314,10 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
                   tokens=done.tokens, seconds=0.0, non_finite=done.nonfinite, output=done.output, already_complete=True)
             return done
         return _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fingerprint, resume_parts, t_start, scorer)
+    except KeyboardInterrupt as e:
+        raise _interrupted(store, sink, shard_text) from e
     except BaseException as e:
-        if sink is not None and not isinstance(e, KeyboardInterrupt):
+        if sink is not None:
             _emit(sink, "shard_failed", error=type(e).__name__, message=str(e)[:2000],
                   exit_code=getattr(e, "exit_code", 1), output=str(job.output), parts_committed=len(store.parts))
         raise
@@ -323,6 +325,21 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
         store.close(remove_lock=True)
         if sink is not None:
             sink.close()
+
+
+def _interrupted(store, sink, shard: str) -> Interrupted:
+    """Ctrl-C: what is committed (the parts written so far are whole; the writer has finished with
+    them), a `shard_interrupted` event, and how to go on."""
+    parts = len(store.parts)
+    rows = sum(p.rows for p in store.parts)
+    if parts:
+        message = (f"shard {shard}: {parts} part(s) committed ({rows:,} rows) in {store.work}; run the same command "
+                   "with --resume to continue from there")
+    else:
+        message = f"shard {shard}: stopped before any part was committed; run the same command again to start over"
+    _emit(sink, "shard_interrupted", output=str(store.output), parts_committed=parts, rows_committed=rows,
+          resume=bool(parts))
+    return Interrupted(message, output=str(store.output), parts=parts, rows=rows)
 
 
 def _check_existing(store, existing, job: ScoreJob, fingerprint: dict):

@@ -66,6 +66,7 @@ class SweepState:
     jobs: dict[str, dict] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     created: str = field(default_factory=_now)
+    interrupted: str | None = None  # when a Ctrl-C stopped the run (cleared by a resume)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -82,6 +83,7 @@ class SweepState:
             "config": self.config.to_dict(),
             "jobs": self.jobs,
             "outputs": self.outputs,
+            "interrupted": self.interrupted,
         }
 
     def save(self) -> None:
@@ -92,6 +94,17 @@ class SweepState:
         with self._lock:
             self.jobs.setdefault(key, {}).update(fields)
         self.save()
+
+    def mark_interrupted(self) -> list[str]:
+        """A Ctrl-C: every job still running is `interrupted` (its committed parts kept for --resume),
+        and the manifest says when. Returns those jobs' keys."""
+        with self._lock:
+            stopped = [k for k, j in self.jobs.items() if j.get("status") in ("running", "interrupted")]
+            for key in stopped:
+                self.jobs[key]["status"] = "interrupted"
+            self.interrupted = _now()
+        self.save()
+        return stopped
 
     def is_done(self, key: str, output: Path) -> bool:
         """A job counts as complete only when it said so and its output is there."""
