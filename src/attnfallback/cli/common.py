@@ -21,6 +21,20 @@ def split_list(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def literal_help(text: str) -> str:
+    """Help text shown as written. Typer renders help as rich markup when rich is there, and
+    markup takes `[ray]` in `pip install attnfallback[ray]` for a style tag and drops it."""
+    try:
+        from typer.core import DEFAULT_MARKUP_MODE, HAS_RICH
+    except ImportError:
+        return text
+    if not (HAS_RICH and DEFAULT_MARKUP_MODE == "rich"):
+        return text
+    from rich.markup import escape
+
+    return escape(text)
+
+
 def stderr_console():
     from rich.console import Console
 

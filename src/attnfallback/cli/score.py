@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from attnfallback.cli.common import ALLOW_NEW_HEAD, DEVICE, DTYPE, EVENTS, JSON, POLICY, PREFER, REVISION, RUN_ID, SHARD, TRUST_REMOTE_CODE, print_json, split_list, stdout_console
+from attnfallback.cli.common import ALLOW_NEW_HEAD, DEVICE, DTYPE, EVENTS, JSON, POLICY, PREFER, REVISION, RUN_ID, SHARD, TRUST_REMOTE_CODE, literal_help, print_json, split_list, stdout_console
+from attnfallback.sweep.ray_engine import INSTALL_HINT
 
 
 def render(data: dict) -> None:
@@ -56,7 +57,7 @@ def register(app: typer.Typer) -> None:
         part_rows: int = typer.Option(8192, "--part-rows", help="Rows per committed part (the unit of --resume)."),
         first_part_rows: int = typer.Option(1024, "--first-part-rows", help="Rows of the first part; parts double from there up to --part-rows, so the GPU starts after a small part's tokenizing."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-        engine: str = typer.Option("local", "--engine", help="local | ray (pip install attnfallback[ray])."),
+        engine: str = typer.Option("local", "--engine", help=literal_help(f"local | ray ({INSTALL_HINT}).")),
         address: str = typer.Option(None, "--address", help="Ray cluster address (with --engine ray; default: a local Ray)."),
         actors: int = typer.Option(2, "--actors", help="Ray actors, each one shard in the events (with --engine ray)."),
         revision: str = REVISION,
