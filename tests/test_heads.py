@@ -197,3 +197,24 @@ def test_a_sweep_configuration_may_allow_a_new_head(tmp_path, texts):
     plain = parse_config({"output": "out", "input": texts.name, "task": "classify"}, base=tmp_path)
     assert "--allow-new-head" not in plain.jobs("r")[0].score_args()
     assert "allow_new_head" not in plain.specs[0].to_dict()  # manifests from before the key still resume
+
+
+def test_a_causal_lm_with_a_non_causal_part_is_still_a_causal_lm():
+    """A multimodal LM's vision tower attends both ways, its language model causally: not refused.
+    A model whose attention is causal nowhere (an encoder) is."""
+    import torch
+
+    from attnfallback.heads import check_loaded
+
+    def attention(causal: bool):
+        module = torch.nn.Module()
+        module.is_causal = causal
+        return module
+
+    mixed = torch.nn.ModuleDict({"vision": attention(False), "text": attention(True)})
+    assert check_loaded(mixed, {"missing_keys": set()}, model_id="m", auto_class="AutoModelForCausalLM", task="logprob") == []
+    encoder = torch.nn.ModuleDict({"layer0": attention(False), "layer1": attention(False)})
+    with pytest.raises(NewHeadError, match="needs a causal language model"):
+        check_loaded(encoder, {"missing_keys": set()}, model_id="m", auto_class="AutoModelForCausalLM", task="logprob",
+                     allow_new_head=True)
+    assert check_loaded(encoder, {"missing_keys": set()}, model_id="m", auto_class="AutoModel") == []

@@ -56,7 +56,8 @@ def check_loaded(model, loading_info: dict | None, *, model_id: str, auto_class:
     what = _what(task, auto_class)
     if auto_class == "AutoModelForCausalLM":
         flags = causal_flags(model)
-        if flags and not all(flags):
+        # none causal: an encoder (a multimodal LM's vision tower is not causal, its language model is)
+        if flags and not any(flags):
             raise NewHeadError(
                 f"{model_id}: {what} needs a causal language model, and {cls} is not one (its attention sees "
                 f"the tokens after each position, so it gives no next-token log-probabilities); use {WHAT_FITS[auto_class]}",
