@@ -218,3 +218,15 @@ def test_a_causal_lm_with_a_non_causal_part_is_still_a_causal_lm():
         check_loaded(encoder, {"missing_keys": set()}, model_id="m", auto_class="AutoModelForCausalLM", task="logprob",
                      allow_new_head=True)
     assert check_loaded(encoder, {"missing_keys": set()}, model_id="m", auto_class="AutoModel") == []
+
+
+def test_flash_kernels_failing_alike_are_still_an_attention_failure():
+    from attnfallback.loader import Attempt, shared_failure
+
+    same = ["load failed: ImportError: kernel build missing"]
+    flash_only = [Attempt("flash_attention_2", "load", False, same), Attempt("flash_attention_3", "load", False, same)]
+    assert shared_failure(flash_only) is None
+    with_sdpa = [Attempt("flash_attention_2", "load", False, same), Attempt("sdpa", "load", False, same)]
+    assert shared_failure(with_sdpa) == same[0]
+    assert shared_failure([Attempt("eager", "load", False, same)]) == same[0]
+    assert shared_failure([Attempt("sdpa", "load", False, same), Attempt("eager", "verify", True, [])]) is None

@@ -25,7 +25,7 @@ from attnfallback.caps import DeviceCaps, SoftwareCaps, probe_device, probe_soft
 from attnfallback.errors import AttentionUnavailable, CheckpointError, ModelLoadError, UsageError
 from attnfallback.heads import check_loaded
 from attnfallback.model_facts import ModelFacts, ModelRef, read_facts, resolve_ref
-from attnfallback.policy import Mode, Policy
+from attnfallback.policy import Mode, Policy, as_policy
 from attnfallback.sdpa_order import sdpa_order
 
 log = logging.getLogger("attnfallback")
@@ -237,25 +237,19 @@ def auto_class_name(auto_class) -> str:
     return name
 
 
-def resolve_policy(policy: Policy | str | None, prefer=None) -> Policy:
-    """A Policy, a mode name (graceful | strict | fastest) or None (the environment, else graceful);
-    `prefer` replaces the preference list."""
-    if policy is None or isinstance(policy, str):
-        return Policy.resolve(mode=policy, prefer=prefer)
-    if not isinstance(policy, Policy):
-        raise UsageError(f"policy must be a Policy or one of graceful, strict, fastest, found {policy!r}")
-    return policy if prefer is None else policy.with_prefer(prefer)
+BASELINE_IMPLS = ("sdpa", "eager")  # need no kernel package: their failures are rarely theirs
 
 
 def shared_failure(attempts: list[Attempt]) -> str | None:
     """The failure every implementation that got past the plan met, when it is one and the same
-    (the implementation's own name aside) and so not the attention's: two or more alike, or eager's
-    (which needs nothing). None otherwise."""
+    (the implementation's own name aside) and so not the attention's: eager's, or two or more alike
+    with sdpa among them (flash kernels alone may share a failure that is theirs). None otherwise."""
     failed = [a for a in attempts if a.stage != "plan" and not a.ok]
     if not failed or any(a.ok for a in attempts):
         return None
     texts = {"; ".join(a.reasons).replace(a.impl, "<impl>") for a in failed}
-    if len(texts) == 1 and (len(failed) > 1 or failed[0].impl == "eager"):
+    impls = {a.impl for a in failed}
+    if len(texts) == 1 and ("eager" in impls or (len(failed) > 1 and impls & set(BASELINE_IMPLS))):
         return "; ".join(failed[0].reasons)
     return None
 
@@ -301,7 +295,7 @@ def load_model(
     A checkpoint without the weights of the model built (a classifier head on an embedding model)
     is a NewHeadError unless `allow_new_head`; `task` only names what needed them in that error.
     """
-    policy = resolve_policy(policy, prefer)
+    policy = as_policy(policy, prefer)
     auto_class = auto_class_name(auto_class)
     ref = resolve_ref(model, revision)
     facts = read_facts(ref, auto_class=auto_class, trust_remote_code=trust_remote_code)

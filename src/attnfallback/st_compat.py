@@ -69,9 +69,10 @@ def _first_transformer(st_model):
 
 def _load(kind: str, model, policy, prefer, dtype, device, events, run_id, shard, revision, trust_remote_code, model_kwargs,
           allow_new_head: bool = False, **st_kwargs):
-    from attnfallback.loader import load_model, resolve_policy
+    from attnfallback.loader import load_model
+    from attnfallback.policy import as_policy
 
-    policy = resolve_policy(policy, prefer)
+    policy = as_policy(policy, prefer)
     auto_class = "AutoModel" if kind == "st" else "AutoModelForSequenceClassification"
     extra = dict(model_kwargs or {})
     if kind == "ce" and "num_labels" not in extra:
