@@ -122,3 +122,16 @@ def save_like_datasets(directory, table, shards: int = 2):
         "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": "test"}))
     (directory / "dataset_info.json").write_text(json.dumps({"features": {"id": {"dtype": "string", "_type": "Value"}}}))
     return directory
+
+
+def copy_tokenizer(directory: Path) -> Path:
+    """Give a model saved by hand the embedded MiniLM's tokenizer (vocab 30522)."""
+    import shutil
+
+    from attnfallback.model_facts import default_model_path
+
+    src = default_model_path()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, Path(directory) / name)
+    return Path(directory)

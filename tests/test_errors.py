@@ -20,6 +20,10 @@ from attnfallback import errors
         (errors.ParityError("sdpa over tolerance"), 4),
         (errors.OutputError("locked", path="/x"), 1),
         (errors.OutputExistsError("output /x exists from a completed run", path="/x"), 2),
+        (errors.OutputRefused("locked by another run", path="/x"), 2),
+        (errors.CheckpointError("cannot read the weights", path="/m"), 2),
+        (errors.NewHeadError("no weights for classifier.weight", missing=["classifier.weight"], task="classify"), 2),
+        (errors.ModelLoadError("failed the same way under every implementation"), 1),
     ],
 )
 def test_exit_codes_and_pickling_keep_the_context(err, code):

@@ -82,7 +82,8 @@ def test_sweep_on_ray_matches_score_and_each_actor_is_a_shard(ray_local, tiny_be
     shards = result.shards
     assert [s["shard"] for s in shards] == ["0/2", "1/2"]
     assert all(s["run_id"] == "ray-test" and s["gpu_class"] == "cpu" and s["used"] == "sdpa" and s["done"] for s in shards), shards
-    assert sum(s["rows"] for s in shards) == ROWS
+    assert sum(s["rows"] for s in shards) == ROWS - 1 and sum(s["skipped"] for s in shards) == 1  # written, skipped
+    assert sum(s["rows_in"] for s in shards) == ROWS
     assert sum(j.score["rows_written"] for j in result.jobs) == ROWS - 1
     assert all(j.score["rows_in"] > 0 for j in result.jobs)  # both actors scored
     assert result.summary[0]["shards"] == 2 and result.summary[0]["fell_back"] == 2

@@ -4,6 +4,10 @@
     loaded = load_model("default", policy=Policy.graceful(prefer=["flash_attention_2", "sdpa", "eager"]))
     loaded.decision.used, loaded.decision.fell_back, loaded.decision.attempts
 
+    import attnfallback                  # or, as with transformers:
+    model = attnfallback.from_pretrained("default", attn_implementation=["flash_attention_2", "sdpa"])
+    model.attnfallback_decision.used
+
 Nothing heavy happens at import: torch and transformers load when a function needs them.
 """
 
@@ -15,6 +19,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_model": "attnfallback.loader",
+    "from_pretrained": "attnfallback.pretrained",
     "LoadedModel": "attnfallback.loader",
     "Decision": "attnfallback.loader",
     "Attempt": "attnfallback.loader",

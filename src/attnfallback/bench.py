@@ -338,7 +338,8 @@ def load_for_comparison(model: str, impls: list[str], *, dtype: str = "auto", de
     if not viable:
         return None, unavailable
     loaded = load_model(model, revision=revision, auto_class=auto_class, dtype=dtype_name, device=device,
-                        policy=Policy.graceful(viable), trust_remote_code=trust_remote_code, sink=NO_EVENTS)
+                        policy=Policy.graceful(viable), trust_remote_code=trust_remote_code, sink=NO_EVENTS,
+                        allow_new_head=True)  # tokens/s: a head initialised at random runs as fast as a trained one
     for attempt in loaded.decision.attempts:
         if not attempt.ok and attempt.stage != "plan":
             unavailable[attempt.impl] = list(attempt.reasons)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 from attnfallback import catalog
-from attnfallback.errors import UnknownNameError
+from attnfallback.errors import UnknownNameError, UsageError
 
 
 @dataclass(frozen=True)
@@ -216,6 +216,9 @@ def probe_device(device: str = "auto") -> DeviceCaps:
     if kind == "cpu":
         return DeviceCaps.cpu()
     if kind == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise UsageError(f"device {device!r} is not available here: no MPS (Apple silicon's GPU) device; use auto or cpu")
         return DeviceCaps(kind="mps", name="mps", bf16=True)
     if kind != "cuda":
         raise UnknownNameError("device", device, ["auto", "cpu", "cuda", "cuda:N", "mps"])

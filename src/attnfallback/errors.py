@@ -6,16 +6,26 @@
     │   ├── ModelNotFoundError        a model path or id that cannot be found (.path)
     │   ├── InputError                a malformed input file (.path, .line, .expected, .found)
     │   ├── ConfigError               a sweep configuration that does not hold (.path, .key)
-    │   └── RemoteCodeError           a model asking for remote code without --trust-remote-code
+    │   ├── RemoteCodeError           a model asking for remote code without --trust-remote-code
+    │   ├── NewHeadError              the checkpoint carries no weights for (part of) the model the task
+    │   │                             needs, so transformers would make them up (.missing, .task);
+    │   │                             or a causal LM asked of a model that is not one
+    │   ├── CheckpointError           the weights cannot be read (also a ModelLoadError)
+    │   └── OutputRefused             the output is a directory, another run's, locked, not writable
+    │       │                         (also an OutputError)
+    │       └── OutputExistsError     the output, its partial parts or its lock is there already: another
+    │                                 run's or job's; the user chooses (--resume, remove it, another output)
     ├── AttentionUnavailable          strict policy and the preferred implementation cannot run; exit 3
     │                                 (.reasons: {implementation: [reason, ...]}, .attempts)
     ├── ParityError                   an implementation's outputs are over tolerance; exit 4
-    ├── ModelLoadError                loading failed for a reason no implementation explains; exit 1
+    ├── ModelLoadError                loading failed for a reason no implementation explains (every
+    │                                 implementation tried failed the same way); exit 1
     ├── NonFiniteError                the model produced NaN/inf (.ids); exit 1
-    └── OutputError                   output cannot be written (.path); exit 1
-        └── OutputExistsError         the output, its partial parts or its lock is there already: another
-                                      run's or job's, or a directory; the user chooses (--resume,
-                                      remove it, another output); also a UsageError; exit 2
+    └── OutputError                   output cannot be written (disk full ...; .path); exit 1
+
+    KeyboardInterrupt
+    └── Interrupted                   Ctrl-C during `score`: what was committed (.output, .parts,
+                                      .rows) and how to resume; exit 130 (128 + SIGINT)
 
 Input checks raise one of these, never `assert`.
 """
@@ -162,8 +172,51 @@ class OutputError(AttnFallbackError):
         super().__init__(message)
 
 
-class OutputExistsError(OutputError, UsageError):
-    """The output is taken: a completed or partial output of another run or job, a file
-    attnfallback did not write, a directory, or a lock another run holds. Bad usage: exit 2."""
+class NewHeadError(UsageError):
+    """The checkpoint has no weights for parameters the model needs (a head, most often): loading
+    would initialise them at random and every output would be made up. `--allow-new-head` (or
+    `allow_new_head=True`) lets a user who means it through."""
 
-    exit_code = 2
+    def __init__(self, message: str, missing: Sequence[str] = (), task: str | None = None, model_class: str | None = None):
+        self.missing = list(missing)
+        self.task = task
+        self.model_class = model_class
+        super().__init__(message)
+
+
+class CheckpointError(UsageError, ModelLoadError):
+    """The checkpoint's weight files are missing, unreadable or corrupt."""
+
+    def __init__(self, message: str, path: str | None = None):
+        self.path = path
+        super().__init__(message)
+
+
+class OutputRefused(UsageError, OutputError):
+    """The output cannot be used as given: a directory, another run's (or a foreign) file, locked
+    by a running job, or in a location that cannot be written. The user can fix it: exit 2."""
+
+
+class OutputExistsError(OutputRefused):
+    """The output is taken: a completed or partial output of another run or job, a file
+    attnfallback did not write, or a lock another run holds. Bad usage: exit 2."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, after what was committed was made safe. Still a KeyboardInterrupt, so
+    `except KeyboardInterrupt` in user code sees it; the command line exits 130."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, output: str | None = None, parts: int = 0, rows: int = 0):
+        super().__init__(message)
+        self.message = message
+        self.output = output
+        self.parts = parts
+        self.rows = rows
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.output, self.parts, self.rows))

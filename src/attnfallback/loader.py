@@ -5,6 +5,10 @@ fails at verification (some failures only show at the first forward: transformer
 compute capability for flash_attention_2) is replaced in place with `set_attn_implementation`.
 dtype and revision stay fixed across attempts. Every attempt is kept, with its reasons, for the
 error, the log and the `attn_impl` audit event.
+
+A failure that is not the attention's is not reported as one: a device that is not there is
+refused by the probe, a checkpoint without the weights of the model built from it by `heads`, and
+a load that fails the same way under every implementation tried is a ModelLoadError.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from typing import Any
 from attnfallback import envs, fastest, impls, planner
 from attnfallback.caps import DeviceCaps, SoftwareCaps, probe_device, probe_software
 from attnfallback.decision import Attempt, Decision
-from attnfallback.errors import AttentionUnavailable, ModelLoadError
+from attnfallback.errors import AttentionUnavailable, CheckpointError, ModelLoadError, UsageError
+from attnfallback.heads import check_loaded
 from attnfallback.model_facts import ModelFacts, ModelRef, read_facts, resolve_ref
-from attnfallback.policy import Mode, Policy
+from attnfallback.policy import Mode, Policy, as_policy
 from attnfallback.sdpa_order import sdpa_order
 
 log = logging.getLogger("attnfallback")
@@ -87,20 +92,30 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def from_pretrained(facts: ModelFacts, auto_class: str, impl: str, dtype: str, trust_remote_code: bool, model_kwargs: dict):
-    """One read of the weights, with the implementation, dtype and revision fixed."""
+def from_pretrained(facts: ModelFacts, auto_class: str, impl: str, dtype: str, trust_remote_code: bool, model_kwargs: dict,
+                    allow_new_head: bool = False, task: str | None = None):
+    """One read of the weights, with the implementation, dtype and revision fixed; refused
+    (NewHeadError) when the checkpoint lacks weights of the model built, unless `allow_new_head`."""
     import transformers
 
     auto = getattr(transformers, auto_class)
     kwargs = dict(model_kwargs)
+    if facts.config is not None and "config" not in kwargs:
+        # read once, in read_facts; keyword arguments naming config attributes (num_labels) go onto
+        # it, as transformers does when it reads the config itself (passed with config=, they would
+        # reach the model's __init__ and fail)
+        config = copy.copy(facts.config)
+        for key in [k for k in kwargs if hasattr(config, k)]:
+            setattr(config, key, kwargs.pop(key))
+        kwargs["config"] = config
     kwargs.update(dtype=torch_dtype(dtype), attn_implementation=impl, trust_remote_code=trust_remote_code)
-    if facts.config is not None:
-        kwargs.setdefault("config", copy.copy(facts.config))  # read once, in read_facts
     if facts.ref.source == "hub":
         kwargs["revision"] = facts.revision
     else:
         kwargs["local_files_only"] = True
-    return auto.from_pretrained(facts.ref.location, **kwargs)
+    model, info = auto.from_pretrained(facts.ref.location, output_loading_info=True, **kwargs)
+    check_loaded(model, info, model_id=facts.model_id, auto_class=auto_class, task=task, allow_new_head=allow_new_head)
+    return model
 
 
 def verify_forward(model, facts: ModelFacts, device) -> list[str]:
@@ -169,6 +184,35 @@ def _resolve_device(device: str, device_caps: DeviceCaps | None) -> DeviceCaps:
     return device_caps if device_caps is not None else probe_device(device)
 
 
+def auto_class_name(auto_class) -> str:
+    """An auto class (or model class) of transformers, given as itself or by its name -> its name."""
+    if isinstance(auto_class, str):
+        return auto_class
+    name = getattr(auto_class, "__name__", None)
+    import transformers
+
+    if name is None or getattr(transformers, name, None) is not auto_class:
+        raise UsageError(f"auto_class must be a transformers auto class (or model class) or its name, found {auto_class!r}")
+    return name
+
+
+BASELINE_IMPLS = ("sdpa", "eager")  # need no kernel package: their failures are rarely theirs
+
+
+def shared_failure(attempts: list[Attempt]) -> str | None:
+    """The failure every implementation that got past the plan met, when it is one and the same
+    (the implementation's own name aside) and so not the attention's: eager's, or two or more alike
+    with sdpa among them (flash kernels alone may share a failure that is theirs). None otherwise."""
+    failed = [a for a in attempts if a.stage != "plan" and not a.ok]
+    if not failed or any(a.ok for a in attempts):
+        return None
+    texts = {"; ".join(a.reasons).replace(a.impl, "<impl>") for a in failed}
+    impls = {a.impl for a in failed}
+    if len(texts) == 1 and ("eager" in impls or (len(failed) > 1 and impls & set(BASELINE_IMPLS))):
+        return "; ".join(failed[0].reasons)
+    return None
+
+
 def _open_sink(events, run_id, shard, sink):
     if sink is not None:
         return sink
@@ -190,10 +234,11 @@ def load_model(
     model: str | os.PathLike = "default",
     *,
     revision: str | None = None,
-    auto_class: str = "AutoModel",
+    auto_class: str | type = "AutoModel",
     dtype: str = "auto",
     device: str = "auto",
-    policy: Policy | None = None,
+    policy: Policy | str | None = None,
+    prefer: str | list[str] | None = None,
     events: str | os.PathLike | None = None,
     run_id: str | None = None,
     shard: str | None = None,
@@ -202,6 +247,8 @@ def load_model(
     software_caps: SoftwareCaps | None = None,
     model_kwargs: dict | None = None,
     sink=None,
+    allow_new_head: bool = False,
+    task: str | None = None,
     bench_factory=None,
     facts: ModelFacts | None = None,
 ) -> LoadedModel:
@@ -213,9 +260,15 @@ def load_model(
     (fastest.py: the rule, the budget, the cache). strict: the first preference or
     AttentionUnavailable (an `attn_unavailable` event is written first). fastest: always
     measured. Writes an `attn_impl` event when an events directory is given (or
-    $ATTNFALLBACK_EVENTS is set). `facts`: the model's facts when the caller has read them.
+    $ATTNFALLBACK_EVENTS is set).
+
+    `policy`: a Policy or a mode name; `auto_class`: e.g. "AutoModelForCausalLM" or the class itself.
+    A checkpoint without the weights of the model built (a classifier head on an embedding model)
+    is a NewHeadError unless `allow_new_head`; `task` only names what needed them in that error.
+    `facts`: the model's facts when the caller has read them.
     """
-    policy = policy if policy is not None else Policy.resolve()
+    policy = as_policy(policy, prefer)
+    auto_class = auto_class_name(auto_class)
     if facts is None:
         ref = resolve_ref(model, revision)
         facts = read_facts(ref, auto_class=auto_class, trust_remote_code=trust_remote_code)
@@ -260,9 +313,11 @@ def load_model(
         t0 = time.perf_counter()
         try:
             if loaded is None:
-                loaded = from_pretrained(facts, auto_class, cand.impl, dtype_name, trust_remote_code, model_kwargs or {})
-                loaded.to(torch_device)
-                loaded.eval()
+                fresh = from_pretrained(facts, auto_class, cand.impl, dtype_name, trust_remote_code, model_kwargs or {},
+                                        allow_new_head, task)
+                fresh.to(torch_device)
+                fresh.eval()
+                loaded = fresh  # only once on its device: a failed move leaves nothing half-made behind
             else:
                 loaded.set_attn_implementation(cand.impl)
         except RECOVERABLE as e:
@@ -272,7 +327,12 @@ def load_model(
                 raise fail() from e
             continue
         except OSError as e:
-            raise ModelLoadError(f"cannot load {facts.model_id}: {first_line(e)}") from e
+            raise CheckpointError(f"cannot load {facts.model_id}: {first_line(e)}", path=facts.ref.location) from e
+        except Exception as e:
+            if type(e).__module__.startswith("safetensors"):  # a corrupt weight file
+                raise CheckpointError(f"cannot read the weights of {facts.model_id}: {first_line(e)}",
+                                      path=facts.ref.location) from e
+            raise
         t_load += time.perf_counter() - t0
         actual = getattr(loaded.config, "_attn_implementation", None) or cand.impl
         if policy.verify:
@@ -292,6 +352,11 @@ def load_model(
 
     decision.timing = {"load_s": t_load, "verify_s": t_verify}
     if decision.used is None:
+        shared = shared_failure(attempts)
+        if shared is not None:
+            tried = ", ".join(a.impl for a in attempts if a.stage != "plan")
+            raise ModelLoadError(f"{facts.model_id} ({facts.model_class}) failed the same way under every attention "
+                                 f"implementation tried ({tried}), so the attention is not the cause: {shared}")
         raise fail()
 
     result = LoadedModel(model=loaded, decision=decision, facts=facts, device=torch_device, sink=sink)

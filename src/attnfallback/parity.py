@@ -486,6 +486,7 @@ def run_parity(
     revision: str | None = None,
     auto_class: str | None = None,
     trust_remote_code: bool = False,
+    allow_new_head: bool = False,
 ) -> ParityReport:
     """Each implementation's outputs against the reference's on the same rows (see the module doc).
 
@@ -524,7 +525,7 @@ def run_parity(
     def load(in_dtype: str):
         return load_model(model, revision=revision, auto_class=auto_class, dtype=in_dtype, device=device,
                           policy=Policy.strict([reference]), trust_remote_code=trust_remote_code, sink=NO_EVENTS,
-                          model_kwargs=_model_kwargs(task, job))
+                          model_kwargs=_model_kwargs(task, job), allow_new_head=allow_new_head, task=task)
 
     fp32_outputs = None
     if tolerance is None and dtype_name != "float32":

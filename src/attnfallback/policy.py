@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from attnfallback.errors import UnknownNameError
+from attnfallback.errors import UnknownNameError, UsageError
 
 
 class AttnImpl(str, Enum):
@@ -178,6 +178,16 @@ class Policy:
 
     def to_dict(self) -> dict:
         return {"mode": self.mode.value, "prefer": list(self.prefer), "verify": self.verify, "measure": self.measure}
+
+
+def as_policy(policy: Policy | str | None, prefer: str | Iterable[str] | None = None) -> Policy:
+    """A Policy, a mode name (graceful | strict | fastest) or None (the environment, else graceful);
+    `prefer`, when given, replaces the preference list."""
+    if policy is None or isinstance(policy, str):
+        return Policy.resolve(mode=policy, prefer=prefer)
+    if not isinstance(policy, Policy):
+        raise UsageError(f"policy must be a Policy or one of graceful, strict, fastest, found {policy!r}")
+    return policy if prefer is None else policy.with_prefer(prefer)
 
 
 def events_dir_from_env(value: str | os.PathLike | None, env: Mapping[str, str] | None = None) -> str | None:

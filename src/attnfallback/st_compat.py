@@ -67,14 +67,12 @@ def _first_transformer(st_model):
     return None
 
 
-def _load(kind: str, model, policy, prefer, dtype, device, events, run_id, shard, revision, trust_remote_code, model_kwargs, **st_kwargs):
+def _load(kind: str, model, policy, prefer, dtype, device, events, run_id, shard, revision, trust_remote_code, model_kwargs,
+          allow_new_head: bool = False, **st_kwargs):
     from attnfallback.loader import load_model
-    from attnfallback.policy import Policy
+    from attnfallback.policy import as_policy
 
-    if policy is None or isinstance(policy, str):
-        policy = Policy.resolve(mode=policy, prefer=prefer)
-    elif prefer is not None:
-        policy = policy.with_prefer(prefer)
+    policy = as_policy(policy, prefer)
     auto_class = "AutoModel" if kind == "st" else "AutoModelForSequenceClassification"
     extra = dict(model_kwargs or {})
     if kind == "ce" and "num_labels" not in extra:
@@ -84,7 +82,8 @@ def _load(kind: str, model, policy, prefer, dtype, device, events, run_id, shard
         if not facts.architecture.endswith("ForSequenceClassification"):
             extra["num_labels"] = 1  # what CrossEncoder does for a plain encoder checkpoint
     loaded = load_model(model, revision=revision, auto_class=auto_class, dtype=dtype, device=device, policy=policy,
-                        events=events, run_id=run_id, shard=shard, trust_remote_code=trust_remote_code, model_kwargs=extra)
+                        events=events, run_id=run_id, shard=shard, trust_remote_code=trust_remote_code, model_kwargs=extra,
+                        allow_new_head=allow_new_head, task="pairs" if kind == "ce" else None)
     ref = loaded.facts.ref
     kwargs: dict[str, Any] = dict(st_kwargs)
     kwargs.setdefault("device", str(loaded.device))
@@ -127,10 +126,13 @@ def load_sentence_transformer(model: str | os.PathLike = "default", policy=None,
 
 def load_cross_encoder(model: str | os.PathLike, policy=None, *, prefer=None, dtype: str = "auto", device: str = "auto",
                        events=None, run_id: str | None = None, shard: str | None = None, revision: str | None = None,
-                       trust_remote_code: bool = False, model_kwargs: dict | None = None, **kw):
+                       trust_remote_code: bool = False, model_kwargs: dict | None = None, allow_new_head: bool = False, **kw):
     """A `sentence_transformers.CrossEncoder` whose transformer was loaded through the fallback.
 
     `policy` is a Policy or a mode name; extra keyword arguments go to CrossEncoder.
-    The decision is on `.attn_decision`.
+    The decision is on `.attn_decision`. A checkpoint without a classifier (a plain encoder) is a
+    NewHeadError: its scores would come from a random head; `allow_new_head=True` builds it anyway
+    with one label, as CrossEncoder does.
     """
-    return _load("ce", model, policy, prefer, dtype, device, events, run_id, shard, revision, trust_remote_code, model_kwargs, **kw)
+    return _load("ce", model, policy, prefer, dtype, device, events, run_id, shard, revision, trust_remote_code, model_kwargs,
+                 allow_new_head, **kw)

@@ -1,6 +1,6 @@
 """The `attnfallback` entry point: builds the Typer app from one module per command and maps
 errors to exit codes (0 ok, 1 unexpected, 2 bad usage or input, 3 attention unavailable under
-strict policy, 4 parity over tolerance)."""
+strict policy, 4 parity over tolerance, 130 interrupted by Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from attnfallback.errors import AttnFallbackError
+from attnfallback.errors import AttnFallbackError, Interrupted
 
 # Each module defines `register(app)`; heavy imports (torch, transformers) stay inside commands.
 COMMANDS = ("probe", "plan", "load", "score", "events", "parity", "bench", "sweep", "demo")
@@ -72,12 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         app(args=argv, prog_name="attnfallback")
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        interrupt = _interrupt_behind(e)
+        if interrupt is not None:  # Typer turns a Ctrl-C into exit 130 itself; say what it stopped
+            typer.echo(f"interrupted: {interrupt}" if isinstance(interrupt, Interrupted) else "interrupted", err=True)
+            code = 130
         return _exit(code, argv)
     except AttnFallbackError as e:
         typer.echo(f"error: {e}", err=True)
         return _exit(e.exit_code, argv)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+    except KeyboardInterrupt as e:
+        # 130 = 128 + SIGINT, as shells report a Ctrl-C
+        typer.echo(f"interrupted: {e}" if isinstance(e, Interrupted) else "interrupted", err=True)
         return _exit(130, argv)
     except Exception as e:  # noqa: BLE001 - the last line of defence, turned into exit 1
         if os.environ.get("ATTNFALLBACK_DEBUG"):
@@ -85,6 +90,17 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"error: unexpected {type(e).__name__}: {e} (set ATTNFALLBACK_DEBUG=1 for the traceback)", err=True)
         return _exit(1, argv)
     return _exit(0, argv)
+
+
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt an exception was raised from or while handling, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _exit(code: int, argv) -> int:

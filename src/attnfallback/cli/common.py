@@ -21,6 +21,20 @@ def split_list(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def literal_help(text: str) -> str:
+    """Help text shown as written. Typer renders help as rich markup when rich is there, and
+    markup takes `[ray]` in `pip install attnfallback[ray]` for a style tag and drops it."""
+    try:
+        from typer.core import DEFAULT_MARKUP_MODE, HAS_RICH
+    except ImportError:
+        return text
+    if not (HAS_RICH and DEFAULT_MARKUP_MODE == "rich"):
+        return text
+    from rich.markup import escape
+
+    return escape(text)
+
+
 def stderr_console():
     from rich.console import Console
 
@@ -43,3 +57,4 @@ SHARD = typer.Option(None, "--shard", help="Shard I/N, numbered from 0: the shar
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
 REVISION = typer.Option(None, "--revision", help="Hub revision (commit sha, branch or tag).")
 TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default).")
+ALLOW_NEW_HEAD = typer.Option(False, "--allow-new-head", help="Run even where the checkpoint lacks weights of the model the task needs (a classifier or LM head: initialised at random, so its outputs are made up). Off: exit 2 naming them.")

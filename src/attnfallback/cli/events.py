@@ -33,6 +33,7 @@ MAX_CELL = 60
 
 DIRS = typer.Argument(..., metavar="DIR...", help="Events directories, files or globs (several allowed).")
 FORMAT = typer.Option("table", "--format", help="table | json | csv.")
+JSON = typer.Option(False, "--json", help="Print JSON on stdout (the same as --format json).")
 STRICT_READ = typer.Option(False, "--strict-read", help="Fail (exit 2) on a torn or malformed line instead of skipping it.")
 
 
@@ -198,6 +199,14 @@ def print_rows(table: pa.Table, fmt: str) -> None:
     sys.stdout.flush()
 
 
+def output_format(fmt: str, as_json: bool) -> str:
+    """--format, or json with --json (which every command takes); both, disagreeing, is an error."""
+    _check_choice("format", fmt, FORMATS)
+    if as_json and fmt not in ("table", "json"):
+        raise UsageError(f"--json and --format {fmt} disagree: give one of them")
+    return "json" if as_json else fmt
+
+
 def _check_choice(kind: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise UnknownNameError(kind, value, valid)
@@ -217,9 +226,10 @@ def build_events_app() -> typer.Typer:
         by: str = typer.Option("gpu_class", "--by", help="gpu_class | model | run | host."),
         fmt: str = FORMAT,
         strict_read: bool = STRICT_READ,
+        as_json: bool = JSON,
     ) -> None:
         """Per GPU class (or model, run, host): shards, fell back, rate, strict failures, top reason."""
-        _check_choice("format", fmt, FORMATS)
+        fmt = output_format(fmt, as_json)
         table = summary_table(dirs, by=by, strict_read=strict_read)
         print_rows(table, fmt)
         if fmt == "table":
@@ -235,9 +245,10 @@ def build_events_app() -> typer.Typer:
         fmt: str = FORMAT,
         strict_read: bool = STRICT_READ,
         no_failures: bool = typer.Option(False, "--no-failures", help="Leave out strict failures (attn_unavailable)."),
+        as_json: bool = JSON,
     ) -> None:
         """Every shard that fell back or failed: run, shard, GPU, requested -> used, reasons."""
-        _check_choice("format", fmt, FORMATS)
+        fmt = output_format(fmt, as_json)
         table = fallbacks_table(dirs, strict_read=strict_read, include_failures=not no_failures)
         if fmt == "table":
             table = table.select(["run_id", "shard", "outcome", "gpu_class", "requested", "used",
@@ -245,9 +256,9 @@ def build_events_app() -> typer.Typer:
         print_rows(table, fmt)
 
     @events_app.command("runs")
-    def runs(dirs: list[str] = DIRS, fmt: str = FORMAT, strict_read: bool = STRICT_READ) -> None:
-        """One row per run: shards, fallbacks, strict failures, rows, tokens, time span."""
-        _check_choice("format", fmt, FORMATS)
+    def runs(dirs: list[str] = DIRS, fmt: str = FORMAT, strict_read: bool = STRICT_READ, as_json: bool = JSON) -> None:
+        """One row per run: shards, fallbacks, strict failures, interrupted shards, rows written and skipped, tokens, time span."""
+        fmt = output_format(fmt, as_json)
         print_rows(runs_table(dirs, strict_read=strict_read), fmt)
 
     @events_app.command("sql")
@@ -256,9 +267,10 @@ def build_events_app() -> typer.Typer:
         query: str = typer.Argument(..., metavar="QUERY", help="One read-only statement (views: events, decisions, attn_impl, shards)."),
         fmt: str = FORMAT,
         strict_read: bool = STRICT_READ,
+        as_json: bool = JSON,
     ) -> None:
         """Run one read-only SQL statement over the views events, decisions, attn_impl, shards."""
-        _check_choice("format", fmt, FORMATS)
+        fmt = output_format(fmt, as_json)
         print_rows(sql_table(dirs, query, strict_read=strict_read), fmt)
 
     @events_app.command("plot")
@@ -267,10 +279,14 @@ def build_events_app() -> typer.Typer:
         out: str = typer.Option(..., "--out", help="Image file to write (.png, .svg or .pdf)."),
         by: str = typer.Option("gpu_class", "--by", help="gpu_class | model | run | host."),
         strict_read: bool = STRICT_READ,
+        as_json: bool = JSON,
     ) -> None:
         """Bar chart of the fallback rate per GPU class."""
         path = plot_file(dirs, out, by=by, strict_read=strict_read)
-        typer.echo(f"wrote {path}", err=True)
+        if as_json:
+            print_json({"wrote": str(path)})
+        else:
+            typer.echo(f"wrote {path}", err=True)
 
     return events_app
 

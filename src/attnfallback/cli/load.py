@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from attnfallback.cli.common import DEVICE, DTYPE, EVENTS, JSON, POLICY, PREFER, REVISION, RUN_ID, SHARD, TRUST_REMOTE_CODE, print_json, stdout_console
+from attnfallback.cli.common import ALLOW_NEW_HEAD, DEVICE, DTYPE, EVENTS, JSON, POLICY, PREFER, REVISION, RUN_ID, SHARD, TRUST_REMOTE_CODE, print_json, stdout_console
 
 
 def run_load(
@@ -19,6 +19,7 @@ def run_load(
     revision: str | None = None,
     auto_class: str = "AutoModel",
     trust_remote_code: bool = False,
+    allow_new_head: bool = False,
 ) -> dict:
     """Load through the fallback; the decision as a dict (the attn_impl event's fields)."""
     from attnfallback.loader import load_model
@@ -38,6 +39,7 @@ def run_load(
         run_id=run_id,
         shard=shard,
         trust_remote_code=trust_remote_code,
+        allow_new_head=allow_new_head,
     )
     data = loaded.decision.to_dict()
     if loaded.sink is not None:
@@ -79,8 +81,10 @@ def register(app: typer.Typer) -> None:
         revision: str = REVISION,
         auto_class: str = typer.Option("AutoModel", "--auto-class", help="AutoModel, AutoModelForSequenceClassification, AutoModelForCausalLM, ..."),
         trust_remote_code: bool = TRUST_REMOTE_CODE,
+        allow_new_head: bool = ALLOW_NEW_HEAD,
         as_json: bool = JSON,
     ):
         """Load MODEL with the fastest implementation that runs here; show what was requested, what runs, and why."""
-        data = run_load(model, prefer, policy, dtype, device, events, run_id, shard, revision, auto_class, trust_remote_code)
+        data = run_load(model, prefer, policy, dtype, device, events, run_id, shard, revision, auto_class, trust_remote_code,
+                        allow_new_head)
         print_json(data) if as_json else render(data)

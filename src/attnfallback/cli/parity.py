@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from attnfallback.cli.common import DEVICE, DTYPE, EVENTS, JSON, REVISION, RUN_ID, SHARD, TRUST_REMOTE_CODE, print_json, split_list, stdout_console
+from attnfallback.cli.common import ALLOW_NEW_HEAD, DEVICE, DTYPE, EVENTS, JSON, REVISION, RUN_ID, SHARD, TRUST_REMOTE_CODE, print_json, split_list, stdout_console
 
 
 def run_parity_command(
@@ -28,6 +28,7 @@ def run_parity_command(
     revision: str | None = None,
     auto_class: str | None = None,
     trust_remote_code: bool = False,
+    allow_new_head: bool = False,
 ) -> dict:
     """Run parity and write the `parity` event; the report as a dict (check `passed`)."""
     from attnfallback.errors import UsageError
@@ -42,7 +43,7 @@ def run_parity_command(
     texts = read_texts(input_path, columns, rows=rows, task=task)
     report = run_parity(model, texts, task=task, impls=split_list(impls), reference=reference, dtype=dtype, device=device,
                         tolerance=tolerance, top_k=top_k, revision=revision, auto_class=auto_class,
-                        trust_remote_code=trust_remote_code)
+                        trust_remote_code=trust_remote_code, allow_new_head=allow_new_head)
     data = report.to_dict()
     data["input"] = str(input_path)
     from attnfallback.events import open_sink
@@ -118,13 +119,15 @@ def register(app: typer.Typer) -> None:
         revision: str = REVISION,
         auto_class: str = typer.Option(None, "--auto-class", help="Override the task's auto class."),
         trust_remote_code: bool = TRUST_REMOTE_CODE,
+        allow_new_head: bool = ALLOW_NEW_HEAD,
         as_json: bool = JSON,
     ):
         """The same rows through each implementation that runs here, against a reference; exit 4 when one is over tolerance."""
         from attnfallback.errors import ParityError
 
         data = run_parity_command(model, input_path, task, impls, reference, dtype, device, tolerance, rows, text_column,
-                                  text_columns, top_k, events, run_id, shard, revision, auto_class, trust_remote_code)
+                                  text_columns, top_k, events, run_id, shard, revision, auto_class, trust_remote_code,
+                                  allow_new_head)
         print_json(data) if as_json else render(data)
         if not data["passed"]:
             worst = ", ".join(f"{n} {data['results'][n]['rel_l2']:.2e}" for n in data["failures"])

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from attnfallback.cli.common import DEVICE, DTYPE, EVENTS, JSON, POLICY, PREFER, REVISION, RUN_ID, SHARD, TRUST_REMOTE_CODE, print_json, split_list, stdout_console
+from attnfallback.cli.common import ALLOW_NEW_HEAD, DEVICE, DTYPE, EVENTS, JSON, POLICY, PREFER, REVISION, RUN_ID, SHARD, TRUST_REMOTE_CODE, literal_help, print_json, split_list, stdout_console
+from attnfallback.sweep.ray_engine import INSTALL_HINT
 
 
 def render(data: dict) -> None:
@@ -57,11 +58,12 @@ def register(app: typer.Typer) -> None:
         part_rows: int = typer.Option(8192, "--part-rows", help="Rows per committed part (the unit of --resume)."),
         first_part_rows: int = typer.Option(1024, "--first-part-rows", help="Rows of the first part; parts double from there up to --part-rows, so the GPU starts after a small part's tokenizing."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-        engine: str = typer.Option("local", "--engine", help="local | ray (pip install attnfallback[ray])."),
+        engine: str = typer.Option("local", "--engine", help=literal_help(f"local | ray ({INSTALL_HINT}).")),
         address: str = typer.Option(None, "--address", help="Ray cluster address (with --engine ray; default: a local Ray)."),
         actors: int = typer.Option(2, "--actors", help="Ray actors, each one shard in the events (with --engine ray)."),
         revision: str = REVISION,
         trust_remote_code: bool = TRUST_REMOTE_CODE,
+        allow_new_head: bool = ALLOW_NEW_HEAD,
         as_json: bool = JSON,
     ):
         """Score MODEL over one shard of --input into --output (Parquet, id first, input order)."""
@@ -74,7 +76,7 @@ def register(app: typer.Typer) -> None:
             dtype=dtype, device=device, batch_tokens=batch_tokens, max_length=max_length, events=events, run_id=run_id,
             resume=resume, on_bad_row=on_bad_row, on_nonfinite=on_nonfinite, quiet=quiet or as_json, revision=revision,
             trust_remote_code=trust_remote_code, part_rows=part_rows, first_part_rows=first_part_rows, packing=packing, tokenizer_process=tokenizer_process,
-            measure=measure,
+            measure=measure, allow_new_head=allow_new_head,
         )
         data = run_score_engine(job, engine, address=address, actors=actors).to_dict()
         print_json(data) if as_json else render(data)

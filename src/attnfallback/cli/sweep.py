@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import typer
@@ -62,10 +63,31 @@ def shard_rows(result) -> list[dict]:
         elif not job.ok:
             reason = job.error
         status = "ok" if job.ok else ("strict failure" if s.get("strict_failure") else f"failed ({_exit_text(job.exit_code)})")
+        report = job.score or {}
+        written = report.get("rows_written", s.get("rows"))
+        skipped = report.get("rows_skipped", s.get("skipped"))
         rows.append({"config": job.config, "shard": job.shard, "gpu": s.get("gpu_class"),
                      "requested": s.get("requested"), "used": s.get("used"), "fell_back": s.get("fell_back"),
-                     "status": status, "rows": s.get("rows"), "seconds": job.seconds, "reason": reason})
+                     "status": status, "rows": written, "skipped": skipped if written is not None else None,
+                     "seconds": job.seconds, "reason": reason})
     return rows
+
+
+def skipped_lines(result, limit: int = 20) -> list[str]:
+    """One line per shard that skipped rows: which input lines, as `score` lists them."""
+    lines = []
+    several = len({j.config for j in result.jobs}) > 1
+    for job in result.jobs:
+        report = job.score or {}
+        count = report.get("rows_skipped") or 0
+        if not count:
+            continue
+        listed = [str(s["line"]) for s in (report.get("skipped") or [])[:limit] if s.get("line") is not None]
+        name = f"{job.config} {job.shard}" if several else job.shard
+        shown = ", ".join(listed) if listed else "not listed"
+        more = f" and {count - len(listed)} more" if listed and count > len(listed) else ""
+        lines.append(f"  {name}: {count} row(s) skipped, lines {shown}{more}")
+    return lines
 
 
 def _from_job_report(job) -> dict:
@@ -79,7 +101,7 @@ def _from_job_report(job) -> dict:
             "used": decision.get("used"), "fell_back": decision.get("fell_back"),
             "failed_impl": failed["impl"] if failed and decision.get("fell_back") else None,
             "reason": failed["reasons"][0] if failed and decision.get("fell_back") else None,
-            "rows": score.get("rows_in")}
+            "rows": score.get("rows_written", score.get("rows_in")), "skipped": score.get("rows_skipped")}
 
 
 def _exit_text(code) -> str:
@@ -88,14 +110,15 @@ def _exit_text(code) -> str:
     return describe_exit(code)
 
 
-def render_sweep(result, console=None) -> None:
-    """The end-of-sweep report: every shard, the events summary, failures, outputs."""
+def render_sweep(result, console=None, resume_command: str | None = None) -> None:
+    """The end-of-sweep report: every shard, the events summary, failures, outputs; and, when shards
+    failed and the sweep can be resumed, the command that resumes it."""
     console = console or stdout_console()
     done = sum(1 for j in result.jobs if j.ok)
     console.print(f"sweep {result.run_id} ({result.engine} engine): {len(result.jobs)} shard jobs, {done} complete, "
                   f"{len(result.failed)} failed, {result.seconds:.1f} s", markup=False)
     rows = shard_rows(result)
-    columns = ["shard", "gpu", "requested", "used", "fell_back", "status", "rows", "seconds", "reason"]
+    columns = ["shard", "gpu", "requested", "used", "fell_back", "status", "rows", "skipped", "seconds", "reason"]
     if len({r["config"] for r in rows}) > 1:
         columns.insert(0, "config")
     console.print("")
@@ -108,6 +131,11 @@ def render_sweep(result, console=None) -> None:
                                  {"gpu_class": "gpu class", "fell_back": "fell back", "strict_failures": "strict failures",
                                   "top_reason": "most common reason"}):
             console.print(line, markup=False, highlight=False)
+    skipped = skipped_lines(result)
+    if skipped:
+        console.print("\nskipped input rows (rows in = rows written + rows skipped):", markup=False)
+        for line in skipped:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     # shards that failed the same way are listed once
     groups: dict[tuple, list] = {}
     for job in result.failed:
@@ -124,8 +152,8 @@ def render_sweep(result, console=None) -> None:
         console.print(f"output {name}: {merged['path']} ({merged['rows']} rows, {merged['order']})", markup=False)
     console.print(f"events: {result.events} (attnfallback events fallbacks {result.events})", markup=False)
     console.print(f"manifest: {result.manifest}", markup=False)
-    if result.failed:
-        console.print("resume the failed shards with --resume", markup=False)
+    if result.failed and resume_command:
+        console.print(f"resume the failed shards: {resume_command}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -144,6 +172,6 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json(result.to_dict())
         else:
-            render_sweep(result)
+            render_sweep(result, resume_command=f"attnfallback sweep {shlex.quote(config)} --resume")
         if result.exit_code:
             raise typer.Exit(result.exit_code)

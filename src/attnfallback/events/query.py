@@ -14,7 +14,8 @@ file and line of every problem.) A record of a newer schema version is read for 
 version knows, with a warning.
 
 Views: `events` (every record), `decisions` (`attn_impl` and `attn_unavailable`, flattened),
-`attn_impl`, `shards` (one row per run and shard). After the views exist, the connection loses
+`attn_impl`, `shards` (one row per run and shard: `rows` written, `skipped`, `rows_in` their sum,
+and `interrupted` for a shard whose latest word is a Ctrl-C). After the views exist, the connection loses
 file-system access and its configuration is locked; `sql()` accepts only read statements.
 """
 
@@ -47,7 +48,8 @@ _STRUCTURE = """{
  "attempts": [{"impl": "VARCHAR", "stage": "VARCHAR", "ok": "BOOLEAN", "reasons": ["VARCHAR"]}],
  "versions": "JSON", "timing": {"load_s": "DOUBLE", "verify_s": "DOUBLE"},
  "kernels": "JSON", "reasons": "JSON", "error": "VARCHAR",
- "rows": "BIGINT", "tokens": "BIGINT", "seconds": "DOUBLE", "non_finite": "BIGINT"
+ "rows": "BIGINT", "rows_written": "BIGINT", "rows_skipped": "BIGINT",
+ "tokens": "BIGINT", "seconds": "DOUBLE", "non_finite": "BIGINT"
 }"""
 
 
@@ -381,15 +383,19 @@ class EventLog:
                                              ORDER BY ts DESC NULLS LAST, file DESC, line DESC) AS n
                 FROM decisions
             ), latest_done AS (
-                SELECT r.run_id AS run_id, r.shard AS shard, r.rows AS rows, r.tokens AS tokens,
-                       r.seconds AS seconds, r.non_finite AS non_finite,
+                SELECT r.run_id AS run_id, r.shard AS shard, r.rows AS rows_in,
+                       coalesce(r.rows_written, r.rows - r.rows_skipped, r.rows) AS rows,
+                       coalesce(r.rows_skipped, r.rows - r.rows_written, 0) AS skipped,
+                       r.tokens AS tokens, r.seconds AS seconds, r.non_finite AS non_finite,
                        row_number() OVER (PARTITION BY r.run_id, r.shard
                                           ORDER BY TRY_CAST(r.ts AS TIMESTAMP) DESC NULLS LAST,
                                                    file DESC, line DESC) AS n
                 FROM _records WHERE problem IS NULL AND r.event = 'shard_done'
             ), per_shard AS (
                 SELECT run_id, shard, count(*) AS events, min(ts) AS first_ts, max(ts) AS last_ts,
-                       min(host) AS any_host
+                       min(host) AS any_host,
+                       arg_max(event, ts) FILTER (WHERE event IN ('shard_start', 'shard_done', 'shard_failed',
+                                                                 'shard_interrupted')) AS last_step
                 FROM events GROUP BY run_id, shard
             )
             SELECT s.run_id, s.shard, coalesce(d.host, s.any_host) AS host,
@@ -398,8 +404,9 @@ class EventLog:
                    coalesce(d.unavailable, false) AS strict_failure,
                    CASE WHEN d.fell_back OR d.unavailable THEN d.failed_impl END AS failed_impl,
                    CASE WHEN d.fell_back OR d.unavailable THEN d.reason END AS reason,
-                   done.rows, done.tokens, done.seconds, done.non_finite,
+                   done.rows, done.skipped, done.rows_in, done.tokens, done.seconds, done.non_finite,
                    done.run_id IS NOT NULL AS done,
+                   coalesce(s.last_step = 'shard_interrupted', false) AS interrupted,
                    s.events, s.first_ts, s.last_ts
             FROM per_shard s
             LEFT JOIN latest_decision d ON d.run_id = s.run_id AND d.shard = s.shard AND d.n = 1
@@ -489,7 +496,8 @@ class EventLog:
                    count(*) FILTER (WHERE fell_back) / count(*) AS rate,
                    count(*) FILTER (WHERE strict_failure) AS strict_failures,
                    count(*) FILTER (WHERE done) AS done,
-                   sum(rows)::BIGINT AS rows, sum(tokens)::BIGINT AS tokens,
+                   count(*) FILTER (WHERE interrupted) AS interrupted,
+                   sum(rows)::BIGINT AS rows, sum(skipped)::BIGINT AS skipped, sum(tokens)::BIGINT AS tokens,
                    min(first_ts) AS started, max(last_ts) AS finished,
                    string_agg(DISTINCT gpu_class, ',' ORDER BY gpu_class) AS gpu_classes,
                    count(DISTINCT host) AS hosts

@@ -18,7 +18,10 @@ SCHEMA = "attnfallback.event/1"
 SCHEMA_PREFIX = "attnfallback.event/"
 SCHEMA_VERSION = 1
 
-EVENT_KINDS = ("attn_impl", "attn_unavailable", "shard_start", "shard_done", "parity", "oom_split")
+# shard_failed: the error and exit code of a shard that stopped; shard_interrupted: a Ctrl-C, with
+# what was committed (parts_committed, rows_committed) and whether --resume can continue (resume)
+EVENT_KINDS = ("attn_impl", "attn_unavailable", "shard_start", "shard_done", "shard_failed", "shard_interrupted",
+               "parity", "oom_split")
 
 COMMON_FIELDS = ("schema", "event", "ts", "run_id", "shard", "host", "pid")
 # Callers may override these (synthetic logs, replays); the identity fields stay the sink's.

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from attnfallback.errors import InputError, OutputError, OutputExistsError, UsageError
+from attnfallback.errors import InputError, Interrupted, OutputError, OutputExistsError, UsageError
 from attnfallback.policy import Mode, Policy, parse_measure
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec, row_error
 from attnfallback.scoring.tasks import TEXT_COLUMNS, check_packing_mode, parse_task
@@ -70,6 +70,7 @@ class ScoreJob:
     packing: str = "auto"  # auto: padding-free batches where the implementation is a varlen flash kernel | off
     tokenizer_process: str = "auto"  # auto: on CUDA, tokenize in a child process (scoring/tokenizer_process.py) | off
     measure: str | None = None  # auto (graceful times its candidates on a CUDA GPU) | off; None: $ATTNFALLBACK_MEASURE, else auto
+    allow_new_head: bool = False  # score with weights the checkpoint lacks (initialised at random): see heads.py
 
 
 @dataclass
@@ -113,6 +114,7 @@ class _Counts:
     rows_total: int = 0  # every row of the input, owned or not
     skipped: list[dict] = field(default_factory=list)
     skipped_count: int = 0
+    skipped_rows: list[int] = field(default_factory=list)  # every skipped row number (a sweep merges by them)
 
 
 def _validate_job(job: ScoreJob) -> str:
@@ -173,6 +175,7 @@ def _differences(old: dict, new: dict) -> str:
 
 def _bad_row(counts: _Counts, row: InputRow) -> None:
     counts.skipped_count += 1
+    counts.skipped_rows.append(row.number)
     if len(counts.skipped) < MAX_LISTED_SKIPS:
         counts.skipped.append({"row": row.number, "line": row.line, "reason": row.problem})
 
@@ -387,8 +390,10 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
             return done
         return _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fingerprint, resume_parts, t_start, scorer,
                       facts, checking, phases)
+    except KeyboardInterrupt as e:
+        raise _interrupted(store, sink, shard_text) from e
     except BaseException as e:
-        if sink is not None and not isinstance(e, KeyboardInterrupt):
+        if sink is not None:
             _emit(sink, "shard_failed", error=type(e).__name__, message=str(e)[:2000],
                   exit_code=getattr(e, "exit_code", 1), output=str(job.output), parts_committed=len(store.parts))
         raise
@@ -396,6 +401,21 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
         store.close(remove_lock=True)
         if sink is not None:
             sink.close()
+
+
+def _interrupted(store, sink, shard: str) -> Interrupted:
+    """Ctrl-C: what is committed (the parts written so far are whole; the writer has finished with
+    them), a `shard_interrupted` event, and how to go on."""
+    parts = len(store.parts)
+    rows = sum(p.rows for p in store.parts)
+    if parts:
+        message = (f"shard {shard}: {parts} part(s) committed ({rows:,} rows) in {store.work}; run the same command "
+                   "with --resume to continue from there")
+    else:
+        message = f"shard {shard}: stopped before any part was committed; run the same command again to start over"
+    _emit(sink, "shard_interrupted", output=str(store.output), parts_committed=parts, rows_committed=rows,
+          resume=bool(parts))
+    return Interrupted(message, output=str(store.output), parts=parts, rows=rows)
 
 
 def _check_existing(store, existing, job: ScoreJob, fingerprint: dict):
@@ -535,7 +555,7 @@ def _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fing
         columns=spec.describe(),
     )
     store.finish({"format": "attnfallback.output/1", "run_id": run_id, "fingerprint": fingerprint,
-                          "result": result.to_dict()})
+                          "result": result.to_dict(), "skipped_rows": counts.skipped_rows})
     phases.mark("finish_s")
     result.phases = phases.as_dict(scorer.decision.timing)
     _emit(sink, "shard_done", rows=result.rows_in, rows_written=result.rows_written, rows_skipped=result.rows_skipped,

@@ -221,8 +221,10 @@ class Scorer:
             run_id=job.run_id,
             shard=job.shard,
             trust_remote_code=job.trust_remote_code,
-            model_kwargs=_model_kwargs(task_name, job),
+            model_kwargs=_model_kwargs(task_name, job, facts),
             sink=sink,
+            allow_new_head=getattr(job, "allow_new_head", False),
+            task=task_name,
             bench_factory=bench_factory,
             facts=facts,
         )
@@ -799,15 +801,16 @@ def _budgets(job, loaded, impl: str) -> tuple[int, int | None]:
     return int(budget), eager_max_cells(impl, heads)
 
 
-def _model_kwargs(task: str, job) -> dict:
-    """A cross-encoder checkpoint with a plain encoder gets one label, as sentence-transformers does."""
+def _model_kwargs(task: str, job, facts=None) -> dict:
+    """A plain encoder checkpoint scored as pairs gets one label, as sentence-transformers' CrossEncoder
+    gives it (set on the config by the loader; its classifier is new: refused unless allowed)."""
     if task != "pairs":
         return {}
     from attnfallback.model_facts import read_facts
 
     try:
-        facts = read_facts(job.model, revision=job.revision, auto_class="AutoModelForSequenceClassification",
-                           trust_remote_code=job.trust_remote_code)
+        facts = facts or read_facts(job.model, revision=job.revision, auto_class="AutoModelForSequenceClassification",
+                                    trust_remote_code=job.trust_remote_code)
     except Exception:  # noqa: BLE001 - load_model reports the same problem properly
         return {}
     if facts.architecture and facts.architecture.endswith("ForSequenceClassification"):

@@ -27,7 +27,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from attnfallback.errors import OutputError, OutputExistsError
+from attnfallback.errors import OutputError, OutputExistsError, OutputRefused
 
 MANIFEST_FORMAT = "attnfallback.parts/1"
 METADATA_KEY = b"attnfallback"
@@ -67,6 +67,18 @@ def _unlink_quietly(path: Path) -> None:
         pass
 
 
+# A location the user can fix (permissions, a read-only mount, a file where a directory should be):
+# bad usage, exit 2; other OS errors (a full disk, an I/O error) stay exit 1.
+_USAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
+                 errno.ELOOP, errno.ENOENT}
+
+
+def output_os_error(message: str, e: OSError, path) -> OutputError:
+    """The error for an OS failure at the output: OutputRefused where the location is the user's to fix."""
+    cls = OutputRefused if e.errno in _USAGE_ERRNOS else OutputError
+    return cls(f"{message}: {_describe_os_error(e)}", path=str(path))
+
+
 def _describe_os_error(e: OSError) -> str:
     if e.errno == errno.ENOSPC:
         return "no space left on device"
@@ -91,7 +103,7 @@ class OutputLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
             except OSError as e:
-                raise OutputError(f"cannot create the lock {self.path}: {_describe_os_error(e)}", path=str(self.path)) from e
+                raise output_os_error(f"cannot create the lock {self.path}", e, self.path) from e
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -114,7 +126,7 @@ class OutputLock:
             os.write(fd, json.dumps({"pid": os.getpid(), "run_id": run_id}).encode())
             self._fd = fd
             return
-        raise OutputError(f"cannot take the lock {self.path}: it keeps being replaced", path=str(self.path))
+        raise OutputRefused(f"cannot take the lock {self.path}: it keeps being replaced (another run?)", path=str(self.path))
 
     def release(self, remove: bool = False) -> None:
         fd, self._fd = self._fd, None
@@ -175,7 +187,7 @@ class PartStore:
     def __init__(self, output: str | os.PathLike):
         self.output = Path(output)
         if self.output.name in ("", ".", ".."):
-            raise OutputError(f"output {output!r} is not a file name", path=str(output))
+            raise OutputRefused(f"output {output!r} is not a file name", path=str(output))
         self.parent = self.output.parent
         self.work = self.parent / f".{self.output.name}.parts"
         self.lock = OutputLock(self.parent / f".{self.output.name}.lock")
@@ -196,7 +208,7 @@ class PartStore:
         try:
             self.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise OutputError(f"cannot create the output directory {self.parent}: {_describe_os_error(e)}", path=str(self.parent)) from e
+            raise output_os_error(f"cannot create the output directory {self.parent}", e, self.parent) from e
         self.lock.acquire(run_id)
         # a run killed while writing the final file left its temporary behind; under the lock
         # no live run is writing one
@@ -214,7 +226,7 @@ class PartStore:
             try:
                 manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
-                raise OutputError(f"the manifest {manifest_path} of a previous run is unreadable ({e}); remove {self.work} to start over",
+                raise OutputRefused(f"the manifest {manifest_path} of a previous run is unreadable ({e}); remove {self.work} to start over",
                                   path=str(manifest_path)) from None
             existing.manifest = manifest
             existing.parts = self._valid_parts(manifest)
@@ -246,7 +258,7 @@ class PartStore:
             self.manifest = {"format": MANIFEST_FORMAT, "run_id": run_id, "fingerprint": fingerprint, "parts": []}
             self._write_manifest()
         except OSError as e:
-            raise OutputError(f"cannot prepare {self.work}: {_describe_os_error(e)}", path=str(self.work)) from e
+            raise output_os_error(f"cannot prepare {self.work}", e, self.work) from e
         self._open_final(schema)
         for info in self.parts:
             self._append_final(self.read_part(info), info)

@@ -62,6 +62,7 @@ JOB_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "on_bad_row": ((str,), " | ".join(BAD_ROW)),
     "on_nonfinite": ((str,), " | ".join(NONFINITE)),
     "trust_remote_code": ((bool,), "true | false"),
+    "allow_new_head": ((bool,), "true | false (score with weights the checkpoint lacks, initialised at random)"),
     "part_rows": ((int,), "a positive integer (rows per committed part, the unit of --resume)"),
     "shards": ((int,), "an integer >= 1"),
 }
@@ -102,9 +103,12 @@ class JobSpec:
     trust_remote_code: bool = False
     part_rows: int | None = None
     shards: int = 1
+    allow_new_head: bool = False
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        if not d["allow_new_head"]:
+            del d["allow_new_head"]  # only when set: a manifest written before the key existed still resumes
         for k in ("text_columns", "prefer"):
             if d[k] is not None:
                 d[k] = list(d[k])
@@ -148,6 +152,8 @@ class SweepJob:
                 args += [flag, str(value)]
         if s.trust_remote_code:
             args.append("--trust-remote-code")
+        if s.allow_new_head:
+            args.append("--allow-new-head")
         if resume:
             args.append("--resume")
         return args
@@ -355,6 +361,7 @@ def _build_spec(fields: dict, varying: dict, base: Path, where: str | None) -> J
         on_bad_row=fields.get("on_bad_row", "error"),
         on_nonfinite=fields.get("on_nonfinite", "error"),
         trust_remote_code=fields.get("trust_remote_code", False),
+        allow_new_head=fields.get("allow_new_head", False),
         part_rows=fields.get("part_rows"),
         shards=shards,
     )

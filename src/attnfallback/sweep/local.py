@@ -24,6 +24,7 @@ from importlib.util import find_spec
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from attnfallback.errors import Interrupted
 from attnfallback.sweep.config import SweepConfig, SweepJob
 from attnfallback.sweep.state import SweepState, claim_output, merge_outputs
 
@@ -33,6 +34,7 @@ log = logging.getLogger("attnfallback")
 _JOB_ENV = ("ATTNFALLBACK_RUN_ID", "ATTNFALLBACK_SHARD", "ATTNFALLBACK_EVENTS", "ATTNFALLBACK_POLICY",
             "ATTNFALLBACK_PREFER")
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+STOP_WAIT_S = 30  # after a Ctrl-C: how long the jobs get to commit what they hold and say so
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class JobResult:
     config: str
     shard: str
     run_id: str
-    status: str  # done | failed | complete (already done before this run)
+    status: str  # done | failed | interrupted | complete (already done before this run)
     exit_code: int | None
     output: str
     log: str
@@ -235,11 +237,28 @@ class _Runner:
                 while t.is_alive():
                     t.join(0.2)
         except BaseException:
+            # Ctrl-C (or a failure here): each job gets SIGINT, as `score` run by hand would, so it
+            # finishes the part it is writing and records `shard_interrupted`; then it is killed
             self.stopping = True
-            with self.lock:
-                for proc in self.procs.values():
-                    proc.terminate()
+            self._signal_jobs(signal.SIGINT)
+            try:
+                deadline = time.monotonic() + STOP_WAIT_S
+                for t in threads:
+                    t.join(max(0.0, deadline - time.monotonic()))
+            finally:  # a second Ctrl-C cuts the wait short, never leaves a job running
+                self._signal_jobs(signal.SIGKILL)
+                for t in threads:
+                    t.join(5)
             raise
+
+    def _signal_jobs(self, sig: int) -> None:
+        with self.lock:
+            procs = list(self.procs.values())
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, sig)  # the job's own session: its tokenizer process too
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def _work(self, worker: Worker, todo: queue.Queue) -> None:
         while not self.stopping:
@@ -282,12 +301,14 @@ class _Runner:
                 error = error_text = f"exit 0 but no output at {job.output}"
             elif code is not None and code < 0:
                 error = f"{describe_exit(code)}" + (f"; last output: {error}" if error else "")
-        status = "done" if ok else "failed"
+        status = "done" if ok else ("interrupted" if self.stopping else "failed")
         self.state.update_job(job.key, status=status, exit_code=code, error=error, seconds=round(seconds, 3),
-                              rows=(score or {}).get("rows_written"))
+                              rows=(score or {}).get("rows_written"), skipped=(score or {}).get("rows_skipped"))
         if ok:
             used = ((score or {}).get("decision") or {}).get("used")
             self.echo(f"  done   {job.key:<24} {seconds:6.1f} s" + (f"  ({used})" if used else ""))
+        elif status == "interrupted":
+            self.echo(f"  STOP   {job.key:<24} {describe_exit(code)}: {error}")
         else:
             self.echo(f"  FAILED {job.key:<24} {describe_exit(code)}: {error}")
         return JobResult(job.spec.name, str(job.shard), job.run_id, status, code, str(job.output), str(job.log),
@@ -326,7 +347,10 @@ def run_local(
              f"worker{'s' if len(workers) != 1 else ''} ({where})")
     runner = _Runner(state, workers, resume, on_start, echo)
     if pending:
-        runner.run(pending)
+        try:
+            runner.run(pending)
+        except KeyboardInterrupt:
+            raise interrupted(config, state) from None
     results.update(runner.results)
     ordered = [results[j.key] for j in jobs if j.key in results]
     result = SweepResult(state.run_id, "local", str(config.output), str(config.events), str(state.path), ordered)
@@ -341,6 +365,18 @@ def _ids_are_row_numbers(outputs: list[Path]) -> bool:
     from attnfallback.scoring.writer import read_output_metadata
 
     return all((read_output_metadata(p) or {}).get("fingerprint", {}).get("id_column", "?") is None for p in outputs)
+
+
+def interrupted(config: SweepConfig, state: SweepState, total: int | None = None) -> Interrupted:
+    """Ctrl-C: the manifest marks the jobs it stopped; the message says what is done and how to go on."""
+    stopped = state.mark_interrupted()
+    done = sum(1 for j in state.jobs.values() if j.get("status") == "done")
+    total = total if total is not None else sum(s.shards for s in config.specs)
+    how = (f"resume with: attnfallback sweep {config.path} --resume" if config.path is not None
+           else "run it again to start afresh")
+    return Interrupted(f"sweep {state.run_id}: {done} of {total} jobs done, {len(stopped)} interrupted "
+                       f"({', '.join(stopped) or 'none'}; their committed parts are kept); {how} (manifest: {state.path})",
+                       output=str(config.output), parts=done)
 
 
 def finish(config: SweepConfig, state: SweepState, result: SweepResult) -> None:
@@ -379,7 +415,7 @@ def read_run_events(events: Path, run_ids: list[str]) -> tuple[list[dict], list[
             order = "TRY_CAST(split_part(shard, '/', 1) AS BIGINT), shard"
             shards = event_log.sql(
                 f"SELECT run_id, shard, host, gpu_class, requested, used, fell_back, strict_failure, "
-                f"failed_impl, reason, rows, tokens, seconds, done FROM shards WHERE run_id IN ({marks}) "
+                f"failed_impl, reason, rows, skipped, rows_in, tokens, seconds, done, interrupted FROM shards WHERE run_id IN ({marks}) "
                 f"ORDER BY run_id, {order}", run_ids).to_pylist()
             summary = event_log.sql(
                 f"""WITH s AS (SELECT * FROM shards WHERE run_id IN ({marks})),

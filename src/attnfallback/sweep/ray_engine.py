@@ -69,7 +69,7 @@ class ActorShard:
     decision: dict | None = None  # the attn_impl fields
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "decision"}
+        return {**{k: v for k, v in self.__dict__.items() if k != "decision"}, "rows_skipped": self.rows_in - self.rows_written}
 
 
 @dataclass
@@ -494,7 +494,7 @@ def score_job_for(spec, output: Path, events: Path, run_id: str):
                     prefer=list(spec.prefer) if spec.prefer else None, policy=spec.policy, dtype=spec.dtype,
                     batch_tokens=spec.batch_tokens, max_length=spec.max_length, events=str(events), run_id=run_id,
                     on_bad_row=spec.on_bad_row, on_nonfinite=spec.on_nonfinite, quiet=True, revision=spec.revision,
-                    trust_remote_code=spec.trust_remote_code, **extra)
+                    trust_remote_code=spec.trust_remote_code, allow_new_head=spec.allow_new_head, **extra)
 
 
 def run_sweep_ray(config, *, resume: bool = False, address: str | None = None, echo=None,
@@ -503,7 +503,7 @@ def run_sweep_ray(config, *, resume: bool = False, address: str | None = None, e
     in the events); its output is one Parquet file in input order. Failures are reported per
     configuration and shard, not raised; `resume` re-runs only configurations not complete."""
     require_ray()
-    from attnfallback.sweep.local import JobResult, SweepResult, read_run_events
+    from attnfallback.sweep.local import JobResult, SweepResult, interrupted, read_run_events
     from attnfallback.sweep.state import claim_output
 
     t0 = time.perf_counter()
@@ -513,46 +513,49 @@ def run_sweep_ray(config, *, resume: bool = False, address: str | None = None, e
     if echo:
         echo(f"sweep {state.run_id}: {len(config.specs)} configuration{'s' if len(config.specs) != 1 else ''} on Ray, "
              "each shard one actor")
-    with _RaySession(address):
-        for spec in config.specs:
-            run_id = config.run_id_of(spec, state.run_id)
-            output = config.config_dir(spec) / "scores.parquet"
-            key = f"{spec.name}/ray"
-            previous = state.jobs.get(key, {})
-            if resume and state.is_done(key, output):
-                jobs += [JobResult(spec.name, s["shard"], run_id, "complete", 0, str(output), "", s.get("host"), s.get("busy_s"))
-                         for s in previous.get("shards", [])]
-                merged[spec.name] = {"path": str(output), "rows": previous.get("rows"), "order": "input order (by row number)"}
-                continue
-            output.unlink(missing_ok=True)  # a completed output is only ever one the manifest calls done
-            state.update_job(key, status="running", run_id=run_id, output=str(output), exit_code=None, error=None)
-            if echo:
-                echo(f"  start  {spec.name} on Ray ({spec.shards} actors)")
-            t_job = time.perf_counter()
-            try:
-                run = _run_ray(score_job_for(spec, output, config.events, run_id), None, spec.shards, actor_cpus,
-                               batch_rows, echo)
-            except AttnFallbackError as e:
-                shards = getattr(e, "shards", [])
-                state.update_job(key, status="failed", exit_code=e.exit_code, error=str(e).splitlines()[0],
-                                 shards=[s.to_dict() for s in shards])
+    try:
+        with _RaySession(address):
+            for spec in config.specs:
+                run_id = config.run_id_of(spec, state.run_id)
+                output = config.config_dir(spec) / "scores.parquet"
+                key = f"{spec.name}/ray"
+                previous = state.jobs.get(key, {})
+                if resume and state.is_done(key, output):
+                    jobs += [JobResult(spec.name, s["shard"], run_id, "complete", 0, str(output), "", s.get("host"), s.get("busy_s"))
+                             for s in previous.get("shards", [])]
+                    merged[spec.name] = {"path": str(output), "rows": previous.get("rows"), "order": "input order (by row number)"}
+                    continue
+                output.unlink(missing_ok=True)  # a completed output is only ever one the manifest calls done
+                state.update_job(key, status="running", run_id=run_id, output=str(output), exit_code=None, error=None)
                 if echo:
-                    echo(f"  FAILED {spec.name} exit {e.exit_code}: {str(e).splitlines()[-1].strip()}")
-                failed = [s for s in shards if s.error] or [ActorShard(shard=f"?/{spec.shards}")]
-                for s in failed:
-                    text = s.error or str(e)
-                    jobs.append(JobResult(spec.name, s.shard, run_id, "failed", s.exit_code or e.exit_code, str(output), "",
-                                          s.host, None, text.strip().splitlines()[-1].strip(), text))
-                continue
-            seconds = round(time.perf_counter() - t_job, 3)
-            state.update_job(key, status="done", exit_code=0, seconds=seconds, rows=run.result.rows_written,
-                             shards=[s.to_dict() for s in run.shards])
-            merged[spec.name] = {"path": str(output), "rows": run.result.rows_written, "order": "input order (by row number)"}
-            state.outputs[spec.name] = str(output)
-            if echo:
-                echo(f"  done   {spec.name} {seconds:6.1f} s ({', '.join(f'{s.shard} {s.used}' for s in run.shards)})")
-            jobs += [JobResult(spec.name, s.shard, run_id, "done", 0, str(output), "", f"{s.host}:{s.pid}",
-                               round(s.busy_s, 3), score=s.to_dict()) for s in run.shards]
+                    echo(f"  start  {spec.name} on Ray ({spec.shards} actors)")
+                t_job = time.perf_counter()
+                try:
+                    run = _run_ray(score_job_for(spec, output, config.events, run_id), None, spec.shards, actor_cpus,
+                                   batch_rows, echo)
+                except AttnFallbackError as e:
+                    shards = getattr(e, "shards", [])
+                    state.update_job(key, status="failed", exit_code=e.exit_code, error=str(e).splitlines()[0],
+                                     shards=[s.to_dict() for s in shards])
+                    if echo:
+                        echo(f"  FAILED {spec.name} exit {e.exit_code}: {str(e).splitlines()[-1].strip()}")
+                    failed = [s for s in shards if s.error] or [ActorShard(shard=f"?/{spec.shards}")]
+                    for s in failed:
+                        text = s.error or str(e)
+                        jobs.append(JobResult(spec.name, s.shard, run_id, "failed", s.exit_code or e.exit_code, str(output), "",
+                                              s.host, None, text.strip().splitlines()[-1].strip(), text))
+                    continue
+                seconds = round(time.perf_counter() - t_job, 3)
+                state.update_job(key, status="done", exit_code=0, seconds=seconds, rows=run.result.rows_written,
+                                 shards=[s.to_dict() for s in run.shards])
+                merged[spec.name] = {"path": str(output), "rows": run.result.rows_written, "order": "input order (by row number)"}
+                state.outputs[spec.name] = str(output)
+                if echo:
+                    echo(f"  done   {spec.name} {seconds:6.1f} s ({', '.join(f'{s.shard} {s.used}' for s in run.shards)})")
+                jobs += [JobResult(spec.name, s.shard, run_id, "done", 0, str(output), "", f"{s.host}:{s.pid}",
+                                   round(s.busy_s, 3), score=s.to_dict()) for s in run.shards]
+    except KeyboardInterrupt:
+        raise interrupted(config, state, total=len(config.specs)) from None
     state.save()
     run_ids = sorted({config.run_id_of(spec, state.run_id) for spec in config.specs})
     shard_rows, summary = read_run_events(config.events, run_ids)

@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from attnfallback.errors import ConfigError, OutputError
+from attnfallback.errors import ConfigError, OutputRefused
+from attnfallback.scoring.writer import output_os_error
 from attnfallback.sweep.config import MANIFEST, SweepConfig
 
 MANIFEST_SCHEMA = "attnfallback.sweep/1"
@@ -35,9 +36,9 @@ def read_manifest(output: str | os.PathLike) -> dict | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise OutputError(f"cannot read the sweep manifest {path}: {e}", path=str(path)) from None
+        raise OutputRefused(f"cannot read the sweep manifest {path}: {e}", path=str(path)) from None
     if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
-        raise OutputError(f"{path} is not a sweep manifest (schema {MANIFEST_SCHEMA})", path=str(path))
+        raise OutputRefused(f"{path} is not a sweep manifest (schema {MANIFEST_SCHEMA})", path=str(path))
     return data
 
 
@@ -65,6 +66,7 @@ class SweepState:
     jobs: dict[str, dict] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     created: str = field(default_factory=_now)
+    interrupted: str | None = None  # when a Ctrl-C stopped the run (cleared by a resume)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -81,6 +83,7 @@ class SweepState:
             "config": self.config.to_dict(),
             "jobs": self.jobs,
             "outputs": self.outputs,
+            "interrupted": self.interrupted,
         }
 
     def save(self) -> None:
@@ -91,6 +94,17 @@ class SweepState:
         with self._lock:
             self.jobs.setdefault(key, {}).update(fields)
         self.save()
+
+    def mark_interrupted(self) -> list[str]:
+        """A Ctrl-C: every job still running is `interrupted` (its committed parts kept for --resume),
+        and the manifest says when. Returns those jobs' keys."""
+        with self._lock:
+            stopped = [k for k, j in self.jobs.items() if j.get("status") in ("running", "interrupted")]
+            for key in stopped:
+                self.jobs[key]["status"] = "interrupted"
+            self.interrupted = _now()
+        self.save()
+        return stopped
 
     def is_done(self, key: str, output: Path) -> bool:
         """A job counts as complete only when it said so and its output is there."""
@@ -139,7 +153,7 @@ def claim_output(config: SweepConfig, resume: bool, engine: str) -> SweepState:
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"cannot create output directory {output}: {e}", path=str(output)) from None
+        raise output_os_error(f"cannot create output directory {output}", e, output) from None
     state = SweepState(config, run_id, engine)
     state.save()
     return state
@@ -174,13 +188,33 @@ def _changed_configs(previous: list[dict], config: SweepConfig) -> list[str]:
     return changes
 
 
+def shard_row_numbers(output: Path, index: int, count: int, rows: int):
+    """The input row numbers of a shard output's rows, in its order (shard i of N owns rows i, i+N, ...
+    and writes them in order, less the rows it skipped), from the run summary the output carries;
+    None where it carries none to tell."""
+    import numpy as np
+
+    from attnfallback.scoring.writer import read_output_metadata
+
+    meta = read_output_metadata(output) or {}
+    result, skipped = meta.get("result") or {}, meta.get("skipped_rows")
+    rows_in = result.get("rows_in")
+    if not isinstance(rows_in, int) or not isinstance(skipped, list) or len(skipped) != result.get("rows_skipped"):
+        return None
+    owned = index + count * np.arange(rows_in, dtype=np.int64)
+    kept = owned[~np.isin(owned, np.asarray(skipped, dtype=np.int64))]
+    return kept if len(kept) == rows else None
+
+
 def merge_outputs(shard_outputs: list[Path], destination: Path, ids_are_row_numbers: bool) -> dict:
     """Join the shards' outputs (shard i holds rows r with r mod N == i) back into input order.
 
-    With row-number ids the rows are sorted by id; otherwise they are interleaved when every
-    shard holds the rows it owns (no row skipped), else concatenated shard by shard. Written to
-    a temporary name, then renamed. Returns {path, rows, order}.
+    Rows are placed by their input row numbers, which each shard output's summary gives (its
+    skipped rows included); failing that, sorted by id when the ids are row numbers, interleaved
+    when no row was skipped, else (outputs without a summary) concatenated shard by shard.
+    Written to a temporary name, then renamed. Returns {path, rows, order}.
     """
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -188,7 +222,12 @@ def merge_outputs(shard_outputs: list[Path], destination: Path, ids_are_row_numb
     tables = [pq.read_table(p) for p in shard_outputs]
     total = sum(t.num_rows for t in tables)
     n = len(tables)
-    if ids_are_row_numbers and all(pa.types.is_integer(t.schema.field(0).type) for t in tables):
+    numbers = [shard_row_numbers(p, i, n, t.num_rows) for i, (p, t) in enumerate(zip(shard_outputs, tables))]
+    if all(r is not None for r in numbers):
+        merged = pa.concat_tables(tables, promote_options="default")
+        merged = merged.take(pa.array(np.argsort(np.concatenate(numbers), kind="stable")))
+        order = "input order (by row number)"
+    elif ids_are_row_numbers and all(pa.types.is_integer(t.schema.field(0).type) for t in tables):
         merged = pa.concat_tables(tables, promote_options="default")
         merged = merged.take(pc.sort_indices(merged.column(0), sort_keys=[(merged.column_names[0], "ascending")]))
         order = "input order (by row number)"
