@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from attnfallback.errors import InputError, OutputError, UsageError
+from attnfallback.errors import InputError, OutputError, UsageError, is_fatal_device_error
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec
 from attnfallback.scoring.tasks import TEXT_COLUMNS, check_packing_mode, parse_task
 from attnfallback.scoring.tokenizer_process import check_tokenizer_process_mode
@@ -313,8 +313,9 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
         return _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fingerprint, resume_parts, t_start, scorer)
     except BaseException as e:
         if sink is not None and not isinstance(e, KeyboardInterrupt):
+            fatal = {"fatal_device_error": True} if is_fatal_device_error(e) else {}  # the process exits at once (cli/app.py)
             _emit(sink, "shard_failed", error=type(e).__name__, message=str(e)[:2000],
-                  exit_code=getattr(e, "exit_code", 1), output=str(job.output), parts_committed=len(store.parts))
+                  exit_code=getattr(e, "exit_code", 1), output=str(job.output), parts_committed=len(store.parts), **fatal)
         raise
     finally:
         store.close(remove_lock=True)

@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from attnfallback.errors import NonFiniteError, UsageError
+from attnfallback.errors import NonFiniteError, TokenizerMismatchError, UsageError, is_fatal_device_error
 from attnfallback.model_facts import text_config
 from attnfallback.scoring.batching import default_batch_tokens, eager_max_cells, ffn_width, length_order, plan_batches
 from attnfallback.scoring.inputs import InputSpec, rows_of_table
+from attnfallback.scoring.limits import clip_max_length
 from attnfallback.scoring.tasks import (
     AUTO_CLASSES,
     Encoded,
@@ -161,8 +162,9 @@ class Scorer:
         self.max_cells = max_cells
         self.device = loaded.device
         self.on_cuda = self.device.type == "cuda"
-        self.encoder = TextEncoder(loaded.tokenizer, max_length, task.mode)
+        self.encoder = TextEncoder(loaded.tokenizer, max_length, task.mode, type_ids=task.accepts_types)
         self.with_types = task.accepts_types
+        self.max_length_note: str | None = None  # why max_length is below what was asked (clip_max_length)
         self.flag_nonfinite = job.on_nonfinite == "flag"
         self.sink = loaded.sink
         self.oom_splits = 0
@@ -196,12 +198,14 @@ class Scorer:
         from attnfallback.policy import Mode, Policy, parse_dtype
 
         task_name = parse_task(job.task)
+        columns = len(job.text_columns) if job.text_columns else 1
         if job.on_nonfinite not in ("error", "flag"):
             raise UsageError(f"--on-nonfinite must be error or flag, found {job.on_nonfinite!r}")
         if loaded is None:
             policy = Policy.resolve(mode=job.policy, prefer=job.prefer)
             if policy.mode is Mode.FASTEST and sample_texts:
                 policy = replace(policy, extra={**policy.extra, "fastest_sample": list(sample_texts)})
+            verifier = TaskVerifyInputs(task_name, columns, job.max_length, job.trust_remote_code)
             loaded = load_model(
                 job.model,
                 revision=job.revision,
@@ -215,16 +219,22 @@ class Scorer:
                 trust_remote_code=job.trust_remote_code,
                 model_kwargs=_model_kwargs(task_name, job),
                 sink=sink,
+                verify_inputs=verifier,
             )
-        columns = len(job.text_columns) if job.text_columns else 1
+            if loaded._tokenizer is None and verifier.tokenizer is not None:
+                loaded._tokenizer = verifier.tokenizer  # read once, for the verification forward
         model_dir = loaded.facts.ref.location if loaded.facts.ref.is_local else _hub_snapshot(loaded.model)
         task = build_task(task_name, loaded.model, loaded.tokenizer, model_dir, columns)
         max_length = job.max_length or task.default_max_length()
         if max_length < 2:
             raise UsageError(f"--max-length must be at least 2, found {max_length}")
+        max_length, clipped = clip_max_length(int(max_length), task.limits)
+        if clipped:
+            log.warning("%s", clipped)
         impl = loaded.decision.used
         budget, max_cells = _budgets(job, loaded, impl)
         scorer = cls(loaded, job, task, int(max_length), budget, max_cells)
+        scorer.max_length_note = clipped
         scorer.refresh_packing()
         return scorer
 
@@ -259,7 +269,8 @@ class Scorer:
     def describe(self) -> dict:
         return {**self.task.describe(), "max_length": self.max_length, "batch_tokens": self.batch_tokens,
                 "max_cells": self.max_cells, "device": str(self.device), "impl": self.decision.used,
-                "packing": self.packing_note, "tokenizer": self.tokenizer_note,
+                "packing": self.packing_note, "tokenizer": self.tokenizer_note, "token_type_ids": self.with_types,
+                **({"max_length_note": self.max_length_note} if self.max_length_note else {}),
                 **({"sdpa_order": sdpa_order_note()} if self.on_cuda and self.decision.used == "sdpa" else {})}
 
     # -- packing ----------------------------------------------------------------------------
@@ -304,6 +315,8 @@ class Scorer:
                 want = self.task.forward(self._on_device(padded))
                 got = self.task.forward(self._on_device(packed))
         except Exception as e:  # noqa: BLE001 - any failure means: do not pack
+            if is_fatal_device_error(e):
+                raise
             return f"a packed forward failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         tolerance = 1e-3 if self.loaded.model.dtype == torch.float32 else 5e-2
         for name, value in want.items():
@@ -353,6 +366,7 @@ class Scorer:
         `rows`: only these positions of the chunk (a piece, see `prepare_pieces`)."""
         t0 = time.perf_counter()
         encoded = self._encode(chunk.texts if rows is None else [chunk.texts[i] for i in rows])
+        self._check_limits(chunk, encoded, rows)
         order = length_order(encoded.lengths)
         slices = plan_batches(encoded.lengths[order], self.batch_tokens, self.max_cells, floor_tokens=self.floor_tokens,
                               overhead_tokens=self.overhead_tokens)
@@ -360,6 +374,21 @@ class Scorer:
         seconds = time.perf_counter() - t0
         self.timing["prepare_s"] += seconds
         return PreparedChunk(chunk, encoded, order, batches, seconds, rows, last)
+
+    def _check_limits(self, chunk: Chunk, encoded: Encoded, rows: np.ndarray | None) -> None:
+        """Every id within the model's tables (scoring/limits.py), before any forward: a tokenizer
+        that does not match its model is an error naming the limit, the value and the row, not an
+        IndexError or a device-side assert. A max over the flat arrays the batches are cut from."""
+        ids, types, offsets = encoded.flat()
+        limits = self.task.limits
+        found = limits.violation(ids, types if self.with_types else None, offsets, encoded.lengths)
+        if found is None:
+            return
+        position = found.row if rows is None else int(rows[found.row])
+        line = chunk.lines[position] if position < len(chunk.lines) else None
+        path = getattr(self.job, "input", None) or "<table>"
+        raise TokenizerMismatchError(f"{found.message(limits.model)} (row id {chunk.ids[position]!r})", path=str(path),
+                                     line=line, limit=found.limit, value=found.found, what=found.what)
 
     def prepare_pieces(self, chunk: Chunk) -> Iterator[PreparedChunk]:
         """The chunk prepared whole, or, for the run's first part when `lead_fractions` is set, in
@@ -629,6 +658,50 @@ class Scorer:
             field_type = table.schema.field(id_column).type if id_column in table.column_names else pa.int64()
             id_type = "string" if (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)) else "int64"
         return InputSpec(names, id_column, id_type)
+
+
+VERIFY_TEXTS = (  # the verification forward's rows, of different lengths (the second is padded)
+    ("A longer verification row, so that the other row is padded and the attention mask matters.",),
+    ("A short row.",),
+)
+
+
+class TaskVerifyInputs:
+    """The loader's verification batch built by the task's own input path (load_model's
+    `verify_inputs`): the task's tokenizing (pairs for pairs, with type ids where the model takes
+    them), the limits check, its padding and its mask form for the implementation being verified.
+    A failure then shows at load, under the candidate that caused it."""
+
+    def __init__(self, task: str, columns: int, max_length: int | None, trust_remote_code: bool = False):
+        self.task = task
+        self.columns = columns
+        self.max_length = max_length
+        self.trust_remote_code = trust_remote_code
+        self.tokenizer = None  # loaded on the first call, then handed to the scorer
+
+    def __call__(self, model, facts) -> tuple[dict, object]:
+        import torch
+
+        from attnfallback.loader import load_tokenizer
+
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(facts.ref, self.trust_remote_code)
+        task = build_task(self.task, model, self.tokenizer, None, self.columns)
+        max_length, _ = clip_max_length(max(self.max_length or task.default_max_length(), 2), task.limits)
+        encoder = TextEncoder(self.tokenizer, max_length, task.mode, type_ids=task.accepts_types)
+        texts = list(VERIFY_TEXTS) if task.mode == "single" else [t * 2 for t in VERIFY_TEXTS]
+        encoded = encoder.encode(texts)
+        ids, types, offsets = encoded.flat()
+        found = task.limits.violation(ids, types if task.accepts_types else None, offsets, encoded.lengths)
+        if found is not None:
+            raise TokenizerMismatchError(f"{facts.model_id}: on the verification rows, before any input row: "
+                                         f"{found.message(task.limits.model)}", limit=found.limit, value=found.found,
+                                         what=found.what)
+        rows = np.arange(len(encoded), dtype=np.int64)
+        arrays = pad_rows(encoded, rows, int(encoded.lengths.max()), task.pad_id, task.accepts_types)
+        batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        batch["_no_padding"] = False
+        return task.model_inputs(batch), batch["attention_mask"].bool()
 
 
 def lead_pieces(texts: list[tuple[str, ...]], fractions: tuple[float, ...] = LEAD_FRACTIONS,
