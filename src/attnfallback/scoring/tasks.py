@@ -518,6 +518,14 @@ def pack_rows(encoded: Encoded, rows: np.ndarray, with_types: bool) -> dict[str,
     return out
 
 
+def has_local_attention(config) -> bool:
+    """Whether some layers attend within a window (sliding_window, ModernBERT's local_attention)."""
+    text = text_config(config)
+    layer_types = getattr(text, "layer_types", None) or ()
+    return bool(getattr(text, "sliding_window", None) or getattr(text, "local_attention", None)
+                or any("sliding" in str(t) or "local" in str(t) for t in layer_types))
+
+
 def takes_token_types(model, tokenizer) -> bool:
     """Whether the model is given token type ids: its forward takes them and its tokenizer emits
     them (`model_input_names`), as the tokenizer's own call would. RoBERTa, XLM-R and GPT-2 take
@@ -553,6 +561,11 @@ class Task:
         self.accepts_types = takes_token_types(model, tokenizer)
         self.causal = is_causal_model(model)
         self.limits = model_limits(model)
+        # models on transformers' attention interface take a 4D mask as it is; the others (DeBERTa,
+        # MPNet) build their own from a 2D one, and would read a 4D additive mask as 0/1 flags. A
+        # model with local (sliding-window) layers builds their mask from the 2D one too: given a
+        # 4D mask, ModernBERT's local layers would attend globally.
+        self.mask_forms = bool(getattr(model, "_supports_attention_backend", False)) and not has_local_attention(model.config)
         config_pad = getattr(getattr(model, "config", None), "pad_token_id", None)
         tok_pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(config_pad if config_pad is not None else tok_pad if tok_pad is not None else 0)
@@ -587,7 +600,7 @@ class Task:
             # the mask says nothing. Either way SDPA and the flash kernels take their plain path.
             return inputs
         mask = batch["attention_mask"]
-        impl = getattr(self.model.config, "_attn_implementation", None)
+        impl = getattr(self.model.config, "_attn_implementation", None) if self.mask_forms else None
         if impl == "sdpa":
             inputs["attention_mask"] = mask.bool()[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
         elif impl == "eager":
