@@ -42,7 +42,7 @@ SHAPES = {  # hidden, heads, layers, intermediate; the GPU shape keeps head_dim 
 }
 ENCODER_POSITIONS = 128
 DECODER_POSITIONS = 256
-ROWS = 24  # STS-B pairs per cell: 48 texts (and one long row, truncated)
+ROWS = 16  # STS-B pairs per cell: 32 texts (and one long row, truncated)
 CLASSIFY_LABELS = 3
 
 
@@ -461,7 +461,7 @@ def score_job(task: str, model_dir: Path, workdir: Path, impl: str, *, dtype: st
     if not source.exists():
         write_inputs(task, source)
     return ScoreJob(model=str(model_dir), input=str(source), output=str(workdir / f"out-{impl}-{packing}{tag}.parquet"), task=task,
-                    text_columns=["a", "b"] if task == "pairs" else None, prefer=impl, policy=policy, dtype=dtype, device=device,
+                    text_columns=["a", "b"] if task == "pairs" else None, prefer=impl if policy == "strict" else f"{impl},eager", policy=policy, dtype=dtype, device=device,
                     packing=packing, quiet=True, tokenizer_process="off")
 
 
@@ -552,3 +552,69 @@ def environment(device: str) -> dict:
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)
     return {device.split(":")[0]: env}
+
+
+# --- one cell of the matrix --------------------------------------------------------------------
+
+
+@dataclass
+class CellReference:
+    """The truth (float64 eager, one row per batch) and the bar: twice the error of the same
+    library, eager, in the run's dtype."""
+
+    truth: np.ndarray
+    eager_error: float
+    bar: float
+    dtype: str
+
+
+def cell_reference(task: str, model_dir: Path, dtype: str, device: str) -> CellReference:
+    truth = reference(task, model_dir, "float64", device)
+    eager = reference(task, model_dir, dtype, device)
+    error = errors(eager, truth)["rel_l2"]
+    return CellReference(truth, error, bar(error, dtype), dtype)
+
+
+def expected_unavailable(family: Family, impl: str) -> str | None:
+    if impl == "sdpa":
+        return family.no_sdpa
+    if impl.startswith("flash"):
+        return family.no_flash
+    return None
+
+
+def check_impl(family: Family, task: str, impl: str, model_dir: Path, workdir: Path, ref: CellReference, *,
+               device: str = "cpu", packing: str = "auto", label: str | None = None) -> tuple[dict, np.ndarray | None]:
+    """Score the cell with `impl` asked for strictly; the report row and the outputs (None when the
+    implementation was refused: exit 3 with its reasons, which the row keeps)."""
+    from attnfallback.errors import AttentionUnavailable
+
+    row = dict(family=family.name, task=task, impl=label or impl, dtype=ref.dtype, device=device.split(":")[0],
+               eager_rel_l2=ref.eager_error, bar=ref.bar)
+    try:
+        out, result = score(task, model_dir, workdir, impl, dtype=ref.dtype, device=device, packing=packing, tag=label or "")
+    except AttentionUnavailable as e:
+        reasons = "; ".join(f"{k}: {r}" for k, rs in e.reasons.items() for r in rs)
+        return {**row, "status": "unavailable", "note": reasons[:300], "rel_l2": None, "max_abs": None}, None
+    measured = errors(out, ref.truth)
+    status = "pass" if measured["rel_l2"] <= ref.bar else "FAIL"
+    note = f"packing {result.task.get('packing')}; used {result.decision.get('used')}"
+    return {**row, **measured, "status": status, "note": note, "packing": result.task.get("packing")}, out
+
+
+def report_fixture(device: str):
+    """A module-scoped fixture collecting the module's rows; at its end, with
+    $ATTNFALLBACK_ZOO_REPORT set, the table is printed and the rows written there as JSON."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def zoo_report(request):
+        report = Report()
+        yield report
+        written = report.write(environment(device))
+        if written:
+            terminal = request.config.pluginmanager.get_plugin("terminalreporter")
+            text = f"\nmodel zoo ({device}): {len(report.rows)} rows -> {written}\n{report.table()}\n"
+            terminal.write(text) if terminal is not None else print(text)
+
+    return zoo_report
