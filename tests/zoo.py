@@ -462,7 +462,7 @@ def score_job(task: str, model_dir: Path, workdir: Path, impl: str, *, dtype: st
         write_inputs(task, source)
     return ScoreJob(model=str(model_dir), input=str(source), output=str(workdir / f"out-{impl}-{packing}{tag}.parquet"), task=task,
                     text_columns=["a", "b"] if task == "pairs" else None, prefer=impl if policy == "strict" else f"{impl},eager", policy=policy, dtype=dtype, device=device,
-                    packing=packing, quiet=True, tokenizer_process="off")
+                    packing=packing, quiet=True, tokenizer_process="auto" if device.startswith("cuda") else "off")
 
 
 def read_scores(task: str, path) -> np.ndarray:
