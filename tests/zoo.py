@@ -136,7 +136,7 @@ def _trained(kind: str, specials: tuple[str, ...], size: int = 600):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     if kind == "wordpiece":
-        tok = Tokenizer(models.WordPiece(unk_token=specials[1] if "[UNK]" not in specials else "[UNK]"))
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.train_from_iterator(corpus(), trainers.WordPieceTrainer(vocab_size=size, special_tokens=list(specials)))
