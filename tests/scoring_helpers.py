@@ -54,7 +54,8 @@ def read_events(directory: Path) -> list[dict]:
     return records
 
 
-def add_sentence_config(directory: Path, pooling: str = "mean", normalize: bool = True, max_seq_length: int | None = None) -> Path:
+def add_sentence_config(directory: Path, pooling: str = "mean", normalize: bool = True, max_seq_length: int | None = None,
+                        hidden: int | None = None) -> Path:
     """Turn a saved encoder into a sentence-transformers model: modules.json, 1_Pooling, Normalize."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -64,7 +65,7 @@ def add_sentence_config(directory: Path, pooling: str = "mean", normalize: bool 
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
     (directory / "modules.json").write_text(json.dumps(modules))
     (directory / "1_Pooling").mkdir(exist_ok=True)
-    hidden = json.loads((directory / "config.json").read_text())["hidden_size"]
+    hidden = hidden or json.loads((directory / "config.json").read_text())["hidden_size"]
     (directory / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": hidden, "pooling_mode": pooling}))
     if max_seq_length:
         (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}))

@@ -17,6 +17,8 @@ from attnfallback import errors
         (errors.UnknownNameError("dtype", "float8", ["auto", "bfloat16"]), 2),
         (errors.ConfigError("unknown key 'shardz'", path="sweep.toml", key="shardz"), 2),
         (errors.NonFiniteError("NaN in rows 3, 7", ids=[3, 7]), 1),
+        (errors.TokenizerMismatchError("token id 1037 is beyond the vocabulary", path="in.jsonl", line=3, limit=1000,
+                                       value=1037, what="token id"), 2),
         (errors.ParityError("sdpa over tolerance"), 4),
         (errors.OutputError("locked", path="/x"), 1),
         (errors.OutputExistsError("output /x exists from a completed run", path="/x"), 2),

@@ -5,6 +5,8 @@
     │   ├── UnknownNameError          an implementation, dtype, GPU class ... not known (.valid lists them)
     │   ├── ModelNotFoundError        a model path or id that cannot be found (.path)
     │   ├── InputError                a malformed input file (.path, .line, .expected, .found)
+    │   │   └── TokenizerMismatchError  ids the model's tables cannot take: a token id >= the vocabulary,
+    │   │                             a type id >= type_vocab_size, a row beyond the positions (.limit, .value)
     │   ├── ConfigError               a sweep configuration that does not hold (.path, .key)
     │   ├── RemoteCodeError           a model asking for remote code without --trust-remote-code
     │   ├── NewHeadError              the checkpoint carries no weights for (part of) the model the task
@@ -27,7 +29,9 @@
     └── Interrupted                   Ctrl-C during `score`: what was committed (.output, .parts,
                                       .rows) and how to resume; exit 130 (128 + SIGINT)
 
-Input checks raise one of these, never `assert`.
+Input checks raise one of these, never `assert`. `is_fatal_device_error` tells a CUDA error that
+leaves the context unusable (torch's AcceleratorError after a device-side assert): the command line
+then exits at once, with 1, after the shard_failed event (cli/app.py).
 """
 
 from __future__ import annotations
@@ -107,6 +111,18 @@ class InputError(UsageError):
         super().__init__(text)
 
 
+class TokenizerMismatchError(InputError):
+    """Ids a row's tokenizer produced that the model's tables cannot take (scoring/limits.py): the
+    tokenizer does not match the model. Raised on the host, before a forward would index out of range."""
+
+    def __init__(self, message: str, path: str | None = None, line: int | None = None, limit: int | None = None,
+                 value: int | None = None, what: str | None = None):
+        self.limit = limit
+        self.value = value
+        self.what = what
+        super().__init__(message, path=path, line=line)
+
+
 class ConfigError(UsageError):
     """A configuration file that does not hold."""
 
@@ -162,6 +178,31 @@ class NonFiniteError(AttnFallbackError):
     def __init__(self, message: str, ids: Sequence[object] = ()):
         self.ids = list(ids)
         super().__init__(message)
+
+
+# Sticky CUDA errors (the CUDA runtime's list): after one of these the context cannot be used again.
+# Errors a context survives (no kernel image for this GPU, out of memory) are not among them.
+FATAL_DEVICE_MARKERS = (
+    "device-side assert",
+    "illegal memory access",
+    "illegal instruction",
+    "unspecified launch failure",
+    "misaligned address",
+    "invalid program counter",
+    "hardware stack error",
+    "uncorrectable ecc error",
+    "the launch timed out and was terminated",
+    "operation not supported on global/shared address space",
+)
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    """True when `exc` says the CUDA context is lost (torch raises torch.AcceleratorError, a
+    RuntimeError, with "CUDA error: device-side assert triggered" and the like)."""
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc).lower()
+    return any(marker in text for marker in FATAL_DEVICE_MARKERS)
 
 
 class OutputError(AttnFallbackError):

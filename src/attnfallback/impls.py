@@ -123,7 +123,21 @@ def check_sdpa(device, software, facts, dtype) -> list[str]:
     if _version_tuple(software.torch) < (2, 1):
         reasons.append(f"torch {software.torch} < 2.1 required by sdpa")
     reasons += _model_supports("sdpa", facts, "supports_sdpa", "sdpa")
+    reasons += _no_softcapping("sdpa", facts)
     return reasons
+
+
+def _no_softcapping(name: str, facts) -> list[str]:
+    """Attention-logit soft-capping (Gemma 2) is not something `name` computes: transformers 5.17
+    runs Gemma 2 under sdpa and leaves the cap out, silently (other numbers than eager's)."""
+    config = getattr(facts, "config", None)
+    if config is None:
+        return []
+    text = getattr(config, "get_text_config", lambda: config)()
+    cap = getattr(text, "attn_logit_softcapping", None)
+    if cap:
+        return [f"{name} cannot soft-cap attention logits (attn_logit_softcapping {cap}): its outputs would not be the model's"]
+    return []
 
 
 def check_flex_attention(device, software, facts, dtype) -> list[str]:

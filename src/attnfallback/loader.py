@@ -23,7 +23,7 @@ from typing import Any
 from attnfallback import envs, fastest, impls, planner
 from attnfallback.caps import DeviceCaps, SoftwareCaps, probe_device, probe_software
 from attnfallback.decision import Attempt, Decision
-from attnfallback.errors import AttentionUnavailable, CheckpointError, ModelLoadError, UsageError
+from attnfallback.errors import AttentionUnavailable, CheckpointError, ModelLoadError, UsageError, is_fatal_device_error
 from attnfallback.heads import check_loaded
 from attnfallback.model_facts import ModelFacts, ModelRef, read_facts, resolve_ref
 from attnfallback.policy import Mode, Policy, as_policy
@@ -118,19 +118,31 @@ def from_pretrained(facts: ModelFacts, auto_class: str, impl: str, dtype: str, t
     return model
 
 
-def verify_forward(model, facts: ModelFacts, device) -> list[str]:
-    """A forward pass on a tiny batch; reasons it failed (exception or non-finite output)."""
+def verify_forward(model, facts: ModelFacts, device, inputs_for=None) -> list[str]:
+    """A forward pass on a tiny batch; reasons it failed (exception or non-finite output).
+
+    `inputs_for(model, facts) -> (inputs, keep)`: the model's inputs as the caller's own path builds
+    them (the scoring task's: pairs with their type ids, its mask form) and the real tokens of its
+    outputs; without it, two rows of plain input_ids and attention_mask. Errors it raises (a
+    tokenizer that does not match the model) are not the attention's fault: they propagate.
+    A CUDA error that leaves the context unusable propagates too: no other candidate can run."""
     import torch
 
-    rows, length = VERIFY_BATCH
-    vocab = max(facts.vocab_size or 100, 10)
-    ids = (torch.arange(rows * length).reshape(rows, length) % (min(vocab, 1000) - 3)) + 3
-    mask = torch.ones_like(ids)
-    mask[1, length // 2 :] = 0
+    if inputs_for is None:
+        rows, length = VERIFY_BATCH
+        vocab = max(facts.vocab_size or 100, 10)
+        ids = (torch.arange(rows * length).reshape(rows, length) % (min(vocab, 1000) - 3)) + 3
+        mask = torch.ones_like(ids)
+        mask[1, length // 2 :] = 0
+        inputs, keep = {"input_ids": ids, "attention_mask": mask}, mask.bool()
+    else:
+        inputs, keep = inputs_for(model, facts)
     try:
         with torch.inference_mode(), sdpa_order(getattr(device, "type", str(device))):
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            out = model(**{k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()})
     except RECOVERABLE as e:
+        if is_fatal_device_error(e):
+            raise
         return [f"forward failed: {first_line(e)}"]
     tensor = None
     for name in ("logits", "last_hidden_state"):
@@ -139,8 +151,8 @@ def verify_forward(model, facts: ModelFacts, device) -> list[str]:
             break
     if tensor is None:
         tensor = out[0]
-    keep = mask.to(device).bool()
-    if tensor.dim() >= 2 and tensor.shape[:2] == keep.shape:
+    keep = keep.to(device) if keep is not None else None
+    if keep is not None and tensor.dim() >= 2 and tensor.shape[:2] == keep.shape:
         tensor = tensor[keep]
     if not torch.isfinite(tensor.float()).all():
         return ["forward produced non-finite outputs (NaN or inf)"]
@@ -251,6 +263,7 @@ def load_model(
     task: str | None = None,
     bench_factory=None,
     facts: ModelFacts | None = None,
+    verify_inputs=None,
 ) -> LoadedModel:
     """Load `model` with the fastest attention implementation that runs here.
 
@@ -265,7 +278,8 @@ def load_model(
     `policy`: a Policy or a mode name; `auto_class`: e.g. "AutoModelForCausalLM" or the class itself.
     A checkpoint without the weights of the model built (a classifier head on an embedding model)
     is a NewHeadError unless `allow_new_head`; `task` only names what needed them in that error.
-    `facts`: the model's facts when the caller has read them.
+    `facts`: the model's facts when the caller has read them. `verify_inputs`: what the
+    verification forward feeds the model (see verify_forward).
     """
     policy = as_policy(policy, prefer)
     auto_class = auto_class_name(auto_class)
@@ -321,6 +335,8 @@ def load_model(
             else:
                 loaded.set_attn_implementation(cand.impl)
         except RECOVERABLE as e:
+            if is_fatal_device_error(e):
+                raise
             t_load += time.perf_counter() - t0
             attempts.append(Attempt(cand.impl, "load", False, [f"load failed: {first_line(e)}"]))
             if policy.is_strict:
@@ -337,7 +353,7 @@ def load_model(
         actual = getattr(loaded.config, "_attn_implementation", None) or cand.impl
         if policy.verify:
             t0 = time.perf_counter()
-            reasons = verify_forward(loaded, facts, torch_device)
+            reasons = verify_forward(loaded, facts, torch_device, verify_inputs)
             t_verify += time.perf_counter() - t0
             if reasons:
                 attempts.append(Attempt(cand.impl, "verify", False, reasons))

@@ -334,6 +334,98 @@ def test_oom_on_a_single_row(tiny_bert, texts_input, tmp_path, cli, monkeypatch,
 POISON = "poison"
 
 
+# --- a CUDA context lost in the middle of a shard ------------------------------------------------
+
+# The child: the real entry point (main() with sys.argv, as the `attnfallback` script runs it), its
+# 3rd part's launch raising what torch raises after a device-side assert. A dead CUDA context makes
+# the process abort at exit (its destructors: "terminate called ...", SIGABRT); the child registers
+# os.abort at exit at that moment, so a normal exit aborts the same way.
+FATAL_CHILD = """
+import atexit, os, sys
+import torch
+from attnfallback.scoring import pipeline
+
+real_launch = pipeline.Scorer.launch
+
+def launch(self, prepared):
+    if prepared.chunk.index == 2:
+        atexit.register(os.abort)
+        raise torch.AcceleratorError("CUDA error: device-side assert triggered\\n"
+                                     "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.")
+    return real_launch(self, prepared)
+
+pipeline.Scorer.launch = launch
+from attnfallback.cli.app import main
+sys.argv = ["attnfallback", *sys.argv[1:]]
+main()
+"""
+
+
+@fault("CUDA context lost in the middle of a shard (device-side assert)",
+       how="the real `attnfallback score` entry point in a subprocess; the 3rd of 5 parts' launch raises "
+           "torch.AcceleratorError(\"CUDA error: device-side assert triggered\"), and the process is set to abort at "
+           "exit as CUDA's destructors do with a dead context; then --resume",
+       expected="exit 1 (not SIGABRT), stderr says the CUDA context failed and --resume continues; a shard_failed "
+                "event with the error (fatal_device_error, 2 parts committed); --resume completes, every row once, "
+                "equal to a clean run")
+def test_cuda_context_lost_mid_shard(tiny_bert, texts_input, tmp_path, cli, observe):
+    import subprocess
+    import sys
+
+    def argv(out, events, *extra):
+        return ["score", str(tiny_bert), "--input", str(texts_input), "--output", str(out), "--part-rows", "24",
+                "--first-part-rows", "24", "--prefer", "sdpa", "--events", str(events), "--run-id", "fatal", "--quiet", *extra]
+
+    clean_out = tmp_path / "clean.parquet"
+    assert cli(*argv(clean_out, tmp_path / "clean-events")).code == 0
+    _, clean_ids, clean_values = read_output(clean_out)
+    events = tmp_path / "events"
+    out = tmp_path / "out" / "out.parquet"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2] / "src"),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", FATAL_CHILD, *argv(out, events)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env=env)
+    error_line = next((line for line in done.stderr.splitlines() if line.startswith("error:")), "")
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+    assert "the GPU failed and its CUDA context cannot be used again" in error_line and "--resume" in error_line, done.stderr
+    assert "device-side assert triggered" in error_line
+    recorded = read_events(events)
+    (failed,) = [e for e in recorded if e["event"] == "shard_failed"]
+    assert failed["error"] == "AcceleratorError" and failed["fatal_device_error"] is True and failed["exit_code"] == 1
+    assert failed["parts_committed"] == 2 and "device-side assert" in failed["message"]
+    assert not out.exists()
+    resumed = cli(*argv(out, events, "--resume"))
+    assert resumed.code == 0, resumed
+    _, ids, values = read_output(out)
+    assert ids == clean_ids and np.array_equal(values, clean_values)
+    (done_event,) = [e for e in read_events(events) if e["event"] == "shard_done"]
+    observe(f"exit {done.returncode}, `{error_line[:160]}`; shard_failed (AcceleratorError, fatal_device_error, "
+            f"{failed['parts_committed']} parts committed); --resume: exit 0 from part {done_event['resumed_parts']}, "
+            f"{len(ids)}/{len(clean_ids)} rows once, equal to a clean run")
+
+
+@fault("Tokenizer whose ids the model's vocabulary cannot take",
+       how="a tiny BERT whose embedding table has 1,000 rows, saved with the MiniLM tokenizer (30,522 tokens); "
+           "`score` on it",
+       expected="exit 2 at load, before any row is scored, naming the token id found and the vocabulary size (no "
+                "IndexError, on a GPU no device-side assert); a shard_failed event with exit_code 2; nothing written",
+       group="input")
+def test_tokenizer_beyond_the_vocabulary(tmp_path, texts_input, cli, observe):
+    from conftest import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "small-vocab", "bert", vocab_size=1000)
+    events = tmp_path / "events"
+    out = tmp_path / "out" / "out.parquet"
+    result = cli("score", model_dir, "--input", texts_input, "--output", out, "--prefer", "sdpa,eager", "--events", events, "--quiet")
+    assert result.code == 2, result
+    assert "is beyond BertModel's vocabulary (1000 rows of input embeddings)" in result.error_line, result.error_line
+    assert "expected token ids < 1000" in result.error_line and "IndexError" not in result.err
+    (failed,) = [e for e in read_events(events) if e["event"] == "shard_failed"]
+    assert failed["exit_code"] == 2 and failed["error"] == "TokenizerMismatchError"
+    assert not out.exists()
+    observe(f"exit 2: `{result.error_line[:200]}`; shard_failed exit_code 2; nothing written")
+
+
 @pytest.fixture(scope="module")
 def nan_model(tiny_bert, tmp_path_factory):
     """The tiny BERT with the word embedding of `poison` set to NaN: rows with that word give NaN."""

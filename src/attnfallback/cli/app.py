@@ -1,6 +1,7 @@
 """The `attnfallback` entry point: builds the Typer app from one module per command and maps
 errors to exit codes (0 ok, 1 unexpected, 2 bad usage or input, 3 attention unavailable under
-strict policy, 4 parity over tolerance, 130 interrupted by Ctrl-C)."""
+strict policy, 4 parity over tolerance, 130 interrupted by Ctrl-C). A lost CUDA context exits with
+1 at once (os._exit), without the CUDA teardown that would abort the process."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 
 import typer
 
-from attnfallback.errors import AttnFallbackError, Interrupted
+from attnfallback.errors import AttnFallbackError, Interrupted, is_fatal_device_error
 
 # Each module defines `register(app)`; heavy imports (torch, transformers) stay inside commands.
 COMMANDS = ("probe", "plan", "load", "score", "events", "parity", "bench", "sweep", "demo")
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"interrupted: {e}" if isinstance(e, Interrupted) else "interrupted", err=True)
         return _exit(130, argv)
     except Exception as e:  # noqa: BLE001 - the last line of defence, turned into exit 1
+        if is_fatal_device_error(e):
+            return _fatal_device_exit(e, argv)
         if os.environ.get("ATTNFALLBACK_DEBUG"):
             raise
         typer.echo(f"error: unexpected {type(e).__name__}: {e} (set ATTNFALLBACK_DEBUG=1 for the traceback)", err=True)
@@ -101,6 +104,26 @@ def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+FATAL_DEVICE_EXIT = 1
+
+
+def _fatal_device_exit(exc: BaseException, argv) -> int:
+    """A CUDA context lost to a device-side assert (or another sticky error): say so and exit with
+    1 at once. Python's normal exit would run CUDA's destructors on the dead context, which abort
+    the process (SIGABRT, "terminate called ..."); the events and committed parts were written
+    before the error got here (the shard_failed event, the part store closed), so --resume works."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    typer.echo(f"error: the GPU failed and its CUDA context cannot be used again ({type(exc).__name__}: {first}); "
+               "the events record it (shard_failed) and committed parts are kept: --resume continues from them "
+               "(CUDA_LAUNCH_BLOCKING=1 shows which kernel failed)", err=True)
+    if argv is not None:  # called from Python (tests, an embedding program): the caller decides
+        return FATAL_DEVICE_EXIT
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(FATAL_DEVICE_EXIT)
 
 
 def _exit(code: int, argv) -> int:

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from attnfallback.errors import InputError, Interrupted, OutputError, OutputExistsError, UsageError
+from attnfallback.errors import InputError, Interrupted, OutputError, OutputExistsError, UsageError, is_fatal_device_error
 from attnfallback.policy import Mode, Policy, parse_measure
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec, row_error
 from attnfallback.scoring.tasks import TEXT_COLUMNS, check_packing_mode, parse_task
@@ -394,8 +394,9 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
         raise _interrupted(store, sink, shard_text) from e
     except BaseException as e:
         if sink is not None:
+            fatal = {"fatal_device_error": True} if is_fatal_device_error(e) else {}  # the process exits at once (cli/app.py)
             _emit(sink, "shard_failed", error=type(e).__name__, message=str(e)[:2000],
-                  exit_code=getattr(e, "exit_code", 1), output=str(job.output), parts_committed=len(store.parts))
+                  exit_code=getattr(e, "exit_code", 1), output=str(job.output), parts_committed=len(store.parts), **fatal)
         raise
     finally:
         store.close(remove_lock=True)

@@ -28,14 +28,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from attnfallback.errors import NonFiniteError, UsageError
+from attnfallback.errors import NonFiniteError, TokenizerMismatchError, UsageError, is_fatal_device_error
 from attnfallback.fastest import Trial
 from attnfallback.kernel_variants import declared_shape, padded_boundaries, shape_mode
-from attnfallback.loader import RECOVERABLE, first_line, load_model
+from attnfallback.loader import RECOVERABLE, first_line, load_model, load_tokenizer
 from attnfallback.model_facts import text_config
 from attnfallback.policy import Policy, parse_dtype
 from attnfallback.scoring.batching import default_batch_tokens, eager_max_cells, ffn_width, length_order, plan_batches
 from attnfallback.scoring.inputs import DEFAULT_ID_COLUMN, InputSpec, rows_of_table
+from attnfallback.scoring.limits import clip_max_length
 from attnfallback.scoring.tasks import (
     AUTO_CLASSES,
     Encoded,
@@ -165,8 +166,9 @@ class Scorer:
         self.max_cells = max_cells
         self.device = loaded.device
         self.on_cuda = self.device.type == "cuda"
-        self.encoder = TextEncoder(loaded.tokenizer, max_length, task.mode)
+        self.encoder = TextEncoder(loaded.tokenizer, max_length, task.mode, type_ids=task.accepts_types)
         self.with_types = task.accepts_types
+        self.max_length_note: str | None = None  # why max_length is below what was asked (clip_max_length)
         self.flag_nonfinite = job.on_nonfinite == "flag"
         self.sink = loaded.sink
         self.oom_splits = 0
@@ -200,15 +202,21 @@ class Scorer:
         shard's rows (or a callable giving them once the model has loaded), which set the
         measuring budget."""
         task_name = parse_task(job.task)
+        columns = len(job.text_columns) if job.text_columns else 1
         if job.on_nonfinite not in ("error", "flag"):
             raise UsageError(f"--on-nonfinite must be error or flag, found {job.on_nonfinite!r}")
         if loaded is not None:
             return cls.for_loaded(loaded, job, task_name)
         built: list[Scorer] = []
+        verifier = TaskVerifyInputs(task_name, columns, job.max_length, job.trust_remote_code)
 
         def bench_factory(loaded_model):
+            if loaded_model._tokenizer is None and verifier.tokenizer is not None:
+                loaded_model._tokenizer = verifier.tokenizer
             built.append(cls.for_loaded(loaded_model, job, task_name))
-            return SampleBench(built[0], sample_texts, expected_rows) if sample_texts else None
+            bench = SampleBench(built[0], sample_texts, expected_rows) if sample_texts else None
+            # rows the model's tables cannot take are the run's error to report, with their lines
+            return bench if bench is not None and bench.within_limits else None
 
         loaded = load_model(
             job.model,
@@ -227,7 +235,10 @@ class Scorer:
             task=task_name,
             bench_factory=bench_factory,
             facts=facts,
+            verify_inputs=verifier,
         )
+        if loaded._tokenizer is None and verifier.tokenizer is not None:
+            loaded._tokenizer = verifier.tokenizer  # read once, for the verification forward
         if not built:
             return cls.for_loaded(loaded, job, task_name)
         scorer = built[0]
@@ -244,9 +255,13 @@ class Scorer:
         max_length = job.max_length or task.default_max_length()
         if max_length < 2:
             raise UsageError(f"--max-length must be at least 2, found {max_length}")
+        max_length, clipped = clip_max_length(int(max_length), task.limits)
+        if clipped:
+            log.warning("%s", clipped)
         impl = getattr(loaded.model.config, "_attn_implementation", None) or loaded.decision.used
         budget, max_cells = _budgets(job, loaded, impl)
         scorer = cls(loaded, job, task, int(max_length), budget, max_cells)
+        scorer.max_length_note = clipped
         scorer.refresh_packing()
         return scorer
 
@@ -281,7 +296,8 @@ class Scorer:
     def describe(self) -> dict:
         return {**self.task.describe(), "max_length": self.max_length, "batch_tokens": self.batch_tokens,
                 "max_cells": self.max_cells, "device": str(self.device), "impl": self.decision.used,
-                "packing": self.packing_note, "tokenizer": self.tokenizer_note,
+                "packing": self.packing_note, "tokenizer": self.tokenizer_note, "token_type_ids": self.with_types,
+                **({"max_length_note": self.max_length_note} if self.max_length_note else {}),
                 **({"sdpa_order": sdpa_order_note()} if self.on_cuda and self.decision.used == "sdpa" else {})}
 
     # -- packing ----------------------------------------------------------------------------
@@ -326,6 +342,8 @@ class Scorer:
                 want = self.task.forward(self._on_device(padded))
                 got = self.task.forward(self._on_device(packed))
         except Exception as e:  # noqa: BLE001 - any failure means: do not pack
+            if is_fatal_device_error(e):
+                raise
             return f"a packed forward failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         tolerance = 1e-3 if self.loaded.model.dtype == torch.float32 else 5e-2
         for name, value in want.items():
@@ -375,6 +393,7 @@ class Scorer:
         `rows`: only these positions of the chunk (a piece, see `prepare_pieces`)."""
         t0 = time.perf_counter()
         encoded = self._encode(chunk.texts if rows is None else [chunk.texts[i] for i in rows])
+        self._check_limits(chunk, encoded, rows)
         order = length_order(encoded.lengths)
         slices = plan_batches(encoded.lengths[order], self.batch_tokens, self.max_cells, floor_tokens=self.floor_tokens,
                               overhead_tokens=self.overhead_tokens)
@@ -382,6 +401,21 @@ class Scorer:
         seconds = time.perf_counter() - t0
         self.timing["prepare_s"] += seconds
         return PreparedChunk(chunk, encoded, order, batches, seconds, rows, last)
+
+    def _check_limits(self, chunk: Chunk, encoded: Encoded, rows: np.ndarray | None) -> None:
+        """Every id within the model's tables (scoring/limits.py), before any forward: a tokenizer
+        that does not match its model is an error naming the limit, the value and the row, not an
+        IndexError or a device-side assert. A max over the flat arrays the batches are cut from."""
+        ids, types, offsets = encoded.flat()
+        limits = self.task.limits
+        found = limits.violation(ids, types if self.with_types else None, offsets, encoded.lengths)
+        if found is None:
+            return
+        position = found.row if rows is None else int(rows[found.row])
+        line = chunk.lines[position] if position < len(chunk.lines) else None
+        path = getattr(self.job, "input", None) or "<table>"
+        raise TokenizerMismatchError(f"{found.message(limits.model)} (row id {chunk.ids[position]!r})", path=str(path),
+                                     line=line, limit=found.limit, value=found.found, what=found.what)
 
     def prepare_pieces(self, chunk: Chunk) -> Iterator[PreparedChunk]:
         """The chunk prepared whole, or, for the run's first part when `lead_fractions` is set, in
@@ -686,6 +720,9 @@ class SampleBench:
     def _measure_tokens(self) -> None:
         encoded = self.scorer.encoder.encode(self.chunk.texts)  # here: the tokenizer process may still be starting
         self._encoded = encoded
+        ids, types, offsets = encoded.flat()
+        limits = self.scorer.task.limits
+        self.within_limits = limits.violation(ids, types if self.scorer.with_types else None, offsets, encoded.lengths) is None
         tokens = int(encoded.lengths.sum())
         mean = tokens / max(len(self.chunk), 1)
         self.description.update(tokens=tokens, mean_length=round(mean, 1), max_length=int(encoded.lengths.max(initial=0)))
@@ -749,6 +786,48 @@ class SampleBench:
         actual = getattr(scorer.loaded.model.config, "_attn_implementation", None) or impl
         return Trial(impl, actual, int(self._encoded.lengths.sum()), first, repeats,
                      sum(b.cells for b in prepared.batches), len(prepared.batches)), []
+
+
+VERIFY_TEXTS = (  # the verification forward's rows, of different lengths (the second is padded)
+    ("A longer verification row, so that the other row is padded and the attention mask matters.",),
+    ("A short row.",),
+)
+
+
+class TaskVerifyInputs:
+    """The loader's verification batch built by the task's own input path (load_model's
+    `verify_inputs`): the task's tokenizing (pairs for pairs, with type ids where the model takes
+    them), the limits check, its padding and its mask form for the implementation being verified.
+    A failure then shows at load, under the candidate that caused it."""
+
+    def __init__(self, task: str, columns: int, max_length: int | None, trust_remote_code: bool = False):
+        self.task = task
+        self.columns = columns
+        self.max_length = max_length
+        self.trust_remote_code = trust_remote_code
+        self.tokenizer = None  # loaded on the first call, then handed to the scorer
+
+    def __call__(self, model, facts) -> tuple[dict, object]:
+        import torch
+
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(facts.ref, self.trust_remote_code)
+        task = build_task(self.task, model, self.tokenizer, None, self.columns)
+        max_length, _ = clip_max_length(max(self.max_length or task.default_max_length(), 2), task.limits)
+        encoder = TextEncoder(self.tokenizer, max_length, task.mode, type_ids=task.accepts_types)
+        texts = list(VERIFY_TEXTS) if task.mode == "single" else [t * 2 for t in VERIFY_TEXTS]
+        encoded = encoder.encode(texts)
+        ids, types, offsets = encoded.flat()
+        found = task.limits.violation(ids, types if task.accepts_types else None, offsets, encoded.lengths)
+        if found is not None:
+            raise TokenizerMismatchError(f"{facts.model_id}: on the verification rows, before any input row: "
+                                         f"{found.message(task.limits.model)}", limit=found.limit, value=found.found,
+                                         what=found.what)
+        rows = np.arange(len(encoded), dtype=np.int64)
+        arrays = pad_rows(encoded, rows, int(encoded.lengths.max()), task.pad_id, task.accepts_types)
+        batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        batch["_no_padding"] = False
+        return task.model_inputs(batch), batch["attention_mask"].bool()
 
 
 def lead_pieces(texts: list[tuple[str, ...]], fractions: tuple[float, ...] = LEAD_FRACTIONS,

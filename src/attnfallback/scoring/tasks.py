@@ -23,6 +23,7 @@ import numpy as np
 
 from attnfallback.errors import UnknownNameError, UsageError
 from attnfallback.model_facts import text_config
+from attnfallback.scoring.limits import model_limits
 
 TASKS = ("embed", "classify", "pairs", "logprob")
 AUTO_CLASSES = {
@@ -191,13 +192,14 @@ class TextEncoder:
     """Tokenizes texts (or pairs) with the model's fast tokenizer, truncating at `max_length`
     and recording which rows were truncated. Thread-safe: its settings never change after init."""
 
-    def __init__(self, tokenizer, max_length: int, mode: str = "single"):
+    def __init__(self, tokenizer, max_length: int, mode: str = "single", type_ids: bool = True):
         self.max_length = int(max_length)
         self.mode = mode  # single | pair | prompt_completion
         self.tokenizer = tokenizer
+        self.type_ids = bool(type_ids)  # False: the model is given no type ids (see takes_token_types)
         backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
         self.fast = backend is not None
-        self.type_ids_needed = True  # see below: False where the template gives type 0 throughout
+        self.type_ids_needed = self.type_ids  # see below: False where the template gives type 0 throughout
         if self.fast:
             from tokenizers import Tokenizer
 
@@ -211,7 +213,7 @@ class TextEncoder:
             self._batch = fast_batch(self._main)
             # single texts whose template gives every token type 0 (BERT's, RoBERTa's): the type
             # ids are not read back from the tokenizer, a list per row less (None means zeros)
-            self.type_ids_needed = not (mode == "single" and single_type_ids_are_zero(self._main.to_str()))
+            self.type_ids_needed = self.type_ids and not (mode == "single" and single_type_ids_are_zero(self._main.to_str()))
             if mode == "prompt_completion":
                 # the completion is kept; the prompt gives way, from its left
                 self._prompt = configured("left", self.max_length)
@@ -237,7 +239,7 @@ class TextEncoder:
         second = [t[1] for t in texts] if pair else None
         out = self.tokenizer(first, second, truncation="longest_first", max_length=self.max_length, padding=False)
         ids = out["input_ids"]
-        type_ids = out.get("token_type_ids") or [[0] * len(i) for i in ids]
+        type_ids = (out.get("token_type_ids") or [[0] * len(i) for i in ids]) if self.type_ids else None
         truncated = np.zeros(len(ids), dtype=bool)
         full_candidates = [i for i, row in enumerate(ids) if len(row) >= self.max_length]
         if full_candidates:
@@ -516,6 +518,25 @@ def pack_rows(encoded: Encoded, rows: np.ndarray, with_types: bool) -> dict[str,
     return out
 
 
+def has_local_attention(config) -> bool:
+    """Whether some layers attend within a window (sliding_window, ModernBERT's local_attention)."""
+    text = text_config(config)
+    layer_types = getattr(text, "layer_types", None) or ()
+    return bool(getattr(text, "sliding_window", None) or getattr(text, "local_attention", None)
+                or any("sliding" in str(t) or "local" in str(t) for t in layer_types))
+
+
+def takes_token_types(model, tokenizer) -> bool:
+    """Whether the model is given token type ids: its forward takes them and its tokenizer emits
+    them (`model_input_names`), as the tokenizer's own call would. RoBERTa, XLM-R and GPT-2 take
+    the argument but their tokenizers emit none: their type table has one row (GPT-2 would even
+    look types up in its word embeddings)."""
+    if not _accepts(model.forward, "token_type_ids"):
+        return False
+    names = getattr(tokenizer, "model_input_names", None)
+    return names is None or "token_type_ids" in names
+
+
 def _accepts(fn, name: str) -> bool:
     params = inspect.signature(fn).parameters
     return name in params
@@ -537,9 +558,14 @@ class Task:
         self.model = model
         self.tokenizer = tokenizer
         self.model_dir = model_dir
-        params = inspect.signature(model.forward).parameters
-        self.accepts_types = "token_type_ids" in params
+        self.accepts_types = takes_token_types(model, tokenizer)
         self.causal = is_causal_model(model)
+        self.limits = model_limits(model)
+        # models on transformers' attention interface take a 4D mask as it is; the others (DeBERTa,
+        # MPNet) build their own from a 2D one, and would read a 4D additive mask as 0/1 flags. A
+        # model with local (sliding-window) layers builds their mask from the 2D one too: given a
+        # 4D mask, ModernBERT's local layers would attend globally.
+        self.mask_forms = bool(getattr(model, "_supports_attention_backend", False)) and not has_local_attention(model.config)
         config_pad = getattr(getattr(model, "config", None), "pad_token_id", None)
         tok_pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(config_pad if config_pad is not None else tok_pad if tok_pad is not None else 0)
@@ -549,7 +575,9 @@ class Task:
         limit = getattr(self.tokenizer, "model_max_length", None)
         if isinstance(limit, int) and 0 < limit < 1_000_000:
             candidates.append(limit)
-        positions = getattr(self.model.config, "max_position_embeddings", None)
+        positions = self.limits.positions  # a position table's usable rows (RoBERTa-like: less the offset)
+        if positions is None:
+            positions = getattr(self.model.config, "max_position_embeddings", None)
         if isinstance(positions, int) and positions > 0:
             candidates.append(positions)
         return min(candidates) if candidates else 512
@@ -572,7 +600,7 @@ class Task:
             # the mask says nothing. Either way SDPA and the flash kernels take their plain path.
             return inputs
         mask = batch["attention_mask"]
-        impl = getattr(self.model.config, "_attn_implementation", None)
+        impl = getattr(self.model.config, "_attn_implementation", None) if self.mask_forms else None
         if impl == "sdpa":
             inputs["attention_mask"] = mask.bool()[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
         elif impl == "eager":
@@ -600,7 +628,10 @@ class Task:
             raise RuntimeError(f"a packed batch reached attention implementation {impl!r}, which cannot keep rows apart")
         cu = batch.get("kernel_cu_seqlens", batch["cu_seqlens"])  # with empty sequences: kernel_variants.py
         longest = int(batch["_max_length"])  # a host int: no device sync inside the kernels' wrapper
-        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+        positions = batch["position_ids"]
+        if self.limits.position_offset:  # RoBERTa-like: the first token's position is padding_idx + 1
+            positions = positions + self.limits.position_offset
+        inputs = {"input_ids": batch["input_ids"], "position_ids": positions,
                   "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
         if self.accepts_types and "token_type_ids" in batch:
             inputs["token_type_ids"] = batch["token_type_ids"]
@@ -833,6 +864,12 @@ class LogprobTask(Task):
 
     def __init__(self, model, tokenizer, model_dir, prompt_completion: bool = False):
         super().__init__(model, tokenizer, model_dir)
+        if not self.causal:
+            # an encoder's LM head (BertLMHeadModel without is_decoder) attends both ways: the
+            # "log-probability" of each token would be computed by a model that sees it
+            raise UsageError(f"task logprob needs a causal language model; {type(model).__name__} attends in both "
+                             "directions (config.is_decoder is false), so its next-token log-probabilities would see the "
+                             "tokens they predict (use embed, classify or pairs with an encoder)")
         self.mode = "prompt_completion" if prompt_completion else "single"
         config = model.config
         text = text_config(config)

@@ -55,7 +55,7 @@ def process_obstacle(encoder: TextEncoder) -> str | None:
 
 
 def _serve(conn: Connection) -> None:
-    """The child: the first message configures it (tokenizer JSON, mode, max_length); then it encodes
+    """The child: the first message configures it (tokenizer JSON, mode, max_length, type ids); then it encodes
     each list of texts it is sent with TextEncoder, as the parent would, and replies with flat arrays
     (or the error), until None or EOF."""
     from types import SimpleNamespace
@@ -72,10 +72,10 @@ def _serve(conn: Connection) -> None:
             return
         try:
             if encoder is None:
-                tokenizer_json, mode, max_length = message
+                tokenizer_json, mode, max_length, type_ids = message
                 # TextEncoder needs of a transformers tokenizer only its fast backend
                 backend = SimpleNamespace(is_fast=True, backend_tokenizer=Tokenizer.from_str(tokenizer_json))
-                encoder = TextEncoder(backend, max_length, mode)
+                encoder = TextEncoder(backend, max_length, mode, type_ids)
                 conn.send(("ready", None))
                 continue
             encoded = encoder.encode(message)
@@ -140,7 +140,7 @@ class ProcessEncoder:
         """Raises ChildDied when the child is gone; the error of a failed encode as RuntimeError."""
         with self._lock:
             if not self._configured:
-                self._send((self.encoder._main.to_str(), self.encoder.mode, self.encoder.max_length))
+                self._send((self.encoder._main.to_str(), self.encoder.mode, self.encoder.max_length, self.encoder.type_ids))
                 kind, payload = self._receive(START_TIMEOUT_S)
                 if kind != "ready":
                     raise ChildDied(f"the tokenizer process could not load the tokenizer: {payload}")
