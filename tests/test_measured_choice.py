@@ -23,6 +23,8 @@ GRACEFUL = Settings(budget_s=None, margin=fastest.GRACEFUL_MARGIN, charge_compil
 class FakeBench:
     """Trials that take the seconds given per implementation (tokens fixed); nothing really runs."""
 
+    task = "embed"
+
     def __init__(self, steady: dict[str, float], *, expected_tokens: int | None, first: dict[str, float] | None = None,
                  tokens: int = 10_000, failing: dict[str, str] | None = None):
         self.steady, self.first = steady, first or {}
@@ -206,3 +208,46 @@ def test_declared_shapes_put_flash_attention_4_batches_on_one_variant():
     cu = np.array([0, 3, 7], dtype=np.int32)
     padded = kernel_variants.padded_boundaries(cu, 3)
     assert padded.tolist() == [0, 3, 7, 7, 7, 7] and padded.dtype == np.int32
+
+
+def test_a_fastest_calibration_serves_later_graceful_shards(loaded, tmp_path):
+    calibrating = FakeBench({"sdpa": 0.01, "eager": 0.005}, expected_tokens=None)
+    fastest.choose_fastest(loaded, ["sdpa", "eager"], bench=calibrating, cache_dir=tmp_path)
+    assert loaded.decision.used == "eager" and loaded.decision.measured["cache_written"] is True
+    loaded.decision.used = "sdpa"
+    later = FakeBench({"sdpa": 0.001, "eager": 0.01}, expected_tokens=10**9)
+    fastest.choose(loaded, ["sdpa", "eager"], later, GRACEFUL, cache_dir=tmp_path)
+    assert loaded.decision.measured["cache"] == "hit" and loaded.decision.used == "eager" and later.tried == []
+
+
+@pytest.fixture
+def eager_compiles(monkeypatch):
+    eager = fastest.impl_registry.REGISTRY["eager"]
+    monkeypatch.setitem(fastest.impl_registry.REGISTRY, "eager", eager.__class__(**{**eager.__dict__, "compiles": True}))
+    monkeypatch.setitem(fastest.COMPILE_PRIOR_S, "eager", 3.0)
+
+
+@pytest.mark.parametrize(("expected_tokens", "taken"), [(20_000, False), (10**9, True)])
+def test_a_cached_choice_that_compiles_is_taken_only_when_the_shard_can_pay_for_it(loaded, tmp_path, eager_compiles,
+                                                                                   expected_tokens, taken):
+    fastest.choose_fastest(loaded, ["sdpa", "eager"], bench=FakeBench({"sdpa": 0.01, "eager": 0.005}, expected_tokens=None),
+                           cache_dir=tmp_path)
+    fastest.remember_compile(tmp_path, loaded.decision, "eager", 1.5)  # seen here: 1.5 s, fits a 2 s budget
+    loaded.decision.used = "sdpa"
+    bench = FakeBench({"sdpa": 0.01, "eager": 0.005}, expected_tokens=expected_tokens)
+    fastest.choose(loaded, ["sdpa", "eager"], bench, GRACEFUL, cache_dir=tmp_path)
+    m = loaded.decision.measured
+    if taken:
+        assert loaded.decision.used == "eager" and m["cache"] == "hit"
+    else:  # ~0.02 s of work: a 1.5 s compile is not worth it
+        assert loaded.decision.used == "sdpa" and m["cache"] == "hit, not taken" and "compiles" in m["reason"]
+
+
+def test_kernels_kept_on_disk_predict_a_cheap_next_compile(loaded, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    fastest.remember_compile(tmp_path, loaded.decision, "flash_attention_4", 9.8)
+    assert fastest.predicted_compile_s(tmp_path, loaded.decision, "flash_attention_4")[0] == fastest.KERNEL_LOAD_PRIOR_S
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0")
+    fastest.remember_compile(tmp_path, loaded.decision, "flash_attention_4", 9.8)
+    assert fastest.predicted_compile_s(tmp_path, loaded.decision, "flash_attention_4")[0] == 9.8
+    assert fastest.predicted_compile_s(tmp_path, loaded.decision, "sdpa") == (0.0, "does not compile")

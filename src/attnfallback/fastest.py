@@ -24,7 +24,13 @@ The rule (`choose`):
    written to a temporary file, flushed to disk and renamed into place, so a reader sees a whole
    entry or none; an entry that is unreadable, for another key, or older than
    $ATTNFALLBACK_CACHE_MAX_AGE_DAYS (30) is ignored with a warning. A later shard with the same key
-   verifies the cached choice and skips the measurement. Only complete measurements are cached.
+   verifies the cached choice and skips the measurement; under graceful a cached choice that
+   compiles is taken only when its predicted compile fits this shard's budget. Only complete
+   measurements are cached, and a `fastest` run's choice serves later graceful shards: calibrate
+   once per GPU class with `--policy fastest`.
+5. Compiles are predicted from the last one seen (`compile-*.json`); where the kernels are kept on
+   disk (FlashAttention-4's cache under the cache directory) the next process is predicted to pay
+   only their reading back (KERNEL_LOAD_PRIOR_S).
 
 Everything measured, skipped and why lands in `decision.measured` and so in the `attn_impl` event.
 """
@@ -64,7 +70,9 @@ GRACEFUL_BUDGET_S = 2.0
 GRACEFUL_BUDGET_SHARE = 0.05
 GRACEFUL_MARGIN = 0.05
 # Predicted first-call compile when none was seen yet on this GPU class (bench/NOTES.md, session 8).
-COMPILE_PRIOR_S = {"flash_attention_4": 3.0, "flex_attention": 20.0}
+# H200, FlashAttention-4 4.0.0b36: three variants a shard, 2-4 s each.
+COMPILE_PRIOR_S = {"flash_attention_4": 8.0, "flex_attention": 20.0}
+KERNEL_LOAD_PRIOR_S = 0.1  # reading FlashAttention-4 kernels a process compiled earlier back from disk (H200: 3 in 0.02 s)
 
 
 @dataclass
@@ -233,10 +241,36 @@ def predicted_compile_s(directory: Path, decision, impl: str) -> tuple[float, st
     return COMPILE_PRIOR_S.get(impl, 5.0), "prior (never seen on this GPU class)"
 
 
+def kernels_persist(impl: str, env=None) -> bool:
+    """Whether `impl`'s compiled kernels are kept on disk for later processes (FlashAttention-4's
+    cache, which the loader turns on under the cache directory)."""
+    env = os.environ if env is None else env
+    return impl == "flash_attention_4" and env.get("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED") == "1"
+
+
 def remember_compile(directory: Path, decision, impl: str, seconds: float) -> None:
+    """Keep what `impl`'s first call cost here, and what the next process should expect: the same,
+    or, where the kernels were kept on disk, about the cost of reading them back."""
     key = compile_key(decision, impl)
+    upcoming = min(seconds, KERNEL_LOAD_PRIOR_S) if kernels_persist(impl) else seconds
     write_atomically(directory / f"compile-{key_digest(key)}.json",
-                     {"schema": COMPILE_SCHEMA, "key": key, "compile_s": round(seconds, 4), "measured_at": _now()})
+                     {"schema": COMPILE_SCHEMA, "key": key, "compile_s": round(upcoming, 4), "observed_s": round(seconds, 4),
+                      "measured_at": _now()})
+
+
+def _cached_compile_refusal(loaded, bench: Bench, chosen: str, current: str | None, directory: Path) -> str | None:
+    """Why a cached choice that compiles is not taken on this shard (None: take it). Its predicted
+    compile is charged against this shard's budget, read from one trial of the loaded candidate."""
+    compile_s, source = predicted_compile_s(directory, loaded.decision, chosen)
+    if compile_s <= 0 or current is None:
+        return None
+    trial, _ = bench.trial(current, 0.0)
+    expected_s = bench.expected_tokens / trial.tokens_per_s if trial is not None and bench.expected_tokens else None
+    budget = graceful_budget(expected_s)
+    if compile_s <= budget:
+        return None
+    return (f"kept {current}: the cached choice {chosen} compiles on its first call (about {compile_s:.2g} s, {source}), "
+            f"more than this shard's budget of {budget:.2g} s")
 
 
 # --- the rule --------------------------------------------------------------------------------------
@@ -305,6 +339,13 @@ def choose(loaded, viable: list[str], bench: Bench, settings: Settings, *, cache
     digest = key_digest(key)
     path = cache_path(directory, digest)
     entry = read_cache(path, key)
+    if entry is not None and settings.charge_compiles and entry["chosen"] != current:
+        refusal = _cached_compile_refusal(loaded, bench, entry["chosen"], current, directory)
+        if refusal is not None:  # the cached choice would compile more than this shard can pay for
+            decision.measured = {"tokens_per_s": entry["tokens_per_s"], "compile_s": entry.get("compile_s", {}),
+                                 "cache": "hit, not taken", "cache_key": digest, "cache_file": str(path),
+                                 "measured_at": entry.get("measured_at"), "chosen": current, "reason": refusal}
+            return
     if entry is not None:
         chosen = entry["chosen"]
         reasons = [] if chosen == current else bench.switch(chosen)
@@ -452,4 +493,5 @@ def choose_fastest(loaded, viable: list[str], *, sample=None, budget_s: float | 
     while the budget lasts) on `bench`, else on a ForwardBench over the sample."""
     bench = bench or ForwardBench(loaded, _sample_for(loaded, sample), timer)
     budget = float(budget_s if budget_s is not None else loaded.decision.policy.fastest_budget_s)
-    choose(loaded, viable, bench, Settings(budget_s=budget, margin=0.0, charge_compiles=False), cache_dir=cache_dir)
+    choose(loaded, viable, bench, Settings(budget_s=budget, margin=0.0, charge_compiles=False, task=getattr(bench, "task", None)),
+           cache_dir=cache_dir)
