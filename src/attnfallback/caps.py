@@ -30,6 +30,9 @@ class DeviceCaps:
     memory_gb: float | None = None
     bf16: bool = False
     index: int | None = None
+    # which GPU of the host: its index there (this process's CUDA_VISIBLE_DEVICES entry) and UUID
+    host_index: int | None = None
+    uuid: str | None = None
 
     @property
     def cc_text(self) -> str | None:
@@ -236,7 +239,30 @@ def probe_device(device: str = "auto") -> DeviceCaps:
         memory_gb=props.total_memory / 1e9,
         bf16=cc >= (8, 0),
         index=index,
+        host_index=host_gpu_index(index),
+        uuid=_gpu_uuid(props),
     )
+
+
+def host_gpu_index(index: int, env: Mapping[str, str] | None = None) -> int | None:
+    """The host's index of this process's CUDA device `index`: its CUDA_VISIBLE_DEVICES entry (None
+    where that names a UUID or MIG instance), else `index`. CUDA's numbering: nvidia-smi's where the
+    GPUs are alike or CUDA_DEVICE_ORDER=PCI_BUS_ID; the UUID names a GPU either way."""
+    visible = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return index
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    entry = entries[index] if 0 <= index < len(entries) else ""
+    return int(entry) if entry.isdigit() else None
+
+
+def _gpu_uuid(props) -> str | None:
+    """The device's UUID as nvidia-smi prints it (GPU-8-4-4-4-12); None where torch has none."""
+    value = getattr(props, "uuid", None)  # an older torch, or another backend: none
+    text = "" if value is None else str(value)
+    if not text:
+        return None
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,8 @@ class Decision:
                 "class": self.device.gpu_class or self.device.kind,
                 "cc": self.device.cc_text,
                 "memory_gb": None if self.device.memory_gb is None else round(self.device.memory_gb, 1),
+                "index": self.device.host_index,  # which GPU of the host, from this process's own probe
+                "uuid": self.device.uuid,
             },
             "model": {
                 "id": self.facts.model_id,

@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
         engine: str = typer.Option("local", "--engine", help=literal_help(f"local | ray ({INSTALL_HINT}).")),
         address: str = typer.Option(None, "--address", help="Ray cluster address (with --engine ray; default: a local Ray)."),
-        actors: int = typer.Option(2, "--actors", help="Ray actors, each one shard in the events (with --engine ray)."),
+        actors: str = typer.Option("auto", "--actors", help="Ray actors, each one shard in the events (with --engine ray): N, or auto: one per GPU of the cluster (num_gpus=1 each), 2 without GPUs."),
         revision: str = REVISION,
         trust_remote_code: bool = TRUST_REMOTE_CODE,
         allow_new_head: bool = ALLOW_NEW_HEAD,

@@ -41,7 +41,7 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _STRUCTURE = """{
  "schema": "VARCHAR", "event": "VARCHAR", "ts": "VARCHAR", "run_id": "VARCHAR",
  "shard": "VARCHAR", "host": "VARCHAR", "pid": "BIGINT",
- "gpu": {"name": "VARCHAR", "class": "VARCHAR", "cc": "VARCHAR", "memory_gb": "DOUBLE"},
+ "gpu": {"name": "VARCHAR", "class": "VARCHAR", "cc": "VARCHAR", "memory_gb": "DOUBLE", "index": "BIGINT", "uuid": "VARCHAR"},
  "model": {"id": "VARCHAR", "revision": "VARCHAR", "dtype": "VARCHAR", "architecture": "VARCHAR"},
  "policy": {"mode": "VARCHAR", "prefer": ["VARCHAR"]},
  "requested": "VARCHAR", "used": "VARCHAR", "fell_back": "BOOLEAN",
@@ -342,7 +342,7 @@ class EventLog:
             SELECT r.event AS event, r.run_id AS run_id, r.shard AS shard,
                    TRY_CAST(r.ts AS TIMESTAMP) AS ts, r.host AS host, r.pid AS pid,
                    r.gpu.name AS gpu_name, r.gpu.class AS gpu_class, r.gpu.cc AS gpu_cc,
-                   r.gpu.memory_gb AS gpu_memory_gb,
+                   r.gpu.memory_gb AS gpu_memory_gb, r.gpu.index AS gpu_index, r.gpu.uuid AS gpu_uuid,
                    r.model.id AS model_id, r.model.revision AS model_revision,
                    r.model.dtype AS model_dtype, r.model.architecture AS model_architecture,
                    r.policy.mode AS policy_mode, r.policy.prefer AS prefer,

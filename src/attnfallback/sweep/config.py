@@ -80,6 +80,12 @@ CONFIG_KEYS = {"name": ((str,), "a short name"), **JOB_KEYS}
 
 MANIFEST = "sweep.json"
 
+# Set in the environment of every worker a sweep or the Ray engine starts (local processes, Ray
+# actors), over what the parent has: NVLink multicast off in NCCL, PyTorch and NVSHMEM. The scorer
+# uses no collectives; a program that does use multicast can put a shared host's GPUs out of
+# service, so none of our workers may.
+WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
 
 @dataclass(frozen=True)
 class JobSpec:

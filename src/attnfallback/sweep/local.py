@@ -2,8 +2,8 @@
 
 One process per job isolates what a shard must not share: its own CUDA_VISIBLE_DEVICES (one
 visible GPU per worker), its own crash, its own exit code. Workers are the visible GPUs
-(`devices = "auto"` or a list) or K processes on the CPU (`workers = K`, each with its share of
-the cores as threads). A job that fails is reported with its exit code and the last error line
+(`devices = "auto"` or a list; each GPU job tokenizes on its share of the cores) or K processes on
+the CPU (`workers = K`, each with its share of the cores as threads). A job that fails is reported with its exit code and the last error line
 while the others finish; `resume=True` runs only the jobs that are not complete (each with
 `score --resume`, so a killed shard continues from its last committed part).
 """
@@ -45,6 +45,7 @@ class Worker:
     device: str  # cuda | cpu
     visible: str  # CUDA_VISIBLE_DEVICES for the job ("" hides every GPU)
     threads: int | None = None
+    tokenizer_threads: int | None = None  # a GPU job's share of the cores for tokenizing (RAYON_NUM_THREADS)
 
 
 @dataclass
@@ -138,7 +139,9 @@ def plan_workers(config: SweepConfig, gpus: list[str] | None = None, cpu_count: 
         else:
             chosen = visible_gpus() if gpus is None else list(gpus)
         if chosen:
-            return [Worker(f"gpu{d}", "cuda", d) for d in chosen]
+            # each GPU job tokenizes on its share of the cores: one tokenizer thread would starve its GPU
+            share = max(1, (cpu_count or os.cpu_count() or 1) // len(chosen))
+            return [Worker(f"gpu{d}", "cuda", d, tokenizer_threads=share) for d in chosen]
     cores = cpu_count or os.cpu_count() or 1
     k = config.workers or max(1, min(n_jobs, cores))
     threads = max(1, cores // k)
@@ -149,15 +152,21 @@ def plan_workers(config: SweepConfig, gpus: list[str] | None = None, cpu_count: 
 
 def job_env(worker: Worker, job: SweepJob, base: dict | None = None) -> dict:
     """The environment of one job's process."""
+    from attnfallback.sweep.config import WORKER_ENV
+
     env = dict(os.environ if base is None else base)
     for name in _JOB_ENV:
         env.pop(name, None)
     env["CUDA_VISIBLE_DEVICES"] = worker.visible
+    env.update(WORKER_ENV)  # NVLink multicast off, whatever the parent has
     if worker.threads is not None:
         for name in _THREAD_ENV:
             env[name] = str(worker.threads)
     env["ATTNFALLBACK_RUN_ID"] = job.run_id
     env["ATTNFALLBACK_SHARD"] = str(job.shard)
+    if worker.tokenizer_threads is not None:
+        env.setdefault("TOKENIZERS_PARALLELISM", "true")
+        env.setdefault("RAYON_NUM_THREADS", str(worker.tokenizer_threads))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     return env

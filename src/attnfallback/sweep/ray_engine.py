@@ -4,10 +4,11 @@ Ray Data reads the input; every row gets its row number (the input order, which 
 engine's outputs follow too); `map_batches` runs a pool of actors, each loading the model once
 through the scoring `Scorer` (so through `load_model`, with its fallback, verification and
 `attn_impl` event). Each actor is one shard in the events (`i/N`), with its own node's GPU class.
-Actors take `num_gpus=1` where the cluster has GPUs; on CPUs they take a fraction of a CPU so
-that Ray Data's read tasks always find one (whole-CPU actors on a 2-core machine starve the reads:
-a silent hang). The actors' outputs are written as Parquet, then joined into one file in input
-order, identical to what the local engine writes.
+Actors take `num_gpus=1` where the cluster has GPUs (`actors="auto"`: one per GPU); on CPUs they
+take a fraction of a CPU so that Ray Data's read tasks always find one (whole-CPU actors on a 2-core
+machine starve the reads: a silent hang). Every actor's environment has NVLink multicast off
+(`WORKER_ENV`, as the local engine's workers). The actors' outputs are written as Parquet, then
+joined into one file in input order, identical to what the local engine writes.
 
 Ray is optional (`pip install attnfallback[ray]`); without it this engine is a UsageError (exit 2).
 """
@@ -31,6 +32,7 @@ INSTALL_HINT = "pip install attnfallback[ray]"
 ROW_COLUMN = "__attnfallback_row__"
 DEFAULT_BATCH_ROWS = 1024
 BLOCKS_PER_ACTOR = 4
+CPU_ACTORS = 2  # actors="auto" on a cluster without GPUs
 ACTOR_START_TIMEOUT_S = 600  # every actor loads before work starts: each one is a shard
 
 
@@ -66,6 +68,8 @@ class ActorShard:
     non_finite: int = 0
     error: str | None = None
     exit_code: int | None = None
+    gpu: dict | None = None  # the attn_impl event's gpu (name, class, index, uuid): the actor's own probe
+    env: dict | None = None  # CUDA_VISIBLE_DEVICES and WORKER_ENV's variables as the actor's process has them
     decision: dict | None = None  # the attn_impl fields
 
     def to_dict(self) -> dict:
@@ -125,8 +129,11 @@ class ScoreActor:
 
         import ray
 
+        from attnfallback.sweep.config import WORKER_ENV
+
         self.registry = registry
-        self.index = ray.get(registry.claim.remote({"host": socket.gethostname(), "pid": os.getpid()}))
+        seen = {name: os.environ.get(name) for name in ("CUDA_VISIBLE_DEVICES", *WORKER_ENV)}
+        self.index = ray.get(registry.claim.remote({"host": socket.gethostname(), "pid": os.getpid(), "env": seen}))
         self.shard = f"{self.index}/{actors}"
         if threads:
             import torch
@@ -140,7 +147,8 @@ class ScoreActor:
             self._fail(e)
         decision = self.scorer.decision.to_dict()
         ray.get(registry.loaded.remote(self.index, {
-            "gpu_class": decision["gpu"]["class"], "used": decision["used"], "requested": decision["requested"],
+            "gpu_class": decision["gpu"]["class"], "gpu": decision["gpu"], "used": decision["used"],
+            "requested": decision["requested"],
             "fell_back": decision["fell_back"], "decision": decision}))
         # score_table keeps the chunk's token count to itself: count it as it passes by
         self.tokens = 0
@@ -266,22 +274,42 @@ def _with_row_numbers(ds, rows: int):
         return ds.zip(numbers)
 
 
-def _resources(ray, actors: int, actor_cpus: float | None, device: str = "auto") -> tuple[dict, int, int | None]:
-    """(ray_remote_args per actor, actors, torch threads per actor) for this cluster."""
+def parse_actors(value) -> int | str:
+    """`--actors`: a positive integer, or "auto" (one actor per GPU of the cluster; 2 without GPUs)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if not text.lstrip("-").isdigit():
+            raise UsageError(f"--actors must be a positive integer or auto, found {value!r}")
+        value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"--actors must be a positive integer or auto, found {value!r}")
+    if value < 1:
+        raise UsageError(f"--actors must be >= 1, found {value}")
+    return value
+
+
+def _resources(ray, actors: int | str, actor_cpus: float | None, device: str = "auto") -> tuple[dict, int, int | None]:
+    """(ray_remote_args per actor, actors, torch threads per actor) for this cluster: one GPU per
+    actor where it has GPUs (no more actors than GPUs), else a share of the CPUs."""
     total = ray.cluster_resources()
     gpus = 0 if device == "cpu" else int(total.get("GPU", 0))
     cpus = float(total.get("CPU", 1))
     if gpus > 0:
-        actors = min(actors, gpus)
+        actors = gpus if actors == "auto" else min(actors, gpus)
         return {"num_gpus": 1, "num_cpus": actor_cpus if actor_cpus is not None else 1}, actors, None
+    if actors == "auto":
+        actors = CPU_ACTORS
     # leave a whole CPU to Ray Data's read and write tasks
     share = actor_cpus if actor_cpus is not None else max(0.1, min(1.0, (cpus - 1) / actors))
     return {"num_cpus": share}, actors, max(1, int(share))
 
 
-def run_score_ray(job, address: str | None = None, actors: int = 2, *, actor_cpus: float | None = None,
+def run_score_ray(job, address: str | None = None, actors: int | str = "auto", *, actor_cpus: float | None = None,
                   batch_rows: int = DEFAULT_BATCH_ROWS, echo=None):
-    """Score `job` on Ray with `actors` actors (each a shard in the events); returns a ScoreResult.
+    """Score `job` on Ray with `actors` actors (each a shard in the events; "auto": one per GPU of
+    the cluster, 2 without GPUs); returns a ScoreResult.
 
     The output (`job.output`, one Parquet file) holds the same rows, in the same order, as
     `run_score(job)` writes. `address`: a Ray cluster (default: the running instance, else a
@@ -293,7 +321,7 @@ def run_score_ray(job, address: str | None = None, actors: int = 2, *, actor_cpu
 ENGINES = ("local", "ray")
 
 
-def run_score_engine(job, engine: str = "local", address: str | None = None, actors: int = 2):
+def run_score_engine(job, engine: str = "local", address: str | None = None, actors: int | str = "auto"):
     """`score --engine local|ray`: run_score(job) here, or run_score_ray on a Ray cluster."""
     from attnfallback.errors import UnknownNameError
 
@@ -313,12 +341,12 @@ def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
     from attnfallback.events import new_run_id
     from attnfallback.scoring.inputs import open_input, resolve_spec
     from attnfallback.scoring.job import ScoreResult, _validate_job, validate_input
+    from attnfallback.sweep.config import WORKER_ENV
 
     if job.shard is not None:
         raise UsageError("--shard with the Ray engine: Ray spreads the rows over its actors (each a shard in the "
                          "events); pass --actors N instead")
-    if actors < 1:
-        raise UsageError(f"--actors must be >= 1, found {actors}")
+    actors = parse_actors(actors)
     task = _validate_job(job)
     source = open_input(job.input)
     spec = resolve_spec(source, 2 if task == "pairs" else 1, job.text_column, job.text_columns, job.id_column)
@@ -378,7 +406,7 @@ def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
                 ScoreActor,
                 fn_constructor_kwargs={"job": actor_job, "registry": registry, "actors": actors, "threads": threads},
                 batch_size=batch_rows, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
-                **remote_args,
+                runtime_env={"env_vars": dict(WORKER_ENV)}, **remote_args,
             )
             if echo:
                 echo(f"  ray: {rows_in} rows over {actors} actors ({', '.join(f'{k}={v}' for k, v in remote_args.items())})")
