@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zoo_models import MODELS, build_model, stsb_documents, stsb_sentences, write_input  # noqa: E402
+from zoo_models import MODELS, build_model, json_tail, stsb_documents, stsb_sentences, write_input  # noqa: E402
 
 BASELINE_KIND = {"embed": "st-encode", "pairs": "cross-encoder", "logprob": "hf-logprob", "classify": "hf-classify"}
 BATCH_SIZES = {"st-encode": "32,64,128,256,512", "cross-encoder": "32,64,128,256,512", "hf-logprob": "8,16,32,64",
@@ -46,16 +46,6 @@ def run_process(cmd: list[str], env: dict, timeout: float) -> tuple[float, subpr
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     return time.perf_counter() - t0, proc
-
-
-def json_tail(text: str) -> dict | None:
-    start = text.find("{")
-    if start < 0:
-        return None
-    try:
-        return json.loads(text[start:text.rindex("}") + 1])
-    except ValueError:
-        return None
 
 
 def run_ours(model: str, task: str, data: Path, out: Path, extra: list[str], env: dict, timeout: float) -> dict:

@@ -48,7 +48,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO / "src"))
 
-from zoo_models import MODELS, TOKENIZER_FILES, build_model, stsb_documents, write_input  # noqa: E402
+from zoo_models import MODELS, build_model, copy_tokenizer, json_tail, sentence_config, stsb_documents, write_input  # noqa: E402
 
 from attnfallback.sweep.config import WORKER_ENV  # noqa: E402
 
@@ -129,22 +129,12 @@ def build_bert_base(directory: Path) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from attnfallback.model_facts import default_model_path
-
     torch.manual_seed(0)
     model = BertModel(BertConfig(vocab_size=30522))
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
-    src = default_model_path()
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copy(src / name, directory / name)
-    (directory / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
-    (directory / "1_Pooling").mkdir(exist_ok=True)
-    (directory / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 768, "pooling_mode": "mean"}))
-    (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512, "do_lower_case": False}))
+    copy_tokenizer(directory)
+    sentence_config(directory, 768)
     return directory
 
 
@@ -178,16 +168,6 @@ def prepare_input(workdir: Path, rows: int, mean_sentences: float, seed: int) ->
 
 def attnfallback(*args: str) -> list[str]:
     return [sys.executable, "-m", "attnfallback.cli.app", *args]
-
-
-def json_tail(text: str) -> dict | None:
-    start = text.find("{")
-    if start < 0:
-        return None
-    try:
-        return json.loads(text[start:text.rindex("}") + 1])
-    except ValueError:
-        return None
 
 
 def stop(proc: subprocess.Popen) -> None:

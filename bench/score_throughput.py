@@ -41,7 +41,6 @@ Prints a table of tokens/s and ratios last; writes bench/results/score_throughpu
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import math
@@ -54,6 +53,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from zoo_models import copy_tokenizer, sentence_config, stsb_sentences  # noqa: E402
 WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
     "you were her she there one all we their been has when who will more no if out so said what up its about into "
@@ -82,28 +84,15 @@ def synthetic_texts(n: int, mean_words: float, max_words: int, seed: int) -> lis
 
 def stsb_texts() -> list[str]:
     """Both sentences of every STS-B test pair (packaged copy, else ../shared)."""
-    from importlib import resources
-
-    candidates = [Path(str(resources.files("attnfallback") / "data" / "stsb-en-test.csv")),
-                  REPO.parent / "shared" / "data" / "stsb" / "stsb-en-test.csv"]
-    for path in candidates:
-        if path.is_file():
-            with open(path, encoding="utf-8", newline="") as fh:
-                rows = [r for r in csv.reader(fh) if r]
-            return [r[0] for r in rows] + [r[1] for r in rows]
-    sys.exit("STS-B test split not found (attnfallback/data/stsb-en-test.csv or ../shared/data/stsb)")
+    return stsb_sentences()
 
 
 # --- models --------------------------------------------------------------------------------------
 
 def build_random_model(kind: str, directory: Path) -> Path:
     """A random-weight model of a real shape, saved with the MiniLM tokenizer (no hub)."""
-    import shutil
-
     import torch
     from transformers import BertConfig, BertModel, Qwen2Config, Qwen2ForSequenceClassification
-
-    from attnfallback.model_facts import default_model_path
 
     torch.manual_seed(0)
     if kind == "bert-base-random":
@@ -118,17 +107,9 @@ def build_random_model(kind: str, directory: Path) -> Path:
         raise SystemExit(f"unknown model {kind}")
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
-    src = default_model_path()
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, directory / name)
+    copy_tokenizer(directory)
     if kind == "bert-base-random":
-        (directory / "modules.json").write_text(json.dumps([
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
-        (directory / "1_Pooling").mkdir(exist_ok=True)
-        (directory / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 768, "pooling_mode": "mean"}))
-        (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512, "do_lower_case": False}))
+        sentence_config(directory, 768)
     return directory
 
 

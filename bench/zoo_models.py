@@ -69,8 +69,6 @@ def build_model(name: str, directory: Path, *, device: str = "cpu", layers: int 
         AutoModel,
     )
 
-    from attnfallback.model_facts import default_model_path
-
     if (directory / "config.json").is_file():
         return directory
     config = _config(name, layers)
@@ -88,23 +86,47 @@ def build_model(name: str, directory: Path, *, device: str = "cpu", layers: int 
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     del model
-    src = default_model_path()
-    for file in TOKENIZER_FILES:
-        if (src / file).exists():
-            shutil.copy(src / file, directory / file)
+    copy_tokenizer(directory)
     if MODELS[name] == "pairs":  # XLM-R's tokenizer emits no type ids (its model has one type)
         tok_config = json.loads((directory / "tokenizer_config.json").read_text())
         tok_config["model_input_names"] = ["input_ids", "attention_mask"]
         (directory / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
     if MODELS[name] == "embed":
-        width = config.hidden_size
-        (directory / "modules.json").write_text(json.dumps([
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
-        (directory / "1_Pooling").mkdir(exist_ok=True)
-        (directory / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": width, "pooling_mode": "mean"}))
-        (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512, "do_lower_case": False}))
+        sentence_config(directory, config.hidden_size)
     return directory
+
+
+def copy_tokenizer(directory: Path) -> Path:
+    """The embedded MiniLM's tokenizer files into a model directory."""
+    from attnfallback.model_facts import default_model_path
+
+    src = default_model_path()
+    for file in TOKENIZER_FILES:
+        if (src / file).exists():
+            shutil.copy(src / file, directory / file)
+    return directory
+
+
+def sentence_config(directory: Path, width: int) -> Path:
+    """A sentence-transformers mean-pooling configuration for the model in `directory`."""
+    (directory / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": width, "pooling_mode": "mean"}))
+    (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512, "do_lower_case": False}))
+    return directory
+
+
+def json_tail(text: str) -> dict | None:
+    """The JSON object a command printed last (from its first `{` to its last `}`), or None."""
+    start = text.find("{")
+    if start < 0:
+        return None
+    try:
+        return json.loads(text[start:text.rindex("}") + 1])
+    except ValueError:
+        return None
 
 
 def stsb_sentences() -> list[str]:
