@@ -12,7 +12,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from attnfallback import fastest, kernel_variants, loader
-from attnfallback.fastest import Settings, Trial
+from attnfallback.bench import Measurement
+from attnfallback.fastest import Settings
 from attnfallback.loader import load_model
 from attnfallback.parity import NO_EVENTS
 from attnfallback.policy import Policy
@@ -42,7 +43,7 @@ class FakeBench:
         if impl in self.failing:
             return None, [self.failing[impl]]
         s = self.steady[impl]
-        return Trial(impl, impl, self.tokens, self.first.get(impl, s), [s, s, s]), []
+        return Measurement(impl, impl, self.tokens, self.tokens, 1, self.first.get(impl, s), [s, s, s]), []
 
     def switch(self, impl):
         self.switched.append(impl)

@@ -84,6 +84,12 @@ def model_max_positions(model) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
+def shape_tag(mean_length: float) -> str:
+    """A coarse name of a workload's shape: its mean length to the nearest power of two (what a
+    measured choice is cached under)."""
+    return f"mean_tokens~{2 ** round(math.log2(max(mean_length, 1.0)))}"
+
+
 @dataclass
 class Workload:
     """Token id sequences, longest first, and how they were made."""
@@ -104,9 +110,7 @@ class Workload:
         return float(self.lengths.mean()) if self.sequences else 0.0
 
     def tag(self) -> str:
-        """A coarse name of the workload's shape (mean length to the nearest power of two)."""
-        mean = max(self.mean_length, 1.0)
-        return f"mean_tokens~{2 ** round(math.log2(mean))}"
+        return shape_tag(self.mean_length)
 
     def batches(self, device, impl: str, *, pad_id: int = 0, batch_tokens: int | None = None, num_heads: int | None = None) -> list[dict]:
         """Right-padded batches on `device`, token-budgeted as the scorer does (smaller for eager)."""

@@ -51,7 +51,7 @@ from typing import Protocol
 
 from attnfallback import envs
 from attnfallback import impls as impl_registry
-from attnfallback.bench import Timer, measure, workload_for
+from attnfallback.bench import Measurement, Timer, measure, shape_tag, workload_for  # noqa: F401 - a Bench's records and tags
 from attnfallback.decision import Attempt
 
 log = logging.getLogger("attnfallback")
@@ -75,33 +75,6 @@ COMPILE_PRIOR_S = {"flash_attention_4": 8.0, "flex_attention": 20.0}
 KERNEL_LOAD_PRIOR_S = 0.1  # reading FlashAttention-4 kernels a process compiled earlier back from disk (H200: 3 in 0.02 s)
 
 
-@dataclass
-class Trial:
-    """One candidate timed on the bench: the first pass (compilation included) and steady ones."""
-
-    impl: str
-    actual: str
-    tokens: int
-    first_s: float
-    repeat_s: list[float]
-    padded_tokens: int = 0
-    batches: int = 0
-
-    @property
-    def steady_s(self) -> float:
-        ordered = sorted(self.repeat_s)
-        return ordered[len(ordered) // 2] if ordered else self.first_s
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.steady_s if self.steady_s > 0 else float("inf")
-
-    @property
-    def compile_s(self) -> float:
-        """What the first pass cost beyond a steady one (compilation, autotuning, allocation)."""
-        return max(0.0, self.first_s - self.steady_s)
-
-
 class Bench(Protocol):
     """Runs candidates on the work to be done. `trial` switches the model to `impl`, checks it
     (verification: a failure returns (None, reasons)), runs one first pass and steady passes for
@@ -112,7 +85,7 @@ class Bench(Protocol):
 
     def tag(self) -> str: ...
 
-    def trial(self, impl: str, seconds: float) -> tuple[Trial | None, list[str]]: ...
+    def trial(self, impl: str, seconds: float) -> tuple[Measurement | None, list[str]]: ...
 
     def switch(self, impl: str) -> list[str]: ...
 
@@ -294,8 +267,6 @@ def measuring_order(current: str | None, candidates: list[str]) -> list[str]:
     return ([current] if current in candidates else []) + [c for c in rest if c not in compiles] + compiles
 
 
-_measuring_order = measuring_order
-
 
 def pick(candidates: list[str], tokens_per_s: dict[str, float], margin: float) -> tuple[str, str]:
     """(chosen, why): the earliest-preferred measured candidate, unless a later one is faster by
@@ -370,7 +341,7 @@ def choose(loaded, viable: list[str], bench: Bench, settings: Settings, *, cache
     started = time.perf_counter()
     order = measuring_order(current, candidates)
     budget = settings.budget_s
-    trials: dict[str, Trial] = {}
+    trials: dict[str, Measurement] = {}
     skipped: dict[str, str] = {}
     predicted: dict[str, dict] = {}
     expected_s = None
@@ -400,8 +371,8 @@ def choose(loaded, viable: list[str], bench: Bench, settings: Settings, *, cache
             decision.attempts.append(Attempt(impl, "verify", False, list(reasons)))
             continue
         trials[impl] = trial
-        trial_cost = trial.steady_s * (1 + len(trial.repeat_s))
-        ran_s += trial.first_s + sum(trial.repeat_s)
+        trial_cost = trial.median_s * (1 + len(trial.repeat_s))
+        ran_s += trial.warmup_s + sum(trial.repeat_s)
         if impl in impl_registry.REGISTRY and impl_registry.REGISTRY[impl].compiles:
             remember_compile(directory, decision, impl, trial.compile_s)
         if impl != current:
@@ -472,12 +443,8 @@ class ForwardBench:
         return switch_to(self.loaded, impl)[1]
 
     def trial(self, impl: str, seconds: float):
-        result, reasons = measure(self.loaded, impl, self.workload, seconds=seconds, min_repeats=1, max_repeats=MAX_REPEATS,
-                                  timer=self.timer)
-        if result is None:
-            return None, reasons
-        return Trial(impl, result.actual, result.tokens, result.warmup_s, list(result.repeat_s), result.padded_tokens,
-                     result.batches), []
+        return measure(self.loaded, impl, self.workload, seconds=seconds, min_repeats=1, max_repeats=MAX_REPEATS,
+                       timer=self.timer)
 
 
 def _sample_for(loaded, sample):

@@ -379,13 +379,11 @@ def load_model(
     if measuring:
         t0 = time.perf_counter()
         bench = bench_factory(result) if bench_factory is not None else None
-        if bench is None and policy.mode is not Mode.FASTEST:
-            pass  # nothing of the caller's own to run: the preference order stands
-        elif policy.mode is Mode.FASTEST:
+        if policy.mode is Mode.FASTEST:
             fastest.choose_fastest(result, viable, bench=bench)
-        else:
+        elif bench is not None:  # graceful with nothing of the caller's own to run: the preference order stands
             fastest.choose(result, viable, bench, fastest.Settings(budget_s=None, margin=fastest.GRACEFUL_MARGIN,
-                                                                   charge_compiles=True, task=getattr(bench, "task", None)))
+                                                                   charge_compiles=True, task=bench.task))
         decision.timing["measure_s"] = time.perf_counter() - t0
     if torch_device.type == "cuda" and policy.verify:
         from attnfallback.kernels_seen import attention_kernels

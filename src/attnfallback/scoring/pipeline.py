@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from attnfallback.errors import NonFiniteError, TokenizerMismatchError, UsageError, is_fatal_device_error
-from attnfallback.fastest import Trial
+from attnfallback.fastest import Measurement, shape_tag
 from attnfallback.kernel_variants import declared_shape, padded_boundaries, shape_mode
 from attnfallback.loader import RECOVERABLE, first_line, load_model, load_tokenizer
 from attnfallback.model_facts import text_config
@@ -394,23 +394,32 @@ class Scorer:
         t0 = time.perf_counter()
         encoded = self._encode(chunk.texts if rows is None else [chunk.texts[i] for i in rows])
         self._check_limits(chunk, encoded, rows)
-        order = length_order(encoded.lengths)
-        slices = plan_batches(encoded.lengths[order], self.batch_tokens, self.max_cells, floor_tokens=self.floor_tokens,
-                              overhead_tokens=self.overhead_tokens)
-        batches = [self._host_batch(encoded, order[s.start:s.stop], s.length) for s in slices]
+        order, batches = self._batched(encoded)
         seconds = time.perf_counter() - t0
         self.timing["prepare_s"] += seconds
         return PreparedChunk(chunk, encoded, order, batches, seconds, rows, last)
 
-    def _check_limits(self, chunk: Chunk, encoded: Encoded, rows: np.ndarray | None) -> None:
-        """Every id within the model's tables (scoring/limits.py), before any forward: a tokenizer
-        that does not match its model is an error naming the limit, the value and the row, not an
-        IndexError or a device-side assert. A max over the flat arrays the batches are cut from."""
+    def _batched(self, encoded: Encoded) -> tuple[np.ndarray, list[HostBatch]]:
+        """Rows in length order (stable) and their token-budget batches, for the current implementation."""
+        order = length_order(encoded.lengths)
+        slices = plan_batches(encoded.lengths[order], self.batch_tokens, self.max_cells, floor_tokens=self.floor_tokens,
+                              overhead_tokens=self.overhead_tokens)
+        return order, [self._host_batch(encoded, order[s.start:s.stop], s.length) for s in slices]
+
+    def limit_violation(self, encoded: Encoded):
+        """The first id the model's tables cannot take (scoring/limits.py), or None: a max over the
+        flat arrays the batches are cut from."""
         ids, types, offsets = encoded.flat()
-        limits = self.task.limits
-        found = limits.violation(ids, types if self.with_types else None, offsets, encoded.lengths)
+        return self.task.limits.violation(ids, types if self.with_types else None, offsets, encoded.lengths)
+
+    def _check_limits(self, chunk: Chunk, encoded: Encoded, rows: np.ndarray | None) -> None:
+        """Every id within the model's tables, before any forward: a tokenizer that does not match
+        its model is an error naming the limit, the value and the row, not an IndexError or a
+        device-side assert."""
+        found = self.limit_violation(encoded)
         if found is None:
             return
+        limits = self.task.limits
         position = found.row if rows is None else int(rows[found.row])
         line = chunk.lines[position] if position < len(chunk.lines) else None
         path = getattr(self.job, "input", None) or "<table>"
@@ -711,39 +720,27 @@ class SampleBench:
         self.scorer = scorer
         self.chunk = Chunk(0, list(range(len(texts))), [tuple(t) for t in texts])
         self.task = scorer.task.name
-        self._encoded: Encoded | None = None
         self.expected_rows = expected_rows() if callable(expected_rows) else expected_rows
-        self.description: dict = {"source": "this shard's first rows", "rows": len(texts)}
+        # tokenized here, in this thread: the tokenizer process may still be starting
+        self._encoded = scorer.encoder.encode(self.chunk.texts)
+        self.within_limits = scorer.limit_violation(self._encoded) is None
+        lengths = self._encoded.lengths
+        self.tokens = int(lengths.sum())
+        self.mean_length = self.tokens / max(len(self.chunk), 1)
+        self.description: dict = {"source": "this shard's first rows", "rows": len(texts), "tokens": self.tokens,
+                                  "mean_length": round(self.mean_length, 1), "max_length": int(lengths.max(initial=0))}
         self.expected_tokens: int | None = None
-        self._measure_tokens()
-
-    def _measure_tokens(self) -> None:
-        encoded = self.scorer.encoder.encode(self.chunk.texts)  # here: the tokenizer process may still be starting
-        self._encoded = encoded
-        ids, types, offsets = encoded.flat()
-        limits = self.scorer.task.limits
-        self.within_limits = limits.violation(ids, types if self.scorer.with_types else None, offsets, encoded.lengths) is None
-        tokens = int(encoded.lengths.sum())
-        mean = tokens / max(len(self.chunk), 1)
-        self.description.update(tokens=tokens, mean_length=round(mean, 1), max_length=int(encoded.lengths.max(initial=0)))
         if self.expected_rows is not None:
-            self.expected_tokens = int(mean * self.expected_rows)
+            self.expected_tokens = int(self.mean_length * self.expected_rows)
             self.description["expected_rows"] = self.expected_rows
 
     def tag(self) -> str:
-        """The sample's shape, coarsely (mean length to the nearest power of two)."""
-        import math
-
-        return f"mean_tokens~{2 ** round(math.log2(max(self.description['mean_length'], 1.0)))}"
+        return shape_tag(self.mean_length)
 
     def _prepared(self) -> PreparedChunk:
         """The sample's batches for the current implementation (tokens reused, batches rebuilt)."""
-        scorer, encoded = self.scorer, self._encoded
-        order = length_order(encoded.lengths)
-        slices = plan_batches(encoded.lengths[order], scorer.batch_tokens, scorer.max_cells,
-                              floor_tokens=scorer.floor_tokens, overhead_tokens=scorer.overhead_tokens)
-        batches = [scorer._host_batch(encoded, order[x.start:x.stop], x.length) for x in slices]
-        return PreparedChunk(self.chunk, encoded, order, batches)
+        order, batches = self.scorer._batched(self._encoded)
+        return PreparedChunk(self.chunk, self._encoded, order, batches)
 
     def _run_once(self, prepared: PreparedChunk) -> tuple[float, list[str]]:
         t0 = time.perf_counter()
@@ -765,11 +762,17 @@ class SampleBench:
             return [f"switch failed: {first_line(e)}"]
         return self._run_once(self._prepared())[1]
 
-    def trial(self, impl: str, seconds: float):
+    def trial(self, impl: str, seconds: float) -> tuple[Measurement | None, list[str]]:
         scorer = self.scorer
         timing = dict(scorer.timing)
         try:
-            scorer.use_implementation(impl)
+            return self._trial(impl, seconds)
+        finally:
+            scorer.timing = timing  # the shard's own account starts after the measurement
+
+    def _trial(self, impl: str, seconds: float) -> tuple[Measurement | None, list[str]]:
+        try:
+            self.scorer.use_implementation(impl)
         except RECOVERABLE as e:
             return None, [f"switch failed: {first_line(e)}"]
         prepared = self._prepared()
@@ -782,10 +785,9 @@ class SampleBench:
             if reasons:
                 return None, reasons
             repeats.append(elapsed)
-        scorer.timing = timing  # the shard's own account starts after the measurement
-        actual = getattr(scorer.loaded.model.config, "_attn_implementation", None) or impl
-        return Trial(impl, actual, int(self._encoded.lengths.sum()), first, repeats,
-                     sum(b.cells for b in prepared.batches), len(prepared.batches)), []
+        actual = getattr(self.scorer.loaded.model.config, "_attn_implementation", None) or impl
+        return Measurement(impl, actual, self.tokens, sum(b.cells for b in prepared.batches), len(prepared.batches),
+                           first, repeats), []
 
 
 VERIFY_TEXTS = (  # the verification forward's rows, of different lengths (the second is padded)
