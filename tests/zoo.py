@@ -512,9 +512,12 @@ class Report:
     $ATTNFALLBACK_ZOO_REPORT names a file."""
 
     rows: list = field(default_factory=list)
+    device: str | None = None  # set: every row is written as it comes, so a run cut short keeps its rows
 
     def add(self, **row) -> dict:
         self.rows.append(row)
+        if self.device is not None:
+            self.write(environment(self.device))
         return row
 
     def table(self) -> str:
@@ -549,6 +552,9 @@ def environment(device: str) -> dict:
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "sentence_transformers": sentence_transformers.__version__}
+    from attnfallback.caps import probe_software
+
+    env["flash_attn_4"] = probe_software().flash_attn_4
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)
     return {device.split(":")[0]: env}
@@ -609,7 +615,7 @@ def report_fixture(device: str):
 
     @pytest.fixture(scope="module")
     def zoo_report(request):
-        report = Report()
+        report = Report(device=device if os.environ.get("ATTNFALLBACK_ZOO_REPORT") else None)
         yield report
         written = report.write(environment(device))
         if written:
