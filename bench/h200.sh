@@ -57,7 +57,7 @@ tests)
 profile)  # session 9, call 2 (carry .gpu-wheels/fa4-2 .gpu-wheels/tok .gpu-wheels/minilm): the fixed cost, then the zoo
     common_env
     step plain-bytecode 60 python3 -c "import sys, os, json; sys.path.insert(0, 'bench'); import startup_profile as s; print(json.dumps(s.bytecode_facts(dict(os.environ))))"
-    step plain-imports 120 bash -c 'for m in "import torch" "import transformers" "import transformers.models.modernbert.modeling_modernbert" "import sentence_transformers"; do /usr/bin/time -f "%e s  $m" python3 -c "$m"; done'
+    step plain-imports 120 bash -c 'TIMEFORMAT="%R s"; for m in "import torch" "import transformers" "import transformers.models.modernbert.modeling_modernbert" "import sentence_transformers"; do echo "$m"; time python3 -c "$m"; done'
     source .gpu-wheels/fa4-2/install.sh || exit 3
     step fa4-bytecode 60 python3 -c "import sys, os, json; sys.path.insert(0, 'bench'); import startup_profile as s; print(json.dumps(s.bytecode_facts(dict(os.environ))))"
     step startup 230 python3 bench/startup_profile.py --model modernbert-base-random --rows 1000 --repeats 2 --workdir /tmp/sp \
