@@ -35,6 +35,9 @@ def _isolated_from_the_environment(monkeypatch):
     """No ambient policy or events location, and no default event sink left by a test."""
     for var in AMBIENT_VARS:
         monkeypatch.delenv(var, raising=False)
+    # in-process runs of the command line must not redirect this interpreter's bytecode
+    # (test_bytecode.py turns it on in its own processes)
+    monkeypatch.setenv("ATTNFALLBACK_BYTECODE", "off")
     yield
     from attnfallback.events import set_default_sink
 

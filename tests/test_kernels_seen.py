@@ -89,3 +89,23 @@ def test_flash_attention_4_kernels_are_recognised(tiny_bert):
 
     loaded = load_model(str(tiny_bert), policy=Policy.strict(["flash_attention_4"]), device="cuda", dtype="bfloat16", sink=NO_EVENTS)
     assert attention_kernels(loaded.model, loaded.facts, loaded.device) == ["flash_attention_4"]
+
+
+@pytest.mark.parametrize("op_names, kernel_names, expected, calls", [
+    (["aten::_scaled_dot_product_efficient_attention", "aten::linear"], None, ["sdpa:efficient"], [False]),
+    (["aten::linear", "aten::add"], ["kernel_cutlass_kernel_flash_attncuteflash_fwd"], ["flash_attention_4"], [False, True]),
+])
+def test_kernels_are_traced_only_when_the_ops_name_no_attention(monkeypatch, op_names, kernel_names, expected, calls):
+    import types
+
+    import attnfallback.kernels_seen as ks
+
+    seen = []
+
+    def fake_trace(run, device, *, kernels=True):
+        seen.append(kernels)
+        return op_names + (kernel_names if kernels else [])
+
+    monkeypatch.setattr(ks, "traced_names", fake_trace)
+    assert attention_kernels(None, None, types.SimpleNamespace(type="cuda"), forward=lambda: None) == expected
+    assert seen == calls

@@ -252,3 +252,19 @@ def test_kernels_kept_on_disk_predict_a_cheap_next_compile(loaded, tmp_path, mon
     fastest.remember_compile(tmp_path, loaded.decision, "flash_attention_4", 9.8)
     assert fastest.predicted_compile_s(tmp_path, loaded.decision, "flash_attention_4")[0] == 9.8
     assert fastest.predicted_compile_s(tmp_path, loaded.decision, "sdpa") == (0.0, "does not compile")
+
+
+def test_a_shard_whose_budget_cannot_cover_two_trials_is_not_measured_at_all():
+    """5% of the shard's expected passes over the sample against two trials of at least
+    `min_trial_passes` each: decided before any trial, whatever the rate."""
+    import types
+
+    def bench(expected_tokens, min_passes=3):
+        return types.SimpleNamespace(min_trial_passes=min_passes, tokens=1000, expected_tokens=expected_tokens,
+                                     description={"rows": 256})
+
+    why = fastest._too_small_to_compare(bench(100_000))  # 5 passes affordable, 6 needed
+    assert why and "5 passes over the 256-row sample" in why and "at least 6" in why
+    assert fastest._too_small_to_compare(bench(120_000)) is None
+    assert fastest._too_small_to_compare(bench(None)) is None  # expected size unknown: the budget decides later
+    assert fastest._too_small_to_compare(types.SimpleNamespace(tokens=1000, expected_tokens=10)) is None  # says nothing

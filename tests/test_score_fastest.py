@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from attnfallback import fastest
 from attnfallback.scoring import ScoreJob, run_score
 
@@ -30,9 +32,13 @@ def test_fastest_measures_on_the_shards_own_texts(tmp_path, monkeypatch):
     assert result.decision["used"] in ("sdpa", "eager") and result.decision["measured"]["cache"] in ("miss", "hit")
 
 
-def test_graceful_measures_the_shards_own_rows_through_the_scorer_and_says_why(tmp_path, monkeypatch):
+@pytest.mark.parametrize("budget_share", [10.0, fastest.GRACEFUL_BUDGET_SHARE])
+def test_graceful_measures_the_shards_own_rows_through_the_scorer_and_says_why(tmp_path, monkeypatch, budget_share):
     """measure=on is measure=auto's path (a CUDA GPU's) on any device: the scorer's own forward
-    over this shard's first rows, the choice and its reason in the result and the attn_impl event."""
+    over this shard's first rows, the choice and its reason in the result and the attn_impl event.
+    With the real 5% share a 40-row shard cannot pay for two trials: nothing is run, and the reason
+    says so; with ten times its time to spend, the candidates are timed."""
+    monkeypatch.setattr(fastest, "GRACEFUL_BUDGET_SHARE", budget_share)
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps({"text": f"row {i} " + "word " * (i % 9)}) + "\n" for i in range(40)))
     monkeypatch.setenv("ATTNFALLBACK_CACHE", str(tmp_path / "cache"))
@@ -55,7 +61,12 @@ def test_graceful_measures_the_shards_own_rows_through_the_scorer_and_says_why(t
     events = [json.loads(line) for p in (tmp_path / "ev").rglob("*.jsonl") for line in p.read_text().splitlines()]
     (attn,) = [e for e in events if e["event"] == "attn_impl"]
     (done,) = [e for e in events if e["event"] == "shard_done"]
-    assert attn["choice"] == d["choice"] and attn["measured"]["tokens_per_s"]
+    assert attn["choice"] == d["choice"]
+    if budget_share == 10.0:
+        assert attn["measured"]["tokens_per_s"]
+    else:
+        assert attn["measured"]["tokens_per_s"] == {} and d["used"] == "sdpa"
+        assert "too small to pay for measuring" in d["choice"] and "passes over the 40-row sample" in d["choice"]
     assert done["phases"]["score_s"] == result.phases["score_s"]
 
 

@@ -11,6 +11,7 @@
 | ATTNFALLBACK_IDENTITY | a local model's identity: fast (headers, sizes, sampled blocks) or full (sha256 of every byte, cached by file stat) | fast |
 | ATTNFALLBACK_FLASH_SHAPES | packed FlashAttention-4 batches: declared (one kernel variant) or plain | declared |
 | ATTNFALLBACK_FLASH_KERNEL_CACHE | FlashAttention-4's on-disk kernel cache under ATTNFALLBACK_CACHE: on or off | on |
+| ATTNFALLBACK_BYTECODE | the command line keeps compiled bytecode under ATTNFALLBACK_CACHE where the image has none: auto, on, off | auto |
 | ATTNFALLBACK_FASTEST_SAMPLE | policy fastest without the caller's own rows: a length distribution | short |
 | ATTNFALLBACK_SDPA_ORDER | torch keeps PyTorch's SDPA kernel order | ours |
 | ATTNFALLBACK_RUN_ID, ATTNFALLBACK_SHARD | the run and shard an event belongs to | generated, 0/1 |
@@ -31,6 +32,7 @@ FLASH_SHAPES = "ATTNFALLBACK_FLASH_SHAPES"
 FLASH_KERNEL_CACHE = "ATTNFALLBACK_FLASH_KERNEL_CACHE"
 MEASURE = "ATTNFALLBACK_MEASURE"
 FASTEST_SAMPLE = "ATTNFALLBACK_FASTEST_SAMPLE"
+BYTECODE = "ATTNFALLBACK_BYTECODE"
 
 
 def cache_directory(cache_dir: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Path:

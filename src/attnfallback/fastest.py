@@ -14,7 +14,9 @@ The rule (`choose`):
    compile is a one-shot cost this shard pays, so it is charged in the budget, not in tokens/s.
 2. Budget: graceful measures within min(2 s, 5% of the shard's expected time), the expected time
    read from the first candidate's rate over the shard's expected tokens; a shard too small to
-   pay for measuring keeps the loader's choice. `fastest` measures within
+   pay for measuring keeps the loader's choice. A bench that says how many passes over its sample
+   a trial takes at least (`min_trial_passes`) is not run at all when 5% of the shard's expected
+   passes cannot cover two trials, whatever the rate (about 30,000 rows with a 256-row sample). `fastest` measures within
    `Policy.fastest_budget_s` (20 s).
 3. The preference stays a preference: the earliest-preferred measured candidate is kept unless a
    later one is faster by more than the margin (5% under graceful, none under `fastest`).
@@ -290,6 +292,22 @@ def graceful_budget(expected_s: float | None) -> float:
     return min(GRACEFUL_BUDGET_S, GRACEFUL_BUDGET_SHARE * expected_s)
 
 
+def _too_small_to_compare(bench) -> str | None:
+    """Why graceful's budget, 5% of the shard's expected time, can never cover two trials of the
+    bench's sample, whatever the rate (a trial takes at least `min_trial_passes` passes, the shard
+    about expected_tokens / sample tokens); None when it might, or when the bench does not say."""
+    min_passes = getattr(bench, "min_trial_passes", None)
+    expected, sample = getattr(bench, "expected_tokens", None), getattr(bench, "tokens", None)
+    if not min_passes or not expected or not sample:
+        return None
+    affordable = GRACEFUL_BUDGET_SHARE * expected / sample
+    if affordable >= 2 * min_passes:
+        return None
+    return (f"the shard is too small to pay for measuring another candidate: 5% of its expected time is about "
+            f"{affordable:.2g} passes over the {bench.description.get('rows', '?')}-row sample, and comparing two takes "
+            f"at least {2 * min_passes}")
+
+
 def choose(loaded, viable: list[str], bench: Bench, settings: Settings, *, cache_dir=None) -> None:
     """Measure `viable` on `bench` by the rule above; switch `loaded` to the choice; record it in
     `loaded.decision.measured` (and an attempt per candidate switched to)."""
@@ -338,6 +356,12 @@ def choose(loaded, viable: list[str], bench: Bench, settings: Settings, *, cache
         if current is not None:
             bench.switch(current)
 
+    too_small = _too_small_to_compare(bench) if settings.budget_s is None else None
+    if too_small is not None:
+        decision.measured = {"tokens_per_s": {}, "compile_s": {}, "cache": "miss", "cache_key": digest,
+                             "cache_file": str(path), "sample": bench.description, "budget_s": None,
+                             "chosen": current, "reason": too_small, "cache_written": False}
+        return
     started = time.perf_counter()
     order = measuring_order(current, candidates)
     budget = settings.budget_s

@@ -2,8 +2,8 @@
 
 PyTorch's sdpa picks a flash, cuDNN, memory-efficient or math kernel per call (by shapes, mask,
 dtype and GPU), and a silent drop to the math kernel is a slowdown no log shows. On CUDA,
-`attention_kernels` runs the loader's verification forward under torch.profiler and maps the op
-and kernel names it saw to labels such as `sdpa:efficient`, `sdpa:cudnn` or `flash_attention_4`.
+`attention_kernels` runs the loader's verification forward under torch.profiler (its ops first,
+its CUDA kernels only when the ops name no attention) and maps the op and kernel names it saw to labels such as `sdpa:efficient`, `sdpa:cudnn` or `flash_attention_4`.
 On other devices it returns None (the detail is absent, not empty).
 
 The verification batch is tiny and padded (see loader.VERIFY_BATCH), so it shows the kernel chosen
@@ -61,12 +61,15 @@ def labels_from_names(names: Iterable[str]) -> list[str]:
     return [label for label in LABEL_ORDER if label in found]
 
 
-def traced_names(run: Callable[[], object], device) -> list[str]:
-    """Names of the ops and CUDA kernels that ran during `run()` under torch.profiler."""
+def traced_names(run: Callable[[], object], device, *, kernels: bool = True) -> list[str]:
+    """Names of the ops (and, with `kernels`, the CUDA kernels) that ran during `run()` under
+    torch.profiler. Tracing kernels starts CUDA's profiling interface, tenths of a second the
+    first time in a process; the ops alone cost milliseconds."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if kernels else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
         run()
         torch.cuda.synchronize(device)
     return [event.name for event in prof.events()]
@@ -83,8 +86,11 @@ def attention_kernels(model, facts, device, *, forward: Callable[[], object] | N
 
     run = forward or (lambda: verify_forward(model, facts, device))
     try:
-        names = traced_names(run, device)
+        # sdpa's choice shows in its ATen op's name; kernels are traced only when the ops say nothing
+        labels = labels_from_names(traced_names(run, device, kernels=False))
+        if labels:
+            return labels
+        return labels_from_names(traced_names(run, device))
     except Exception as e:  # noqa: BLE001 - the profiler is a diagnostic; never fail a load over it
         log.warning("attention kernels: torch.profiler failed (%s: %s); not recorded", type(e).__name__, e)
         return None
-    return labels_from_names(names)

@@ -12,6 +12,7 @@ import sys
 
 import typer
 
+from attnfallback.bytecode import use_bytecode_cache
 from attnfallback.errors import AttnFallbackError, Interrupted, is_fatal_device_error
 
 # Each module defines `register(app)`; heavy imports (torch, transformers) stay inside commands.
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns (and, as a script, exits with) the exit code."""
     _setup_logging()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    use_bytecode_cache()  # before torch is imported: images without bytecode compile it in every process
     app = build_app()
     try:
         # standalone mode: Typer itself turns usage errors into exit 2 and typer.Exit into its code

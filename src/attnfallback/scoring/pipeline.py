@@ -716,6 +716,8 @@ class SampleBench:
     A trial's first pass is also its verification: an exception or a non-finite output there
     rejects the candidate with the reason."""
 
+    min_trial_passes = 1 + SAMPLE_MIN_REPEATS  # the first (verifying) pass and the timed ones
+
     def __init__(self, scorer: Scorer, texts: list[tuple[str, ...]], expected_rows):
         self.scorer = scorer
         self.chunk = Chunk(0, list(range(len(texts))), [tuple(t) for t in texts])

@@ -321,6 +321,17 @@ def run_score_ray(job, address: str | None = None, actors: int | str = "auto", *
 ENGINES = ("local", "ray")
 
 
+def _actor_env() -> dict[str, str]:
+    """WORKER_ENV, and the bytecode directory the command line chose (bytecode.py), so the actors'
+    imports read bytecode too."""
+    from attnfallback.sweep.config import WORKER_ENV
+
+    env = dict(WORKER_ENV)
+    if os.environ.get("PYTHONPYCACHEPREFIX"):
+        env["PYTHONPYCACHEPREFIX"] = os.environ["PYTHONPYCACHEPREFIX"]
+    return env
+
+
 def run_score_engine(job, engine: str = "local", address: str | None = None, actors: int | str = "auto"):
     """`score --engine local|ray`: run_score(job) here, or run_score_ray on a Ray cluster."""
     from attnfallback.errors import UnknownNameError
@@ -406,7 +417,7 @@ def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
                 ScoreActor,
                 fn_constructor_kwargs={"job": actor_job, "registry": registry, "actors": actors, "threads": threads},
                 batch_size=batch_rows, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
-                runtime_env={"env_vars": dict(WORKER_ENV)}, **remote_args,
+                runtime_env={"env_vars": _actor_env()}, **remote_args,
             )
             if echo:
                 echo(f"  ray: {rows_in} rows over {actors} actors ({', '.join(f'{k}={v}' for k, v in remote_args.items())})")

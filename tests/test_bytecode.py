@@ -1,0 +1,96 @@
+"""The bytecode cache (bytecode.py): an image whose torch has no compiled bytecode, and whose
+interpreter will not write it, gets it under $ATTNFALLBACK_CACHE/bytecode, written by the first
+process and read by the next. Each case runs in a fresh interpreter whose `torch` is a stand-in
+package without bytecode."""
+
+from __future__ import annotations
+
+import compileall
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+PROGRAM = """
+import json, sys
+from attnfallback.bytecode import use_bytecode_cache
+used = use_bytecode_cache()
+import torch
+print(json.dumps({"used": used, "cached": torch.__cached__, "stand_in": torch.STAND_IN, "prefix": sys.pycache_prefix}))
+"""
+
+
+@pytest.fixture
+def image(tmp_path):
+    """A stand-in torch without bytecode, as an image installed with --no-compile."""
+    site = tmp_path / "site"
+    (site / "torch").mkdir(parents=True)
+    (site / "torch" / "__init__.py").write_text("STAND_IN = True\n")
+    return site
+
+
+def run(site: Path, cache: Path, **env_extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ATTNFALLBACK_", "PYTHONPYCACHEPREFIX"))}
+    env.update(PYTHONPATH=f"{site}{os.pathsep}{SRC}", PYTHONDONTWRITEBYTECODE="1", ATTNFALLBACK_CACHE=str(cache), **env_extra)
+    proc = subprocess.run([sys.executable, "-c", PROGRAM], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["stand_in"] is True
+    return out
+
+
+def test_bytecode_is_written_under_the_cache_then_read(image, tmp_path):
+    cache = tmp_path / "cache"
+    first = run(image, cache)
+    assert first["used"] == str(cache / "bytecode")
+    compiled = Path(first["cached"])
+    assert compiled.is_file() and compiled.is_relative_to(cache / "bytecode")
+    assert not (image / "torch" / "__pycache__").exists()  # nothing written beside the image's sources
+    stamp = compiled.stat().st_mtime_ns
+    second = run(image, cache)
+    assert second["cached"] == first["cached"] and compiled.stat().st_mtime_ns == stamp  # read, not written again
+
+
+def test_an_image_with_bytecode_is_left_as_it_is(image, tmp_path):
+    compileall.compile_dir(str(image), quiet=1)
+    out = run(image, tmp_path / "cache")
+    assert out["used"] is None and out["prefix"] is None
+    assert not (tmp_path / "cache" / "bytecode").exists()
+
+
+def test_an_interpreter_that_writes_bytecode_itself_is_left_as_it_is(image, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNFALLBACK_")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.update(PYTHONPATH=f"{image}{os.pathsep}{SRC}", ATTNFALLBACK_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-c", PROGRAM], env=env, capture_output=True, text=True, timeout=120)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["used"] is None, proc.stderr
+
+
+@pytest.mark.parametrize("env_extra", [{"ATTNFALLBACK_BYTECODE": "off"}, {"PYTHONPYCACHEPREFIX": "OWN"}])
+def test_off_or_the_users_own_prefix_wins(image, tmp_path, env_extra):
+    env_extra = {k: (str(tmp_path / "own") if v == "OWN" else v) for k, v in env_extra.items()}
+    out = run(image, tmp_path / "cache", **env_extra)
+    assert out["used"] is None
+    assert not (tmp_path / "cache" / "bytecode").exists()
+
+
+def test_on_uses_the_cache_even_where_bytecode_exists(image, tmp_path):
+    compileall.compile_dir(str(image), quiet=1)
+    out = run(image, tmp_path / "cache", ATTNFALLBACK_BYTECODE="on")
+    assert out["used"] == str(tmp_path / "cache" / "bytecode")
+
+
+def test_the_command_line_turns_it_on_for_itself_and_its_children(image, tmp_path):
+    cache = tmp_path / "cache"
+    program = ("import os, sys; from attnfallback.cli.app import main; code = main(['--help']); "
+               "print(os.environ.get('PYTHONPYCACHEPREFIX'), sys.pycache_prefix, os.environ.get('PYTHONDONTWRITEBYTECODE'))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNFALLBACK_")}
+    env.update(PYTHONPATH=f"{image}{os.pathsep}{SRC}", PYTHONDONTWRITEBYTECODE="1", ATTNFALLBACK_CACHE=str(cache))
+    proc = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == f"{cache / 'bytecode'} {cache / 'bytecode'} None"
