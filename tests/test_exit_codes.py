@@ -65,3 +65,30 @@ def test_os_errors_at_the_output_are_usage_where_the_user_can_fix_them(code, ref
     err = output_os_error("cannot create the lock /x/.o.lock", OSError(code, "boom"), "/x/.o.lock")
     assert isinstance(err, OutputError) and isinstance(err, OutputRefused) is refused
     assert err.exit_code == (2 if refused else 1) and err.path == "/x/.o.lock"
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_a_process_ends_with_its_code_after_its_exit_handlers_and_a_whole_output(model_dir, texts, tmp_path, bad):
+    """As a process the command line ends with os._exit (no teardown of torch's objects): the exit
+    code is the command's, exit handlers still run, and the output is whole."""
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    marker = tmp_path / "handlers-ran"
+    output = tmp_path / "out.parquet"
+    source = tmp_path / "missing.jsonl" if bad else texts
+    program = (f"import atexit, pathlib; atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes'); "
+               "import sys; from attnfallback.cli.app import main; "
+               f"sys.argv = ['attnfallback', 'score', {str(model_dir)!r}, '--input', {str(source)!r}, '--output', {str(output)!r}, "
+               "'--quiet', '--device', 'cpu', '--prefer', 'eager']; main(); print('not reached')")
+    src = os.path.join(os.path.dirname(__file__), "..", "src")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == (2 if bad else 0), proc.stderr
+    assert "not reached" not in proc.stdout
+    assert marker.read_text() == "yes"
+    if not bad:
+        assert pq.read_table(output).num_rows == 3
