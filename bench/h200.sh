@@ -65,7 +65,19 @@ profile)  # session 9, call 2 (carry .gpu-wheels/fa4-2 .gpu-wheels/tok .gpu-whee
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/minilm ATTNFALLBACK_ZOO_REPORT=$OUT/zoo.json
     step zoo-gpu 270 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 200 tests/test_zoo_gpu.py
     ;;
+e2e9)  # session 9, after stage: `source .gpu-wheels/fa4-2/install.sh && bash bench/h200.sh e2e9 encoders` (carry fa4-2, tok),
+       # then `source /tmp/fa4/env.sh && bash bench/h200.sh e2e9 llama` (carry tok). Batch sizes: session 8's best.
+    common_env
+    if [ "${2:-}" = llama ]; then
+        step e2e-llama 400 python3 bench/end_to_end.py --device cuda --models llama-1b-random --rows 1000,10000 \
+            --variants ours-sdpa,ours-default,ours-later,baseline --batch-sizes 32,64 --workdir /tmp/e2e9 --out "$OUT/end_to_end_llama.json"
+    else
+        step e2e-encoders 570 python3 bench/end_to_end.py --device cuda --models modernbert-base-random,xlmr-base-cross-random \
+            --rows 1000,10000,50000 --variants ours-sdpa,ours-default,ours-later,baseline --batch-sizes 256,512 --workdir /tmp/e2e9 \
+            --out "$OUT/end_to_end.json"
+    fi
+    ;;
 *)
-    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile" >&2; exit 2
+    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9" >&2; exit 2
     ;;
 esac
