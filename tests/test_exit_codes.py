@@ -69,8 +69,8 @@ def test_os_errors_at_the_output_are_usage_where_the_user_can_fix_them(code, ref
 
 @pytest.mark.parametrize("bad", [False, True])
 def test_a_process_ends_with_its_code_after_its_exit_handlers_and_a_whole_output(model_dir, texts, tmp_path, bad):
-    """As a process the command line ends with os._exit (no teardown of torch's objects): the exit
-    code is the command's, exit handlers still run, and the output is whole."""
+    """As a process the command line ends with the command's exit code, after its exit handlers,
+    with the output whole."""
     import os
     import subprocess
     import sys

@@ -130,33 +130,8 @@ def _fatal_device_exit(exc: BaseException, argv) -> int:
 
 def _exit(code: int, argv) -> int:
     if argv is None:
-        _process_exit(code)
-    return code
-
-
-def _process_exit(code: int) -> None:
-    """End the process once its work is done and written: the other threads joined, the exit
-    handlers run (logging flushed, child processes ended, temporary files removed), then
-    os._exit, without the interpreter tearing down torch's and transformers' thousands of objects
-    and the CUDA context one by one: a second or more of every shard (bench/NOTES.md, session 9).
-    Every file the run writes is closed (and the output fsynced) before this."""
-    import atexit
-    import threading
-
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
-    if run_exit_handlers is None:  # an interpreter without it: the ordinary exit
         sys.exit(code)
-    run_exit_handlers()
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
