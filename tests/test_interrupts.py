@@ -153,8 +153,7 @@ prefer = ["eager"]
     assert manifest["interrupted"] is not None
     assert manifest["jobs"]["main/0/2"]["status"] == "interrupted"
     events = [e for e in read_events(tmp_path / "out" / "events") if e["event"] == "shard_interrupted"]
-    assert any(e["shard"] == "0/2" and e["parts_committed"] >= 1 for e in events), (
-        [(e["shard"], e.get("parts_committed")) for e in events], [p.read_text()[-600:] for p in (tmp_path / "out").rglob("*.log")])
+    assert any(e["shard"] == "0/2" and e["parts_committed"] >= 1 for e in events), events
 
     again = run_local(config, resume=True)
     assert again.exit_code == 0 and again.merged["main"]["rows"] == 400

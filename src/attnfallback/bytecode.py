@@ -29,28 +29,27 @@ from attnfallback import envs
 PROBE_PACKAGE = "torch"  # the largest import every scoring process makes
 
 
-def has_bytecode(package: str = PROBE_PACKAGE) -> bool | None:
-    """Whether `package`'s __init__ has compiled bytecode where the interpreter looks for it;
-    None when the package is not installed or is not a source package. Locates, never imports."""
+def _source_of(package: str) -> str | None:
+    """The path of `package`'s __init__.py, found without importing it; None when it is not
+    installed or not a source package."""
     try:
         spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
         return None
     origin = getattr(spec, "origin", None)
-    if spec is None or not origin or not origin.endswith(".py"):
+    return origin if origin and origin.endswith(".py") else None
+
+
+def has_bytecode(package: str = PROBE_PACKAGE, source: str | None = None) -> bool | None:
+    """Whether `package`'s __init__ (at `source`, else found) has compiled bytecode where the
+    interpreter looks for it; None when it is not installed or not a source package."""
+    source = source or _source_of(package)
+    if source is None:
         return None
     try:
-        return Path(importlib.util.cache_from_source(origin)).is_file()
+        return Path(importlib.util.cache_from_source(source)).is_file()
     except (NotImplementedError, ValueError):
         return None
-
-
-def _writes_beside_sources(package: str = PROBE_PACKAGE) -> bool:
-    """Whether the interpreter would write bytecode beside `package`'s sources itself."""
-    if sys.dont_write_bytecode:
-        return False
-    spec = importlib.util.find_spec(package)
-    return bool(spec and spec.origin and os.access(os.path.dirname(spec.origin), os.W_OK))
 
 
 def use_bytecode_cache(env: MutableMapping[str, str] | None = None, cache_dir: str | os.PathLike | None = None) -> str | None:
@@ -60,8 +59,11 @@ def use_bytecode_cache(env: MutableMapping[str, str] | None = None, cache_dir: s
     setting = envs.choice(envs.BYTECODE, ("auto", "on", "off"), "auto", env)
     if setting == "off" or sys.pycache_prefix:
         return None
-    if setting == "auto" and (has_bytecode() is not False or _writes_beside_sources()):
-        return None
+    if setting == "auto":
+        source = _source_of(PROBE_PACKAGE)
+        writes_beside = not sys.dont_write_bytecode and source is not None and os.access(os.path.dirname(source), os.W_OK)
+        if has_bytecode(source=source) is not False or writes_beside:
+            return None
     directory = envs.cache_directory(cache_dir, env) / "bytecode"
     try:
         directory.mkdir(parents=True, exist_ok=True)
