@@ -239,5 +239,10 @@ def test_the_packing_check_is_honest_about_a_kernel_that_ignores_row_boundaries(
     else:
         assert "differ on the check rows" in note or "a packed forward failed" in note, note
         assert zoo.errors(out, ref.truth)["rel_l2"] <= ref.bar
-    if not zoo.FAMILIES[family].decoder:  # bidirectional rows always see their packed neighbours
+    import transformers
+    from packaging.version import Version
+
+    # transformers < 5.25 let bidirectional rows see their packed neighbours under sdpa; 5.25 keeps
+    # them apart, and the check then packs, with the reference's numbers (asserted above)
+    if not zoo.FAMILIES[family].decoder and Version(transformers.__version__) < Version("5.25"):
         assert note != "on"
