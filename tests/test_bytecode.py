@@ -94,3 +94,66 @@ def test_the_command_line_turns_it_on_for_itself_and_its_children(image, tmp_pat
     proc = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == f"{cache / 'bytecode'} {cache / 'bytecode'} None"
+
+
+PRECOMPILE_PROGRAM = """
+import json, sys
+from attnfallback.bytecode import use_bytecode_cache
+used = use_bytecode_cache(precompile_min_cores={min_cores})
+import importlib.util, pathlib
+names = ["torch.nn.functional", "transformers.models.auto.modeling_auto", "transformers.models.llama.modeling_llama"]
+print(json.dumps({{"used": used, "compiled_ahead": {{n: pathlib.Path(importlib.util.cache_from_source(importlib.util.find_spec(n).origin)).is_file() for n in names}}}}))
+"""
+
+
+@pytest.fixture
+def big_image(image):
+    """A stand-in torch and transformers with submodules, none compiled."""
+    for module in ("torch/nn/__init__.py", "torch/nn/functional.py", "transformers/__init__.py",
+                   "transformers/models/__init__.py", "transformers/models/auto/__init__.py",
+                   "transformers/models/auto/modeling_auto.py", "transformers/models/llama/__init__.py",
+                   "transformers/models/llama/modeling_llama.py"):
+        path = image / module
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("VALUE = 1\n")
+    return image
+
+
+def precompiled(site: Path, cache: Path, min_cores: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ATTNFALLBACK_", "PYTHONPYCACHEPREFIX"))}
+    env.update(PYTHONPATH=f"{site}{os.pathsep}{SRC}", PYTHONDONTWRITEBYTECODE="1", ATTNFALLBACK_CACHE=str(cache))
+    proc = subprocess.run([sys.executable, "-c", PRECOMPILE_PROGRAM.format(min_cores=min_cores)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_with_cores_to_spare_the_packages_are_compiled_ahead_once_but_other_model_families(big_image, tmp_path):
+    cache = tmp_path / "cache"
+    out = precompiled(big_image, cache, min_cores=1)
+    assert out["used"] == str(cache / "bytecode")
+    assert out["compiled_ahead"] == {"torch.nn.functional": True, "transformers.models.auto.modeling_auto": True,
+                                     "transformers.models.llama.modeling_llama": False}
+    marks = list((cache / "bytecode").glob(".precompiled-*"))
+    assert len(marks) == 1
+    stamp = marks[0].stat().st_mtime_ns
+    precompiled(big_image, cache, min_cores=1)
+    assert [m.stat().st_mtime_ns for m in (cache / "bytecode").glob(".precompiled-*")] == [stamp]  # not again
+
+
+def test_with_few_cores_imports_compile_as_they_go(big_image, tmp_path):
+    out = precompiled(big_image, tmp_path / "cache", min_cores=10_000)
+    assert not any(out["compiled_ahead"].values())
+    assert not list((tmp_path / "cache" / "bytecode").glob(".precompiled-*"))
+
+
+def test_a_cache_that_cannot_be_written_leaves_the_imports_to_compile(tmp_path, monkeypatch, caplog):
+    from attnfallback.bytecode import precompile
+
+    (tmp_path / "site" / "stand_in_package").mkdir(parents=True)
+    (tmp_path / "site" / "stand_in_package" / "__init__.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    assert precompile(not_a_directory / "bytecode", packages=("stand_in_package",), workers=1) == []
+    assert "bytecode not compiled ahead" in caplog.text
