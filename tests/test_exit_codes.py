@@ -4,6 +4,7 @@ error (1); exit 1 stays for the unexpected."""
 from __future__ import annotations
 
 import errno
+import json
 
 import pytest
 
@@ -83,7 +84,7 @@ def test_a_process_ends_with_its_code_after_its_exit_handlers_and_a_whole_output
     program = (f"import atexit, pathlib; atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes'); "
                "import sys; from attnfallback.cli.app import main; "
                f"sys.argv = ['attnfallback', 'score', {str(model_dir)!r}, '--input', {str(source)!r}, '--output', {str(output)!r}, "
-               "'--quiet', '--device', 'cpu', '--prefer', 'eager']; main(); print('not reached')")
+               "'--quiet', '--json', '--device', 'cpu', '--prefer', 'eager']; main(); print('not reached')")
     src = os.path.join(os.path.dirname(__file__), "..", "src")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300)
@@ -92,3 +93,4 @@ def test_a_process_ends_with_its_code_after_its_exit_handlers_and_a_whole_output
     assert marker.read_text() == "yes"
     if not bad:
         assert pq.read_table(output).num_rows == 3
+        assert json.loads(proc.stdout)["rows_written"] == 3  # stdout flushed before the process ended

@@ -130,8 +130,37 @@ def _fatal_device_exit(exc: BaseException, argv) -> int:
 
 def _exit(code: int, argv) -> int:
     if argv is None:
+        if code == 0:
+            _process_exit(code)
         sys.exit(code)
     return code
+
+
+def _process_exit(code: int) -> None:
+    """End a process whose work is done and written: the other threads joined, the exit handlers
+    run (logging flushed, child processes ended, temporary files removed), then os._exit, without
+    the interpreter tearing down torch's and transformers' thousands of objects and the CUDA context
+    one by one: 1.5 s or more of every shard on the lent GPU (bench/NOTES.md, session 9). Every file
+    a command writes is closed (its output fsynced, its events written line by line) before this.
+    Only a clean exit (0) takes it: an interrupted or failed process ends the ordinary way, which
+    lets a sweep's interrupted shards finish their last words (a race seen in session 9)."""
+    import atexit
+    import threading
+
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if run_exit_handlers is None:  # an interpreter without it: the ordinary exit
+        return
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    run_exit_handlers()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":
