@@ -77,7 +77,24 @@ e2e9)  # session 9, after stage: `source .gpu-wheels/fa4-2/install.sh && bash be
             --out "$OUT/end_to_end.json"
     fi
     ;;
+e2e10)  # session 10, after stage: `source .gpu-wheels/fa4-2/install.sh && bash bench/h200.sh e2e10 modernbert` (carry fa4-2, tok),
+        # then `source /tmp/fa4/env.sh && bash bench/h200.sh e2e10 xlmr|llama` (carry tok). One model a call (600 s each).
+    common_env
+    model=${2:-modernbert}
+    if [ "$model" = modernbert ]; then
+        step bytecode-facts 60 python3 -c "import sys, os, json; sys.path.insert(0, 'bench'); import startup_profile as s; print(json.dumps(s.bytecode_facts(dict(os.environ))))"
+        step precompile 120 python3 -c "import sys, time; sys.pycache_prefix = '/tmp/precompile-probe'; from attnfallback import bytecode as b; t = time.perf_counter(); d = b.precompile('/tmp/precompile-probe'); print(f'precompile {time.perf_counter() - t:.2f} s on {b.usable_cores()} cores: {d}')"
+    fi
+    case "$model" in
+    modernbert) name=modernbert-base-random rows=1000,10000,50000 sizes=256,512 limit=480 ;;
+    xlmr) name=xlmr-base-cross-random rows=1000,10000,50000 sizes=256,512 limit=560 ;;
+    llama) name=llama-1b-random rows=1000,10000 sizes=32,64 limit=560 ;;
+    *) echo "e2e10: modernbert, xlmr or llama" >&2; exit 2 ;;
+    esac
+    step "e2e-$model" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
+        --variants ours-sdpa,ours-default,ours-later,baseline --batch-sizes "$sizes" --workdir /tmp/e2e10 --out "$OUT/end_to_end_$model.json"
+    ;;
 *)
-    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9" >&2; exit 2
+    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10" >&2; exit 2
     ;;
 esac

@@ -57,8 +57,11 @@ BYTECODE_PROBE = """
 import json, os, sys, importlib.util
 out = {"dont_write_bytecode": sys.flags.dont_write_bytecode, "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
        "pycache_prefix": sys.pycache_prefix, "python": sys.version.split()[0]}
-for name in ("torch", "transformers", "sentence_transformers"):
+for name in ("torch", "transformers", "sentence_transformers", "sympy", "scipy", "numpy", "tokenizers", "safetensors",
+             "huggingface_hub", "jinja2"):
     spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin:
+        continue
     root = os.path.dirname(spec.origin)
     py = pyc = 0
     for d, _, files in os.walk(root):

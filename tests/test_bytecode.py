@@ -101,7 +101,7 @@ import json, sys
 from attnfallback.bytecode import use_bytecode_cache
 used = use_bytecode_cache(precompile_min_cores={min_cores})
 import importlib.util, pathlib
-names = ["torch.nn.functional", "transformers.models.auto.modeling_auto", "transformers.models.llama.modeling_llama"]
+names = ["torch.nn.functional", "transformers.models.auto.modeling_auto", "transformers.models.llama.modeling_llama", "json.decoder"]
 print(json.dumps({{"used": used, "compiled_ahead": {{n: pathlib.Path(importlib.util.cache_from_source(importlib.util.find_spec(n).origin)).is_file() for n in names}}}}))
 """
 
@@ -133,7 +133,7 @@ def test_with_cores_to_spare_the_packages_are_compiled_ahead_once_but_other_mode
     out = precompiled(big_image, cache, min_cores=1)
     assert out["used"] == str(cache / "bytecode")
     assert out["compiled_ahead"] == {"torch.nn.functional": True, "transformers.models.auto.modeling_auto": True,
-                                     "transformers.models.llama.modeling_llama": False}
+                                     "transformers.models.llama.modeling_llama": False, "json.decoder": True}
     marks = list((cache / "bytecode").glob(".precompiled-*"))
     assert len(marks) == 1
     stamp = marks[0].stat().st_mtime_ns
@@ -147,6 +147,28 @@ def test_with_few_cores_imports_compile_as_they_go(big_image, tmp_path):
     assert not list((tmp_path / "cache" / "bytecode").glob(".precompiled-*"))
 
 
+def test_bytecode_beside_its_source_is_copied_and_the_rest_compiled(tmp_path, monkeypatch):
+    import importlib.util
+
+    from attnfallback.bytecode import precompile
+
+    site = tmp_path / "site"
+    for name in ("shipped", "bare"):
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text(f"NAME = {name!r}\n")
+    compileall.compile_dir(str(site / "shipped"), quiet=1)
+    monkeypatch.syspath_prepend(str(site))
+    prefix = tmp_path / "bytecode"
+    prefix.mkdir()
+    monkeypatch.setattr(sys, "pycache_prefix", str(prefix))
+    facts = precompile(prefix, packages=("shipped", "bare"), workers=2, stdlib=False)
+    assert facts["copied"] == 1 and facts["compiled"] == 1
+    for name in ("shipped", "bare"):
+        assert Path(importlib.util.cache_from_source(str(site / name / "__init__.py"))).is_relative_to(prefix)
+        assert Path(importlib.util.cache_from_source(str(site / name / "__init__.py"))).is_file()
+    assert precompile(prefix, packages=("shipped", "bare"), workers=2, stdlib=False) is None  # once
+
+
 def test_a_cache_that_cannot_be_written_leaves_the_imports_to_compile(tmp_path, monkeypatch, caplog):
     from attnfallback.bytecode import precompile
 
@@ -155,5 +177,6 @@ def test_a_cache_that_cannot_be_written_leaves_the_imports_to_compile(tmp_path, 
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     not_a_directory = tmp_path / "file"
     not_a_directory.write_text("")
-    assert precompile(not_a_directory / "bytecode", packages=("stand_in_package",), workers=1) == []
+    monkeypatch.setattr(sys, "pycache_prefix", str(not_a_directory / "bytecode"))
+    assert precompile(not_a_directory / "bytecode", packages=("stand_in_package",), workers=1, stdlib=False) is None
     assert "bytecode not compiled ahead" in caplog.text

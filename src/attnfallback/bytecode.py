@@ -9,29 +9,34 @@ sentence-transformers script.
 `use_bytecode_cache()` (the command line calls it before any heavy import; a library never changes
 the interpreter on import) points the interpreter at a bytecode directory under the cache when torch
 has none beside its sources and the interpreter would not write it there. The first process
-compiles as before and writes; every later one on this machine, or on any machine sharing
-$ATTNFALLBACK_CACHE with the same image, reads. Python writes each file atomically and checks it
+fills it (below) and every later one on this machine, or on any machine sharing
+$ATTNFALLBACK_CACHE with the same image, reads it. Python writes each file atomically and checks it
 against its source's size and mtime, so concurrent shards and other images are safe.
 $ATTNFALLBACK_BYTECODE: auto (the above), on (whenever the interpreter has no prefix of its own),
 off.
 
-On a machine with cores to spare, the first process does not compile as it imports, one file after
-another: `precompile()` first compiles the packages that lack bytecode (torch, transformers without
-the model families a shard does not load, ...) over all cores, once per image and cache, under a
-lock that concurrent shards wait on. A fresh machine's first shard then imports as a later one does.
+With a prefix the interpreter reads bytecode only from it, so the first process would compile every
+module it imports, the standard library's and those shipped with bytecode too. On a machine with
+two cores or more, `precompile()` fills the prefix before the first import instead: bytecode found
+beside its source is copied, the rest (torch, transformers without the model families a shard does
+not load, ...) is compiled over all cores; once per image and cache, under a lock concurrent shards
+wait on. A fresh machine's first shard then imports as a later one does.
 """
 
 from __future__ import annotations
 
-import compileall
 import fcntl
 import hashlib
 import importlib.util
 import logging
 import os
+import py_compile
 import re
+import shutil
 import sys
+import sysconfig
 import time
+from concurrent.futures import ProcessPoolExecutor
 from collections.abc import MutableMapping
 from pathlib import Path
 
@@ -39,12 +44,19 @@ from attnfallback import envs
 
 PROBE_PACKAGE = "torch"  # the largest import every scoring process makes
 
-# What a scoring process imports, compiled ahead where it has no bytecode. transformers' model
-# families are left out but for `auto`: a shard loads one family, whose few files compile on import.
-PRECOMPILE_PACKAGES = ("torch", "transformers", "safetensors", "huggingface_hub", "tokenizers", "numpy", "jinja2")
-PRECOMPILE_SKIP = re.compile(r"[/\\]transformers[/\\]models[/\\](?!auto[/\\])[^/\\]+[/\\]")
-# Below this many cores compiling everything ahead costs more than compiling what is imported.
-PRECOMPILE_MIN_CORES = 4
+# The packages a scoring process imports (with the standard library), filled into the prefix ahead.
+PRECOMPILE_PACKAGES = ("torch", "transformers", "sympy", "scipy", "numpy", "mpmath", "huggingface_hub", "tokenizers",
+                       "safetensors", "pyarrow", "pydantic", "typer", "click", "rich", "jinja2", "markupsafe", "yaml",
+                       "filelock", "fsspec", "tqdm", "packaging", "regex", "networkx", "httpx", "httpcore", "anyio",
+                       "h11", "idna", "certifi", "charset_normalizer", "PIL", "attnfallback")
+# Never imported by a shard (matched below each root's parent): tests, the standard library's
+# site-packages, and transformers' model families but `auto` (a shard loads one
+# family, whose few files compile on import).
+PRECOMPILE_SKIP = re.compile(r"[/\\](tests?|idlelib|tkinter|lib2to3|ensurepip|site-packages|dist-packages)[/\\]"
+                             r"|[/\\]transformers[/\\]models[/\\](?!auto[/\\])[^/\\]+[/\\]")
+# On one core, compiling all of torch ahead costs about what compiling the modules imported does
+# (and the copies save the rest); from two on it is ahead (bench/NOTES.md, session 10).
+PRECOMPILE_MIN_CORES = 2
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +73,13 @@ def _source_of(package: str) -> str | None:
 
 
 def has_bytecode(package: str = PROBE_PACKAGE, source: str | None = None) -> bool | None:
-    """Whether `package`'s __init__ (at `source`, else found) has compiled bytecode where the
-    interpreter looks for it; None when it is not installed or not a source package."""
+    """Whether `package`'s __init__ (at `source`, else found) has compiled bytecode beside it;
+    None when it is not installed or not a source package."""
     source = source or _source_of(package)
     if source is None:
         return None
     try:
-        return Path(importlib.util.cache_from_source(source)).is_file()
+        return Path(_bytecode_paths(source)[0]).is_file()
     except (NotImplementedError, ValueError):
         return None
 
@@ -109,40 +121,97 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _package_dirs(packages) -> list[str]:
-    """The source directories of those `packages` that are installed and lack bytecode."""
-    dirs = []
+def precompile_roots(packages=PRECOMPILE_PACKAGES, stdlib: bool = True) -> list[str]:
+    """The directories `precompile` fills: the standard library's and those of the installed `packages`."""
+    roots = [sysconfig.get_paths()["stdlib"]] if stdlib else []
     for package in packages:
         source = _source_of(package)
-        if source is not None and source.endswith("__init__.py") and has_bytecode(source=source) is False:
-            dirs.append(os.path.dirname(source))
-    return dirs
+        if source is not None and source.endswith("__init__.py"):
+            roots.append(os.path.dirname(source))
+    return [r for r in roots if os.path.isdir(r)]
 
 
-def precompile(directory: str | os.PathLike, packages=PRECOMPILE_PACKAGES, workers: int | None = None) -> list[str]:
-    """Compile `packages` that lack bytecode into the prefix in use (sys.pycache_prefix, which must
-    be `directory`) over `workers` processes (all cores): once per image, marked in `directory`;
-    concurrent callers wait on a lock and find the mark. Returns the directories compiled now."""
+def _bytecode_paths(source: str) -> tuple[str, str]:
+    """(beside, in the prefix): where `source`'s bytecode lies without a prefix, and with the one in use."""
+    prefix = sys.pycache_prefix
+    try:
+        sys.pycache_prefix = None
+        beside = importlib.util.cache_from_source(source)
+    finally:
+        sys.pycache_prefix = prefix
+    return beside, importlib.util.cache_from_source(source)
+
+
+def _fill(jobs: list[tuple[str, str, str | None]]) -> tuple[int, int]:
+    """Bytecode for each (source, target, beside or None): the beside file linked or copied (its
+    header names the source's mtime and size, checked on import), else compiled. (copied, compiled)."""
+    copied = compiled = 0
+    for source, target, beside in jobs:
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if beside is not None:
+                try:
+                    os.link(beside, target)
+                except OSError:  # another file system, or no links there
+                    shutil.copyfile(beside, target)
+                copied += 1
+            elif py_compile.compile(source, cfile=target, doraise=True, quiet=2):
+                compiled += 1
+        except FileExistsError:
+            pass  # another process filled it
+        except (py_compile.PyCompileError, OSError, ValueError):
+            pass  # the import will compile it, or say why it cannot
+    return copied, compiled
+
+
+def precompile(directory: str | os.PathLike, packages=PRECOMPILE_PACKAGES, workers: int | None = None,
+               stdlib: bool = True) -> dict | None:
+    """Fill the bytecode prefix in use (sys.pycache_prefix, which must be `directory`) for the standard
+    library and `packages`: bytecode beside a source is copied, the rest compiled over `workers`
+    processes (all cores). Once per image, marked in `directory`; concurrent callers wait on a lock
+    and find the mark. Returns what it did ({"copied", "compiled", "seconds"}), None when nothing was
+    to do or the directory cannot be written (imports then compile as they go)."""
     directory = Path(directory)
-    dirs = _package_dirs(packages)
-    if not dirs:
-        return []
-    key = hashlib.sha256("\n".join([sys.implementation.cache_tag or "", *dirs,
-                                     *(str(os.stat(d).st_mtime_ns) for d in dirs)]).encode()).hexdigest()[:16]
+    roots = precompile_roots(packages, stdlib)
+    if not roots or sys.pycache_prefix is None or Path(sys.pycache_prefix) != directory:
+        return None
+    key = hashlib.sha256("\n".join([sys.implementation.cache_tag or "", *roots,
+                                     *(str(os.stat(r).st_mtime_ns) for r in roots)]).encode()).hexdigest()[:16]
     mark = directory / f".precompiled-{key}"
     if mark.exists():
-        return []
+        return None
     try:
         with open(directory / ".precompile.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if mark.exists():  # another shard compiled while this one waited
-                return []
+            if mark.exists():  # another shard filled it while this one waited
+                return None
             start = time.perf_counter()
-            for d in dirs:
-                compileall.compile_dir(d, quiet=2, workers=workers or usable_cores(), rx=PRECOMPILE_SKIP)
-            mark.write_text("\n".join(dirs) + "\n")
-            log.info("compiled the bytecode of %s in %.1f s", ", ".join(dirs), time.perf_counter() - start)
+            jobs = []
+            for root in roots:
+                for folder, subdirs, files in os.walk(root):
+                    inside = os.sep + os.path.relpath(folder, os.path.dirname(root)) + os.sep  # e.g. /torch/nn/
+                    if PRECOMPILE_SKIP.search(inside):
+                        subdirs[:] = []
+                        continue
+                    for name in files:
+                        if name.endswith(".py"):
+                            source = os.path.join(folder, name)
+                            beside, target = _bytecode_paths(source)
+                            if not os.path.exists(target):
+                                jobs.append((source, target, beside if os.path.exists(beside) else None))
+            workers = max(1, workers or usable_cores())
+            chunks = [jobs[i::workers * 4] for i in range(workers * 4)]
+            copied = compiled = 0
+            if workers == 1 or len(jobs) < 64:
+                copied, compiled = _fill(jobs)
+            else:
+                with ProcessPoolExecutor(max_workers=workers) as pool:
+                    for c, m in pool.map(_fill, chunks):
+                        copied, compiled = copied + c, compiled + m
+            mark.write_text("\n".join(roots) + "\n")
+            facts = {"copied": copied, "compiled": compiled, "seconds": round(time.perf_counter() - start, 2)}
+            log.info("bytecode under %s: %s", directory, facts)
+            return facts
     except OSError as e:  # a read-only or full cache: imports compile as they go, as without it
         log.warning("bytecode not compiled ahead under %s: %s", directory, e)
-        return []
-    return dirs
+        return None
