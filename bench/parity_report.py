@@ -72,10 +72,11 @@ def run_parity_section(rows: int | None) -> dict:
 def run_kernels_section() -> dict:
     from attnfallback.kernels_seen import attention_kernels
     from attnfallback.loader import load_model
-    from attnfallback.parity import NO_EVENTS, switch_to
+    from attnfallback.events import NULL_SINK
+    from attnfallback.verify import switch_to
     from attnfallback.policy import Policy
 
-    loaded = load_model("default", policy=Policy.graceful(["sdpa"]), dtype=DTYPE, device=DEVICE, sink=NO_EVENTS)
+    loaded = load_model("default", policy=Policy.graceful(["sdpa"]), dtype=DTYPE, device=DEVICE, sink=NULL_SINK)
     seen = {}
     for impl in IMPLS:
         actual, reasons = switch_to(loaded, impl)
@@ -104,7 +105,7 @@ def run_fastest_section(models: dict, budget: float) -> dict:
     import dataclasses
 
     from attnfallback.loader import load_model
-    from attnfallback.parity import NO_EVENTS
+    from attnfallback.events import NULL_SINK
     from attnfallback.policy import Policy
 
     out = {}
@@ -118,7 +119,7 @@ def run_fastest_section(models: dict, budget: float) -> dict:
                 policy = dataclasses.replace(Policy.fastest(IMPLS), fastest_budget_s=budget, extra={"fastest_sample": dist})
                 try:
                     t0 = time.perf_counter()
-                    loaded = load_model(model, policy=policy, dtype=DTYPE, device=DEVICE, auto_class=auto_class, sink=NO_EVENTS)
+                    loaded = load_model(model, policy=policy, dtype=DTYPE, device=DEVICE, auto_class=auto_class, sink=NULL_SINK)
                     out[key] = {"used": loaded.decision.used, "load_s": time.perf_counter() - t0, "measured": loaded.decision.measured,
                                 "attempts": [a.to_dict() for a in loaded.decision.attempts]}
                     first = first or (key, model, auto_class, policy)
@@ -129,7 +130,7 @@ def run_fastest_section(models: dict, budget: float) -> dict:
         if first is not None:
             key, model, auto_class, policy = first
             t0 = time.perf_counter()
-            again = load_model(model, policy=policy, dtype=DTYPE, device=DEVICE, auto_class=auto_class, sink=NO_EVENTS)
+            again = load_model(model, policy=policy, dtype=DTYPE, device=DEVICE, auto_class=auto_class, sink=NULL_SINK)
             out[f"{key} (again)"] = {"used": again.decision.used, "load_s": time.perf_counter() - t0, "measured": again.decision.measured}
     return out
 

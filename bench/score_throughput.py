@@ -156,7 +156,7 @@ def make_hf_sorted(scorer, texts: list[str]):
     import numpy as np
     import torch
 
-    from attnfallback.scoring.batching import length_order, plan_batches
+    from attnfallback.batching import length_order, plan_batches
 
     tok, task, device, max_length = scorer.loaded.tokenizer, scorer.task, scorer.device, scorer.max_length
 
@@ -346,7 +346,7 @@ def greedy_plan(sorted_lengths, batch_tokens: int, max_cells=None, max_rows=None
     Takes plan_batches' arguments, so it can stand in for it; the floor and overhead are not used."""
     import numpy as np
 
-    from attnfallback.scoring.batching import BatchSlice
+    from attnfallback.batching import BatchSlice
 
     lengths = np.maximum(np.asarray(sorted_lengths, dtype=np.int64), 1)
     n, min_fill, batches, start = len(lengths), max(batch_tokens // 8, 1), [], 0
@@ -393,7 +393,7 @@ def apply_variant(scorer, variant: dict) -> None:
     """Set plan_batches' floor and overhead (divisors of the budget; overhead 0: none) or sessions
     1-5's greedy batches instead; lead=whole prepares the first part whole (sessions 1-6)."""
     from attnfallback.scoring import pipeline
-    from attnfallback.scoring.batching import plan_batches
+    from attnfallback.batching import plan_batches
 
     lead = variant.get("lead")
     if lead is None:
@@ -482,7 +482,7 @@ def main() -> None:
 
     import torch
 
-    from attnfallback.loader import torch_dtype
+    from attnfallback.verify import torch_dtype
     from attnfallback.scoring import ScoreJob, Scorer
 
     device = args.device

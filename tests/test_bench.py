@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from attnfallback import bench
+from attnfallback import bench, measure
 from attnfallback.cli.app import main
 from attnfallback.errors import UsageError
 
@@ -33,28 +33,28 @@ class ScriptedTimer:
 
 
 def test_named_and_explicit_length_distributions():
-    short, long = bench.parse_lengths("short"), bench.parse_lengths("long")
+    short, long = measure.parse_lengths("short"), measure.parse_lengths("long")
     assert (short.mean, short.max_length) == (64, 512) and (long.mean, long.max_length) == (2400, 8192)
-    custom = bench.parse_lengths("normal:300:50:1024")
+    custom = measure.parse_lengths("normal:300:50:1024")
     assert (custom.mean, custom.std, custom.max_length, custom.name) == (300, 50, 1024, "normal:300:50:1024")
     for bad in ("medium", "normal:64:32", "normal:a:1:2", "uniform:1:2:3", "normal:64:-1:512", "normal:64:1:2"):
         with pytest.raises(UsageError) as info:
-            bench.parse_lengths(bad)
+            measure.parse_lengths(bad)
         assert info.value.exit_code == 2 and "normal:MEAN:STD:MAX" in str(info.value)
 
 
 def test_length_samples_are_seeded_and_clipped():
-    long = bench.parse_lengths("long")
+    long = measure.parse_lengths("long")
     a, b = long.sample(2000), long.sample(2000)
-    assert np.array_equal(a, b) and a.min() >= bench.MIN_LENGTH and a.max() <= 8192
+    assert np.array_equal(a, b) and a.min() >= measure.MIN_LENGTH and a.max() <= 8192
     assert 2200 < a.mean() < 2700  # ~2.4k: the clipping moves it a little
     clipped = long.sample(500, limit=512)
     assert clipped.max() == 512 and (clipped == 512).mean() > 0.85
 
 
 def test_synthetic_workload_is_sorted_longest_first_and_batched_within_budget():
-    dist = bench.parse_lengths("normal:40:20:100")
-    work = bench.synthetic_workload(dist, vocab_size=30522, limit=64, count=50)
+    dist = measure.parse_lengths("normal:40:20:100")
+    work = measure.synthetic_workload(dist, vocab_size=30522, limit=64, count=50)
     lengths = work.lengths
     assert list(lengths) == sorted(lengths, reverse=True) and lengths.max() <= 64
     assert work.description["clipped_to"] == 64 and work.description["tokens"] == int(lengths.sum()) == work.tokens
@@ -98,7 +98,7 @@ def test_a_failing_forward_is_reported_not_raised(tiny_bert):
 def test_bench_command_on_texts_from_a_file(tiny_bert, tmp_path, capsys, monkeypatch):
     path = tmp_path / "texts.jsonl"
     path.write_text("".join(json.dumps({"text": "hello " * (i + 1)}) + "\n" for i in range(10)))
-    monkeypatch.setattr(bench, "wall_timer", lambda device: lambda impl, run: (run(), 0.01)[1])
+    monkeypatch.setattr(measure, "wall_timer", lambda device: lambda impl, run: (run(), 0.01)[1])
     code = main(["bench", str(tiny_bert), "--impls", "sdpa,eager", "--input", str(path), "--seconds", "0.02", "--json"])
     data = json.loads(capsys.readouterr().out)
     assert code == 0 and set(data["results"]) == {"sdpa", "eager"}

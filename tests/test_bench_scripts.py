@@ -70,7 +70,7 @@ def test_variant_settings_reach_the_scorer():
     from types import SimpleNamespace
 
     from attnfallback.scoring import pipeline
-    from attnfallback.scoring.batching import plan_batches
+    from attnfallback.batching import plan_batches
 
     assert parse_variants("lead=8-4-2,floor=16;lead=whole;planner=greedy") == [
         {"lead": "8-4-2", "floor": 16}, {"lead": "whole"}, {"planner": "greedy"}]

@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from attnfallback import fastest, loader
+from attnfallback import fastest, loader, verify
 from attnfallback.events import set_default_sink, validate
 from attnfallback.loader import load_model
-from attnfallback.parity import NO_EVENTS
+from attnfallback.events import NULL_SINK
 from attnfallback.policy import Policy
 
 SAMPLE = [12, 16, 20, 24] * 4  # token lengths: a small calibration sample keeps the real passes cheap
@@ -45,7 +45,7 @@ class InjectedSpeeds:
 
 
 def graceful(model_dir, prefer=("sdpa", "eager")):
-    return load_model(str(model_dir), policy=Policy.graceful(list(prefer)), sink=NO_EVENTS)
+    return load_model(str(model_dir), policy=Policy.graceful(list(prefer)), sink=NULL_SINK)
 
 
 @pytest.mark.parametrize("faster", ["eager", "sdpa"])
@@ -124,14 +124,14 @@ def test_a_cache_entry_for_other_versions_is_not_a_hit(tiny_bert, tmp_path, monk
 
 def test_a_candidate_failing_verification_is_recorded_and_not_chosen(tiny_bert, tmp_path, monkeypatch):
     loaded = graceful(tiny_bert)
-    real = loader.verify_forward
+    real = verify.verify_forward
 
-    def verify(model, facts, device):
+    def eager_fails(model, facts, device):
         if model.config._attn_implementation == "eager":
             return ["forward produced non-finite outputs (NaN or inf)"]
         return real(model, facts, device)
 
-    monkeypatch.setattr(loader, "verify_forward", verify)
+    monkeypatch.setattr(verify, "verify_forward", eager_fails)
     timer = InjectedSpeeds({"sdpa": 0.05, "eager": 0.01})
     fastest.choose_fastest(loaded, ["sdpa", "eager"], sample=SAMPLE, cache_dir=tmp_path, timer=timer)
     assert loaded.decision.used == "sdpa" and loaded.model.config._attn_implementation == "sdpa"
@@ -163,10 +163,10 @@ def test_candidates_that_compile_are_measured_last():
 
 
 def test_load_model_under_policy_fastest_records_the_measurement_in_the_event(tiny_bert, tmp_path, monkeypatch):
-    from attnfallback import bench
+    from attnfallback import measure
 
     speeds = InjectedSpeeds({"sdpa": 0.05, "eager": 0.01})
-    monkeypatch.setattr(bench, "wall_timer", lambda device: speeds)
+    monkeypatch.setattr(measure, "wall_timer", lambda device: speeds)
     monkeypatch.setenv(fastest.ENV_SAMPLE, SAMPLE_DIST)
     monkeypatch.setitem(fastest.SAMPLE_TOKENS, "cpu", 256)  # a few sequences drawn from it
     loaded = load_model(str(tiny_bert), policy=Policy.fastest(["flash_attention_2", "sdpa", "eager"]), events=tmp_path / "ev", run_id="f1")
@@ -182,11 +182,11 @@ def test_load_model_under_policy_fastest_records_the_measurement_in_the_event(ti
 @pytest.mark.gpu
 def test_fastest_on_the_gpu_measures_then_answers_from_the_cache(tmp_path):
     policy = dataclasses.replace(Policy.fastest(["flash_attention_4", "sdpa", "eager"]), fastest_budget_s=10, extra={"fastest_sample": "short"})
-    first = load_model("default", policy=policy, device="cuda", sink=NO_EVENTS)
+    first = load_model("default", policy=policy, device="cuda", sink=NULL_SINK)
     m = first.decision.measured
     assert m["cache"] == "miss" and first.decision.used == max(m["tokens_per_s"], key=m["tokens_per_s"].get)
     assert first.model.config._attn_implementation == first.decision.used
-    again = load_model("default", policy=policy, device="cuda", sink=NO_EVENTS)
+    again = load_model("default", policy=policy, device="cuda", sink=NULL_SINK)
     assert again.decision.measured["cache"] == "hit" and again.decision.used == first.decision.used
 
 

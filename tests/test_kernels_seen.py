@@ -58,10 +58,10 @@ def test_no_kernels_are_recorded_off_cuda(tiny_bert):
     import torch
 
     from attnfallback.loader import load_model
-    from attnfallback.parity import NO_EVENTS
+    from attnfallback.events import NULL_SINK
     from attnfallback.policy import Policy
 
-    loaded = load_model(str(tiny_bert), policy=Policy.graceful(["sdpa"]), sink=NO_EVENTS)
+    loaded = load_model(str(tiny_bert), policy=Policy.graceful(["sdpa"]), sink=NULL_SINK)
     assert attention_kernels(loaded.model, loaded.facts, torch.device("cpu")) is None
 
 
@@ -69,10 +69,10 @@ def test_no_kernels_are_recorded_off_cuda(tiny_bert):
 @pytest.mark.parametrize("impl, allowed", [("sdpa", {"sdpa:flash", "sdpa:efficient", "sdpa:cudnn", "sdpa:math"}), ("eager", {"eager"})])
 def test_kernels_of_a_real_verification_forward(tiny_bert, impl, allowed):
     from attnfallback.loader import load_model
-    from attnfallback.parity import NO_EVENTS
+    from attnfallback.events import NULL_SINK
     from attnfallback.policy import Policy
 
-    loaded = load_model(str(tiny_bert), policy=Policy.strict([impl]), device="cuda", dtype="bfloat16", sink=NO_EVENTS)
+    loaded = load_model(str(tiny_bert), policy=Policy.strict([impl]), device="cuda", dtype="bfloat16", sink=NULL_SINK)
     labels = attention_kernels(loaded.model, loaded.facts, loaded.device)
     assert labels and set(labels) <= allowed, labels
 
@@ -84,10 +84,10 @@ def test_flash_attention_4_kernels_are_recognised(tiny_bert):
     if not probe_software().flash_attn_4:
         pytest.skip("flash-attn-4 is not installed (../shared/gpu/fa4-kit.sh)")
     from attnfallback.loader import load_model
-    from attnfallback.parity import NO_EVENTS
+    from attnfallback.events import NULL_SINK
     from attnfallback.policy import Policy
 
-    loaded = load_model(str(tiny_bert), policy=Policy.strict(["flash_attention_4"]), device="cuda", dtype="bfloat16", sink=NO_EVENTS)
+    loaded = load_model(str(tiny_bert), policy=Policy.strict(["flash_attention_4"]), device="cuda", dtype="bfloat16", sink=NULL_SINK)
     assert attention_kernels(loaded.model, loaded.facts, loaded.device) == ["flash_attention_4"]
 
 

@@ -15,7 +15,7 @@ from attnfallback import fastest, kernel_variants, loader
 from attnfallback.bench import Measurement
 from attnfallback.fastest import Settings
 from attnfallback.loader import load_model
-from attnfallback.parity import NO_EVENTS
+from attnfallback.events import NULL_SINK
 from attnfallback.policy import Policy
 
 GRACEFUL = Settings(budget_s=None, margin=fastest.GRACEFUL_MARGIN, charge_compiles=True, task="embed")
@@ -52,7 +52,7 @@ class FakeBench:
 
 @pytest.fixture
 def loaded(tiny_bert):
-    return load_model(str(tiny_bert), policy=Policy.graceful(["sdpa", "eager"]), sink=NO_EVENTS)
+    return load_model(str(tiny_bert), policy=Policy.graceful(["sdpa", "eager"]), sink=NULL_SINK)
 
 
 def test_a_shard_too_small_to_pay_for_measuring_keeps_the_loaded_choice(loaded, tmp_path):

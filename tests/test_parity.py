@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from attnfallback import parity
+from attnfallback.events import NULL_SINK
 from attnfallback.cli.app import main
 from attnfallback.errors import InputError, UsageError
 from attnfallback.events import validate
@@ -191,7 +192,7 @@ def test_embed_outputs_come_from_the_scorer_and_match_sentence_transformers(defa
     from attnfallback.policy import Policy
 
     texts = ["A man is playing a guitar.", "Two dogs run on the beach in the morning sun.", "Hi"]
-    loaded = load_model("default", policy=Policy.graceful(["sdpa"]), sink=parity.NO_EVENTS)
+    loaded = load_model("default", policy=Policy.graceful(["sdpa"]), sink=NULL_SINK)
     ours = parity.outputs_for(loaded, [(t,) for t in texts], parity.score_job_for("default", "embed", 1))
     theirs = st.SentenceTransformer(str(default_model_dir), device="cpu").encode(texts, convert_to_numpy=True)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)

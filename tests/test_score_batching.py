@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from attnfallback.scoring.batching import (
+from attnfallback.batching import (
     CPU_BATCH_TOKENS,
     CUDA_BATCH_TOKENS,
     CUDA_EAGER_BATCH_TOKENS,
@@ -132,7 +132,7 @@ def test_default_budgets_depend_on_device_and_implementation():
 
 
 def test_cuda_budgets_shrink_as_the_feed_forward_widens():
-    from attnfallback.scoring.batching import CUDA_MAX_BATCH_TOKENS, CUDA_MIN_BATCH_TOKENS
+    from attnfallback.batching import CUDA_MAX_BATCH_TOKENS, CUDA_MIN_BATCH_TOKENS
 
     bert, qwen_small, seven_b = (default_batch_tokens("cuda", "sdpa", width) for width in (3072, 4864, 14336))
     assert (bert, qwen_small, seven_b) == (262144, 163840, 49152)
@@ -146,7 +146,7 @@ def test_cuda_budgets_shrink_as_the_feed_forward_widens():
 def test_feed_forward_width_is_read_from_the_config():
     from transformers import BertConfig, Qwen2Config
 
-    from attnfallback.scoring.batching import ffn_width
+    from attnfallback.batching import ffn_width
 
     assert ffn_width(BertConfig(intermediate_size=3072)) == 3072
     assert ffn_width(Qwen2Config(intermediate_size=4864)) == 4864

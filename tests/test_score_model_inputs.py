@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import zoo
-from attnfallback import loader
+from attnfallback import verify
 from attnfallback.cli.app import main
 from attnfallback.errors import is_fatal_device_error
 from attnfallback.scoring import tasks
@@ -195,13 +195,13 @@ def test_a_tokenizer_without_a_max_length_stops_at_the_usable_positions(tmp_path
 def test_the_verification_forward_feeds_the_tasks_own_inputs(family, types, tmp_path, monkeypatch):
     model_dir = zoo.build(zoo.FAMILIES[family], "pairs", tmp_path / family)
     seen = []
-    real = loader.verify_forward
+    real = verify.verify_forward
 
     def recording(model, facts, device, inputs_for=None):
         seen.append((model.config._attn_implementation, inputs_for(model, facts)[0]))
         return real(model, facts, device, inputs_for)
 
-    monkeypatch.setattr(loader, "verify_forward", recording)
+    monkeypatch.setattr(verify, "verify_forward", recording)
     job = zoo.score_job("pairs", model_dir, tmp_path / "work", "sdpa")
     Scorer.from_job(job)
     ((impl, inputs),) = seen

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-__version__ = "0.1.0"
+from attnfallback.version import __version__
 
 _EXPORTS = {
     "load_model": "attnfallback.loader",

@@ -53,8 +53,9 @@ from typing import Protocol
 
 from attnfallback import envs
 from attnfallback import impls as impl_registry
-from attnfallback.bench import Measurement, Timer, measure, shape_tag, workload_for  # noqa: F401 - a Bench's records and tags
+from attnfallback.measure import Measurement, Timer, measure, workload_for
 from attnfallback.decision import Attempt
+from attnfallback.verify import switch_to
 
 log = logging.getLogger("attnfallback")
 
@@ -122,10 +123,7 @@ def cache_path(directory: Path, digest: str) -> Path:
 
 
 def _max_age_days() -> float:
-    try:
-        return float(os.environ.get(ENV_MAX_AGE, DEFAULT_MAX_AGE_DAYS))
-    except ValueError:
-        return DEFAULT_MAX_AGE_DAYS
+    return envs.number(ENV_MAX_AGE, DEFAULT_MAX_AGE_DAYS)
 
 
 def _age_days(entry: dict) -> float | None:
@@ -447,7 +445,7 @@ def choose(loaded, viable: list[str], bench: Bench, settings: Settings, *, cache
 # --- the generic bench: a forward over a sample, for callers without a scorer ----------------------
 
 class ForwardBench:
-    """`bench.measure` over a workload made from `sample`: the loader's verification forward on
+    """`measure.measure` over a workload made from `sample`: the loader's verification forward on
     each candidate, then padded token-budget batches (a caller without its own forward path)."""
 
     def __init__(self, loaded, sample, timer: Timer | None = None):
@@ -462,8 +460,6 @@ class ForwardBench:
         return self.workload.tag()
 
     def switch(self, impl: str) -> list[str]:
-        from attnfallback.parity import switch_to
-
         return switch_to(self.loaded, impl)[1]
 
     def trial(self, impl: str, seconds: float):
@@ -475,7 +471,7 @@ def _sample_for(loaded, sample):
     if sample is not None:
         return sample
     extra = getattr(loaded.decision.policy, "extra", None) or {}
-    return extra.get("fastest_sample") or os.environ.get(ENV_SAMPLE) or DEFAULT_SAMPLE
+    return extra.get("fastest_sample") or envs.value(ENV_SAMPLE, DEFAULT_SAMPLE)
 
 
 def choose_fastest(loaded, viable: list[str], *, sample=None, budget_s: float | None = None,

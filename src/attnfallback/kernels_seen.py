@@ -6,7 +6,7 @@ dtype and GPU), and a silent drop to the math kernel is a slowdown no log shows.
 its CUDA kernels only when the ops name no attention) and maps the op and kernel names it saw to labels such as `sdpa:efficient`, `sdpa:cudnn` or `flash_attention_4`.
 On other devices it returns None (the detail is absent, not empty).
 
-The verification batch is tiny and padded (see loader.VERIFY_BATCH), so it shows the kernel chosen
+The verification batch is tiny and padded (see verify.VERIFY_BATCH), so it shows the kernel chosen
 for padded inputs; pass `forward=` to profile a real batch instead.
 """
 
@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterable
+
+from attnfallback.verify import verify_forward
 
 log = logging.getLogger("attnfallback")
 
@@ -82,8 +84,6 @@ def attention_kernels(model, facts, device, *, forward: Callable[[], object] | N
     """
     if getattr(device, "type", str(device)) != "cuda":
         return None
-    from attnfallback.loader import verify_forward
-
     run = forward or (lambda: verify_forward(model, facts, device))
     try:
         # sdpa's choice shows in its ATen op's name; kernels are traced only when the ops say nothing

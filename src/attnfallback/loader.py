@@ -17,23 +17,22 @@ import copy
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from attnfallback import envs, fastest, impls, planner
+from attnfallback import envs, fastest, impls, planner, verify
 from attnfallback.caps import DeviceCaps, SoftwareCaps, probe_device, probe_software
 from attnfallback.decision import Attempt, Decision
 from attnfallback.errors import AttentionUnavailable, CheckpointError, ModelLoadError, UsageError, is_fatal_device_error
+from attnfallback.events import open_sink, set_default_sink
 from attnfallback.heads import check_loaded
+from attnfallback.kernels_seen import attention_kernels
 from attnfallback.model_facts import ModelFacts, ModelRef, read_facts, resolve_ref
 from attnfallback.policy import Mode, Policy, as_policy
-from attnfallback.sdpa_order import sdpa_order
+from attnfallback.verify import RECOVERABLE, first_line, torch_dtype
+from attnfallback.version import __version__
 
 log = logging.getLogger("attnfallback")
-
-# Errors a GPU class or a missing kernel explains; anything else is not the attention's fault.
-RECOVERABLE = (ValueError, ImportError, RuntimeError, NotImplementedError, AssertionError, TypeError)
-VERIFY_BATCH = (2, 8)  # two rows of eight tokens; the second row padded, so masks are exercised
 
 
 @dataclass
@@ -67,8 +66,7 @@ def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
 
 
 def versions(software: SoftwareCaps) -> dict:
-    from attnfallback import __version__
-
+    """The versions an event records: ours, torch's, transformers', the flash packages', CUDA's."""
     return {
         "attnfallback": __version__,
         "torch": software.torch,
@@ -78,18 +76,6 @@ def versions(software: SoftwareCaps) -> dict:
         "flash_attn_4": software.flash_attn_4,
         "cuda": software.cuda,
     }
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-
-
-def first_line(exc: BaseException) -> str:
-    """`Type: first line of the message`: an exception as a reason."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def from_pretrained(facts: ModelFacts, auto_class: str, impl: str, dtype: str, trust_remote_code: bool, model_kwargs: dict,
@@ -116,47 +102,6 @@ def from_pretrained(facts: ModelFacts, auto_class: str, impl: str, dtype: str, t
     model, info = auto.from_pretrained(facts.ref.location, output_loading_info=True, **kwargs)
     check_loaded(model, info, model_id=facts.model_id, auto_class=auto_class, task=task, allow_new_head=allow_new_head)
     return model
-
-
-def verify_forward(model, facts: ModelFacts, device, inputs_for=None) -> list[str]:
-    """A forward pass on a tiny batch; reasons it failed (exception or non-finite output).
-
-    `inputs_for(model, facts) -> (inputs, keep)`: the model's inputs as the caller's own path builds
-    them (the scoring task's: pairs with their type ids, its mask form) and the real tokens of its
-    outputs; without it, two rows of plain input_ids and attention_mask. Errors it raises (a
-    tokenizer that does not match the model) are not the attention's fault: they propagate.
-    A CUDA error that leaves the context unusable propagates too: no other candidate can run."""
-    import torch
-
-    if inputs_for is None:
-        rows, length = VERIFY_BATCH
-        vocab = max(facts.vocab_size or 100, 10)
-        ids = (torch.arange(rows * length).reshape(rows, length) % (min(vocab, 1000) - 3)) + 3
-        mask = torch.ones_like(ids)
-        mask[1, length // 2 :] = 0
-        inputs, keep = {"input_ids": ids, "attention_mask": mask}, mask.bool()
-    else:
-        inputs, keep = inputs_for(model, facts)
-    try:
-        with torch.inference_mode(), sdpa_order(getattr(device, "type", str(device))):
-            out = model(**{k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()})
-    except RECOVERABLE as e:
-        if is_fatal_device_error(e):
-            raise
-        return [f"forward failed: {first_line(e)}"]
-    tensor = None
-    for name in ("logits", "last_hidden_state"):
-        tensor = getattr(out, name, None)
-        if tensor is not None:
-            break
-    if tensor is None:
-        tensor = out[0]
-    keep = keep.to(device) if keep is not None else None
-    if keep is not None and tensor.dim() >= 2 and tensor.shape[:2] == keep.shape:
-        tensor = tensor[keep]
-    if not torch.isfinite(tensor.float()).all():
-        return ["forward produced non-finite outputs (NaN or inf)"]
-    return []
 
 
 def _measures(policy: Policy, device: DeviceCaps, bench_factory, viable: list[str]) -> bool:
@@ -228,12 +173,18 @@ def shared_failure(attempts: list[Attempt]) -> str | None:
 def _open_sink(events, run_id, shard, sink):
     if sink is not None:
         return sink
-    from attnfallback.events import open_sink, set_default_sink
-
     opened = open_sink(events, run_id, shard)
     if opened is not None:
         set_default_sink(opened)
     return opened
+
+
+def plan_reasons(model: str, names: list[str], *, dtype: str, device: str, auto_class: str, revision: str | None = None,
+                 trust_remote_code: bool = False) -> tuple[dict[str, list[str]], str]:
+    """Reasons each implementation cannot run here (none for viable ones), and the resolved dtype."""
+    facts = read_facts(model, revision=revision, auto_class=auto_class, trust_remote_code=trust_remote_code)
+    the_plan = planner.plan(facts, probe_device(device), probe_software(), Policy.graceful(names), dtype, enforce_strict=False)
+    return {c.impl: list(c.reasons) for c in the_plan.candidates}, the_plan.dtype
 
 
 def fallback_expected(decision: Decision) -> bool:
@@ -353,7 +304,7 @@ def load_model(
         actual = getattr(loaded.config, "_attn_implementation", None) or cand.impl
         if policy.verify:
             t0 = time.perf_counter()
-            reasons = verify_forward(loaded, facts, torch_device, verify_inputs)
+            reasons = verify.verify_forward(loaded, facts, torch_device, verify_inputs)
             t_verify += time.perf_counter() - t0
             if reasons:
                 attempts.append(Attempt(cand.impl, "verify", False, reasons))
@@ -386,8 +337,6 @@ def load_model(
                                                                    charge_compiles=True, task=bench.task))
         decision.timing["measure_s"] = time.perf_counter() - t0
     if torch_device.type == "cuda" and policy.verify:
-        from attnfallback.kernels_seen import attention_kernels
-
         t0 = time.perf_counter()
         decision.kernels = attention_kernels(loaded, facts, torch_device)
         decision.timing["kernels_s"] = time.perf_counter() - t0

@@ -24,13 +24,22 @@ import gc
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from attnfallback.errors import InputError, UsageError
+from attnfallback.errors import InputError, UnknownNameError, UsageError
+from attnfallback.events import NULL_SINK
+from attnfallback.loader import load_model, plan_reasons
+from attnfallback.policy import DEFAULT_PREFER, Policy, parse_dtype, parse_impl
+from attnfallback.scoring.inputs import ROW_NUMBER_ID, iter_rows, open_input, resolve_spec
+from attnfallback.scoring.job import ScoreJob
+from attnfallback.scoring.pipeline import Chunk, Scorer, model_kwargs_for
+from attnfallback.scoring.tasks import AUTO_CLASSES
+from attnfallback.verify import first_line, switch_to
 
 log = logging.getLogger("attnfallback")
 
@@ -120,8 +129,6 @@ def read_texts(
     both sentences by default, and the scores kept as gold labels. `rows` keeps the first N rows.
     Rows with a null or empty text are skipped and counted.
     """
-    from attnfallback.scoring.inputs import ROW_NUMBER_ID, iter_rows, open_input, resolve_spec
-
     path = Path(path)
     if rows is not None and rows < 1:
         raise UsageError(f"--rows must be >= 1, found {rows}")
@@ -152,8 +159,6 @@ def read_texts(
 def score_job_for(model: str, task: str, columns: int, batch_tokens: int | None = None, revision: str | None = None,
                   trust_remote_code: bool = False):
     """The scorer's job description for `task` over `columns` text columns (non-finite rows flagged, not fatal)."""
-    from attnfallback.scoring.job import ScoreJob
-
     text_columns = [f"text{i}" for i in range(columns)] if columns > 1 else None
     return ScoreJob(model=model, task=task, text_columns=text_columns, batch_tokens=batch_tokens, on_nonfinite="flag",
                     revision=revision, trust_remote_code=trust_remote_code)
@@ -174,8 +179,6 @@ def outputs_for(loaded, inputs: list[tuple[str, ...]], job) -> np.ndarray:
     Runs the scorer's own task code (tokenization, length-sorted token-budget batches, pooling):
     embed -> the embedding; classify/pairs -> the logits; logprob -> the log-likelihood sum.
     """
-    from attnfallback.scoring.pipeline import Chunk, Scorer
-
     scorer = Scorer.from_job(job, loaded=loaded)
     result = scorer.run(scorer.prepare(Chunk(0, list(range(len(inputs))), list(inputs))))
     n = len(inputs)
@@ -422,18 +425,6 @@ class ParityReport:
         }
 
 
-class _NoEvents:
-    """A sink that drops events: parity's own loads are not a run's attention decisions."""
-
-    path = None
-
-    def emit(self, event: str, **fields) -> dict:
-        return {}
-
-
-NO_EVENTS = _NoEvents()
-
-
 def _free(loaded) -> None:
     import torch
 
@@ -442,33 +433,6 @@ def _free(loaded) -> None:
     gc.collect()
     if getattr(device, "type", "") == "cuda":
         torch.cuda.empty_cache()
-
-
-def switch_to(loaded, impl: str) -> tuple[str | None, list[str]]:
-    """Switch a loaded model in place to `impl` and verify it: (the name transformers runs, reasons it cannot)."""
-    from attnfallback import loader
-
-    try:
-        loaded.model.set_attn_implementation(impl)
-    except loader.RECOVERABLE as e:
-        return None, [f"load failed: {loader.first_line(e)}"]
-    reasons = loader.verify_forward(loaded.model, loaded.facts, loaded.device)
-    actual = getattr(loaded.model.config, "_attn_implementation", None) or impl
-    return actual, reasons
-
-
-def plan_reasons(model: str, impls: list[str], *, dtype: str, device: str, auto_class: str, revision: str | None = None,
-                 trust_remote_code: bool = False) -> tuple[dict[str, list[str]], str]:
-    """Reasons each implementation cannot run here (none for viable ones), and the resolved dtype."""
-    from attnfallback import planner
-    from attnfallback.caps import probe_device, probe_software
-    from attnfallback.model_facts import read_facts
-    from attnfallback.policy import Policy
-
-    facts = read_facts(model, revision=revision, auto_class=auto_class, trust_remote_code=trust_remote_code)
-    dev = probe_device(device)
-    the_plan = planner.plan(facts, dev, probe_software(), Policy.graceful(impls), dtype, enforce_strict=False)
-    return {c.impl: list(c.reasons) for c in the_plan.candidates}, the_plan.dtype
 
 
 def run_parity(
@@ -493,17 +457,7 @@ def run_parity(
     Every implementation runs the same batches: the scorer's token budget for the reference
     (`batch_tokens` overrides it).
     """
-    import time
-
-    from attnfallback.scoring.pipeline import _model_kwargs
-    from attnfallback.scoring.tasks import AUTO_CLASSES
-
-    from attnfallback.loader import load_model
-    from attnfallback.policy import DEFAULT_PREFER, Policy, parse_dtype, parse_impl
-
     if task not in TASKS:
-        from attnfallback.errors import UnknownNameError
-
         raise UnknownNameError("parity task", task, TASKS)
     reference = parse_impl(reference)
     impls = [parse_impl(i) for i in (impls or DEFAULT_PREFER)]
@@ -524,8 +478,8 @@ def run_parity(
 
     def load(in_dtype: str):
         return load_model(model, revision=revision, auto_class=auto_class, dtype=in_dtype, device=device,
-                          policy=Policy.strict([reference]), trust_remote_code=trust_remote_code, sink=NO_EVENTS,
-                          model_kwargs=_model_kwargs(task, job), allow_new_head=allow_new_head, task=task)
+                          policy=Policy.strict([reference]), trust_remote_code=trust_remote_code, sink=NULL_SINK,
+                          model_kwargs=model_kwargs_for(task, job), allow_new_head=allow_new_head, task=task)
 
     fp32_outputs = None
     if tolerance is None and dtype_name != "float32":
@@ -561,8 +515,6 @@ def run_parity(
         try:
             out = outputs_for(loaded, inputs, job)
         except RuntimeError as e:  # out of memory, a kernel refusing a shape
-            from attnfallback.loader import first_line
-
             report.unavailable[impl] = [f"forward over the rows failed: {first_line(e)}"]
             continue
         metrics = compare(out, ref_outputs, task, paired=paired, top_k=top_k)

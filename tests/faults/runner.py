@@ -92,6 +92,7 @@ def _install(injection: Injection) -> dict:
     import pyarrow.parquet as pq
 
     import attnfallback.loader as loader
+    import attnfallback.verify as verify
     from attnfallback.scoring import pipeline, tasks
 
     counts = {step: 0 for step in STEPS}
@@ -113,7 +114,7 @@ def _install(injection: Injection) -> dict:
         return wrapped
 
     loader.from_pretrained = after("load", loader.from_pretrained)
-    loader.verify_forward = after("verify", loader.verify_forward)
+    verify.verify_forward = after("verify", verify.verify_forward)
     tasks.TextEncoder.encode = after("tokenize", tasks.TextEncoder.encode)
     pipeline.Scorer._forward = after("forward", pipeline.Scorer._forward)
 

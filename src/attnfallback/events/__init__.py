@@ -10,12 +10,12 @@ The query side (DuckDB, pyarrow) is imported only when `open_log` is called.
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import TYPE_CHECKING, Any
 
+from attnfallback import envs
 from attnfallback.events.schema import EVENT_KINDS, SCHEMA, build_record, check_fields, validate
-from attnfallback.events.sink import EventSink, new_run_id, safe_name
+from attnfallback.events.sink import NULL_SINK, EventSink, NullSink, new_run_id, safe_name
 from attnfallback.policy import events_dir_from_env
 
 if TYPE_CHECKING:
@@ -25,6 +25,8 @@ __all__ = [
     "EVENT_KINDS",
     "SCHEMA",
     "EventSink",
+    "NULL_SINK",
+    "NullSink",
     "build_record",
     "emit_event",
     "get_default_sink",
@@ -36,8 +38,8 @@ __all__ = [
     "validate",
 ]
 
-ENV_RUN_ID = "ATTNFALLBACK_RUN_ID"
-ENV_SHARD = "ATTNFALLBACK_SHARD"
+ENV_RUN_ID = envs.RUN_ID
+ENV_SHARD = envs.SHARD
 
 _default_sink: EventSink | None = None
 _env_sinks: dict[tuple[str, str, str], EventSink] = {}
@@ -59,7 +61,7 @@ def get_default_sink() -> EventSink | None:
 def _process_run_id() -> str:
     """$ATTNFALLBACK_RUN_ID, else one run id generated once for this process."""
     global _env_run_id
-    run_id = os.environ.get(ENV_RUN_ID)
+    run_id = envs.value(ENV_RUN_ID)
     if run_id:
         return run_id
     with _lock:
@@ -75,7 +77,7 @@ def open_sink(directory=None, run_id: str | None = None, shard: str | None = Non
     directory = events_dir_from_env(directory)
     if directory is None:
         return None
-    return EventSink(directory, run_id=run_id or _process_run_id(), shard=shard or os.environ.get(ENV_SHARD) or "0/1")
+    return EventSink(directory, run_id=run_id or _process_run_id(), shard=shard or envs.value(ENV_SHARD, "0/1"))
 
 
 def _sink_from_env() -> EventSink | None:
@@ -84,7 +86,7 @@ def _sink_from_env() -> EventSink | None:
     if not directory:
         return None
     run_id = _process_run_id()
-    shard = os.environ.get(ENV_SHARD) or "0/1"
+    shard = envs.value(ENV_SHARD, "0/1")
     key = (directory, run_id, shard)
     with _lock:
         sink = _env_sinks.get(key)
@@ -104,7 +106,7 @@ def emit_event(event: str, *, sink: EventSink | None = None, **fields: Any) -> d
     check_fields(fields)
     target = sink or _default_sink or _sink_from_env()
     if target is None:
-        return build_record(event, _process_run_id(), os.environ.get(ENV_SHARD) or "0/1", **fields)
+        return build_record(event, _process_run_id(), envs.value(ENV_SHARD, "0/1"), **fields)
     return target.emit(event, **fields)
 
 

@@ -192,3 +192,19 @@ class EventSink:
                 os.close(fd)
             except OSError:
                 pass
+
+
+class NullSink:
+    """A sink that drops every event: for loads that are not a run's attention decisions (the
+    parity check's and the benchmark's own), passed where an EventSink is expected."""
+
+    path = None
+
+    def emit(self, event: str, **fields: Any) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+NULL_SINK = NullSink()

@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from attnfallback.batching import default_batch_tokens, eager_max_cells, ffn_width, length_order, plan_batches
 from attnfallback.errors import NonFiniteError, TokenizerMismatchError, UsageError, is_fatal_device_error
-from attnfallback.fastest import Measurement, shape_tag
 from attnfallback.kernel_variants import declared_shape, padded_boundaries, shape_mode
-from attnfallback.loader import RECOVERABLE, first_line, load_model, load_tokenizer
+from attnfallback.loader import load_model, load_tokenizer
+from attnfallback.measure import Measurement, shape_tag
 from attnfallback.model_facts import text_config
 from attnfallback.policy import Policy, parse_dtype
-from attnfallback.scoring.batching import default_batch_tokens, eager_max_cells, ffn_width, length_order, plan_batches
 from attnfallback.scoring.inputs import DEFAULT_ID_COLUMN, InputSpec, rows_of_table
 from attnfallback.scoring.limits import clip_max_length
 from attnfallback.scoring.tasks import (
@@ -52,6 +52,7 @@ from attnfallback.scoring.tasks import (
 from attnfallback.scoring.tokenizer_process import ChildDied, ProcessEncoder, check_tokenizer_process_mode, process_obstacle
 from attnfallback.sdpa_order import describe as sdpa_order_note
 from attnfallback.sdpa_order import sdpa_order
+from attnfallback.verify import RECOVERABLE, first_line
 
 log = logging.getLogger("attnfallback")
 
@@ -229,7 +230,7 @@ class Scorer:
             run_id=job.run_id,
             shard=job.shard,
             trust_remote_code=job.trust_remote_code,
-            model_kwargs=_model_kwargs(task_name, job, facts),
+            model_kwargs=model_kwargs_for(task_name, job, facts),
             sink=sink,
             allow_new_head=getattr(job, "allow_new_head", False),
             task=task_name,
@@ -884,7 +885,7 @@ def _budgets(job, loaded, impl: str) -> tuple[int, int | None]:
     return int(budget), eager_max_cells(impl, heads)
 
 
-def _model_kwargs(task: str, job, facts=None) -> dict:
+def model_kwargs_for(task: str, job, facts=None) -> dict:
     """A plain encoder checkpoint scored as pairs gets one label, as sentence-transformers' CrossEncoder
     gives it (set on the config by the loader; its classifier is new: refused unless allowed)."""
     if task != "pairs":
