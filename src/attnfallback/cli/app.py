@@ -12,6 +12,7 @@ import sys
 
 import typer
 
+from attnfallback import envs
 from attnfallback.bytecode import use_bytecode_cache
 from attnfallback.errors import AttnFallbackError, Interrupted, is_fatal_device_error
 
@@ -55,7 +56,7 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def _setup_logging() -> None:
-    level = os.environ.get("ATTNFALLBACK_LOG", "WARNING").upper()
+    level = envs.value(envs.LOG, "WARNING").upper()
     logger = logging.getLogger("attnfallback")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         handler = _StderrHandler()
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the last line of defence, turned into exit 1
         if is_fatal_device_error(e):
             return _fatal_device_exit(e, argv)
-        if os.environ.get("ATTNFALLBACK_DEBUG"):
+        if envs.value(envs.DEBUG):
             raise
         typer.echo(f"error: unexpected {type(e).__name__}: {e} (set ATTNFALLBACK_DEBUG=1 for the traceback)", err=True)
         return _exit(1, argv)

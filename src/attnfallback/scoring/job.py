@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from attnfallback import envs
 from attnfallback.errors import InputError, Interrupted, OutputError, OutputExistsError, UsageError, is_fatal_device_error
 from attnfallback.policy import Mode, Policy, parse_measure
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec, row_error
@@ -364,7 +365,7 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
     task = _validate_job(job)
     shard = parse_shard(job.shard)
     shard_text = str(shard)
-    run_id = job.run_id or os.environ.get("ATTNFALLBACK_RUN_ID") or new_run_id()
+    run_id = job.run_id or envs.value(envs.RUN_ID) or new_run_id()
     source = open_input(job.input)
     spec = resolve_spec(source, 2 if task == "pairs" else 1, job.text_column, job.text_columns, job.id_column)
     checking = None

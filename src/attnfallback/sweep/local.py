@@ -24,6 +24,7 @@ from importlib.util import find_spec
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from attnfallback import envs
 from attnfallback.errors import Interrupted
 from attnfallback.sweep.config import SweepConfig, SweepJob
 from attnfallback.sweep.state import SweepState, claim_output, merge_outputs
@@ -31,8 +32,6 @@ from attnfallback.sweep.state import SweepState, claim_output, merge_outputs
 log = logging.getLogger("attnfallback")
 
 # Environment a job must not inherit from the sweep's own shell: the job gets its own.
-_JOB_ENV = ("ATTNFALLBACK_RUN_ID", "ATTNFALLBACK_SHARD", "ATTNFALLBACK_EVENTS", "ATTNFALLBACK_POLICY",
-            "ATTNFALLBACK_PREFER")
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 STOP_WAIT_S = 30  # after a Ctrl-C: how long the jobs get to commit what they hold and say so
 
@@ -155,15 +154,15 @@ def job_env(worker: Worker, job: SweepJob, base: dict | None = None) -> dict:
     from attnfallback.sweep.config import WORKER_ENV
 
     env = dict(os.environ if base is None else base)
-    for name in _JOB_ENV:
+    for name in envs.PER_JOB:
         env.pop(name, None)
     env["CUDA_VISIBLE_DEVICES"] = worker.visible
     env.update(WORKER_ENV)  # NVLink multicast off, whatever the parent has
     if worker.threads is not None:
         for name in _THREAD_ENV:
             env[name] = str(worker.threads)
-    env["ATTNFALLBACK_RUN_ID"] = job.run_id
-    env["ATTNFALLBACK_SHARD"] = str(job.shard)
+    env[envs.RUN_ID] = job.run_id
+    env[envs.SHARD] = str(job.shard)
     if worker.tokenizer_threads is not None:
         env.setdefault("TOKENIZERS_PARALLELISM", "true")
         env.setdefault("RAYON_NUM_THREADS", str(worker.tokenizer_threads))
