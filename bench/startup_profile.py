@@ -14,6 +14,9 @@ Steps (each --repeats times, in turn, after one untimed `import torch` so the pa
 - `model-class-pycache-prefix`, `sentence-transformers-pycache-prefix`: the imports twice with
   $PYTHONPYCACHEPREFIX in the work directory (bytecode written on the first, read on the second),
   beside `bytecode`: whether the packages ship compiled bytecode at all.
+With --later-shard, only `score` as a later shard runs: one untimed shard fills a cache, then
+`ours` --repeats times, the import log and the profile, all on that cache (bytecode, kernels and
+measured choices as a machine's second shard finds them).
 Prints a table; writes JSON.
 """
 
@@ -102,6 +105,7 @@ def main() -> None:
     p.add_argument("--extra", default="", help="more `score` options, one string")
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default="bench/results/startup.json")
+    p.add_argument("--later-shard", action="store_true", help="only score, on a cache one untimed shard filled")
     args = p.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="startup-"))
     out = Path(args.out)
@@ -126,10 +130,20 @@ def main() -> None:
     steps["ours"] = score_cmd(ours, "ours")
     steps["ours-no-warm-thread"] = score_cmd([sys.executable, "-c", NO_WARM_THREAD], "ours-nw")
     timed([sys.executable, "-c", "import torch, transformers"], env)  # the page cache, warm for every step alike
+    if args.later_shard:
+        env = dict(env, ATTNFALLBACK_CACHE=str(workdir / "cache-later"))
+        wall, proc = timed([sys.executable, "-X", "importtime", *score_cmd(ours, "fill")[1:]], env)
+        (out.parent / f"{out.stem}-first-importtime.log").write_text(proc.stderr)
+        first = {"wall_s": round(wall, 3), "exit": proc.returncode, "phases": (json_tail(proc.stdout) or {}).get("phases"),
+                 "top_imports": top_imports(proc.stderr)}
+        print(f"first shard (fills the cache, under -X importtime): {wall:6.2f} s  exit {proc.returncode}", file=sys.stderr)
+        steps = {"ours": steps["ours"]}
     report = {"model": args.model, "rows": args.rows, "device": args.device, "bytecode": bytecode_facts(env), "steps": {}}
+    if args.later_shard:
+        report["first_shard"] = first
     # compiled bytecode kept where the interpreter may write it (sys.pycache_prefix): the same imports, twice
     prefix = workdir / "pycache"
-    for name in ("model-class", "sentence-transformers"):
+    for name in () if args.later_shard else ("model-class", "sentence-transformers"):
         for r in range(2):
             prefixed = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
             wall, proc = timed(steps[name], dict(prefixed, PYTHONPYCACHEPREFIX=str(prefix)))
@@ -139,8 +153,8 @@ def main() -> None:
         for name, cmd in steps.items():
             for f in workdir.glob("out-*.parquet"):
                 f.unlink()
-            cache = workdir / f"cache-{name}-{r}"
-            wall, proc = timed(cmd, dict(env, ATTNFALLBACK_CACHE=str(cache)))
+            cache = env["ATTNFALLBACK_CACHE"] if args.later_shard else str(workdir / f"cache-{name}-{r}")
+            wall, proc = timed(cmd, dict(env, ATTNFALLBACK_CACHE=cache))
             entry = report["steps"].setdefault(name, {"wall_s": [], "exit": []})
             entry["wall_s"].append(round(wall, 3))
             entry["exit"].append(proc.returncode)
