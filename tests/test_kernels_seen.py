@@ -109,3 +109,43 @@ def test_kernels_are_traced_only_when_the_ops_name_no_attention(monkeypatch, op_
     monkeypatch.setattr(ks, "traced_names", fake_trace)
     assert attention_kernels(None, None, types.SimpleNamespace(type="cuda"), forward=lambda: None) == expected
     assert seen == calls
+
+
+def test_a_later_shard_reads_the_kernels_an_earlier_one_traced(tiny_bert, tmp_path, caplog):
+    import json
+
+    from attnfallback.events import NULL_SINK
+    from attnfallback.loader import kernels_traced_or_cached, load_model
+    from attnfallback.policy import Policy
+
+    decision = load_model(str(tiny_bert), policy=Policy.graceful(["sdpa"]), sink=NULL_SINK).decision
+    traces = []
+
+    def trace():
+        traces.append(1)
+        return ["sdpa:flash"]
+
+    assert kernels_traced_or_cached(decision, trace, tmp_path) == (["sdpa:flash"], "traced")
+    assert kernels_traced_or_cached(decision, trace, tmp_path) == (["sdpa:flash"], "cache") and len(traces) == 1
+    decision.dtype = "bfloat16"  # another key: traced again, beside the first entry
+    assert kernels_traced_or_cached(decision, trace, tmp_path) == (["sdpa:flash"], "traced")
+    assert len(traces) == 2 and len(list(tmp_path.glob("kernels-*.json"))) == 2
+    for path in tmp_path.glob("kernels-*.json"):
+        path.write_text("{not json")  # a torn or foreign file: ignored with a warning, traced again
+    assert kernels_traced_or_cached(decision, trace, tmp_path) == (["sdpa:flash"], "traced") and len(traces) == 3
+    assert "ignoring unreadable file" in caplog.text
+    assert kernels_traced_or_cached(decision, lambda: None, tmp_path / "none")[0] is None  # a failed trace is not kept
+    assert not (tmp_path / "none").exists() or not list((tmp_path / "none").glob("kernels-*.json"))
+    entry = json.loads(next(tmp_path.glob("kernels-*.json")).read_text())
+    assert entry["labels"] == ["sdpa:flash"] and entry["key"]["used"] == "sdpa"
+
+
+def test_the_event_says_where_the_kernels_came_from(tiny_bert):
+    from attnfallback.events import NULL_SINK
+    from attnfallback.loader import load_model
+    from attnfallback.policy import Policy
+
+    decision = load_model(str(tiny_bert), policy=Policy.graceful(["sdpa"]), sink=NULL_SINK).decision
+    assert "kernels" not in decision.to_dict() and "kernels_source" not in decision.to_dict()  # off CUDA: no trace
+    decision.kernels, decision.kernels_source = ["sdpa:flash"], "cache"
+    assert decision.to_dict()["kernels"] == ["sdpa:flash"] and decision.to_dict()["kernels_source"] == "cache"

@@ -45,10 +45,16 @@ from attnfallback import envs
 PROBE_PACKAGE = "torch"  # the largest import every scoring process makes
 
 # The packages a scoring process imports (with the standard library), filled into the prefix ahead.
+# From pandas on: those transformers imports where they are installed (its availability checks),
+# read off a shard's import log on the lent GPU's image (bench/NOTES.md, session 11: 3.3 s of a first
+# shard's imports, 0.8 s of a later one's). One not installed is passed over.
 PRECOMPILE_PACKAGES = ("torch", "transformers", "sympy", "scipy", "numpy", "mpmath", "huggingface_hub", "tokenizers",
                        "safetensors", "pyarrow", "pydantic", "typer", "click", "rich", "jinja2", "markupsafe", "yaml",
                        "filelock", "fsspec", "tqdm", "packaging", "regex", "networkx", "httpx", "httpcore", "anyio",
-                       "h11", "idna", "certifi", "charset_normalizer", "PIL", "attnfallback")
+                       "h11", "idna", "certifi", "charset_normalizer", "PIL", "attnfallback",
+                       "pandas", "sklearn", "torchvision", "torchaudio", "triton", "accelerate", "narwhals", "torchgen",
+                       "opt_einsum", "joblib", "pygments", "dateutil", "pytz", "psutil", "sentencepiece",
+                       "tabulate", "colorama", "cloudpickle", "threadpoolctl")
 # Never imported by a shard (matched below each root's parent): tests, the standard library's
 # site-packages, and transformers' model families but `auto` (a shard loads one
 # family, whose few files compile on import).

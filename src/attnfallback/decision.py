@@ -40,6 +40,7 @@ class Decision:
     versions: dict
     timing: dict = field(default_factory=dict)
     kernels: list[str] | None = None
+    kernels_source: str | None = None  # "traced" in this process, or "cache": traced by an earlier one (loader.py)
     measured: dict | None = None  # a measured choice: tokens/s per implementation, skipped, why (fastest.py)
 
     @property
@@ -100,6 +101,8 @@ class Decision:
         }
         if self.kernels is not None:
             d["kernels"] = list(self.kernels)
+            if self.kernels_source is not None:
+                d["kernels_source"] = self.kernels_source
         if self.measured is not None:
             d["measured"] = self.measured
         return d

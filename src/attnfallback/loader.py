@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from attnfallback import envs, fastest, impls, planner, verify
@@ -29,6 +30,7 @@ from attnfallback.heads import check_loaded
 from attnfallback.kernels_seen import attention_kernels
 from attnfallback.model_facts import ModelFacts, ModelRef, read_facts, resolve_ref
 from attnfallback.policy import Mode, Policy, as_policy
+from attnfallback.sdpa_order import describe as sdpa_order_note
 from attnfallback.verify import RECOVERABLE, first_line, torch_dtype
 from attnfallback.version import __version__
 
@@ -135,6 +137,42 @@ def enable_flash_kernel_cache(env=None) -> str | None:
     env["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] = "1"
     env.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", directory)
     return env["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"]
+
+
+KERNELS_SCHEMA = "attnfallback.kernels/1"
+
+
+def kernels_key(decision: Decision) -> dict:
+    """What the verification forward's kernels depend on: the same key traces the same kernels."""
+    device = decision.device
+    return {
+        "schema": KERNELS_SCHEMA,
+        "gpu_class": device.gpu_class or device.name or device.kind,
+        "cc": device.cc_text,
+        "model": decision.facts.identity,
+        "model_class": decision.facts.model_class,
+        "dtype": decision.dtype,
+        "used": decision.used,
+        "versions": dict(sorted(decision.versions.items())),
+        "sdpa_order": sdpa_order_note(),
+    }
+
+
+def kernels_traced_or_cached(decision: Decision, trace, directory=None) -> tuple[list[str] | None, str]:
+    """The attention kernels of the verification forward: (labels, "cache") when an earlier process
+    traced them under the same key in the cache directory, else (trace(), "traced"), kept there for
+    the next shard. A profiler trace costs a shard tenths of a second (bench/NOTES.md, session 11)."""
+    directory = fastest.cache_directory(directory)
+    key = kernels_key(decision)
+    path = directory / f"kernels-{fastest.key_digest(key)}.json"
+    entry = fastest.read_entry(path, key, KERNELS_SCHEMA)
+    if entry is not None and isinstance(entry.get("labels"), list):
+        return [str(label) for label in entry["labels"]], "cache"
+    labels = trace()
+    if labels is not None:
+        fastest.write_atomically(path, {"schema": KERNELS_SCHEMA, "key": key, "labels": labels,
+                                        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    return labels, "traced"
 
 
 def _resolve_device(device: str, device_caps: DeviceCaps | None) -> DeviceCaps:
@@ -338,7 +376,8 @@ def load_model(
         decision.timing["measure_s"] = time.perf_counter() - t0
     if torch_device.type == "cuda" and policy.verify:
         t0 = time.perf_counter()
-        decision.kernels = attention_kernels(loaded, facts, torch_device)
+        decision.kernels, decision.kernels_source = kernels_traced_or_cached(
+            decision, lambda: attention_kernels(loaded, facts, torch_device))
         decision.timing["kernels_s"] = time.perf_counter() - t0
 
     if decision.fell_back:
