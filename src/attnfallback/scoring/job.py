@@ -24,8 +24,9 @@ from pathlib import Path
 from attnfallback.errors import InputError, Interrupted, OutputError, OutputExistsError, UsageError, is_fatal_device_error
 from attnfallback.policy import Mode, Policy, parse_measure
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec, row_error
-from attnfallback.scoring.tasks import TEXT_COLUMNS, check_packing_mode, parse_task
+from attnfallback.scoring.tasks import check_packing_mode, parse_task
 from attnfallback.scoring.tokenizer_process import check_tokenizer_process_mode
+from attnfallback.task_names import TEXT_COLUMNS, default_text_columns
 
 log = logging.getLogger("attnfallback")
 
@@ -366,7 +367,7 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
     shard_text = str(shard)
     run_id = job.run_id or os.environ.get("ATTNFALLBACK_RUN_ID") or new_run_id()
     source = open_input(job.input)
-    spec = resolve_spec(source, 2 if task == "pairs" else 1, job.text_column, job.text_columns, job.id_column)
+    spec = resolve_spec(source, default_text_columns(task), job.text_column, job.text_columns, job.id_column)
     checking = None
     if job.on_bad_row == "error":  # every row checked while the model loads; joined before any scoring
         checking = _start_in_background(validate_input, source, spec)

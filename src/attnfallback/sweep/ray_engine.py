@@ -353,6 +353,7 @@ def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
     from attnfallback.scoring.inputs import open_input, resolve_spec
     from attnfallback.scoring.job import ScoreResult, _validate_job, validate_input
     from attnfallback.sweep.config import WORKER_ENV
+    from attnfallback.task_names import default_text_columns
 
     if job.shard is not None:
         raise UsageError("--shard with the Ray engine: Ray spreads the rows over its actors (each a shard in the "
@@ -360,7 +361,7 @@ def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
     actors = parse_actors(actors)
     task = _validate_job(job)
     source = open_input(job.input)
-    spec = resolve_spec(source, 2 if task == "pairs" else 1, job.text_column, job.text_columns, job.id_column)
+    spec = resolve_spec(source, default_text_columns(task), job.text_column, job.text_columns, job.id_column)
     if job.on_bad_row == "error":
         # as the local engine does: the first bad row (a duplicate id across the actors' batches
         # too) is an error naming its file and line, before any actor starts
