@@ -5,9 +5,9 @@ For an output `dir/out.parquet` the run keeps, next to it:
     dir/.out.parquet.lock          flock held for the whole run: a second run is refused
     dir/.out.parquet.parts/        part-00000.parquet ... and manifest.json (the committed parts)
 
-A part is written under a temporary name, fsynced and renamed; then the manifest (the only source
-of truth for what is committed) is rewritten the same way. Each part is also appended, as a row
-group, to `dir/.out.parquet.tmp-<pid>` while the run goes (a resumed run first copies the parts it
+A part is written under a temporary name, fsynced and renamed (atomic.py); then the manifest (the
+only source of truth for what is committed) is rewritten the same way. Each part is also appended,
+as a row group, to `dir/.out.parquet.tmp-<pid>-<thread>` while the run goes (a resumed run first copies the parts it
 keeps), so the end of a run is closing that file (the run's summary goes into its key-value
 metadata, `pq.ParquetFile(out).metadata.metadata[b"attnfallback"]`), an fsync and a rename to
 `dir/out.parquet`; then the parts directory goes. A reader never sees a half-written
@@ -27,37 +27,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attnfallback import atomic
 from attnfallback.errors import OutputError, OutputExistsError, OutputRefused
 
 MANIFEST_FORMAT = "attnfallback.parts/1"
 METADATA_KEY = b"attnfallback"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -193,7 +167,7 @@ class PartStore:
         self.lock = OutputLock(self.parent / f".{self.output.name}.lock")
         self.manifest: dict | None = None
         self.parts: list[PartInfo] = []
-        self.final_tmp = self.parent / f".{self.output.name}.tmp-{os.getpid()}"
+        self.final_tmp = atomic.temp_path(self.output)
         self._final = None  # the ParquetWriter of final_tmp, open between start and finish
         self._final_file = None
         self._schema = None
@@ -301,7 +275,7 @@ class PartStore:
     def _write_manifest(self) -> None:
         assert self.manifest is not None
         self.manifest["parts"] = [p.to_dict() for p in self.parts]
-        _write_bytes_atomic(self.work / "manifest.json", json.dumps(self.manifest, indent=1).encode())
+        atomic.write_json(self.work / "manifest.json", self.manifest, indent=1)
 
     # -- parts ------------------------------------------------------------------------------
 
@@ -315,18 +289,12 @@ class PartStore:
         if info.index != len(self.parts):
             raise OutputError(f"part {info.index} committed out of order (expected {len(self.parts)})", path=str(self.work))
         path = self.work / info.file
-        tmp = self.work / f".{info.file}.tmp-{os.getpid()}"
         try:
-            with open(tmp, "wb") as fh:
+            with atomic.writing(path) as fh:
                 pq.write_table(table, fh, **self._options)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(self.work)
             self.parts.append(info)
             self._write_manifest()
         except OSError as e:
-            _unlink_quietly(tmp)
             if self.parts and self.parts[-1] is info:
                 self.parts.pop()
             raise OutputError(f"cannot write part {info.index} of {self.output} in {self.work}: {_describe_os_error(e)}",
@@ -349,12 +317,9 @@ class PartStore:
             self._final.add_key_value_metadata({METADATA_KEY: json.dumps(metadata, default=str).encode()})
             self._final.close()
             self._final = None
-            self._final_file.flush()
-            os.fsync(self._final_file.fileno())
             self._final_file.close()
             self._final_file = None
-            os.replace(self.final_tmp, self.output)
-            _fsync_dir(self.parent)
+            atomic.replace_into(self.final_tmp, self.output)
         except OSError as e:
             self._abandon_final()
             raise OutputError(f"cannot write {self.output}: {_describe_os_error(e)}", path=str(self.output)) from e

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from importlib.util import find_spec
 from pathlib import Path
 
+from attnfallback import atomic
 from attnfallback.errors import AttnFallbackError, OutputError, OutputExistsError, UsageError
 
 log = logging.getLogger("attnfallback")
@@ -501,9 +502,8 @@ def _merge_ray_parts(parts: Path, output: Path, run_id: str) -> dict:
     table = table.replace_schema_metadata({b"attnfallback.ray": json.dumps({"run_id": run_id, "engine": "ray"}).encode()})
     nonfinite = int(pc.sum(table.column("nonfinite")).as_py() or 0) if "nonfinite" in table.column_names else 0
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, output)
+    with atomic.writing(output) as fh:
+        pq.write_table(table, fh)
     return {"path": str(output), "rows": table.num_rows, "nonfinite": nonfinite}
 
 
