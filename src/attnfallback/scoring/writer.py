@@ -31,7 +31,10 @@ from attnfallback import atomic
 from attnfallback.errors import OutputError, OutputExistsError, OutputRefused
 
 MANIFEST_FORMAT = "attnfallback.parts/1"
+# Every engine's completed output carries its run's summary under this key (output_metadata);
+# check_complete decides, from it, whether a later run may keep the file.
 METADATA_KEY = b"attnfallback"
+OUTPUT_FORMAT = "attnfallback.output/1"
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -309,12 +312,12 @@ class PartStore:
     # -- finishing --------------------------------------------------------------------------
 
     def finish(self, metadata: dict) -> None:
-        """Close the final file with the run's summary in its metadata, rename it into place, and
-        remove the parts."""
+        """Close the final file with the run's summary (`output_metadata`) in its metadata, rename
+        it into place, and remove the parts."""
         if self._final is None:
             raise OutputError(f"{self.output}: finish without start", path=str(self.output))
         try:
-            self._final.add_key_value_metadata({METADATA_KEY: json.dumps(metadata, default=str).encode()})
+            self._final.add_key_value_metadata(encode_metadata(metadata))
             self._final.close()
             self._final = None
             self._final_file.close()
@@ -361,3 +364,41 @@ def read_output_metadata(path: str | os.PathLike) -> dict | None:
         return json.loads(raw)
     except ValueError:
         return None
+
+
+def output_metadata(run_id: str, fingerprint: dict, result: dict, skipped_rows: list[int]) -> dict:
+    """The summary a completed output carries, whichever engine wrote it: the run, the job's
+    fingerprint (what must match for --resume to keep the file), the result, and every skipped
+    row's number (a sweep merges by them)."""
+    return {"format": OUTPUT_FORMAT, "run_id": run_id, "fingerprint": fingerprint, "result": result,
+            "skipped_rows": skipped_rows}
+
+
+def encode_metadata(metadata: dict) -> dict[bytes, bytes]:
+    """`metadata` as the Parquet key-value metadata of an output (read back by read_output_metadata)."""
+    return {METADATA_KEY: json.dumps(metadata, default=str).encode()}
+
+
+def fingerprint_differences(old: dict, new: dict) -> str:
+    """The keys on which two fingerprints differ, each with both values; empty when they match."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys)
+
+
+def check_complete(output: str | os.PathLike, metadata: dict | None, fingerprint: dict, resume: bool) -> dict:
+    """The summary of the completed output at `output` when this job may keep it: `resume` and
+    the same fingerprint. Otherwise an OutputExistsError: a file without a summary (attnfallback
+    did not write it), a completed run without --resume, or another job's output.
+
+    `metadata`: `read_output_metadata(output)` of the file that is there."""
+    if metadata is None:
+        raise OutputExistsError(f"output {output} exists and was not written by attnfallback; remove it or choose another output",
+                                path=str(output))
+    if not resume:
+        raise OutputExistsError(f"output {output} exists from a completed run ({metadata.get('run_id')}); pass --resume to keep it, "
+                                "or remove it to score again", path=str(output))
+    diff = fingerprint_differences(metadata.get("fingerprint", {}), fingerprint)
+    if diff:
+        raise OutputExistsError(f"output {output} exists from a different job ({diff}); remove it or choose another output",
+                                path=str(output))
+    return metadata
