@@ -7,9 +7,10 @@ For an output `dir/out.parquet` the run keeps, next to it:
 
 A part is written under a temporary name, fsynced and renamed (atomic.py); then the manifest (the
 only source of truth for what is committed) is rewritten the same way. Each part is also appended,
-as a row group, to `dir/.out.parquet.tmp-<pid>-<thread>` while the run goes (a resumed run first copies the parts it
-keeps), so the end of a run is closing that file (the run's summary goes into its key-value
-metadata, `pq.ParquetFile(out).metadata.metadata[b"attnfallback"]`), an fsync and a rename to
+as a row group, to `dir/.out.parquet.tmp-<pid>-<thread>` while the run goes (a resumed run first
+copies the parts it keeps), so the end of a run is closing that file (the run's summary,
+`output_metadata`, goes into its key-value metadata, `pq.ParquetFile(out).metadata.metadata[b"attnfallback"]`),
+an fsync and a rename to
 `dir/out.parquet`; then the parts directory goes. A reader never sees a half-written
 `out.parquet`; a killed run leaves only hidden files, which `--resume` picks up.
 
