@@ -22,7 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from attnfallback.events.synthetic import FleetGroup, write_fleet
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from synthetic_fleet import FleetGroup, write_fleet  # noqa: E402
 
 TARGET_S = 2.0
 

@@ -1,10 +1,17 @@
-"""A synthetic fleet of known composition, shared by the events tests."""
+"""A synthetic fleet of known composition, shared by the events tests; the fleet writer itself
+(bench/synthetic_fleet.py) is the events benchmark's too, kept out of the library."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from attnfallback.events.synthetic import FleetGroup, plan_reason, write_fleet
+BENCH = str(Path(__file__).resolve().parents[1] / "bench")
+sys.path.insert(0, BENCH)
+try:
+    from synthetic_fleet import FleetGroup, decision_fields, plan_reason, write_fleet  # noqa: F401 - for the events tests
+finally:
+    sys.path.remove(BENCH)
 
 T4_REASON = plan_reason("T4", "flash_attention_2")
 

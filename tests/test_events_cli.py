@@ -8,10 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from events_helpers import KNOWN_MIX, T4_REASON, expected_by_class, write_known_fleet
+from events_helpers import KNOWN_MIX, T4_REASON, FleetGroup, expected_by_class, write_fleet, write_known_fleet
 
 from attnfallback.cli.app import main
-from attnfallback.events.synthetic import FleetGroup, write_fleet
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,11 @@ import logging
 from pathlib import Path
 
 import pytest
-from events_helpers import KNOWN_MIX, T4_REASON, expected_by_class, write_known_fleet
+from events_helpers import KNOWN_MIX, T4_REASON, FleetGroup, decision_fields, expected_by_class, write_fleet, write_known_fleet
 
 from attnfallback.errors import InputError, UsageError
 from attnfallback.events import EventSink, open_log
 from attnfallback.events.query import check_read_only
-from attnfallback.events.synthetic import FleetGroup, write_fleet
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +160,6 @@ def test_newer_schema_is_read_for_known_fields_with_a_warning(tmp_path, caplog):
     sink.emit("shard_start")
     line = json.loads(sink.path.read_text())
     sink.path.write_text("")
-    from attnfallback.events.synthetic import decision_fields
-
     _, fields = decision_fields(FleetGroup("T4", 1, used="eager"))
     line.update(fields, event="attn_impl", schema="attnfallback.event/2", new_field={"x": 1})
     sink.path.write_text(json.dumps(line) + "\n")

@@ -14,12 +14,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from events_helpers import FleetGroup, decision_fields
 
 import attnfallback.events as events
 from attnfallback.errors import InputError, UsageError
 from attnfallback.events import EventSink, build_record, emit_event, open_log, safe_name, validate
 from attnfallback.events.schema import SCHEMA
-from attnfallback.events.synthetic import FleetGroup, decision_fields
 
 
 def files_under(root: Path) -> set[Path]:

@@ -172,3 +172,45 @@ def test_duplicate_default_ids_are_refused_before_ray_starts(tmp_path):
     with pytest.raises(InputError, match=r"in\.jsonl:4: duplicate id 0 in column 'id' \(first on line 1\)") as err:
         run_score_ray(ScoreJob(input=str(path), output=str(tmp_path / "o.parquet")), actors=2)
     assert err.value.exit_code == 2 and not (tmp_path / "o.parquet").exists()
+
+
+def test_ray_resume_refuses_a_parquet_file_it_did_not_write(tiny_bert, tmp_path):
+    import pyarrow as pa
+
+    from attnfallback.errors import OutputExistsError
+    from attnfallback.scoring import ScoreJob
+    from attnfallback.sweep.ray_engine import run_score_ray
+
+    texts = write_texts(tmp_path / "texts.jsonl", rows=4)
+    out = tmp_path / "o.parquet"
+    pq.write_table(pa.table({"id": [0], "embedding": [[0.0]]}), out)  # a plain Parquet file: no run summary
+    job = ScoreJob(model=str(tiny_bert), input=str(texts), output=str(out), id_column="key", resume=True, device="cpu")
+    with pytest.raises(OutputExistsError, match="not written by attnfallback"):
+        run_score_ray(job, actors=2)
+    assert pq.read_table(out).num_rows == 1  # left as it was
+
+
+def test_ray_output_carries_the_run_summary_and_resume_keeps_only_the_same_job(ray_local, tiny_bert, tmp_path):
+    from dataclasses import replace
+
+    from attnfallback.errors import OutputExistsError
+    from attnfallback.scoring import ScoreJob
+    from attnfallback.scoring.writer import read_output_metadata
+    from attnfallback.sweep.ray_engine import run_score_ray
+
+    texts = write_texts(tmp_path / "texts.jsonl", rows=12, empty_at=3)
+    out = tmp_path / "ray.parquet"
+    job = ScoreJob(model=str(tiny_bert), input=str(texts), output=str(out), id_column="key", text_column="text",
+                   on_bad_row="skip", device="cpu", quiet=True, run_id="ray-resume")
+    first = run_score_ray(job, actors=2, actor_cpus=0.5)
+    meta = read_output_metadata(out)
+    assert meta["run_id"] == "ray-resume" and meta["skipped_rows"] == [3]
+    assert meta["fingerprint"]["shard"] == "ray" and meta["result"]["rows_written"] == first.rows_written == 11
+    assert not list(tmp_path.glob(".ray.parquet.tmp-*"))
+
+    with pytest.raises(OutputExistsError, match="pass --resume"):
+        run_score_ray(job, actors=2)
+    again = run_score_ray(replace(job, resume=True), actors=2)
+    assert again.already_complete and (again.rows_in, again.rows_written, again.rows_skipped) == (12, 11, 1)
+    with pytest.raises(OutputExistsError, match="different job \\(max_length"):
+        run_score_ray(replace(job, resume=True, max_length=16), actors=2)

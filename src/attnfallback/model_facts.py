@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from attnfallback import envs
+from attnfallback import atomic, envs
 from attnfallback.errors import ModelNotFoundError, RemoteCodeError, UnknownNameError
 
 DEFAULT_MODEL = "default"
@@ -279,9 +279,7 @@ def _stored_full_digest(directory: str, files) -> str:
     identity = full_digest(directory, files)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "identity": identity}), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic.write_text(path, json.dumps({"key": key, "identity": identity}))
     except OSError:
         pass  # a cache that cannot be written only costs the next process the same hash
     return identity

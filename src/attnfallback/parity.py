@@ -43,7 +43,7 @@ from attnfallback.verify import first_line, switch_to
 
 log = logging.getLogger("attnfallback")
 
-TASKS = ("embed", "classify", "pairs", "logprob")
+from attnfallback.task_names import TASKS, default_text_columns  # noqa: E402
 TOLERANCE_FLOOR = {"float32": 1e-5, "float16": 5e-4, "bfloat16": 4e-3}
 DEFAULT_TOP_K = 10
 QUERY_ROWS = 8  # embeddings of unpaired texts: rank every row by similarity to each of these
@@ -136,7 +136,7 @@ def read_texts(
     if path.is_file() and _looks_like_stsb(path) and (wanted is None or set(wanted) <= set(STSB_COLUMNS[:2])):
         return _read_stsb(path, wanted or list(STSB_COLUMNS[:2]), rows)
     source = open_input(path)
-    spec = resolve_spec(source, 2 if task == "pairs" else 1, None, wanted, ROW_NUMBER_ID)  # ids play no part here
+    spec = resolve_spec(source, default_text_columns(task), None, wanted, ROW_NUMBER_ID)  # ids play no part here
     columns: list[list[str]] = [[] for _ in spec.text_columns]
     skipped = 0
     for row in iter_rows(source, spec):

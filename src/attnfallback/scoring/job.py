@@ -25,8 +25,10 @@ from attnfallback import envs
 from attnfallback.errors import InputError, Interrupted, OutputError, OutputExistsError, UsageError, is_fatal_device_error
 from attnfallback.policy import Mode, Policy, parse_measure
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec, row_error
-from attnfallback.scoring.tasks import TEXT_COLUMNS, check_packing_mode, parse_task
+from attnfallback.scoring.tasks import check_packing_mode, parse_task
 from attnfallback.scoring.tokenizer_process import check_tokenizer_process_mode
+from attnfallback.scoring.writer import PartInfo, PartStore, check_complete, fingerprint_differences, output_metadata
+from attnfallback.task_names import TEXT_COLUMNS, default_text_columns
 
 log = logging.getLogger("attnfallback")
 
@@ -146,7 +148,7 @@ def _validate_job(job: ScoreJob) -> str:
     return task
 
 
-def _fingerprint(job: ScoreJob, task: str, source: InputSource, spec: InputSpec, shard: str, identity: str) -> dict:
+def job_fingerprint(job: ScoreJob, task: str, source: InputSource, spec: InputSpec, shard: str, identity: str) -> dict:
     """What must match for --resume to continue a previous run's parts."""
     size, mtime_ns = source.size_and_mtime()
     return {
@@ -167,11 +169,6 @@ def _fingerprint(job: ScoreJob, task: str, source: InputSource, spec: InputSpec,
         "on_bad_row": job.on_bad_row,
         "on_nonfinite": job.on_nonfinite,
     }
-
-
-def _differences(old: dict, new: dict) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys)
 
 
 def _bad_row(counts: _Counts, row: InputRow) -> None:
@@ -358,7 +355,6 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
     from attnfallback.events import new_run_id
     from attnfallback.model_facts import read_facts
     from attnfallback.scoring.tasks import AUTO_CLASSES
-    from attnfallback.scoring.writer import PartStore
     from attnfallback.sharding import parse_shard
 
     t_start = time.perf_counter()
@@ -370,7 +366,7 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
     shard_text = str(shard)
     run_id = job.run_id or envs.value(envs.RUN_ID) or new_run_id()
     source = open_input(job.input)
-    spec = resolve_spec(source, 2 if task == "pairs" else 1, job.text_column, job.text_columns, job.id_column)
+    spec = resolve_spec(source, default_text_columns(task), job.text_column, job.text_columns, job.id_column)
     checking = None
     if job.on_bad_row == "error":  # every row checked while the model loads; joined before any scoring
         checking = _start_in_background(validate_input, source, spec)
@@ -383,7 +379,7 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
         phases.mark("facts_s")
         if checking is not None and checking.done():
             source.num_rows = checking.result()  # a bad row fails now, before the model loads
-        fingerprint = _fingerprint(job, task, source, spec, shard_text, facts.identity)
+        fingerprint = job_fingerprint(job, task, source, spec, shard_text, facts.identity)
         resume_parts = _check_existing(store, existing, job, fingerprint)
         if isinstance(resume_parts, ScoreResult):
             # complete already (a run killed between the final rename and its shard_done, or a
@@ -425,33 +421,29 @@ def _interrupted(store, sink, shard: str) -> Interrupted:
 
 def _check_existing(store, existing, job: ScoreJob, fingerprint: dict):
     """None (start fresh), a list of parts to resume from, or a ScoreResult (already complete)."""
-    out = store.output
-    if existing.final_foreign:
-        raise OutputExistsError(f"output {out} exists and was not written by attnfallback; remove it or choose another output", path=str(out))
-    if existing.final_metadata is not None:
-        meta = existing.final_metadata
-        if not job.resume:
-            raise OutputExistsError(f"output {out} exists from a completed run ({meta.get('run_id')}); pass --resume to keep it, "
-                              "or remove it to score again", path=str(out))
-        diff = _differences(meta.get("fingerprint", {}), fingerprint)
-        if diff:
-            raise OutputExistsError(f"output {out} exists from a different job ({diff}); remove it or choose another output", path=str(out))
+    if existing.final_foreign or existing.final_metadata is not None:
+        meta = check_complete(store.output, existing.final_metadata, fingerprint, job.resume)
         store.discard_stale_parts()
-        result = ScoreResult(**{k: v for k, v in meta.get("result", {}).items() if k in ScoreResult.__dataclass_fields__})
-        result.already_complete = True
-        result.seconds = 0.0
-        return result
+        return completed_result(meta)
     if existing.manifest is not None:
         manifest = existing.manifest
         if not job.resume:
             raise OutputExistsError(f"a partial output of run {manifest.get('run_id')} ({len(existing.parts)} part(s) committed) is in "
                               f"{store.work}; pass --resume to continue it, or remove that directory to start over", path=str(store.work))
-        diff = _differences(manifest.get("fingerprint", {}), fingerprint)
+        diff = fingerprint_differences(manifest.get("fingerprint", {}), fingerprint)
         if diff:
             raise OutputExistsError(f"cannot resume: the partial output in {store.work} is from a different job ({diff}); "
                               "remove it to start over", path=str(store.work))
         return existing.parts
     return None
+
+
+def completed_result(metadata: dict) -> ScoreResult:
+    """The result a completed output's summary records, as a run that found it complete returns it."""
+    result = ScoreResult(**{k: v for k, v in metadata.get("result", {}).items() if k in ScoreResult.__dataclass_fields__})
+    result.already_complete = True
+    result.seconds = 0.0
+    return result
 
 
 MEASURE_SAMPLE_ROWS = 256
@@ -473,7 +465,6 @@ def measuring_sample(job: ScoreJob, source, spec, shard) -> list[tuple[str, ...]
 def _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fingerprint, resume_parts, t_start,
            scorer=None, facts=None, checking=None, phases=None) -> ScoreResult:
     from attnfallback.scoring.pipeline import Scorer, build_table
-    from attnfallback.scoring.writer import PartInfo
 
     if scorer is None:
         def expected_rows() -> int | None:  # asked for after the model loaded, when the measuring budget is set
@@ -559,8 +550,7 @@ def _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fing
         task=scorer.describe(),
         columns=spec.describe(),
     )
-    store.finish({"format": "attnfallback.output/1", "run_id": run_id, "fingerprint": fingerprint,
-                          "result": result.to_dict(), "skipped_rows": counts.skipped_rows})
+    store.finish(output_metadata(run_id, fingerprint, result.to_dict(), counts.skipped_rows))
     phases.mark("finish_s")
     result.phases = phases.as_dict(scorer.decision.timing)
     _emit(sink, "shard_done", rows=result.rows_in, rows_written=result.rows_written, rows_skipped=result.rows_skipped,

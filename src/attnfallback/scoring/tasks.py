@@ -24,16 +24,14 @@ import numpy as np
 from attnfallback.errors import UnknownNameError, UsageError
 from attnfallback.model_facts import text_config
 from attnfallback.scoring.limits import model_limits
+from attnfallback.task_names import TASKS
 
-TASKS = ("embed", "classify", "pairs", "logprob")
 AUTO_CLASSES = {
     "embed": "AutoModel",
     "classify": "AutoModelForSequenceClassification",
     "pairs": "AutoModelForSequenceClassification",
     "logprob": "AutoModelForCausalLM",
 }
-# How many text columns each task reads: exactly 2 for pairs; 1, or prompt+completion for logprob.
-TEXT_COLUMNS = {"embed": (1,), "classify": (1,), "pairs": (2,), "logprob": (1, 2)}
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 _LEGACY_POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",

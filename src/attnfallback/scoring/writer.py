@@ -5,11 +5,12 @@ For an output `dir/out.parquet` the run keeps, next to it:
     dir/.out.parquet.lock          flock held for the whole run: a second run is refused
     dir/.out.parquet.parts/        part-00000.parquet ... and manifest.json (the committed parts)
 
-A part is written under a temporary name, fsynced and renamed; then the manifest (the only source
-of truth for what is committed) is rewritten the same way. Each part is also appended, as a row
-group, to `dir/.out.parquet.tmp-<pid>` while the run goes (a resumed run first copies the parts it
-keeps), so the end of a run is closing that file (the run's summary goes into its key-value
-metadata, `pq.ParquetFile(out).metadata.metadata[b"attnfallback"]`), an fsync and a rename to
+A part is written under a temporary name, fsynced and renamed (atomic.py); then the manifest (the
+only source of truth for what is committed) is rewritten the same way. Each part is also appended,
+as a row group, to `dir/.out.parquet.tmp-<pid>-<thread>` while the run goes (a resumed run first
+copies the parts it keeps), so the end of a run is closing that file (the run's summary,
+`output_metadata`, goes into its key-value metadata, `pq.ParquetFile(out).metadata.metadata[b"attnfallback"]`),
+an fsync and a rename to
 `dir/out.parquet`; then the parts directory goes. A reader never sees a half-written
 `out.parquet`; a killed run leaves only hidden files, which `--resume` picks up.
 
@@ -27,37 +28,14 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attnfallback import atomic
 from attnfallback.errors import OutputError, OutputExistsError, OutputRefused
 
 MANIFEST_FORMAT = "attnfallback.parts/1"
+# Every engine's completed output carries its run's summary under this key (output_metadata);
+# check_complete decides, from it, whether a later run may keep the file.
 METADATA_KEY = b"attnfallback"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    _fsync_dir(path.parent)
+OUTPUT_FORMAT = "attnfallback.output/1"
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -193,7 +171,7 @@ class PartStore:
         self.lock = OutputLock(self.parent / f".{self.output.name}.lock")
         self.manifest: dict | None = None
         self.parts: list[PartInfo] = []
-        self.final_tmp = self.parent / f".{self.output.name}.tmp-{os.getpid()}"
+        self.final_tmp = atomic.temp_path(self.output)
         self._final = None  # the ParquetWriter of final_tmp, open between start and finish
         self._final_file = None
         self._schema = None
@@ -301,7 +279,7 @@ class PartStore:
     def _write_manifest(self) -> None:
         assert self.manifest is not None
         self.manifest["parts"] = [p.to_dict() for p in self.parts]
-        _write_bytes_atomic(self.work / "manifest.json", json.dumps(self.manifest, indent=1).encode())
+        atomic.write_json(self.work / "manifest.json", self.manifest, indent=1)
 
     # -- parts ------------------------------------------------------------------------------
 
@@ -315,18 +293,12 @@ class PartStore:
         if info.index != len(self.parts):
             raise OutputError(f"part {info.index} committed out of order (expected {len(self.parts)})", path=str(self.work))
         path = self.work / info.file
-        tmp = self.work / f".{info.file}.tmp-{os.getpid()}"
         try:
-            with open(tmp, "wb") as fh:
+            with atomic.writing(path) as fh:
                 pq.write_table(table, fh, **self._options)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(self.work)
             self.parts.append(info)
             self._write_manifest()
         except OSError as e:
-            _unlink_quietly(tmp)
             if self.parts and self.parts[-1] is info:
                 self.parts.pop()
             raise OutputError(f"cannot write part {info.index} of {self.output} in {self.work}: {_describe_os_error(e)}",
@@ -341,20 +313,17 @@ class PartStore:
     # -- finishing --------------------------------------------------------------------------
 
     def finish(self, metadata: dict) -> None:
-        """Close the final file with the run's summary in its metadata, rename it into place, and
-        remove the parts."""
+        """Close the final file with the run's summary (`output_metadata`) in its metadata, rename
+        it into place, and remove the parts."""
         if self._final is None:
             raise OutputError(f"{self.output}: finish without start", path=str(self.output))
         try:
-            self._final.add_key_value_metadata({METADATA_KEY: json.dumps(metadata, default=str).encode()})
+            self._final.add_key_value_metadata(encode_metadata(metadata))
             self._final.close()
             self._final = None
-            self._final_file.flush()
-            os.fsync(self._final_file.fileno())
             self._final_file.close()
             self._final_file = None
-            os.replace(self.final_tmp, self.output)
-            _fsync_dir(self.parent)
+            atomic.replace_into(self.final_tmp, self.output)
         except OSError as e:
             self._abandon_final()
             raise OutputError(f"cannot write {self.output}: {_describe_os_error(e)}", path=str(self.output)) from e
@@ -396,3 +365,41 @@ def read_output_metadata(path: str | os.PathLike) -> dict | None:
         return json.loads(raw)
     except ValueError:
         return None
+
+
+def output_metadata(run_id: str, fingerprint: dict, result: dict, skipped_rows: list[int]) -> dict:
+    """The summary a completed output carries, whichever engine wrote it: the run, the job's
+    fingerprint (what must match for --resume to keep the file), the result, and every skipped
+    row's number (a sweep merges by them)."""
+    return {"format": OUTPUT_FORMAT, "run_id": run_id, "fingerprint": fingerprint, "result": result,
+            "skipped_rows": skipped_rows}
+
+
+def encode_metadata(metadata: dict) -> dict[bytes, bytes]:
+    """`metadata` as the Parquet key-value metadata of an output (read back by read_output_metadata)."""
+    return {METADATA_KEY: json.dumps(metadata, default=str).encode()}
+
+
+def fingerprint_differences(old: dict, new: dict) -> str:
+    """The keys on which two fingerprints differ, each with both values; empty when they match."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys)
+
+
+def check_complete(output: str | os.PathLike, metadata: dict | None, fingerprint: dict, resume: bool) -> dict:
+    """The summary of the completed output at `output` when this job may keep it: `resume` and
+    the same fingerprint. Otherwise an OutputExistsError: a file without a summary (attnfallback
+    did not write it), a completed run without --resume, or another job's output.
+
+    `metadata`: `read_output_metadata(output)` of the file that is there."""
+    if metadata is None:
+        raise OutputExistsError(f"output {output} exists and was not written by attnfallback; remove it or choose another output",
+                                path=str(output))
+    if not resume:
+        raise OutputExistsError(f"output {output} exists from a completed run ({metadata.get('run_id')}); pass --resume to keep it, "
+                                "or remove it to score again", path=str(output))
+    diff = fingerprint_differences(metadata.get("fingerprint", {}), fingerprint)
+    if diff:
+        raise OutputExistsError(f"output {output} exists from a different job ({diff}); remove it or choose another output",
+                                path=str(output))
+    return metadata

@@ -39,8 +39,8 @@ from typing import Any
 
 from attnfallback.errors import AttnFallbackError, ConfigError
 from attnfallback.sharding import Shard
+from attnfallback.task_names import TASKS
 
-TASKS = ("embed", "classify", "pairs", "logprob")
 POLICIES = ("graceful", "strict", "fastest")
 BAD_ROW = ("error", "skip")
 NONFINITE = ("error", "flag")

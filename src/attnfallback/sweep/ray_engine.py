@@ -8,7 +8,9 @@ Actors take `num_gpus=1` where the cluster has GPUs (`actors="auto"`: one per GP
 take a fraction of a CPU so that Ray Data's read tasks always find one (whole-CPU actors on a 2-core
 machine starve the reads: a silent hang). Every actor's environment has NVLink multicast off
 (`WORKER_ENV`, as the local engine's workers). The actors' outputs are written as Parquet, then
-joined into one file in input order, identical to what the local engine writes.
+joined into one file in input order, identical to what the local engine writes, its run's summary
+included (scoring/writer.py: `output_metadata`); --resume keeps it by the local engine's rules
+(`check_complete`).
 
 Ray is optional (`pip install attnfallback[ray]`); without it this engine is a UsageError (exit 2).
 """
@@ -24,7 +26,8 @@ from dataclasses import dataclass, field, replace
 from importlib.util import find_spec
 from pathlib import Path
 
-from attnfallback.errors import AttnFallbackError, OutputError, OutputExistsError, UsageError
+from attnfallback import atomic
+from attnfallback.errors import AttnFallbackError, OutputError, UsageError
 
 log = logging.getLogger("attnfallback")
 
@@ -349,10 +352,14 @@ def run_score_engine(job, engine: str = "local", address: str | None = None, act
 
 def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
     require_ray()
+    import pyarrow.compute as pc
+
     from attnfallback.events import new_run_id
     from attnfallback.scoring.inputs import open_input, resolve_spec
     from attnfallback.scoring.job import ScoreResult, _validate_job, validate_input
+    from attnfallback.scoring.writer import output_metadata
     from attnfallback.sweep.config import WORKER_ENV
+    from attnfallback.task_names import default_text_columns
 
     if job.shard is not None:
         raise UsageError("--shard with the Ray engine: Ray spreads the rows over its actors (each a shard in the "
@@ -360,22 +367,17 @@ def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
     actors = parse_actors(actors)
     task = _validate_job(job)
     source = open_input(job.input)
-    spec = resolve_spec(source, 2 if task == "pairs" else 1, job.text_column, job.text_columns, job.id_column)
+    spec = resolve_spec(source, default_text_columns(task), job.text_column, job.text_columns, job.id_column)
     if job.on_bad_row == "error":
         # as the local engine does: the first bad row (a duplicate id across the actors' batches
         # too) is an error naming its file and line, before any actor starts
         validate_input(source, spec)
     run_id = job.run_id or new_run_id()
     output = Path(job.output)
-    if output.exists() and not job.resume:
-        raise OutputExistsError(f"output {output} exists; remove it or choose another output (--resume keeps it)", path=str(output))
-    if output.exists():
-        from attnfallback.scoring.writer import read_output_metadata
-
-        meta = read_output_metadata(output) or {}
-        return RayRun(ScoreResult(output=str(output), rows_in=0, rows_written=0, rows_skipped=0, skipped=[], tokens=0,
-                                  truncated=0, seconds=0.0, tokens_per_s=0.0, nonfinite=0, decision={}, run_id=meta.get("run_id", run_id),
-                                  shard="ray", already_complete=True))
+    fingerprint = ray_fingerprint(job, task, source, spec)
+    complete = completed_output(output, fingerprint, job.resume)
+    if complete is not None:
+        return RayRun(complete)
     t0 = time.perf_counter()
     actor_job = replace(job, text_column=None, text_columns=list(spec.text_columns),
                         id_column=spec.id_column or ROW_COLUMN, run_id=run_id, shard=None, resume=False, quiet=True)
@@ -431,29 +433,64 @@ def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
                 error = _failure_error(failure, shards)
                 error.shards = shards
                 raise error from failure
-            merged = _merge_ray_parts(parts, output, run_id)
+            table, skipped_rows = _merged_table(parts, rows_in)
         finally:
             options.preserve_order, context.enable_progress_bars, context.wait_for_min_actors_s = saved
             for name, logger in quiet.items():
                 logger.setLevel(saved_levels[name])
             shutil.rmtree(parts, ignore_errors=True)
-    rows_written = merged["rows"]
+    rows_written = table.num_rows
     rows_skipped = rows_in - rows_written
     if sum(s.rows_in for s in shards) != rows_in or sum(s.rows_written for s in shards) != rows_written:
         raise OutputError(f"row accounting failed: {rows_in} rows in, {rows_written} written, "
                           f"{sum(s.rows_in for s in shards)} seen by the actors", path=str(output))
     seconds = time.perf_counter() - t0
     tokens = sum(s.tokens for s in shards)
-    _emit_shard_done(job.events, run_id, shards, output)
     first = next((s for s in shards if s.used), None)
+    nonfinite = int(pc.sum(table.column("nonfinite")).as_py() or 0) if "nonfinite" in table.column_names else 0
     result = ScoreResult(
         output=str(output), rows_in=rows_in, rows_written=rows_written, rows_skipped=rows_skipped, skipped=[],
         tokens=tokens, truncated=0, seconds=round(seconds, 4), tokens_per_s=round(tokens / seconds, 1) if seconds else 0.0,
-        nonfinite=merged["nonfinite"], decision=getattr(first, "decision", None) or {}, run_id=run_id,
+        nonfinite=nonfinite, decision=getattr(first, "decision", None) or {}, run_id=run_id,
         shard=f"ray ({len(shards)} actors)", parts=len(shards),
         events=job.events, task={"engine": "ray", "actors": [s.to_dict() for s in shards]}, columns=spec.describe(),
     )
+    _write_output(table, output, output_metadata(run_id, fingerprint, result.to_dict(), skipped_rows))
+    _emit_shard_done(job.events, run_id, shards, output)
     return RayRun(result, shards)
+
+
+RAY_SHARD = "ray"  # the shard a Ray output's fingerprint names: the actors split the rows among themselves
+
+
+def ray_fingerprint(job, task: str, source, spec) -> dict:
+    """What must match for --resume to keep a Ray output: the local engine's fingerprint
+    (`job_fingerprint`: the model's identity, the input, the columns, the settings) of the whole input."""
+    from attnfallback.model_facts import read_facts
+    from attnfallback.scoring.job import job_fingerprint
+    from attnfallback.scoring.tasks import AUTO_CLASSES
+
+    facts = read_facts(job.model, revision=job.revision, auto_class=AUTO_CLASSES[task], trust_remote_code=job.trust_remote_code)
+    return job_fingerprint(job, task, source, spec, RAY_SHARD, facts.identity)
+
+
+def completed_output(output: Path, fingerprint: dict, resume: bool):
+    """The ScoreResult of a completed output at `output` that this job keeps, or None where there
+    is no file. The local engine's rules (`check_complete`): a file without attnfallback's summary,
+    a completed run without `resume`, or another job's output is an OutputExistsError."""
+    from attnfallback.scoring.job import completed_result
+    from attnfallback.scoring.writer import check_complete, read_output_metadata
+
+    if not output.exists():
+        return None
+    return completed_result(check_complete(output, read_output_metadata(output), fingerprint, resume))
+
+
+def output_run_id(output: Path) -> str | None:
+    """The run a completed output's summary names; None for a file without one."""
+    from attnfallback.scoring.writer import read_output_metadata
+
+    return (read_output_metadata(output) or {}).get("run_id")
 
 
 def _collect(ray, registry, actors: int) -> list[ActorShard]:
@@ -483,10 +520,10 @@ def _failure_error(exc: BaseException, shards: list[ActorShard]) -> AttnFallback
     return AttnFallbackError(f"the Ray job failed: {type(exc).__name__}: {text[0] if text else ''}")
 
 
-def _merge_ray_parts(parts: Path, output: Path, run_id: str) -> dict:
-    """The actors' Parquet files -> one file in input order (by row number), written atomically."""
-    import json
-
+def _merged_table(parts: Path, rows_in: int):
+    """The actors' Parquet files as one table in input order, and the numbers of the input rows
+    missing from it (skipped)."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -496,14 +533,21 @@ def _merge_ray_parts(parts: Path, output: Path, run_id: str) -> dict:
     table = pa.concat_tables(tables, promote_options="default") if tables else None
     if table is None:
         raise OutputError(f"the Ray job wrote no output under {parts}", path=str(parts))
-    table = table.take(pc.sort_indices(table.column(ROW_COLUMN))).drop_columns([ROW_COLUMN])
-    table = table.replace_schema_metadata({b"attnfallback.ray": json.dumps({"run_id": run_id, "engine": "ray"}).encode()})
-    nonfinite = int(pc.sum(table.column("nonfinite")).as_py() or 0) if "nonfinite" in table.column_names else 0
+    table = table.take(pc.sort_indices(table.column(ROW_COLUMN)))
+    skipped = np.setdiff1d(np.arange(rows_in, dtype=np.int64), table.column(ROW_COLUMN).to_numpy())
+    return table.drop_columns([ROW_COLUMN]), skipped.tolist()
+
+
+def _write_output(table, output: Path, metadata: dict) -> None:
+    """The merged table at `output`, atomically, with the run's summary (writer.output_metadata)."""
+    import pyarrow.parquet as pq
+
+    from attnfallback.scoring.writer import encode_metadata
+
+    table = table.replace_schema_metadata(encode_metadata(metadata))
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, output)
-    return {"path": str(output), "rows": table.num_rows, "nonfinite": nonfinite}
+    with atomic.writing(output) as fh:
+        pq.write_table(table, fh)
 
 
 def _emit_shard_done(events, run_id: str, shards: list[ActorShard], output: Path) -> None:
@@ -559,7 +603,7 @@ def run_sweep_ray(config, *, resume: bool = False, address: str | None = None, e
                 output = config.config_dir(spec) / "scores.parquet"
                 key = f"{spec.name}/ray"
                 previous = state.jobs.get(key, {})
-                if resume and state.is_done(key, output):
+                if resume and state.is_done(key, output) and output_run_id(output) == run_id:
                     jobs += [JobResult(spec.name, s["shard"], run_id, "complete", 0, str(output), "", s.get("host"), s.get("busy_s"))
                              for s in previous.get("shards", [])]
                     merged[spec.name] = {"path": str(output), "rows": previous.get("rows"), "order": "input order (by row number)"}

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from attnfallback import atomic
 from attnfallback.errors import ConfigError, OutputRefused
 from attnfallback.scoring.writer import output_os_error
 from attnfallback.sweep.config import MANIFEST, SweepConfig
@@ -40,20 +40,6 @@ def read_manifest(output: str | os.PathLike) -> dict | None:
     if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
         raise OutputRefused(f"{path} is not a sweep manifest (schema {MANIFEST_SCHEMA})", path=str(path))
     return data
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -88,7 +74,8 @@ class SweepState:
 
     def save(self) -> None:
         with self._lock:
-            write_json_atomic(self.path, self.to_dict())
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(self.path, self.to_dict(), indent=2, default=str)
 
     def update_job(self, key: str, **fields: Any) -> None:
         with self._lock:
@@ -246,7 +233,6 @@ def merge_outputs(shard_outputs: list[Path], destination: Path, ids_are_row_numb
     merged = merged.replace_schema_metadata({b"attnfallback.sweep": json.dumps(
         {"merged_from": [str(p) for p in shard_outputs], "order": order}).encode()})
     destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
-    pq.write_table(merged, tmp)
-    os.replace(tmp, destination)
+    with atomic.writing(destination) as fh:
+        pq.write_table(merged, fh)
     return {"path": str(destination), "rows": merged.num_rows, "order": order}

@@ -1,4 +1,5 @@
-"""Synthetic event logs of a known fleet, for tests, benchmarks and demos.
+"""Synthetic event logs of a known fleet, for the events tests and bench/events_scale.py (not part
+of the library: tests import it through tests/events_helpers.py).
 
     write_fleet(tmp, [FleetGroup("H100", 40), FleetGroup("T4", 10, used="sdpa")], run_id="sweep-1")
 
