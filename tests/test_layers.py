@@ -17,10 +17,9 @@ SOURCE = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "attnfallback"
 
 LAYERS: list[tuple[str, list[str]]] = [
-    ("leaves", ["version", "errors", "envs", "data", "policy", "sharding", "bytecode", "kernel_variants",
-                "sdpa_order", "scoring.limits"]),
-    ("facts", ["catalog", "caps", "model_facts", "heads", "events.schema", "events.sink", "events.query", "events",
-               "events.synthetic"]),
+    ("leaves", ["version", "errors", "envs", "atomic", "task_names", "data", "policy", "sharding", "bytecode",
+                "kernel_variants", "sdpa_order", "scoring.limits"]),
+    ("facts", ["catalog", "caps", "model_facts", "heads", "events.schema", "events.sink", "events.query", "events"]),
     ("pure decisions", ["impls", "planner", "batching", "decision"]),
     ("one attempt", ["verify"]),
     ("measuring", ["measure", "kernels_seen"]),

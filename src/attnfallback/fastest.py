@@ -44,14 +44,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
-from attnfallback import envs
+from attnfallback import atomic, envs
 from attnfallback import impls as impl_registry
 from attnfallback.measure import Measurement, Timer, measure, workload_for
 from attnfallback.decision import Attempt
@@ -167,22 +166,13 @@ def read_cache(path: Path, key: dict) -> dict | None:
 
 
 def write_atomically(path: Path, data: dict) -> str | None:
-    """Write JSON to a temporary file in the same directory, flush it to disk, rename it into
-    place: concurrent writers leave one whole file, a reader never sees a partial one. Returns
-    the error as text when it cannot be written (nothing is raised: a cache is optional)."""
-    tmp = None
+    """Write JSON atomically (atomic.py: a reader sees a whole entry or none, concurrent writers
+    leave one whole file). Returns the error as text when it cannot be written (nothing is
+    raised: a cache is optional)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; other shards' users read it too
-        os.replace(tmp, path)
+        atomic.write_json(path, data, indent=2, sort_keys=True)
     except OSError as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
         log.warning("measured-choice cache: cannot write %s (%s)", path, e)
         return str(e)
     return None
