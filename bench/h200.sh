@@ -83,7 +83,7 @@ e2e10)  # session 10, after stage: `source .gpu-wheels/fa4-2/install.sh && bash 
     model=${2:-modernbert}
     if [ "$model" = modernbert ]; then
         step bytecode-facts 60 python3 -c "import sys, os, json; sys.path.insert(0, 'bench'); import startup_profile as s; print(json.dumps(s.bytecode_facts(dict(os.environ))))"
-        step precompile 120 python3 -c "import sys, time; sys.pycache_prefix = '/tmp/precompile-probe'; from attnfallback import bytecode as b; t = time.perf_counter(); d = b.precompile('/tmp/precompile-probe'); print(f'precompile {time.perf_counter() - t:.2f} s on {b.usable_cores()} cores: {d}')"
+        step precompile 120 python3 -c "import os, sys, time; os.makedirs('/tmp/precompile-probe', exist_ok=True); sys.pycache_prefix = '/tmp/precompile-probe'; from attnfallback import bytecode as b; t = time.perf_counter(); d = b.precompile('/tmp/precompile-probe'); print(f'precompile {time.perf_counter() - t:.2f} s on {b.usable_cores()} cores: {d}')"
     fi
     case "$model" in
     modernbert) name=modernbert-base-random rows=1000,10000,50000 sizes=256,512 limit=480 ;;
@@ -94,7 +94,13 @@ e2e10)  # session 10, after stage: `source .gpu-wheels/fa4-2/install.sh && bash 
     step "e2e-$model" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
         --variants ours-sdpa,ours-default,ours-later,baseline --batch-sizes "$sizes" --workdir /tmp/e2e10 --out "$OUT/end_to_end_$model.json"
     ;;
+tests11)  # session 11, on a machine that ran stage and fa4-2's install: `source /tmp/fa4/env.sh && bash bench/h200.sh
+          # tests11` (carry tok, minilm: the embedded model, its weights in float16 to fit a call)
+    common_env
+    export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/minilm ATTNFALLBACK_ZOO_REPORT=$OUT/zoo.json
+    step gpu-tests 500 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 200 tests
+    ;;
 *)
-    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10" >&2; exit 2
+    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11" >&2; exit 2
     ;;
 esac
