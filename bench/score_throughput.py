@@ -258,7 +258,7 @@ def register_no_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    from attnfallback.scoring import tasks
+    from attnfallback.scoring import collate
 
     def no_attention(module, query, key, value, attention_mask, *args, **kwargs):
         if value.shape[1] != query.shape[1]:
@@ -267,8 +267,8 @@ def register_no_attention() -> None:
 
     AttentionInterface.register(NO_ATTENTION, no_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NO_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    if NO_ATTENTION not in tasks.PACKING_IMPLS:
-        tasks.PACKING_IMPLS = tasks.PACKING_IMPLS + (NO_ATTENTION,)
+    if NO_ATTENTION not in collate.PACKING_IMPLS:
+        collate.PACKING_IMPLS = collate.PACKING_IMPLS + (NO_ATTENTION,)
 
 
 def growth_run(scorer, job_kwargs: dict, texts: list[str], n: int, workdir: Path, label: str) -> dict:

@@ -92,7 +92,7 @@ def test_scorer_table_on_cuda_keeps_order(texts):
 @pytest.mark.parametrize("kind, task", [("bert", "embed"), ("qwen2-classify", "classify")])
 def test_packed_batches_on_a_flash_kernel_equal_padded_sdpa(tmp_path, kind, task):
     from attnfallback.scoring.pipeline import Chunk
-    from attnfallback.scoring.tasks import PACKING_IMPLS
+    from attnfallback.scoring.collate import PACKING_IMPLS
     from conftest import build_tiny_model
 
     # head_dim 64, which every flash kernel takes

@@ -37,18 +37,9 @@ from attnfallback.model_facts import text_config
 from attnfallback.policy import Policy, parse_dtype
 from attnfallback.scoring.inputs import DEFAULT_ID_COLUMN, InputSpec, rows_of_table
 from attnfallback.scoring.limits import clip_max_length
-from attnfallback.scoring.tasks import (
-    AUTO_CLASSES,
-    Encoded,
-    Task,
-    TextEncoder,
-    build_task,
-    check_packing_mode,
-    pack_rows,
-    pad_rows,
-    parse_task,
-    supports_varlen,
-)
+from attnfallback.scoring.collate import check_packing_mode, pack_rows, pad_rows, supports_varlen
+from attnfallback.scoring.tasks import AUTO_CLASSES, Task, build_task, parse_task
+from attnfallback.scoring.tokenize import Encoded, TextEncoder
 from attnfallback.scoring.tokenizer_process import ChildDied, ProcessEncoder, check_tokenizer_process_mode, process_obstacle
 from attnfallback.sdpa_order import describe as sdpa_order_note
 from attnfallback.sdpa_order import sdpa_order
