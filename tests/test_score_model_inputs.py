@@ -18,7 +18,8 @@ from attnfallback.cli.app import main
 from attnfallback.errors import is_fatal_device_error
 from attnfallback.scoring import collate
 from attnfallback.scoring.limits import ModelLimits, clip_max_length, model_limits
-from attnfallback.scoring.pipeline import VERIFY_TEXTS, Scorer
+from attnfallback.scoring.pipeline import Scorer
+from attnfallback.scoring.trial import VERIFY_TEXTS
 from scoring_helpers import read_events, write_jsonl
 
 

@@ -16,7 +16,8 @@ import torch
 from attnfallback.errors import UsageError
 from attnfallback.scoring import ScoreJob, Scorer, collate, run_score
 from attnfallback.scoring.collate import pack_rows, pad_rows
-from attnfallback.scoring.pipeline import Chunk, build_table
+from attnfallback.scoring.chunks import Chunk
+from attnfallback.scoring.pipeline import build_table
 from attnfallback.scoring.st_config import POOLING_MODES
 from attnfallback.scoring.tasks import pool, pool_packed
 from attnfallback.scoring.tokenize import Encoded

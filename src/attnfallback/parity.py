@@ -37,7 +37,8 @@ from attnfallback.loader import load_model, plan_reasons
 from attnfallback.policy import DEFAULT_PREFER, Policy, parse_dtype, parse_impl
 from attnfallback.scoring.inputs import ROW_NUMBER_ID, iter_rows, open_input, resolve_spec
 from attnfallback.scoring.job import ScoreJob
-from attnfallback.scoring.pipeline import Chunk, Scorer, model_kwargs_for
+from attnfallback.scoring.chunks import Chunk
+from attnfallback.scoring.pipeline import Scorer, model_kwargs_for
 from attnfallback.scoring.tasks import AUTO_CLASSES
 from attnfallback.verify import first_line, switch_to
 

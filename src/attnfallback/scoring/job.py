@@ -202,7 +202,7 @@ def part_sizes(part_rows: int, first_part_rows: int = FIRST_PART_ROWS) -> Iterat
 def shard_chunks(source: InputSource, spec: InputSpec, shard, job: ScoreJob, skip_chunks: int, counts: _Counts) -> Iterator:
     """The shard's good rows in chunks of `part_sizes(part_rows)`; the first `skip_chunks` are read,
     not yielded."""
-    from attnfallback.scoring.pipeline import Chunk
+    from attnfallback.scoring.chunks import Chunk
 
     ids, texts, lines = [], [], []
     index = 0
