@@ -46,7 +46,7 @@ def main() -> None:
     import torch
 
     from attnfallback.scoring import ScoreJob, Scorer
-    from attnfallback.scoring.pipeline import Chunk
+    from attnfallback.scoring.chunks import Chunk
 
     is_embedder = args.model == "bert-base-random"
     texts = synthetic_texts(args.texts, 55 if is_embedder else 63, (55 if is_embedder else 63) * 8, 0)

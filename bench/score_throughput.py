@@ -184,7 +184,8 @@ def make_ours(scorer, texts: list[str], part_rows: int, prepared_ahead: bool = F
     time costs the forward thread is the difference to the plain variant. tokenizer_process: the
     pipeline's (auto: on CUDA, tokenizing in a child process) or off (in the worker thread)."""
     from attnfallback.scoring.job import FIRST_PART_ROWS, part_sizes
-    from attnfallback.scoring.pipeline import Chunk, build_table
+    from attnfallback.scoring.chunks import Chunk
+    from attnfallback.scoring.pipeline import build_table
 
     schema = scorer.output_schema
     chunks, start = [], 0
@@ -237,7 +238,7 @@ def make_gpu_only(scorer, texts: list[str]):
     """Pre-tokenized, length-sorted batches already on the device: the forward pass alone."""
     import torch
 
-    prepared = scorer.prepare(__import__("attnfallback.scoring.pipeline", fromlist=["Chunk"]).Chunk(0, list(range(len(texts))), [(t,) for t in texts]))
+    prepared = scorer.prepare(__import__("attnfallback.scoring.chunks", fromlist=["Chunk"]).Chunk(0, list(range(len(texts))), [(t,) for t in texts]))
     batches = [{k: v.to(scorer.device) if hasattr(v, "to") else v for k, v in b.tensors.items()} for b in prepared.batches]
     sync(str(scorer.device))
 
@@ -258,7 +259,7 @@ def register_no_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    from attnfallback.scoring import tasks
+    from attnfallback.scoring import collate
 
     def no_attention(module, query, key, value, attention_mask, *args, **kwargs):
         if value.shape[1] != query.shape[1]:
@@ -267,8 +268,8 @@ def register_no_attention() -> None:
 
     AttentionInterface.register(NO_ATTENTION, no_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NO_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    if NO_ATTENTION not in tasks.PACKING_IMPLS:
-        tasks.PACKING_IMPLS = tasks.PACKING_IMPLS + (NO_ATTENTION,)
+    if NO_ATTENTION not in collate.PACKING_IMPLS:
+        collate.PACKING_IMPLS = collate.PACKING_IMPLS + (NO_ATTENTION,)
 
 
 def growth_run(scorer, job_kwargs: dict, texts: list[str], n: int, workdir: Path, label: str) -> dict:

@@ -89,7 +89,7 @@ def main() -> None:
     import torch
 
     from attnfallback.scoring import ScoreJob, Scorer
-    from attnfallback.scoring.pipeline import Chunk
+    from attnfallback.scoring.chunks import Chunk
 
     if not torch.cuda.is_available():
         sys.exit("shape_cost.py needs a CUDA device")

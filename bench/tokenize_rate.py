@@ -56,7 +56,7 @@ def measure_scorer_paths(rows: int, mean_words: float, repeats: int) -> dict:
     from transformers import AutoTokenizer
 
     from attnfallback.model_facts import default_model_path
-    from attnfallback.scoring.tasks import TextEncoder
+    from attnfallback.scoring.tokenize import TextEncoder
     from attnfallback.scoring.tokenizer_process import ProcessEncoder
 
     texts = [(t,) for t in synthetic_texts(rows, mean_words, int(mean_words * 8), 0)]

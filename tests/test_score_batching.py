@@ -17,7 +17,8 @@ from attnfallback.batching import (
     length_order,
     plan_batches,
 )
-from attnfallback.scoring.tasks import Encoded, TextEncoder, pad_rows
+from attnfallback.scoring.collate import pad_rows
+from attnfallback.scoring.tokenize import Encoded, TextEncoder
 from scoring_helpers import seeded_texts
 
 
@@ -208,7 +209,7 @@ def test_prompt_completion_keeps_the_completion_and_marks_where_scoring_starts(m
 
 
 def test_type_ids_are_read_back_unless_the_single_template_is_all_type_zero():
-    from attnfallback.scoring.tasks import single_type_ids_are_zero
+    from attnfallback.scoring.tokenize import single_type_ids_are_zero
 
     def template(*type_ids):
         single = [{"SpecialToken": {"id": "[CLS]", "type_id": type_ids[0]}}, {"Sequence": {"id": "A", "type_id": type_ids[1]}}]

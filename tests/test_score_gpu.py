@@ -91,8 +91,8 @@ def test_scorer_table_on_cuda_keeps_order(texts):
 
 @pytest.mark.parametrize("kind, task", [("bert", "embed"), ("qwen2-classify", "classify")])
 def test_packed_batches_on_a_flash_kernel_equal_padded_sdpa(tmp_path, kind, task):
-    from attnfallback.scoring.pipeline import Chunk
-    from attnfallback.scoring.tasks import PACKING_IMPLS
+    from attnfallback.scoring.chunks import Chunk
+    from attnfallback.scoring.collate import PACKING_IMPLS
     from conftest import build_tiny_model
 
     # head_dim 64, which every flash kernel takes
@@ -125,7 +125,7 @@ def test_packed_batches_on_a_flash_kernel_equal_padded_sdpa(tmp_path, kind, task
 
 
 def test_on_cuda_tokenizing_runs_in_a_child_process_with_the_same_results(texts):
-    from attnfallback.scoring.pipeline import Chunk
+    from attnfallback.scoring.chunks import Chunk
 
     chunks = [Chunk(i, list(range(i * 100, i * 100 + 100)), [(t,) for t in texts[i * 100:i * 100 + 100]]) for i in range(3)]
     child = Scorer.from_job(ScoreJob(model="default", device="cuda", dtype="float32"))

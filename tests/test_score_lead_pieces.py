@@ -9,7 +9,8 @@ import pytest
 
 from attnfallback.errors import NonFiniteError
 from attnfallback.scoring import ScoreJob, Scorer
-from attnfallback.scoring.pipeline import LEAD_FRACTIONS, Chunk, lead_pieces
+from attnfallback.scoring.chunks import Chunk
+from attnfallback.scoring.pipeline import LEAD_FRACTIONS, lead_pieces
 
 FOUR = (1 / 8, 1 / 4, 1 / 2)  # four pieces: 1/8, 1/4, 1/2 of the characters, then the rest
 from scoring_helpers import seeded_texts

@@ -16,9 +16,10 @@ import zoo
 from attnfallback import verify
 from attnfallback.cli.app import main
 from attnfallback.errors import is_fatal_device_error
-from attnfallback.scoring import tasks
+from attnfallback.scoring import collate
 from attnfallback.scoring.limits import ModelLimits, clip_max_length, model_limits
-from attnfallback.scoring.pipeline import VERIFY_TEXTS, Scorer
+from attnfallback.scoring.pipeline import Scorer
+from attnfallback.scoring.trial import VERIFY_TEXTS
 from scoring_helpers import read_events, write_jsonl
 
 
@@ -89,7 +90,7 @@ def test_violation_names_the_first_bad_id_and_its_row():
 ])
 def test_type_ids_go_only_where_the_tokenizer_emits_them_and_the_model_takes_them(family, expected):
     model, tokenizer = tiny(family, "pairs")
-    assert tasks.takes_token_types(model, tokenizer) is expected
+    assert collate.takes_token_types(model, tokenizer) is expected
 
 
 def test_fatal_device_errors_are_told_from_recoverable_ones():
@@ -228,7 +229,7 @@ def test_the_packing_check_is_honest_about_a_kernel_that_ignores_row_boundaries(
     """On this CPU no implementation keeps a packed batch's rows apart. Declared varlen-capable
     anyway, sdpa gets packed batches: the check must either refuse to pack (rows would see their
     neighbours) or, where it packs, give the reference's numbers."""
-    monkeypatch.setattr(tasks, "PACKING_IMPLS", (*tasks.PACKING_IMPLS, "sdpa"))
+    monkeypatch.setattr(collate, "PACKING_IMPLS", (*collate.PACKING_IMPLS, "sdpa"))
     task = "embed"
     model_dir = zoo.build(zoo.FAMILIES[family], task, tmp_path / family)
     out, result = zoo.score(task, model_dir, tmp_path / "work", "sdpa")

@@ -14,9 +14,13 @@ import pytest
 import torch
 
 from attnfallback.errors import UsageError
-from attnfallback.scoring import ScoreJob, Scorer, run_score, tasks
-from attnfallback.scoring.pipeline import Chunk, build_table
-from attnfallback.scoring.tasks import POOLING_MODES, Encoded, pack_rows, pad_rows, pool, pool_packed
+from attnfallback.scoring import ScoreJob, Scorer, collate, run_score
+from attnfallback.scoring.collate import pack_rows, pad_rows
+from attnfallback.scoring.chunks import Chunk
+from attnfallback.scoring.pipeline import build_table
+from attnfallback.scoring.st_config import POOLING_MODES
+from attnfallback.scoring.tasks import pool, pool_packed
+from attnfallback.scoring.tokenize import Encoded
 from conftest import build_tiny_model
 from scoring_helpers import add_sentence_config, failing_above, read_output, seeded_texts, write_jsonl
 
@@ -57,7 +61,7 @@ def varlen(monkeypatch):
     AttentionInterface.register("varlen_ignoring_rows", _varlen_ignoring_rows)
     for name in ("varlen_reference", "varlen_ignoring_rows"):
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    monkeypatch.setattr(tasks, "PACKING_IMPLS", tasks.PACKING_IMPLS + ("varlen_reference", "varlen_ignoring_rows"))
+    monkeypatch.setattr(collate, "PACKING_IMPLS", collate.PACKING_IMPLS + ("varlen_reference", "varlen_ignoring_rows"))
     return "varlen_reference"
 
 

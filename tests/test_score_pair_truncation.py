@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from attnfallback.scoring import tasks
-from attnfallback.scoring.tasks import TextEncoder, encode_fast, fast_batch
+from attnfallback.scoring import tokenize
+from attnfallback.scoring.tokenize import TextEncoder, encode_fast, fast_batch
 
 from scoring_helpers import WORDS, seeded_texts
 
@@ -77,7 +77,7 @@ def _assert_same(encoded, reference) -> None:
 @pytest.mark.parametrize("route", ["routed", "all_apart"])
 def test_pairs_match_the_joint_encoding(tokenizer, monkeypatch, max_length, route):
     if route == "all_apart":  # every non-empty pair through the part-by-part path
-        monkeypatch.setattr(tasks, "_JOINT_PAIR_CHARS_PER_TOKEN", 0)
+        monkeypatch.setattr(tokenize, "_JOINT_PAIR_CHARS_PER_TOKEN", 0)
     pairs = _pairs(seed=max_length, top=min(300, 6 * max_length))
     encoder = TextEncoder(tokenizer, max_length, "pair")
     reference = _reference(encoder._batch, pairs, max_length)
@@ -91,7 +91,7 @@ def test_long_and_short_pairs_mixed_keep_their_order(tokenizer):
     for i in range(0, len(pairs), 9):  # long pairs among the short ones, which stay joint
         pairs.insert(i, (_text(rng, rng.randint(150, 400)), _text(rng, rng.randint(0, 400))))
     max_length = 24
-    limit = max_length * tasks._JOINT_PAIR_CHARS_PER_TOKEN
+    limit = max_length * tokenize._JOINT_PAIR_CHARS_PER_TOKEN
     apart = [len(a) + len(b) > limit for a, b in pairs]
     assert any(apart) and not all(apart)
     encoder = TextEncoder(tokenizer, max_length, "pair")
@@ -105,7 +105,7 @@ def test_other_post_processors(tokenizer, monkeypatch, processor, method):
     has those the joint batch method gives it (encode_batch_fast 0, encode_batch 1)."""
     from tokenizers import Tokenizer, processors
 
-    monkeypatch.setattr(tasks, "_JOINT_PAIR_CHARS_PER_TOKEN", 0)
+    monkeypatch.setattr(tokenize, "_JOINT_PAIR_CHARS_PER_TOKEN", 0)
     for max_length in (2, 9, 24):
         tok = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         tok.post_processor = {
@@ -126,7 +126,7 @@ def test_tiny_budgets_and_other_batches_stay_joint(tokenizer):
     pairs = _pairs(seed=1, top=12, n=30)
     for max_length in (1, 2, 3):  # BERT's three special tokens leave the parts no budget
         encoder = TextEncoder(tokenizer, max_length, "pair")
-        assert tasks._apart_plan(encoder._batch) is None
+        assert tokenize._apart_plan(encoder._batch) is None
         _assert_same(encoder.encode(pairs), _reference(encoder._batch, pairs, max_length))
     encoder = TextEncoder(tokenizer, 8, "pair")
 
@@ -134,7 +134,7 @@ def test_tiny_budgets_and_other_batches_stay_joint(tokenizer):
         return encoder._batch(inputs, add_special_tokens=add_special_tokens)
 
     long_pairs = pairs + [(_text(random.Random(2), 60), _text(random.Random(3), 60))]
-    assert tasks._apart_plan(batch) is None
+    assert tokenize._apart_plan(batch) is None
     _assert_same(encode_fast(batch, long_pairs, "pair", 8), _reference(encoder._batch, long_pairs, 8))
 
 
@@ -166,7 +166,7 @@ def test_a_tokenizer_process_copy_takes_the_same_path(tokenizer):
 
     encoder = TextEncoder(tokenizer, 24, "pair")
     batch = fast_batch(Tokenizer.from_str(encoder._main.to_str()))
-    assert tasks._apart_plan(batch) is not None
+    assert tokenize._apart_plan(batch) is not None
     rng = random.Random(11)
     pairs = [(_text(rng, 200), _text(rng, 250)), ("dog", "cat")]
     _assert_same(encode_fast(batch, pairs, "pair", 24), _reference(encoder._batch, pairs, 24))
@@ -196,21 +196,21 @@ def test_longest_first_split_follows_tokenizers():
                     continue
                 e = tok.encode(" ".join("a" * n1), " ".join("b" * n2))
                 kept = (e.ids.count(0), e.ids.count(1))
-                assert tasks._longest_first(n1, n2, budget) == kept, (n1, n2, budget)
+                assert tokenize._longest_first(n1, n2, budget) == kept, (n1, n2, budget)
 
 
 def test_truncation_settings_are_read_on_every_call(tokenizer, monkeypatch):
     """The copy that encodes the parts is kept per tokenizer; the budget is not."""
     from tokenizers import Tokenizer
 
-    monkeypatch.setattr(tasks, "_JOINT_PAIR_CHARS_PER_TOKEN", 0)
+    monkeypatch.setattr(tokenize, "_JOINT_PAIR_CHARS_PER_TOKEN", 0)
     tok = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     tok.no_padding()
     for max_length in (9, 24, 9):
         tok.enable_truncation(max_length, strategy="longest_first", direction="right")
         batch = fast_batch(tok)
-        assert tasks._apart_plan(batch)[2] == max_length - 3
+        assert tokenize._apart_plan(batch)[2] == max_length - 3
         pairs = _pairs(seed=max_length, top=6 * max_length, n=40)
         _assert_same(encode_fast(batch, pairs, "pair", max_length), _reference(batch, pairs, max_length))
     tok.enable_truncation(24, strategy="only_second", direction="right")
-    assert tasks._apart_plan(fast_batch(tok)) is None
+    assert tokenize._apart_plan(fast_batch(tok)) is None

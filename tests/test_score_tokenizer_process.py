@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from attnfallback.scoring import ScoreJob, Scorer
-from attnfallback.scoring.pipeline import Chunk
-from attnfallback.scoring.tasks import TextEncoder
+from attnfallback.scoring.chunks import Chunk
+from attnfallback.scoring.tokenize import TextEncoder
 from attnfallback.scoring.tokenizer_process import ChildDied, ProcessEncoder, process_obstacle
 from scoring_helpers import seeded_texts
 

@@ -6,7 +6,7 @@
 The weights are read once per dtype: the model loads with the reference implementation and is
 switched in place (`set_attn_implementation`) to each candidate, which must pass the loader's
 verification forward first. Candidates that cannot run here are reported with their reasons.
-Rows run through the scorer's own task code (scoring.tasks: tokenization, batching, pooling), so
+Rows run through the scorer's own task code (scoring.tokenize, scoring.collate, scoring.tasks: tokenization, batching, pooling), so
 parity measures what `score` would write.
 
 Default tolerance (on the relative L2 error of the outputs): twice the error the reference itself
@@ -37,7 +37,8 @@ from attnfallback.loader import load_model, plan_reasons
 from attnfallback.policy import DEFAULT_PREFER, Policy, parse_dtype, parse_impl
 from attnfallback.scoring.inputs import ROW_NUMBER_ID, iter_rows, open_input, resolve_spec
 from attnfallback.scoring.job import ScoreJob
-from attnfallback.scoring.pipeline import Chunk, Scorer, model_kwargs_for
+from attnfallback.scoring.chunks import Chunk
+from attnfallback.scoring.pipeline import Scorer, model_kwargs_for
 from attnfallback.scoring.tasks import AUTO_CLASSES
 from attnfallback.verify import first_line, switch_to
 

@@ -93,7 +93,7 @@ def _install(injection: Injection) -> dict:
 
     import attnfallback.loader as loader
     import attnfallback.verify as verify
-    from attnfallback.scoring import pipeline, tasks
+    from attnfallback.scoring import pipeline, tokenize
 
     counts = {step: 0 for step in STEPS}
 
@@ -115,7 +115,7 @@ def _install(injection: Injection) -> dict:
 
     loader.from_pretrained = after("load", loader.from_pretrained)
     verify.verify_forward = after("verify", verify.verify_forward)
-    tasks.TextEncoder.encode = after("tokenize", tasks.TextEncoder.encode)
+    tokenize.TextEncoder.encode = after("tokenize", tokenize.TextEncoder.encode)
     pipeline.Scorer._forward = after("forward", pipeline.Scorer._forward)
 
     real_write_table = pq.write_table

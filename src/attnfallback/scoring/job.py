@@ -25,7 +25,8 @@ from attnfallback import envs
 from attnfallback.errors import InputError, Interrupted, OutputError, OutputExistsError, UsageError, is_fatal_device_error
 from attnfallback.policy import Mode, Policy, parse_measure
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec, row_error
-from attnfallback.scoring.tasks import check_packing_mode, parse_task
+from attnfallback.scoring.collate import check_packing_mode
+from attnfallback.scoring.tasks import parse_task
 from attnfallback.scoring.tokenizer_process import check_tokenizer_process_mode
 from attnfallback.scoring.writer import PartInfo, PartStore, check_complete, fingerprint_differences, output_metadata
 from attnfallback.task_names import TEXT_COLUMNS, default_text_columns
@@ -201,7 +202,7 @@ def part_sizes(part_rows: int, first_part_rows: int = FIRST_PART_ROWS) -> Iterat
 def shard_chunks(source: InputSource, spec: InputSpec, shard, job: ScoreJob, skip_chunks: int, counts: _Counts) -> Iterator:
     """The shard's good rows in chunks of `part_sizes(part_rows)`; the first `skip_chunks` are read,
     not yielded."""
-    from attnfallback.scoring.pipeline import Chunk
+    from attnfallback.scoring.chunks import Chunk
 
     ids, texts, lines = [], [], []
     index = 0

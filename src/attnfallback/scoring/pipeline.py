@@ -24,35 +24,26 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from attnfallback.batching import default_batch_tokens, eager_max_cells, ffn_width, length_order, plan_batches
 from attnfallback.errors import NonFiniteError, TokenizerMismatchError, UsageError, is_fatal_device_error
 from attnfallback.kernel_variants import declared_shape, padded_boundaries, shape_mode
-from attnfallback.loader import load_model, load_tokenizer
-from attnfallback.measure import Measurement, shape_tag
+from attnfallback.loader import load_model
 from attnfallback.model_facts import text_config
 from attnfallback.policy import Policy, parse_dtype
+from attnfallback.scoring.chunks import Chunk, HostBatch, PreparedChunk
+from attnfallback.scoring.collate import check_packing_mode, pack_rows, pad_rows, supports_varlen
 from attnfallback.scoring.inputs import DEFAULT_ID_COLUMN, InputSpec, rows_of_table
 from attnfallback.scoring.limits import clip_max_length
-from attnfallback.scoring.tasks import (
-    AUTO_CLASSES,
-    Encoded,
-    Task,
-    TextEncoder,
-    build_task,
-    check_packing_mode,
-    pack_rows,
-    pad_rows,
-    parse_task,
-    supports_varlen,
-)
+from attnfallback.scoring.tasks import AUTO_CLASSES, Task, build_task, parse_task
+from attnfallback.scoring.tokenize import Encoded, TextEncoder
 from attnfallback.scoring.tokenizer_process import ChildDied, ProcessEncoder, check_tokenizer_process_mode, process_obstacle
+from attnfallback.scoring.trial import SampleBench, TaskVerifyInputs
 from attnfallback.sdpa_order import describe as sdpa_order_note
 from attnfallback.sdpa_order import sdpa_order
-from attnfallback.verify import RECOVERABLE, first_line
 
 log = logging.getLogger("attnfallback")
 
@@ -69,50 +60,6 @@ PACKING_CHECK_TEXTS = (  # rows of different lengths: packed and padded outputs 
     ("A longer row, so that the packed sequence holds rows of three different lengths, and every row "
      "after the first would see its neighbours if the kernel ignored the boundaries between rows.",),
 )
-
-
-@dataclass
-class Chunk:
-    """Rows of one part: their ids and texts (and lines, for error messages)."""
-
-    index: int
-    ids: list
-    texts: list[tuple[str, ...]]
-    lines: list[int] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-@dataclass
-class HostBatch:
-    """One batch on the host, ready to copy: rows are positions in the chunk. Padded to
-    `length` tokens a row, or packed into one sequence (`cells` = `tokens`, no padding)."""
-
-    rows: np.ndarray
-    length: int
-    tensors: dict
-    tokens: int
-    cells: int = 0  # token positions the forward computes (rows x length when padded)
-
-
-@dataclass
-class PreparedChunk:
-    """A chunk (or a piece of one) tokenized and batched. `encoded` holds the piece's rows, `rows`
-    says which positions of the chunk those are (None: all of them, in order), and `last` whether
-    it completes its chunk."""
-
-    chunk: Chunk
-    encoded: Encoded
-    order: np.ndarray
-    batches: list[HostBatch]
-    prepare_s: float = 0.0
-    rows: np.ndarray | None = None
-    last: bool = True
-
-    def positions(self) -> np.ndarray:
-        """Chunk positions of the outputs, which come in length-sorted order."""
-        return self.order if self.rows is None else self.rows[self.order]
 
 
 @dataclass
@@ -705,134 +652,6 @@ class Scorer:
             field_type = table.schema.field(id_column).type if id_column in table.column_names else pa.int64()
             id_type = "string" if (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)) else "int64"
         return InputSpec(names, id_column, id_type)
-
-
-SAMPLE_MIN_REPEATS = 2
-SAMPLE_MAX_REPEATS = 5
-
-
-class SampleBench:
-    """The shard's first rows through the scorer's own forward (tokenized once; batched, packed
-    and budgeted as each implementation would be): the `fastest.Bench` that `score` measures on.
-    A trial's first pass is also its verification: an exception or a non-finite output there
-    rejects the candidate with the reason."""
-
-    min_trial_passes = 1 + SAMPLE_MIN_REPEATS  # the first (verifying) pass and the timed ones
-
-    def __init__(self, scorer: Scorer, texts: list[tuple[str, ...]], expected_rows):
-        self.scorer = scorer
-        self.chunk = Chunk(0, list(range(len(texts))), [tuple(t) for t in texts])
-        self.task = scorer.task.name
-        self.expected_rows = expected_rows() if callable(expected_rows) else expected_rows
-        # tokenized here, in this thread: the tokenizer process may still be starting
-        self._encoded = scorer.encoder.encode(self.chunk.texts)
-        self.within_limits = scorer.limit_violation(self._encoded) is None
-        lengths = self._encoded.lengths
-        self.tokens = int(lengths.sum())
-        self.mean_length = self.tokens / max(len(self.chunk), 1)
-        self.description: dict = {"source": "this shard's first rows", "rows": len(texts), "tokens": self.tokens,
-                                  "mean_length": round(self.mean_length, 1), "max_length": int(lengths.max(initial=0))}
-        self.expected_tokens: int | None = None
-        if self.expected_rows is not None:
-            self.expected_tokens = int(self.mean_length * self.expected_rows)
-            self.description["expected_rows"] = self.expected_rows
-
-    def tag(self) -> str:
-        return shape_tag(self.mean_length)
-
-    def _prepared(self) -> PreparedChunk:
-        """The sample's batches for the current implementation (tokens reused, batches rebuilt)."""
-        order, batches = self.scorer._batched(self._encoded)
-        return PreparedChunk(self.chunk, self._encoded, order, batches)
-
-    def _run_once(self, prepared: PreparedChunk) -> tuple[float, list[str]]:
-        t0 = time.perf_counter()
-        try:
-            result = self.scorer.run(prepared)
-        except RECOVERABLE as e:  # torch.OutOfMemoryError and kernels refusing a shape are RuntimeErrors
-            if self.scorer.on_cuda:
-                self.scorer._torch.cuda.empty_cache()
-            return 0.0, [f"a forward on this shard's rows failed: {first_line(e)}"]
-        except NonFiniteError as e:
-            return 0.0, [f"non-finite outputs on this shard's rows ({len(e.ids)} of {len(self.chunk)})"]
-        return time.perf_counter() - t0, []
-
-    def switch(self, impl: str) -> list[str]:
-        """Run on `impl` from now on; its reasons not to, after one pass over the sample."""
-        try:
-            self.scorer.use_implementation(impl)
-        except RECOVERABLE as e:
-            return [f"switch failed: {first_line(e)}"]
-        return self._run_once(self._prepared())[1]
-
-    def trial(self, impl: str, seconds: float) -> tuple[Measurement | None, list[str]]:
-        scorer = self.scorer
-        timing = dict(scorer.timing)
-        try:
-            return self._trial(impl, seconds)
-        finally:
-            scorer.timing = timing  # the shard's own account starts after the measurement
-
-    def _trial(self, impl: str, seconds: float) -> tuple[Measurement | None, list[str]]:
-        try:
-            self.scorer.use_implementation(impl)
-        except RECOVERABLE as e:
-            return None, [f"switch failed: {first_line(e)}"]
-        prepared = self._prepared()
-        first, reasons = self._run_once(prepared)
-        if reasons:
-            return None, reasons
-        repeats: list[float] = []
-        while len(repeats) < SAMPLE_MAX_REPEATS and (len(repeats) < SAMPLE_MIN_REPEATS or sum(repeats) < seconds):
-            elapsed, reasons = self._run_once(prepared)
-            if reasons:
-                return None, reasons
-            repeats.append(elapsed)
-        actual = getattr(self.scorer.loaded.model.config, "_attn_implementation", None) or impl
-        return Measurement(impl, actual, self.tokens, sum(b.cells for b in prepared.batches), len(prepared.batches),
-                           first, repeats), []
-
-
-VERIFY_TEXTS = (  # the verification forward's rows, of different lengths (the second is padded)
-    ("A longer verification row, so that the other row is padded and the attention mask matters.",),
-    ("A short row.",),
-)
-
-
-class TaskVerifyInputs:
-    """The loader's verification batch built by the task's own input path (load_model's
-    `verify_inputs`): the task's tokenizing (pairs for pairs, with type ids where the model takes
-    them), the limits check, its padding and its mask form for the implementation being verified.
-    A failure then shows at load, under the candidate that caused it."""
-
-    def __init__(self, task: str, columns: int, max_length: int | None, trust_remote_code: bool = False):
-        self.task = task
-        self.columns = columns
-        self.max_length = max_length
-        self.trust_remote_code = trust_remote_code
-        self.tokenizer = None  # loaded on the first call, then handed to the scorer
-
-    def __call__(self, model, facts) -> tuple[dict, object]:
-        import torch
-
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(facts.ref, self.trust_remote_code)
-        task = build_task(self.task, model, self.tokenizer, None, self.columns)
-        max_length, _ = clip_max_length(max(self.max_length or task.default_max_length(), 2), task.limits)
-        encoder = TextEncoder(self.tokenizer, max_length, task.mode, type_ids=task.accepts_types)
-        texts = list(VERIFY_TEXTS) if task.mode == "single" else [t * 2 for t in VERIFY_TEXTS]
-        encoded = encoder.encode(texts)
-        ids, types, offsets = encoded.flat()
-        found = task.limits.violation(ids, types if task.accepts_types else None, offsets, encoded.lengths)
-        if found is not None:
-            raise TokenizerMismatchError(f"{facts.model_id}: on the verification rows, before any input row: "
-                                         f"{found.message(task.limits.model)}", limit=found.limit, value=found.found,
-                                         what=found.what)
-        rows = np.arange(len(encoded), dtype=np.int64)
-        arrays = pad_rows(encoded, rows, int(encoded.lengths.max()), task.pad_id, task.accepts_types)
-        batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-        batch["_no_padding"] = False
-        return task.model_inputs(batch), batch["attention_mask"].bool()
 
 
 def lead_pieces(texts: list[tuple[str, ...]], fractions: tuple[float, ...] = LEAD_FRACTIONS,

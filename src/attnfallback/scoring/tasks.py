@@ -7,23 +7,26 @@
     logprob   AutoModelForCausalLM log-likelihood of the text, or of the completion given the
               prompt (`--text-columns prompt,completion`) -> `logprob_sum`, `logprob_mean`, `tokens`
 
-Every output is computed in float32 on the device, whatever the model's dtype.
+Every output is computed in float32 on the device, whatever the model's dtype. The tokenizing is
+tokenize.py's, the padded and packed batches collate.py's, embed's pooling config st_config.py's.
 """
 
 from __future__ import annotations
-
-import inspect
-import itertools
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from attnfallback.errors import UnknownNameError, UsageError
 from attnfallback.model_facts import text_config
+from attnfallback.scoring.collate import (
+    accepts_argument,
+    accepts_kwargs,
+    has_local_attention,
+    supports_varlen,
+    takes_token_types,
+)
 from attnfallback.scoring.limits import model_limits
+from attnfallback.scoring.st_config import POOLING_MODES, SentenceConfig, read_sentence_config
+from attnfallback.scoring.tokenize import Encoded
 from attnfallback.task_names import TASKS
 
 AUTO_CLASSES = {
@@ -32,519 +35,17 @@ AUTO_CLASSES = {
     "pairs": "AutoModelForSequenceClassification",
     "logprob": "AutoModelForCausalLM",
 }
-POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
-_LEGACY_POOLING_KEYS = {
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-    "pooling_mode_weightedmean_tokens": "weightedmean",
-    "pooling_mode_lasttoken": "lasttoken",
-}
-HUGE_CHARS_PER_TOKEN = 100  # texts longer than max_length x this (chars) are cut before tokenizing
 LOGITS_CHUNK_TOKENS = 4096  # logprob: positions per lm-head chunk (bounds the B x L x vocab logits)
 _UNSUPPORTED_LOGIT_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-# Implementations whose transformers path honours cu_seq_lens_q/k (varlen): a batch may be packed
-# into one padding-free sequence. Anything else would attend across the packed rows.
-PACKING_IMPLS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
-
-
-PACKING_MODES = ("auto", "off")
-
-
-def check_packing_mode(mode: str) -> str:
-    """`mode` if it is a packing mode, else a UsageError naming the modes."""
-    if mode not in PACKING_MODES:
-        raise UsageError(f"--packing must be {' or '.join(PACKING_MODES)}, found {mode!r}")
-    return mode
-
-
-def supports_varlen(impl: str | None) -> bool:
-    """True when `impl` keeps the rows of a packed batch apart (cu_seq_lens)."""
-    return impl in PACKING_IMPLS
 
 
 def parse_task(name: str) -> str:
+    """The task `name` names (case and surrounding spaces ignored), else UnknownNameError."""
     text = str(name).strip().lower()
     if text not in TASKS:
         raise UnknownNameError("task", str(name), TASKS)
     return text
 
-
-# --- sentence-transformers configuration -------------------------------------------------------
-
-@dataclass(frozen=True)
-class SentenceConfig:
-    """What the model's sentence-transformers files say: pooling, normalisation, max length."""
-
-    pooling: tuple[str, ...] = ("mean",)
-    normalize: bool = False
-    max_seq_length: int | None = None
-    do_lower_case: bool = False
-    include_prompt: bool = True
-    source: str = "default (no modules.json: mean pooling, no normalisation)"
-
-
-def read_sentence_config(model_dir: str | Path) -> SentenceConfig:
-    """Pooling and normalisation from modules.json / 1_Pooling/config.json / sentence_bert_config.json.
-
-    A module other than Transformer, Pooling and Normalize (Dense, say) is refused by name rather
-    than silently dropped.
-    """
-    root = Path(model_dir)
-    modules_path = root / "modules.json"
-    if not modules_path.is_file():
-        return SentenceConfig()
-    modules = _read_json(modules_path)
-    if not isinstance(modules, list):
-        raise UsageError(f"{modules_path}: expected a JSON list of modules")
-    pooling: tuple[str, ...] = ("mean",)
-    include_prompt = True
-    normalize = False
-    for module in sorted(modules, key=lambda m: m.get("idx", 0)):
-        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
-        if kind == "Transformer":
-            continue
-        if kind == "Pooling":
-            pooling, include_prompt = _read_pooling(root / str(module.get("path", "")) / "config.json")
-        elif kind == "Normalize":
-            normalize = True
-        else:
-            raise UsageError(f"{modules_path}: sentence-transformers module {module.get('type')!r} is not supported by "
-                             "`score --task embed` (supported: Transformer, Pooling, Normalize)")
-    max_len = None
-    lower = False
-    st_config = root / "sentence_bert_config.json"
-    if st_config.is_file():
-        data = _read_json(st_config)
-        if isinstance(data, dict):
-            max_len = data.get("max_seq_length")
-            lower = bool(data.get("do_lower_case", False))
-    return SentenceConfig(pooling, normalize, int(max_len) if max_len else None, lower, include_prompt, str(modules_path))
-
-
-def _read_pooling(path: Path) -> tuple[tuple[str, ...], bool]:
-    if not path.is_file():
-        return ("mean",), True
-    data = _read_json(path)
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object")
-    mode = data.get("pooling_mode")
-    if mode is None:
-        modes = tuple(m for key, m in _LEGACY_POOLING_KEYS.items() if data.get(key))
-    else:
-        modes = (mode,) if isinstance(mode, str) else tuple(mode)
-    for m in modes:
-        if m not in POOLING_MODES:
-            raise UnknownNameError("pooling mode", m, POOLING_MODES)
-    return modes or ("mean",), bool(data.get("include_prompt", True))
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: cannot read ({e})") from None
-
-
-# --- tokenization ------------------------------------------------------------------------------
-
-@dataclass
-class Encoded:
-    """Tokenized rows of one chunk (unpadded)."""
-
-    ids: list[list[int]]
-    type_ids: list[list[int]] | None
-    lengths: np.ndarray  # int64
-    truncated: np.ndarray  # bool
-    score_start: np.ndarray | None = None  # logprob: first position whose next token is scored
-    _flat: tuple[np.ndarray, np.ndarray | None, np.ndarray] | None = field(default=None, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    @classmethod
-    def from_flat(cls, ids: np.ndarray, type_ids: np.ndarray | None, lengths: np.ndarray, truncated: np.ndarray) -> Encoded:
-        """Rows given as all ids concatenated (what a tokenizer process sends back)."""
-        offsets = np.zeros(len(lengths), dtype=np.int64)
-        if len(lengths) > 1:
-            np.cumsum(lengths[:-1], out=offsets[1:])
-        return cls([], None, lengths, truncated, _flat=(ids, type_ids, offsets))
-
-    def flat(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """All ids concatenated (and type ids), with each row's offset: for vectorised padding."""
-        if self._flat is None:
-            total = int(self.lengths.sum())
-            ids = np.fromiter(itertools.chain.from_iterable(self.ids), dtype=np.int64, count=total)
-            types = None
-            if self.type_ids is not None:
-                types = np.fromiter(itertools.chain.from_iterable(self.type_ids), dtype=np.int64, count=total)
-            offsets = np.zeros(len(self.lengths), dtype=np.int64)
-            if len(self.lengths) > 1:
-                np.cumsum(self.lengths[:-1], out=offsets[1:])
-            self._flat = (ids, types, offsets)
-        return self._flat
-
-
-class TextEncoder:
-    """Tokenizes texts (or pairs) with the model's fast tokenizer, truncating at `max_length`
-    and recording which rows were truncated. Thread-safe: its settings never change after init."""
-
-    def __init__(self, tokenizer, max_length: int, mode: str = "single", type_ids: bool = True):
-        self.max_length = int(max_length)
-        self.mode = mode  # single | pair | prompt_completion
-        self.tokenizer = tokenizer
-        self.type_ids = bool(type_ids)  # False: the model is given no type ids (see takes_token_types)
-        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-        self.fast = backend is not None
-        self.type_ids_needed = self.type_ids  # see below: False where the template gives type 0 throughout
-        if self.fast:
-            from tokenizers import Tokenizer
-
-            def configured(direction: str, max_length: int):
-                copy = Tokenizer.from_str(backend.to_str())
-                copy.no_padding()
-                copy.enable_truncation(max_length, strategy="longest_first", direction=direction)
-                return copy
-
-            self._main = configured("right", self.max_length)
-            self._batch = fast_batch(self._main)
-            # single texts whose template gives every token type 0 (BERT's, RoBERTa's): the type
-            # ids are not read back from the tokenizer, a list per row less (None means zeros)
-            self.type_ids_needed = self.type_ids and not (mode == "single" and single_type_ids_are_zero(self._main.to_str()))
-            if mode == "prompt_completion":
-                # the completion is kept; the prompt gives way, from its left
-                self._prompt = configured("left", self.max_length)
-                self._completion = configured("right", max(self.max_length - 1, 1))
-
-    def encode(self, texts: list[tuple[str, ...]]) -> Encoded:
-        texts, cut = cut_huge(texts, self.max_length, self.mode)
-        if self.mode == "prompt_completion":
-            encoded = self._encode_prompt_completion(texts)
-        elif self.fast:
-            encoded = encode_fast(self._batch, texts, self.mode, self.max_length, self.type_ids_needed)
-        else:
-            ids, type_ids, truncated = self._encode_slow(texts)
-            lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
-            encoded = Encoded(ids, type_ids, lengths, truncated)
-        if cut:
-            encoded.truncated[cut] = True
-        return encoded
-
-    def _encode_slow(self, texts):
-        pair = self.mode == "pair"
-        first = [t[0] for t in texts]
-        second = [t[1] for t in texts] if pair else None
-        out = self.tokenizer(first, second, truncation="longest_first", max_length=self.max_length, padding=False)
-        ids = out["input_ids"]
-        type_ids = (out.get("token_type_ids") or [[0] * len(i) for i in ids]) if self.type_ids else None
-        truncated = np.zeros(len(ids), dtype=bool)
-        full_candidates = [i for i, row in enumerate(ids) if len(row) >= self.max_length]
-        if full_candidates:
-            sub_first = [first[i] for i in full_candidates]
-            sub_second = [second[i] for i in full_candidates] if pair else None
-            full = self.tokenizer(sub_first, sub_second, truncation=False, padding=False)["input_ids"]
-            for i, row in zip(full_candidates, full):
-                truncated[i] = len(row) > self.max_length
-        return ids, type_ids, truncated
-
-    def _encode_prompt_completion(self, texts) -> Encoded:
-        if not self.fast:
-            raise UsageError("logprob with prompt,completion columns needs a fast tokenizer")
-        completions = self._completion.encode_batch([t[1] for t in texts], add_special_tokens=False)
-        ids, starts, truncated = [], [], []
-        prompts = self._prompt.encode_batch([t[0] for t in texts], add_special_tokens=True)
-        for p, c in zip(prompts, completions):
-            room = self.max_length - len(c.ids)
-            p_ids = p.ids[-room:] if room > 0 else []
-            cut = bool(p.overflowing) or bool(c.overflowing) or len(p_ids) < len(p.ids)
-            if not p_ids:  # the first completion token needs at least one token of context
-                p_ids = p.ids[-1:]
-                c_ids = c.ids[: self.max_length - 1]
-                cut = True
-            else:
-                c_ids = c.ids
-            ids.append(p_ids + c_ids)
-            starts.append(len(p_ids) - 1)
-            truncated.append(cut)
-        lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
-        return Encoded(ids, None, lengths, np.array(truncated, dtype=bool), np.array(starts, dtype=np.int64))
-
-
-# --- padded batches ----------------------------------------------------------------------------
-
-
-def fast_batch(tokenizer):
-    """The tokenizer's batch encoding: encode_batch_fast (tokenizers >= 0.21) skips the character
-    offsets, which nothing here reads."""
-    return getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-
-
-def single_type_ids_are_zero(tokenizer_json: str) -> bool:
-    """Whether a fast tokenizer (its JSON) gives every token of a single text type id 0: no
-    post-processor, or one (or a sequence of them) whose single-text template uses type 0 only."""
-    try:
-        processor = json.loads(tokenizer_json).get("post_processor")
-    except (ValueError, AttributeError):
-        return False
-
-    def zero(p) -> bool:
-        if p is None:
-            return True
-        kind = p.get("type")
-        if kind in ("BertProcessing", "RobertaProcessing", "ByteLevel"):
-            return True
-        if kind == "TemplateProcessing":
-            pieces = [next(iter(piece.values()), {}) for piece in p.get("single", [])]
-            return all(isinstance(x, dict) and x.get("type_id", 0) == 0 for x in pieces)
-        if kind == "Sequence":
-            return all(zero(q) for q in p.get("processors", []))
-        return False
-
-    return zero(processor)
-
-
-def encode_fast(batch, texts: list[tuple[str, ...]], mode: str, max_length: int, with_type_ids: bool = True) -> Encoded:
-    """Single texts or pairs through a configured fast tokenizer's batch encoding (see TextEncoder);
-    without `with_type_ids` the type ids are left None (all zero).
-
-    Pairs with a long part are not encoded jointly (see _encode_pairs): the result is the same,
-    but the joint encoding's truncation costs time and memory quadratic in the parts' lengths."""
-    lost = None  # per row, where known without the overflow: whether the row lost tokens
-    if mode == "single":
-        encodings = batch([t[0] for t in texts], add_special_tokens=True)
-    else:
-        encodings, lost = _encode_pairs(batch, texts, max_length)
-    ids = [e.ids for e in encodings]
-    type_ids = [e.type_ids for e in encodings] if with_type_ids else None
-    if lost is None:
-        flags = (len(i) >= max_length and bool(e.overflowing) for i, e in zip(ids, encodings))
-    else:
-        flags = (len(i) >= max_length and (bool(e.overflowing) if cut is None else cut) for i, e, cut in zip(ids, encodings, lost))
-    truncated = np.fromiter(flags, dtype=bool, count=len(encodings))
-    lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
-    return Encoded(ids, type_ids, lengths, truncated)
-
-
-# Pairs of at most this many characters per max_length token (both parts together) keep the joint
-# encoding, whose overflow is then bounded per row (a few combinations for prose, some tens where
-# each character is a token); longer pairs are encoded part by part (_encode_apart), which costs
-# each row a post_process call but no more.
-_JOINT_PAIR_CHARS_PER_TOKEN = 8
-_APART_GROUP_ROWS = 256  # pairs tokenized apart per call: bounds the untruncated parts held at once
-_APART_COPIES: Any = None  # tokenizer -> its copy without truncation (weak keys), made on first use
-
-
-def _encode_pairs(batch, texts: list[tuple[str, ...]], max_length: int) -> tuple[list, list | None]:
-    """The encodings `batch` gives the pairs (joint, truncated), at a cost linear in their lengths,
-    and per row whether it lost tokens: None where the encoding's overflow says (None: every row).
-
-    The joint encoding truncates each part (longest_first), then joins every overflowing piece of
-    one part with every piece of the other: two 6000-word parts take 27 s and 11 GB. Pairs with a
-    long part are encoded part by part instead and joined by the tokenizer's own post_process,
-    each part first cut to one token more than it keeps (_encode_apart)."""
-    limit = max_length * _JOINT_PAIR_CHARS_PER_TOKEN
-    apart = [len(t[0]) + len(t[1]) > limit for t in texts]
-    plan = _apart_plan(batch) if any(apart) else None
-    if plan is None:
-        return batch([(t[0], t[1]) for t in texts], add_special_tokens=True), None
-    if all(apart):
-        return _encode_apart(plan, texts)
-    joint = iter(batch([(t[0], t[1]) for t, a in zip(texts, apart) if not a], add_special_tokens=True))
-    split, split_lost = _encode_apart(plan, [t for t, a in zip(texts, apart) if a])
-    split, split_lost = iter(split), iter(split_lost)
-    encodings = [next(split) if a else next(joint) for a in apart]
-    lost = [next(split_lost) if a else None for a in apart]
-    return encodings, lost
-
-
-def _apart_plan(batch):
-    """(parts' batch encoding, joining post_process, budget) for the tokenizer behind `batch`, or None
-    where _encode_apart does not reproduce its joint encoding or need not (the joint one is used).
-
-    The copy that encodes the parts is made once per tokenizer: its other settings (model,
-    normalizer, post-processor...) are taken as fixed, as TextEncoder leaves them."""
-    global _APART_COPIES
-    import weakref
-
-    from tokenizers import Tokenizer
-
-    tokenizer = getattr(batch, "__self__", None)
-    if not isinstance(tokenizer, Tokenizer) or tokenizer.padding is not None:
-        return None
-    trunc = tokenizer.truncation
-    if trunc is None or (trunc["strategy"], trunc["stride"], trunc["direction"]) != ("longest_first", 0, "right"):
-        return None
-    # the parts' budget: what longest_first shares out once the special tokens are counted. Below 1
-    # the joint encoding stays linear: at 0 each part goes whole into the overflow, below 0 nothing
-    # is truncated (the subtraction wraps, in tokenizers).
-    budget = trunc["max_length"] - tokenizer.num_special_tokens_to_add(True)
-    if budget < 1:
-        return None
-    if _APART_COPIES is None:
-        _APART_COPIES = weakref.WeakKeyDictionary()
-    parts = _APART_COPIES.get(tokenizer)
-    if parts is None:
-        parts = Tokenizer.from_str(tokenizer.to_str())
-        parts.no_truncation()
-        parts.no_padding()
-        _APART_COPIES[tokenizer] = parts
-    # the parts go through the same batch method as the joint encoding: encode_batch_fast gives a
-    # pair's second part type id 0 where the post-processor keeps the parts' own (none, ByteLevel),
-    # encode_batch gives 1
-    return getattr(parts, batch.__name__), tokenizer.post_process, budget
-
-
-def _longest_first(n1: int, n2: int, budget: int) -> tuple[int, int]:
-    """How many tokens tokenizers' LongestFirst truncation keeps of parts of n1 and n2 tokens, given
-    `budget` tokens for both (n1 + n2 > budget): its truncate_encodings (utils/truncation.rs), step
-    by step. The shorter part (the first on a tie) keeps s if 2s <= budget, the longer the rest; else
-    the shorter keeps budget // 2, the longer the rest."""
-    swap = n1 > n2
-    short, long_ = (n2, n1) if swap else (n1, n2)
-    long_ = short if short > budget else max(short, budget - short)
-    if short + long_ > budget:
-        short = budget // 2
-        long_ = short + budget % 2
-    return (long_, short) if swap else (short, long_)
-
-
-def _encode_apart(plan, texts: list[tuple[str, ...]]) -> tuple[list, list]:
-    """Pairs encoded part by part, then joined by post_process (truncation + special tokens): the
-    joint encoding's result, and per row whether it lost tokens, at a cost linear in the lengths.
-
-    The joint encoding keeps the first k1 and k2 tokens of parts of n1 and n2 tokens
-    (_longest_first), and overflows iff n1 + n2 > budget. Here each part is first cut to at most
-    k + 1 tokens, and post_process's longest_first, on those lengths, keeps k1 and k2 again:
-    - the shorter part (s tokens) has 2s <= budget: it keeps s and is not cut; the longer, cut to
-      budget - s + 1 > s, is still the longer and gets budget - s;
-    - else each gets half: the shorter part is cut to budget // 2 + 1, the longer to
-      budget - budget // 2 + 1 (or not cut, if no longer than that), so 2s > budget still, and the
-      longer stays the longer, or equal where the order makes no difference (an even budget) or was
-      a tie (n1 = n2 = budget // 2 + 1, not cut at all).
-    post_process then truncates each cut part again, which replaces the pieces the first cut split
-    off with its one-token rest: a few overflow combinations per row, where the joint encoding
-    builds every piece of one part with every piece of the other."""
-    parts, post, budget = plan
-    out, lost = [], []
-    for start in range(0, len(texts), _APART_GROUP_ROWS):
-        group = texts[start:start + _APART_GROUP_ROWS]
-        # the second part encoded as the second of a pair with an empty first: its type ids are then
-        # those of the joint encoding (which a post-processor without a template keeps)
-        encodings = parts([t[0] for t in group] + [("", t[1]) for t in group], add_special_tokens=False)
-        for first, second in zip(encodings[:len(group)], encodings[len(group):]):
-            n1, n2 = len(first), len(second)
-            cut = n1 + n2 > budget
-            if cut:
-                k1, k2 = _longest_first(n1, n2, budget)
-                if n1 > k1 + 1:
-                    _cut_part(first, n1, k1 + 1)
-                if n2 > k2 + 1:
-                    _cut_part(second, n2, k2 + 1)
-            out.append(post(first, second, add_special_tokens=True))
-            lost.append(cut)
-    return out, lost
-
-
-def _cut_part(encoding, n: int, keep: int) -> None:
-    """Truncate `encoding` (n tokens) to `keep`. keep == 1 is a part that keeps no token, which
-    post_process's truncation to 0 moves whole into the overflow, its own overflow too: a cut to 2
-    first leaves that one token, not n - 1 pieces."""
-    if keep == 1 and n > 2:
-        encoding.truncate(2)
-    encoding.truncate(keep)
-
-
-def cut_huge(texts: list[tuple[str, ...]], max_length: int, mode: str) -> tuple[list[tuple[str, ...]], list[int]]:
-    """Texts far longer than any `max_length` tokens can span are cut (by characters) before
-    tokenizing: a 10 MB row would otherwise be tokenized whole, then truncated. The limit,
-    100 characters per token allowed, leaves real text's first max_length tokens unchanged."""
-    limit = max(max_length * HUGE_CHARS_PER_TOKEN, 100_000)
-    cut = [i for i, t in enumerate(texts) if any(len(part) > limit for part in t)]
-    if not cut:
-        return texts, cut
-    texts = list(texts)
-    for i in cut:
-        texts[i] = tuple(part[:limit] if mode != "prompt_completion" or j == 1 else part[-limit:]
-                         for j, part in enumerate(texts[i]))
-    return texts, cut
-
-
-def pad_rows(encoded: Encoded, rows: np.ndarray, length: int, pad_id: int, with_types: bool) -> dict[str, np.ndarray]:
-    """Right-padded int64 arrays for `rows` of `encoded`: input_ids, attention_mask (and token_type_ids)."""
-    flat_ids, flat_types, offsets = encoded.flat()
-    lens = encoded.lengths[rows]
-    positions = np.arange(length, dtype=np.int64)
-    mask = positions[None, :] < lens[:, None]
-    index = offsets[rows][:, None] + positions[None, :]
-    np.minimum(index, max(len(flat_ids) - 1, 0), out=index)
-    out = {
-        "input_ids": np.where(mask, flat_ids[index] if len(flat_ids) else 0, pad_id).astype(np.int64, copy=False),
-        "attention_mask": mask.astype(np.int64),
-    }
-    if with_types:
-        if flat_types is None:
-            out["token_type_ids"] = np.zeros((len(rows), length), dtype=np.int64)
-        else:
-            out["token_type_ids"] = np.where(mask, flat_types[index] if len(flat_types) else 0, 0).astype(np.int64, copy=False)
-    return out
-
-
-def pack_rows(encoded: Encoded, rows: np.ndarray, with_types: bool) -> dict[str, np.ndarray]:
-    """`rows` of `encoded` concatenated into one padding-free sequence of shape (1, T).
-
-    position_ids restart at 0 for every row; `cu_seqlens` (int32, n + 1) are the rows' boundaries
-    the varlen kernels take; `_segment` (T,) is each token's row, `_lengths` (n,) each row's
-    length: what pooling needs."""
-    flat_ids, flat_types, offsets = encoded.flat()
-    lens = encoded.lengths[rows].astype(np.int64)
-    cu = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(lens, out=cu[1:])
-    segment = np.repeat(np.arange(len(rows), dtype=np.int64), lens)
-    positions = np.arange(int(cu[-1]), dtype=np.int64) - cu[:-1][segment]
-    index = offsets[rows][segment] + positions
-    out = {
-        "input_ids": flat_ids[index][None, :],
-        "position_ids": positions[None, :],
-        "cu_seqlens": cu.astype(np.int32),
-        "_segment": segment,
-        "_lengths": lens,
-    }
-    if with_types:
-        types = flat_types[index] if flat_types is not None else np.zeros_like(index)
-        out["token_type_ids"] = types[None, :]
-    return out
-
-
-def has_local_attention(config) -> bool:
-    """Whether some layers attend within a window (sliding_window, ModernBERT's local_attention)."""
-    text = text_config(config)
-    layer_types = getattr(text, "layer_types", None) or ()
-    return bool(getattr(text, "sliding_window", None) or getattr(text, "local_attention", None)
-                or any("sliding" in str(t) or "local" in str(t) for t in layer_types))
-
-
-def takes_token_types(model, tokenizer) -> bool:
-    """Whether the model is given token type ids: its forward takes them and its tokenizer emits
-    them (`model_input_names`), as the tokenizer's own call would. RoBERTa, XLM-R and GPT-2 take
-    the argument but their tokenizers emit none: their type table has one row (GPT-2 would even
-    look types up in its word embeddings)."""
-    if not _accepts(model.forward, "token_type_ids"):
-        return False
-    names = getattr(tokenizer, "model_input_names", None)
-    return names is None or "token_type_ids" in names
-
-
-def _accepts(fn, name: str) -> bool:
-    params = inspect.signature(fn).parameters
-    return name in params
-
-
-def _accepts_kwargs(fn) -> bool:
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
-
-
-# --- tasks -------------------------------------------------------------------------------------
 
 class Task:
     """A task bound to one loaded model: tokenization mode, forward, output columns."""
@@ -697,7 +198,7 @@ class EmbedTask(Task):
 
     def packing_obstacle(self):
         forward = self.model.forward
-        if not (_accepts(forward, "position_ids") and _accepts_kwargs(forward)):
+        if not (accepts_argument(forward, "position_ids") and accepts_kwargs(forward)):
             return f"{type(self.model).__name__}.forward takes no position_ids and attention kwargs"
         return None
 
@@ -795,7 +296,7 @@ class ClassifyTask(Task):
         id2label = getattr(config, "id2label", None) or {}
         self.labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(self.num_labels)]
         base = getattr(model, "base_model", None)
-        self._base_takes_use_cache = base is not None and _accepts(base.forward, "use_cache")
+        self._base_takes_use_cache = base is not None and accepts_argument(base.forward, "use_cache")
 
     def output_fields(self):
         import pyarrow as pa
@@ -815,7 +316,7 @@ class ClassifyTask(Task):
             return "only decoder-only classifiers are packed"
         if base is None or base is self.model or not isinstance(head, torch.nn.Linear):
             return f"{type(self.model).__name__} has no base model plus linear `score` head"
-        if not (_accepts(base.forward, "position_ids") and _accepts_kwargs(base.forward)):
+        if not (accepts_argument(base.forward, "position_ids") and accepts_kwargs(base.forward)):
             return f"{type(base).__name__}.forward takes no position_ids and attention kwargs"
         return None
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attnfallback.scoring.tasks import Encoded, TextEncoder
+from attnfallback.scoring.tokenize import Encoded, TextEncoder
 
 log = logging.getLogger("attnfallback")
 
