@@ -321,9 +321,6 @@ def run_score_ray(job, address: str | None = None, actors: int | str = "auto", *
     return _run_ray(job, address, actors, actor_cpus, batch_rows, echo).result
 
 
-ENGINES = ("local", "ray")
-
-
 def _actor_env() -> dict[str, str]:
     """WORKER_ENV, and the bytecode directory the command line chose (bytecode.py), so the actors'
     imports read bytecode too."""
@@ -335,37 +332,21 @@ def _actor_env() -> dict[str, str]:
     return env
 
 
-def run_score_engine(job, engine: str = "local", address: str | None = None, actors: int | str = "auto"):
-    """`score --engine local|ray`: run_score(job) here, or run_score_ray on a Ray cluster."""
-    from attnfallback.errors import UnknownNameError
-
-    if engine == "ray":
-        return run_score_ray(job, address=address, actors=actors)
-    if engine != "local":
-        raise UnknownNameError("engine", engine, ENGINES)
-    if address is not None:
-        raise UsageError("--address needs --engine ray")
-    from attnfallback.scoring import run_score
-
-    return run_score(job)
-
-
 def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
     require_ray()
     import pyarrow.compute as pc
 
     from attnfallback.events import new_run_id
     from attnfallback.scoring.inputs import open_input, resolve_spec
-    from attnfallback.scoring.job import ScoreResult, _validate_job, validate_input
+    from attnfallback.scoring.job import ScoreResult, validate_input, validate_job
     from attnfallback.scoring.writer import output_metadata
-    from attnfallback.sweep.config import WORKER_ENV
     from attnfallback.task_names import default_text_columns
 
     if job.shard is not None:
         raise UsageError("--shard with the Ray engine: Ray spreads the rows over its actors (each a shard in the "
                          "events); pass --actors N instead")
     actors = parse_actors(actors)
-    task = _validate_job(job)
+    task = validate_job(job)
     source = open_input(job.input)
     spec = resolve_spec(source, default_text_columns(task), job.text_column, job.text_columns, job.id_column)
     if job.on_bad_row == "error":
