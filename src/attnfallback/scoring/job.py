@@ -120,7 +120,9 @@ class _Counts:
     skipped_rows: list[int] = field(default_factory=list)  # every skipped row number (a sweep merges by them)
 
 
-def _validate_job(job: ScoreJob) -> str:
+def validate_job(job: ScoreJob) -> str:
+    """Check `job`'s settings before any input is read (a UsageError naming the setting, exit 2);
+    returns its task's canonical name. Both engines check a job with it."""
     task = parse_task(job.task)
     if not job.input:
         raise UsageError("no input: pass --input FILE")
@@ -361,7 +363,7 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
     phases = Phases(process_age())
     if scorer is None and job.device != "cpu":
         _start_in_background(_warm_device)  # CUDA's context is made while the input and config are read
-    task = _validate_job(job)
+    task = validate_job(job)
     shard = parse_shard(job.shard)
     shard_text = str(shard)
     run_id = job.run_id or envs.value(envs.RUN_ID) or new_run_id()

@@ -356,7 +356,7 @@ def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
 
     from attnfallback.events import new_run_id
     from attnfallback.scoring.inputs import open_input, resolve_spec
-    from attnfallback.scoring.job import ScoreResult, _validate_job, validate_input
+    from attnfallback.scoring.job import ScoreResult, validate_input, validate_job
     from attnfallback.scoring.writer import output_metadata
     from attnfallback.sweep.config import WORKER_ENV
     from attnfallback.task_names import default_text_columns
@@ -365,7 +365,7 @@ def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
         raise UsageError("--shard with the Ray engine: Ray spreads the rows over its actors (each a shard in the "
                          "events); pass --actors N instead")
     actors = parse_actors(actors)
-    task = _validate_job(job)
+    task = validate_job(job)
     source = open_input(job.input)
     spec = resolve_spec(source, default_text_columns(task), job.text_column, job.text_columns, job.id_column)
     if job.on_bad_row == "error":
