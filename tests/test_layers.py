@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("scoring", ["scoring.inputs", "scoring.tasks", "scoring.tokenizer_process", "scoring.writer", "scoring.pipeline",
                  "scoring.job", "scoring"]),
     ("over scoring", ["bench", "parity"]),
-    ("sweeps", ["sweep.config", "sweep.state", "sweep.local", "sweep.ray_engine", "sweep.demo", "sweep"]),
+    ("sweeps", ["sweep.config", "sweep.state", "sweep.local", "sweep.ray_engine", "sweep.engines", "sweep.demo", "sweep"]),
     ("command line", ["cli.common", "cli.probe", "cli.plan", "cli.load", "cli.bench", "cli.parity", "cli.events",
                       "cli.score", "cli.sweep", "cli.demo", "cli.app", "cli"]),
     ("the package's front", [""]),

@@ -122,7 +122,7 @@ def test_shard_flag_is_refused_on_ray(tmp_path):
 def test_score_engine_dispatch_refuses_unknown_engines_and_stray_addresses(tmp_path):
     from attnfallback.errors import UnknownNameError
     from attnfallback.scoring import ScoreJob
-    from attnfallback.sweep.ray_engine import run_score_engine
+    from attnfallback.sweep.engines import run_score_engine
 
     job = ScoreJob(input=str(tmp_path / "t.jsonl"), output=str(tmp_path / "o.parquet"))
     with pytest.raises(UnknownNameError, match="local, ray"):

@@ -68,7 +68,7 @@ def register(app: typer.Typer) -> None:
     ):
         """Score MODEL over one shard of --input into --output (Parquet, id first, input order)."""
         from attnfallback.scoring.job import ScoreJob
-        from attnfallback.sweep.ray_engine import run_score_engine
+        from attnfallback.sweep.engines import run_score_engine
 
         job = ScoreJob(
             model=model, input=input, output=output, task=task, text_column=text_column,

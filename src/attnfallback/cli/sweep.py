@@ -13,24 +13,11 @@ from attnfallback.cli.common import JSON, print_json, stderr_console, stdout_con
 def run_sweep(config_path: str, resume: bool = False, engine: str = "local", address: str | None = None,
               echo=None):
     """Run the sweep a TOML file describes; returns the SweepResult (failed shards included)."""
-    from attnfallback.errors import UnknownNameError, UsageError
     from attnfallback.sweep.config import load_config
-    from attnfallback.sweep.ray_engine import ENGINES, require_ray
+    from attnfallback.sweep.engines import check_engine, run_sweep_engine
 
-    if engine not in ENGINES:
-        raise UnknownNameError("engine", engine, ENGINES)
-    if engine == "ray":
-        require_ray()  # before anything is read or written: exit 2 with the install line
-    elif address is not None:
-        raise UsageError("--address needs --engine ray")
-    config = load_config(config_path)
-    if engine == "ray":
-        from attnfallback.sweep.ray_engine import run_sweep_ray
-
-        return run_sweep_ray(config, resume=resume, address=address, echo=echo)
-    from attnfallback.sweep.local import run_local
-
-    return run_local(config, resume=resume, echo=echo)
+    check_engine(engine, address)  # before anything is read or written: exit 2 with the install line for Ray
+    return run_sweep_engine(load_config(config_path), engine, resume=resume, address=address, echo=echo)
 
 
 def format_table(rows: list[dict], columns: list[str], headers: dict[str, str] | None = None) -> list[str]:

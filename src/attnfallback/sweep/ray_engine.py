@@ -321,9 +321,6 @@ def run_score_ray(job, address: str | None = None, actors: int | str = "auto", *
     return _run_ray(job, address, actors, actor_cpus, batch_rows, echo).result
 
 
-ENGINES = ("local", "ray")
-
-
 def _actor_env() -> dict[str, str]:
     """WORKER_ENV, and the bytecode directory the command line chose (bytecode.py), so the actors'
     imports read bytecode too."""
@@ -333,21 +330,6 @@ def _actor_env() -> dict[str, str]:
     if os.environ.get("PYTHONPYCACHEPREFIX"):
         env["PYTHONPYCACHEPREFIX"] = os.environ["PYTHONPYCACHEPREFIX"]
     return env
-
-
-def run_score_engine(job, engine: str = "local", address: str | None = None, actors: int | str = "auto"):
-    """`score --engine local|ray`: run_score(job) here, or run_score_ray on a Ray cluster."""
-    from attnfallback.errors import UnknownNameError
-
-    if engine == "ray":
-        return run_score_ray(job, address=address, actors=actors)
-    if engine != "local":
-        raise UnknownNameError("engine", engine, ENGINES)
-    if address is not None:
-        raise UsageError("--address needs --engine ray")
-    from attnfallback.scoring import run_score
-
-    return run_score(job)
 
 
 def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
