@@ -102,6 +102,10 @@ def test_explicit_configs_override_the_defaults(tmp_path, texts):
     ('output = "o"\ninput = "{t}"\ndevices = "gpu"\n', "devices", '"auto"'),
     ('output = "o"\ninput = "{t}"\nworkers = 0\n', "workers", ">= 1"),
     ('output = "o"\ninput = "{t}"\n[grid]\npolicy = "strict"\n', "policy", "non-empty list"),
+    ('output = "o"\ninput = "{t}"\npacking = "always"\n', "packing", "unknown value 'always'; valid: auto, off"),
+    ('output = "o"\ninput = "{t}"\npacking = false\n', "packing", "auto | off"),
+    ('output = "o"\ninput = "{t}"\ntokenizer_process = "thread"\n', "tokenizer_process", "unknown value 'thread'; valid: auto, off"),
+    ('output = "o"\ninput = "{t}"\n[grid]\nmeasure = ["on", "sometimes"]\n', "measure", "unknown measure mode 'sometimes'; valid: auto, on, off"),
 ])
 def test_bad_configurations_name_the_key(tmp_path, texts, body, key, fragment):
     path = write_toml(tmp_path, body.format(t=texts.name))
@@ -213,3 +217,20 @@ def test_a_saved_dataset_directory_is_an_input_and_an_empty_id_column_is_passed_
     assert spec.input == str(tmp_path / "eval-set")
     args = config.jobs("run-1")[0].score_args(device="cpu")
     assert args[args.index("--id-column") + 1] == ""  # the row number, even if the input grows an `id` column
+
+
+def test_the_manifest_names_the_newer_keys_only_when_set_so_older_manifests_still_resume(tmp_path, texts):
+    base = {"output": str(tmp_path / "out"), "input": str(texts), "run_id": "r"}
+    (spec,) = parse_config(base).specs
+    recorded = spec.to_dict()
+    for key in ("allow_new_head", "packing", "tokenizer_process", "measure"):
+        assert key not in recorded
+    state = claim_output(parse_config(base), resume=False, engine="local")
+    manifest = json.loads(state.path.read_text())
+    assert "packing" not in manifest["config"]["configs"][0]
+    # a manifest written before the keys existed compares equal to the same configuration today
+    assert claim_output(parse_config(base), resume=True, engine="local").run_id == "r"
+    (changed,) = parse_config({**base, "packing": "off", "measure": "on"}).specs
+    assert changed.to_dict()["packing"] == "off" and changed.to_dict()["measure"] == "on"
+    with pytest.raises(ConfigError, match="measure, packing differ"):
+        claim_output(parse_config({**base, "packing": "off", "measure": "on"}), resume=True, engine="local")

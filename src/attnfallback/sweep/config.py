@@ -64,6 +64,9 @@ JOB_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "trust_remote_code": ((bool,), "true | false"),
     "allow_new_head": ((bool,), "true | false (score with weights the checkpoint lacks, initialised at random)"),
     "part_rows": ((int,), "a positive integer (rows per committed part, the unit of --resume)"),
+    "packing": ((str,), "auto | off (padding-free batches under flash implementations)"),
+    "tokenizer_process": ((str,), "auto | off (on CUDA, tokenize in a child process)"),
+    "measure": ((str,), "auto | on | off (time the viable implementations and keep the fastest)"),
     "shards": ((int,), "an integer >= 1"),
 }
 SWEEP_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -79,6 +82,9 @@ SWEEP_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 CONFIG_KEYS = {"name": ((str,), "a short name"), **JOB_KEYS}
 
 MANIFEST = "sweep.json"
+# JobSpec keys added after the first manifests were written: recorded only when set, so that an
+# older manifest compares equal to the same configuration and its sweep still resumes
+LATER_KEYS = ("allow_new_head", "packing", "tokenizer_process", "measure")
 
 # Set in the environment of every worker a sweep or the Ray engine starts (local processes, Ray
 # actors), over what the parent has: NVLink multicast off in NCCL, PyTorch and NVSHMEM. The scorer
@@ -89,7 +95,8 @@ WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", 
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What one configuration scores (the `attnfallback score` arguments, shard aside)."""
+    """What one configuration scores: the ScoreJob fields of the same names (`score_job`), less
+    where each shard runs and writes; `name` and `shards` are the sweep's own."""
 
     name: str
     model: str = "default"
@@ -110,15 +117,38 @@ class JobSpec:
     part_rows: int | None = None
     shards: int = 1
     allow_new_head: bool = False
+    packing: str = "auto"
+    tokenizer_process: str = "auto"
+    measure: str | None = None  # None: the job's default ($ATTNFALLBACK_MEASURE, else auto)
 
     def to_dict(self) -> dict:
+        """The configuration as the manifest records it (sweep.json; --resume compares it)."""
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        if not d["allow_new_head"]:
-            del d["allow_new_head"]  # only when set: a manifest written before the key existed still resumes
+        for k in LATER_KEYS:
+            if d[k] == self.__dataclass_fields__[k].default:
+                del d[k]  # only when set: a manifest written before the key existed still resumes
         for k in ("text_columns", "prefer"):
             if d[k] is not None:
                 d[k] = list(d[k])
         return d
+
+    def score_job(self, run_id: str, shard: Shard | str | None, output: str | os.PathLike, events: str | os.PathLike,
+                  device: str = "auto", resume: bool = False):
+        """The ScoreJob of this configuration's `shard` (None: every row, which Ray's actors split):
+        each field the two classes share, by name (a None here leaves the job's default), plus
+        where it runs and writes; quiet (no progress bar)."""
+        from dataclasses import fields
+
+        from attnfallback.scoring.job import ScoreJob
+
+        shared = {f.name for f in fields(ScoreJob)} & {f.name for f in fields(self)}
+        values = {}
+        for name in sorted(shared):
+            value = getattr(self, name)
+            if value is not None:
+                values[name] = list(value) if isinstance(value, tuple) else value
+        return ScoreJob(**values, output=str(output), shard=None if shard is None else str(shard), events=str(events),
+                        run_id=run_id, device=device, resume=resume, quiet=True)
 
 
 @dataclass(frozen=True)
@@ -310,7 +340,9 @@ def _parse_devices(value: Any, where: str | None) -> str | list[int]:
 
 
 def _build_spec(fields: dict, varying: dict, base: Path, where: str | None) -> JobSpec:
-    from attnfallback.policy import parse_dtype, parse_mode, parse_prefer
+    from attnfallback.policy import parse_dtype, parse_measure, parse_mode, parse_prefer
+    from attnfallback.scoring.tasks import PACKING_MODES
+    from attnfallback.scoring.tokenizer_process import TOKENIZER_PROCESS_MODES
 
     def fail(key: str, message: str) -> ConfigError:
         label = fields.get("name") or ", ".join(f"{k}={v}" for k, v in varying.items()) or "the configuration"
@@ -337,9 +369,15 @@ def _build_spec(fields: dict, varying: dict, base: Path, where: str | None) -> J
     except AttnFallbackError as e:
         key = "policy" if "policy" in str(e) else "dtype" if "dtype" in str(e) else "prefer"
         raise fail(key, str(e)) from None
-    for key, allowed in (("on_bad_row", BAD_ROW), ("on_nonfinite", NONFINITE)):
+    # the first value of each is the default
+    for key, allowed in (("on_bad_row", BAD_ROW), ("on_nonfinite", NONFINITE), ("packing", PACKING_MODES),
+                         ("tokenizer_process", TOKENIZER_PROCESS_MODES)):
         if fields.get(key, allowed[0]) not in allowed:
             raise fail(key, f"unknown value {fields[key]!r}; valid: {', '.join(allowed)}")
+    try:
+        measure = parse_measure(fields["measure"]) if "measure" in fields else None
+    except AttnFallbackError as e:
+        raise fail("measure", str(e)) from None
     for key in ("batch_tokens", "max_length", "part_rows"):
         if key in fields and fields[key] < 1:
             raise fail(key, f"must be >= 1, found {fields[key]}")
@@ -370,6 +408,9 @@ def _build_spec(fields: dict, varying: dict, base: Path, where: str | None) -> J
         allow_new_head=fields.get("allow_new_head", False),
         part_rows=fields.get("part_rows"),
         shards=shards,
+        packing=fields.get("packing", "auto"),
+        tokenizer_process=fields.get("tokenizer_process", "auto"),
+        measure=measure,
     )
 
 
