@@ -153,7 +153,7 @@ class JobSpec:
 
 @dataclass(frozen=True)
 class SweepJob:
-    """One configuration x shard: runs as one `attnfallback score --shard I/N` process."""
+    """One configuration x shard: runs as one `attnfallback score --job FILE` process (its shard I/N)."""
 
     spec: JobSpec
     run_id: str
@@ -166,33 +166,32 @@ class SweepJob:
     def key(self) -> str:
         return f"{self.spec.name}/{self.shard}"
 
-    def score_args(self, device: str = "auto", resume: bool = False) -> list[str]:
-        """The `attnfallback score` command line of this job (without the program name)."""
-        s = self.spec
-        args = ["score", s.model, "--input", s.input, "--output", str(self.output), "--task", s.task,
-                "--shard", str(self.shard), "--policy", s.policy, "--dtype", s.dtype, "--device", device,
-                "--events", str(self.events), "--run-id", self.run_id,
-                "--on-bad-row", s.on_bad_row, "--on-nonfinite", s.on_nonfinite, "--quiet", "--json"]
-        optional = {
-            "--revision": s.revision,
-            "--text-column": s.text_column,
-            "--text-columns": ",".join(s.text_columns) if s.text_columns else None,
-            "--id-column": s.id_column,
-            "--prefer": ",".join(s.prefer) if s.prefer else None,
-            "--batch-tokens": s.batch_tokens,
-            "--max-length": s.max_length,
-            "--part-rows": s.part_rows,
-        }
-        for flag, value in optional.items():
-            if value is not None:
-                args += [flag, str(value)]
-        if s.trust_remote_code:
-            args.append("--trust-remote-code")
-        if s.allow_new_head:
-            args.append("--allow-new-head")
-        if resume:
-            args.append("--resume")
-        return args
+    @property
+    def job_file(self) -> Path:
+        """Where the local engine writes this job's ScoreJob (`score --job`), beside its log."""
+        return self.log.with_suffix(".job.json")
+
+    @property
+    def result_file(self) -> Path:
+        """Where this job's process writes its result (`score --result`), beside its log."""
+        return self.log.with_suffix(".result.json")
+
+    def score_job(self, device: str = "auto", resume: bool = False):
+        """The ScoreJob of this configuration x shard, on `device` (JobSpec.score_job)."""
+        return self.spec.score_job(self.run_id, self.shard, self.output, self.events, device=device, resume=resume)
+
+    def write_job_file(self, device: str = "auto", resume: bool = False) -> Path:
+        """Write `score_job(device, resume)` to `job_file`, atomically; returns the file."""
+        from attnfallback import atomic
+
+        self.job_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(self.job_file, self.score_job(device, resume).to_dict(), indent=2)
+        return self.job_file
+
+    def score_args(self) -> list[str]:
+        """The `attnfallback score` arguments (without the program name) that run this job from its
+        job file (`write_job_file`) and write its result to `result_file`."""
+        return ["score", "--job", str(self.job_file), "--result", str(self.result_file)]
 
 
 @dataclass
