@@ -340,7 +340,6 @@ def _run_ray(job, address, actors, actor_cpus, batch_rows, echo) -> RayRun:
     from attnfallback.scoring.inputs import open_input, resolve_spec
     from attnfallback.scoring.job import ScoreResult, validate_input, validate_job
     from attnfallback.scoring.writer import output_metadata
-    from attnfallback.sweep.config import WORKER_ENV
     from attnfallback.task_names import default_text_columns
 
     if job.shard is not None:
