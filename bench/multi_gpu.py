@@ -382,6 +382,21 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
+def shard_of(args: list[str]) -> str | None:
+    """The shard a `score` command line runs: its --shard, else the shard of its --job file (a
+    sweep's shards run from job files)."""
+    for flag in ("--shard", "--job"):
+        if flag in args[:-1]:
+            value = args[args.index(flag) + 1]
+            if flag == "--shard":
+                return value
+            try:
+                return json.loads(Path(value).read_text(encoding="utf-8")).get("shard")
+            except (OSError, ValueError, AttributeError):
+                return None
+    return None
+
+
 def committed(output: Path) -> tuple[int, int]:
     """(parts, rows) committed so far at a shard's output (its parts manifest)."""
     manifest = output.parent / f".{output.name}.parts" / "manifest.json"
@@ -399,8 +414,7 @@ def kill_when_committed(sweep: subprocess.Popen, shard: str, output: Path, after
     while sweep.poll() is None:
         if victim is None:
             for pid in child_pids(sweep.pid):
-                args = cmdline(pid)
-                if "--shard" in args and args[args.index("--shard") + 1] == shard:
+                if shard_of(cmdline(pid)) == shard:
                     victim = pid
                     found["pid"] = pid
         elif committed(output)[0] >= after_parts:

@@ -4,6 +4,7 @@ causal model; a failure that is not the attention's is not reported as one."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -188,14 +189,13 @@ def test_a_corrupt_checkpoint_exits_2_not_3(tiny_bert, tmp_path, capsys):
 
 def test_a_sweep_configuration_may_allow_a_new_head(tmp_path, texts):
     from attnfallback.sweep.config import parse_config
-    from attnfallback.sweep.ray_engine import score_job_for
 
     allowed = parse_config({"output": "out", "input": texts.name, "task": "classify", "allow_new_head": True}, base=tmp_path)
     (job,) = allowed.jobs("r")
-    assert "--allow-new-head" in job.score_args()
-    assert score_job_for(allowed.specs[0], tmp_path / "o.parquet", tmp_path / "ev", "r").allow_new_head
+    assert json.loads(job.write_job_file().read_text())["allow_new_head"] is True  # the local engine's job file
+    assert allowed.specs[0].score_job("r", None, tmp_path / "o.parquet", tmp_path / "ev").allow_new_head  # Ray's job
     plain = parse_config({"output": "out", "input": texts.name, "task": "classify"}, base=tmp_path)
-    assert "--allow-new-head" not in plain.jobs("r")[0].score_args()
+    assert json.loads(plain.jobs("r")[0].write_job_file().read_text())["allow_new_head"] is False
     assert "allow_new_head" not in plain.specs[0].to_dict()  # manifests from before the key still resume
 
 

@@ -132,3 +132,31 @@ def test_every_variable_of_ours_is_named_in_envs_alone():
     named = {v for k, v in vars(envs).items() if k.isupper() and isinstance(v, str) and name.fullmatch(v)}
     undocumented = sorted(v for v in named if v not in envs.__doc__)
     assert named and not undocumented, f"envs.py's table lacks {undocumented}"
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_no_module_uses_another_modules_private_names():
+    # a private name is the module's own business: a name another module needs is public, with a docstring
+    crossing = []
+    for path in SOURCES:
+        tree = ast.parse(path.read_text(), str(path))
+        bound = {}  # local name -> module of the package it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PACKAGE) and not node.level:
+                for alias in node.names:
+                    if _private(alias.name):
+                        crossing.append(f"{path.relative_to(SOURCE)}:{node.lineno}: from {node.module} import {alias.name}")
+                    if _is_module(f"{node.module}.{alias.name}"):
+                        bound[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith(PACKAGE) and alias.asname:
+                        bound[alias.asname] = alias.name
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and _private(node.attr) and isinstance(node.value, ast.Name)
+                    and node.value.id in bound and bound[node.value.id] != module_of(path)):
+                crossing.append(f"{path.relative_to(SOURCE)}:{node.lineno}: {node.value.id}.{node.attr} ({bound[node.value.id]})")
+    assert not crossing, "private names used across modules:\n" + "\n".join(crossing)

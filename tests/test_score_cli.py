@@ -177,3 +177,60 @@ def test_a_saved_dataset_and_a_compressed_file_score_and_resume(model_dir, tmp_p
     os.utime(data_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert score(model_dir, ds, tmp_path / "ds.parquet", "--resume") == 2
     assert "different job (input_mtime_ns" in capsys.readouterr().err
+
+
+def test_job_reads_the_whole_job_from_a_file_and_result_writes_what_json_prints(model_dir, tmp_path, capsys):
+    from attnfallback.scoring import ScoreJob
+
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "one"}, {"text": ""}, {"text": "three"}])
+    job = ScoreJob(model=str(model_dir), input=str(path), output=str(tmp_path / "o.parquet"), on_bad_row="skip",
+                   device="cpu", quiet=True, run_id="from-a-file")
+    (tmp_path / "job.json").write_text(json.dumps(job.to_dict()))
+    result = tmp_path / "result.json"
+    assert main(["score", "--job", str(tmp_path / "job.json"), "--result", str(result), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads(result.read_text())
+    assert written == printed
+    assert written["run_id"] == "from-a-file" and written["rows_written"] == 2 and written["rows_skipped"] == 1
+    assert not list(tmp_path.glob(".result.json.tmp-*"))  # written atomically: no temporary file left
+    # --result without --job, and without --json (the summary is printed as text then)
+    again = tmp_path / "again.json"
+    assert main(["score", str(model_dir), "--input", str(path), "--output", str(tmp_path / "o2.parquet"), "--on-bad-row", "skip",
+                 "--device", "cpu", "--quiet", "--result", str(again)]) == 0
+    assert "2 rows written" in capsys.readouterr().out
+    assert json.loads(again.read_text())["rows_written"] == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["default"], "given besides it: MODEL"),
+    (["--input", "x.jsonl", "--shard", "0/2"], "given besides it: --input, --shard"),
+    (["--trust-remote-code"], "given besides it: --trust-remote-code"),
+])
+def test_options_of_the_job_besides_job_exit_2_naming_them(tmp_path, capsys, extra, message):
+    (tmp_path / "job.json").write_text(json.dumps({"input": "in.jsonl", "output": "o.parquet"}))
+    assert main(["score", "--job", str(tmp_path / "job.json"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "(write them into the job file instead)" in err
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read the job file"),
+    ("{not json", "not JSON"),
+    ('{"input": "in.jsonl", "output": "o.parquet", "shards": 2}', "unknown key(s) in the scoring job: 'shards'"),
+    ('{"input": "in.jsonl", "part_rows": "many"}', "part_rows in the scoring job must be an integer, found 'many'"),
+])
+def test_a_job_file_that_is_missing_or_no_job_exits_2_naming_the_file(tmp_path, capsys, content, message):
+    job = tmp_path / "job.json"
+    if content is not None:
+        job.write_text(content)
+    assert main(["score", "--job", str(job), "--result", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert str(job) in err and message in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_without_job_model_input_and_output_are_still_required(capsys):
+    assert main(["score", "--input", "x.jsonl", "--output", "o.parquet"]) == 2
+    assert "Missing argument" in capsys.readouterr().err
+    assert main(["score", "m", "--output", "o.parquet"]) == 2
+    assert "Missing option '--input'" in capsys.readouterr().err

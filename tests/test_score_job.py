@@ -469,3 +469,32 @@ def test_the_output_is_one_row_group_a_part_with_no_dictionary_or_statistics_on_
     assert read_output_metadata(out)["result"]["rows_written"] == 61
     assert result.padded_tokens > result.tokens > 0  # rows of different lengths, padded batches on the CPU
 
+
+
+def test_a_job_round_trips_through_its_dict_and_json():
+    import json
+    from dataclasses import fields
+
+    job = ScoreJob(model="m", input="in.jsonl", output="out.parquet", task="pairs", text_columns=["a", "b"], id_column="",
+                   shard="1/3", prefer=["flash_attention_2", "sdpa"], policy="strict", dtype="float16", device="cuda",
+                   batch_tokens=4096, max_length=128, events="ev", run_id="r-1", resume=True, on_bad_row="skip",
+                   on_nonfinite="flag", quiet=True, revision="abc", trust_remote_code=True, part_rows=64, first_part_rows=8,
+                   packing="off", tokenizer_process="off", measure="off", allow_new_head=True)
+    d = job.to_dict()
+    assert set(d) == {f.name for f in fields(ScoreJob)}
+    assert ScoreJob.from_dict(json.loads(json.dumps(d))) == job
+    assert ScoreJob.from_dict({}) == ScoreJob()  # a missing field takes its default
+    assert ScoreJob.from_dict({"prefer": "sdpa,eager"}).prefer == "sdpa,eager"  # as the --prefer flag gives it
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"model": "m", "modle": "x", "shards": 2}, r"job.json: unknown key\(s\) in the scoring job: 'modle', 'shards'; valid keys: model, "),
+    ({"part_rows": "64"}, "job.json: part_rows in the scoring job must be an integer, found '64'"),
+    ({"part_rows": True}, "part_rows in the scoring job must be an integer, found True"),
+    ({"resume": 1}, "resume in the scoring job must be true or false, found 1"),
+    ({"text_columns": ["a", 2]}, r"text_columns in the scoring job must be a list of strings or null, found \['a', 2\]"),
+    (["model"], "job.json: a scoring job must be a JSON object of its fields, found list"),
+])
+def test_a_job_dict_with_unknown_keys_or_wrong_types_is_a_usage_error_naming_them(data, message):
+    with pytest.raises(UsageError, match=message):
+        ScoreJob.from_dict(data, where="job.json")

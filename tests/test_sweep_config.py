@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 
 from attnfallback.cli.app import main
 from attnfallback.errors import ConfigError
+from attnfallback.scoring import ScoreJob
 from attnfallback.sweep.config import load_config, parse_config
 from attnfallback.sweep.local import Worker, job_env, plan_workers
 from attnfallback.sweep.state import claim_output
@@ -46,12 +48,16 @@ prefer = "flash_attention_2, sdpa"
     assert [str(j.shard) for j in jobs] == ["0/3", "1/3", "2/3"]
     assert {j.run_id for j in jobs} == {"run-1"}
     assert len({j.output for j in jobs}) == 3
-    args = jobs[1].score_args(device="cpu")
-    assert args[:2] == ["score", "default"]
-    assert args[args.index("--shard") + 1] == "1/3"
-    assert args[args.index("--prefer") + 1] == "flash_attention_2,sdpa"
-    assert args[args.index("--run-id") + 1] == "run-1"
-    assert "--resume" not in args and "--resume" in jobs[1].score_args(resume=True)
+    job = jobs[1].score_job(device="cpu")
+    assert job == ScoreJob(model="default", input=str(texts), output=str(jobs[1].output), task="embed", text_column="text",
+                           shard="1/3", prefer=["flash_attention_2", "sdpa"], policy="graceful", dtype="auto", device="cpu",
+                           events=str(config.events), run_id="run-1", quiet=True)
+    assert not job.resume and jobs[1].score_job(resume=True).resume
+    # the job's process reads it from a file beside its log and writes its result beside it too
+    path = jobs[1].write_job_file(device="cpu", resume=True)
+    assert path == tmp_path / "out" / "main" / "logs" / "1-of-3.job.json"
+    assert ScoreJob.from_dict(json.loads(path.read_text())) == replace(job, resume=True)
+    assert jobs[1].score_args() == ["score", "--job", str(path), "--result", str(path.with_name("1-of-3.result.json"))]
 
 
 def test_grid_multiplies_models_inputs_policies_each_with_its_own_run_id(tmp_path, texts):
@@ -102,6 +108,10 @@ def test_explicit_configs_override_the_defaults(tmp_path, texts):
     ('output = "o"\ninput = "{t}"\ndevices = "gpu"\n', "devices", '"auto"'),
     ('output = "o"\ninput = "{t}"\nworkers = 0\n', "workers", ">= 1"),
     ('output = "o"\ninput = "{t}"\n[grid]\npolicy = "strict"\n', "policy", "non-empty list"),
+    ('output = "o"\ninput = "{t}"\npacking = "always"\n', "packing", "unknown value 'always'; valid: auto, off"),
+    ('output = "o"\ninput = "{t}"\npacking = false\n', "packing", "auto | off"),
+    ('output = "o"\ninput = "{t}"\ntokenizer_process = "thread"\n', "tokenizer_process", "unknown value 'thread'; valid: auto, off"),
+    ('output = "o"\ninput = "{t}"\n[grid]\nmeasure = ["on", "sometimes"]\n', "measure", "unknown measure mode 'sometimes'; valid: auto, on, off"),
 ])
 def test_bad_configurations_name_the_key(tmp_path, texts, body, key, fragment):
     path = write_toml(tmp_path, body.format(t=texts.name))
@@ -211,5 +221,71 @@ def test_a_saved_dataset_directory_is_an_input_and_an_empty_id_column_is_passed_
     config = parse_config({"output": "out", "input": "eval-set", "id_column": "", "shards": 2}, base=tmp_path)
     (spec,) = config.specs
     assert spec.input == str(tmp_path / "eval-set")
-    args = config.jobs("run-1")[0].score_args(device="cpu")
-    assert args[args.index("--id-column") + 1] == ""  # the row number, even if the input grows an `id` column
+    job_file = config.jobs("run-1")[0].write_job_file(device="cpu")
+    # the row number, even if the input grows an `id` column
+    assert json.loads(job_file.read_text())["id_column"] == ""
+
+
+def test_packing_tokenizer_process_and_measure_reach_each_shards_job(tmp_path, texts):
+    path = write_toml(tmp_path, f"""
+output = "out"
+input = "{texts.name}"
+shards = 2
+packing = "off"
+[grid]
+measure = ["off", "on"]
+[[configs]]
+name = "a"
+tokenizer_process = "off"
+[[configs]]
+name = "b"
+""")
+    config = load_config(path)
+    settings = {s.name: (s.packing, s.tokenizer_process, s.measure) for s in config.specs}
+    assert settings == {"a.off": ("off", "off", "off"), "a.on": ("off", "off", "on"),
+                        "b.off": ("off", "auto", "off"), "b.on": ("off", "auto", "on")}
+    for job in config.jobs("r"):
+        written = ScoreJob.from_dict(json.loads(job.write_job_file(device="cpu").read_text()))
+        assert (written.packing, written.tokenizer_process, written.measure) == settings[job.spec.name]
+    plain = parse_config({"output": "o", "input": str(texts)}).jobs("r")[0].score_job()
+    assert (plain.packing, plain.tokenizer_process, plain.measure) == ("auto", "auto", None)  # the job's defaults
+
+
+def test_every_field_a_spec_shares_with_the_job_reaches_the_job(tmp_path, texts):
+    # JobSpec.score_job goes by the field names: a field added to both is carried without more code
+    from attnfallback.sweep.config import JobSpec
+
+    config = parse_config({"output": "o", "input": str(texts), "model": "m", "revision": "abc", "task": "pairs",
+                           "text_columns": ["a", "b"], "id_column": "key", "policy": "strict", "prefer": ["sdpa"],
+                           "dtype": "float16", "batch_tokens": 512, "max_length": 64, "on_bad_row": "skip",
+                           "on_nonfinite": "flag", "trust_remote_code": True, "allow_new_head": True, "part_rows": 32,
+                           "packing": "off", "tokenizer_process": "off", "measure": "off", "text_column": "a"}, base=tmp_path)
+    (spec,) = config.specs
+    job = config.jobs("r")[0].score_job()
+    shared = {f.name for f in fields(JobSpec)} & {f.name for f in fields(ScoreJob)}
+    defaults = ScoreJob()
+    for name in shared:
+        value = getattr(spec, name)
+        assert getattr(job, name) == (list(value) if isinstance(value, tuple) else value), name
+        assert getattr(job, name) != getattr(defaults, name), f"{name}: set to a value other than the default above"
+    assert job.trust_remote_code is True and job.allow_new_head is True  # the job file carries them
+    assert shared | {"output", "shard", "device", "events", "run_id", "resume", "quiet", "first_part_rows"} == {
+        f.name for f in fields(ScoreJob)}
+    assert set(f.name for f in fields(JobSpec)) - shared == {"name", "shards"}
+
+
+def test_the_manifest_names_the_newer_keys_only_when_set_so_older_manifests_still_resume(tmp_path, texts):
+    base = {"output": str(tmp_path / "out"), "input": str(texts), "run_id": "r"}
+    (spec,) = parse_config(base).specs
+    recorded = spec.to_dict()
+    for key in ("allow_new_head", "packing", "tokenizer_process", "measure"):
+        assert key not in recorded
+    state = claim_output(parse_config(base), resume=False, engine="local")
+    manifest = json.loads(state.path.read_text())
+    assert "packing" not in manifest["config"]["configs"][0]
+    # a manifest written before the keys existed compares equal to the same configuration today
+    assert claim_output(parse_config(base), resume=True, engine="local").run_id == "r"
+    (changed,) = parse_config({**base, "packing": "off", "measure": "on"}).specs
+    assert changed.to_dict()["packing"] == "off" and changed.to_dict()["measure"] == "on"
+    with pytest.raises(ConfigError, match="measure, packing differ"):
+        claim_output(parse_config({**base, "packing": "off", "measure": "on"}), resume=True, engine="local")

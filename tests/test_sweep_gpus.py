@@ -97,8 +97,8 @@ def test_devices_auto_runs_one_shard_per_visible_gpu_each_seeing_only_its_own(ti
     def recording_command(job, worker, resume):
         assert worker.device == "cuda"  # a GPU worker: `score --device cuda`; run on the CPU here
         record = seen_dir / f"{job.shard.index}.json"
-        return [sys.executable, "-c", RECORDING_SCORE, str(record), json.dumps(ENV_KEYS),
-                *job.score_args(device="cpu", resume=resume)]
+        job.write_job_file(device="cpu", resume=resume)
+        return [sys.executable, "-c", RECORDING_SCORE, str(record), json.dumps(ENV_KEYS), *job.score_args()]
 
     monkeypatch.setattr(local, "job_command", recording_command)
     result = local.run_local(config)

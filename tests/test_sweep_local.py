@@ -188,3 +188,65 @@ def test_merge_keeps_input_order_when_the_default_id_column_holds_integers(tiny_
                            id_column="", device="cpu", quiet=True))
         numbered.append(output)
     assert _ids_are_row_numbers(numbered)
+
+
+def test_each_job_runs_from_its_job_file_and_reports_what_its_result_file_holds(sweep_dir, killed_run, resumed_run):
+    from attnfallback.scoring import ScoreJob
+
+    killed, _ = killed_run
+    first = {j.shard: j for j in killed.jobs}
+    assert first[f"{KILLED}/4"].score is None  # killed: it wrote no result
+    assert all(j.score["rows_written"] > 0 for s, j in first.items() if s != f"{KILLED}/4")
+    manifest = json.loads(Path(resumed_run.manifest).read_text())
+    for job in resumed_run.jobs:
+        log = Path(job.log)
+        job_file, result_file = log.with_suffix(".job.json"), log.with_suffix(".result.json")
+        written = ScoreJob.from_dict(json.loads(job_file.read_text()))
+        assert (written.model, written.input, written.output, written.shard, written.run_id) == (
+            "default", str(sweep_dir / "texts.jsonl"), job.output, job.shard, "local-test")
+        assert (written.device, written.part_rows, written.prefer, written.quiet) == (
+            "cpu", PART_ROWS, ["flash_attention_2", "sdpa", "eager"], True)
+        assert written.resume == (job.shard == f"{KILLED}/4")  # only the killed shard ran again, resuming
+        result = json.loads(result_file.read_text())
+        assert result["shard"] == job.shard and result["output"] == job.output
+        if job.status == "done":
+            assert job.score == result
+        command = manifest["jobs"][f"main/{job.shard}"]["command"]
+        assert command[-4:] == ["--job", str(job_file), "--result", str(result_file)]
+        assert f"--- score --job {job_file} --result {result_file}" in log.read_text()
+
+
+# A job process that writes an (empty) output, then the result text given (unless "-"), and exits with the code given.
+FAKE_SCORE = (
+    "import pathlib, sys\n"
+    "output, result, text, code = sys.argv[1:5]\n"
+    "pathlib.Path(output).write_bytes(b'')\n"
+    "if text != '-':\n"
+    "    pathlib.Path(result).write_text(text)\n"
+    "sys.exit(int(code))\n"
+)
+
+
+@pytest.mark.parametrize("text, score", [("-", None), ("{not json", None), ('["a list"]', None),
+                                         ('{"rows_written": 3}', {"rows_written": 3})])
+def test_the_score_is_the_result_file_this_run_wrote_else_none(tmp_path, monkeypatch, text, score):
+    import sys
+
+    import attnfallback.sweep.local as local
+    from attnfallback.sweep.config import parse_config
+
+    make_texts(tmp_path / "t.jsonl", 2)
+    config = parse_config({"output": "out", "input": "t.jsonl", "devices": "cpu", "merge": False, "run_id": "r"},
+                          base=tmp_path)
+    runs = iter([('{"rows_written": 99}', "1"), (text, "0")])  # a failed first run's result, then this run's
+
+    def fake_command(job, worker, resume):
+        written, code = next(runs)
+        job.write_job_file(device=worker.device, resume=resume)
+        return [sys.executable, "-c", FAKE_SCORE, str(job.output), str(job.result_file), written, code]
+
+    monkeypatch.setattr(local, "job_command", fake_command)
+    (failed,) = local.run_local(config).jobs
+    assert failed.status == "failed" and failed.exit_code == 1 and failed.score == {"rows_written": 99}
+    (job,) = local.run_local(config, resume=True).jobs
+    assert job.status == "done" and job.exit_code == 0 and job.score == score  # never the first run's 99

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import typer
+from typer.core import TyperCommand
 
 from attnfallback.cli.common import ALLOW_NEW_HEAD, DEVICE, DTYPE, EVENTS, JSON, POLICY, PREFER, REVISION, RUN_ID, SHARD, TRUST_REMOTE_CODE, literal_help, print_json, split_list, stdout_console
 from attnfallback.sweep.ray_engine import INSTALL_HINT
@@ -31,8 +34,9 @@ def render(data: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("score")
+    @app.command("score", cls=ScoreCommand)
     def score_cmd(
+        ctx: typer.Context,
         model: str = typer.Argument(..., help="Local directory, hub id, or 'default'."),
         input: str = typer.Option(..., "--input", help="JSONL, CSV or TSV (each plain, .gz or .zst), Parquet, Arrow (.arrow, .feather), or a directory written by datasets' save_to_disk; by extension."),
         output: str = typer.Option(..., "--output", help="Output Parquet file (committed atomically)."),
@@ -64,19 +68,87 @@ def register(app: typer.Typer) -> None:
         revision: str = REVISION,
         trust_remote_code: bool = TRUST_REMOTE_CODE,
         allow_new_head: bool = ALLOW_NEW_HEAD,
+        job_file: str = typer.Option(None, "--job", help="Read the whole job from this JSON file (ScoreJob.to_dict's fields, as a sweep writes it): MODEL, --input, --output and the job's other options are not given then (--engine, --address, --actors, --result and --json may be)."),
+        result_file: str = typer.Option(None, "--result", help="Write the result of a run that completes (the object --json prints) to this JSON file too, atomically."),
         as_json: bool = JSON,
     ):
         """Score MODEL over one shard of --input into --output (Parquet, id first, input order)."""
-        from attnfallback.scoring.job import ScoreJob
+        from attnfallback import atomic
         from attnfallback.sweep.engines import run_score_engine
 
-        job = ScoreJob(
-            model=model, input=input, output=output, task=task, text_column=text_column,
-            text_columns=split_list(text_columns), id_column=id_column, shard=shard, prefer=prefer, policy=policy,
-            dtype=dtype, device=device, batch_tokens=batch_tokens, max_length=max_length, events=events, run_id=run_id,
-            resume=resume, on_bad_row=on_bad_row, on_nonfinite=on_nonfinite, quiet=quiet or as_json, revision=revision,
-            trust_remote_code=trust_remote_code, part_rows=part_rows, first_part_rows=first_part_rows, packing=packing, tokenizer_process=tokenizer_process,
-            measure=measure, allow_new_head=allow_new_head,
-        )
+        job = read_job(ctx, job_file) if job_file is not None else job_from_options(ctx)
+        if as_json:
+            job = replace(job, quiet=True)
         data = run_score_engine(job, engine, address=address, actors=actors).to_dict()
+        if result_file is not None:
+            atomic.write_json(result_file, data, indent=2, default=str)
         print_json(data) if as_json else render(data)
+
+
+JOB_REQUIRED = ("model", "input", "output")
+
+
+class ScoreCommand(TyperCommand):
+    """`score`, whose MODEL, --input and --output are required (Click's own error, exit 2) unless
+    --job is given: the job file holds them then."""
+
+    def parse_args(self, ctx, args):
+        relaxed = [p for p in self.params if p.name in JOB_REQUIRED] if _names_job(args) else []
+        for param in relaxed:
+            param.required = False
+        try:
+            return super().parse_args(ctx, args)
+        finally:
+            for param in relaxed:
+                param.required = True
+
+
+def _names_job(args: list[str]) -> bool:
+    return any(a == "--job" or a.startswith("--job=") for a in args)
+
+
+def job_from_options(ctx: typer.Context):
+    """The ScoreJob of MODEL and the options: each ScoreJob field from the parameter of its name."""
+    from attnfallback.errors import UsageError
+    from attnfallback.scoring.job import ScoreJob
+
+    missing = [name for name in JOB_REQUIRED if ctx.params[name] is None]
+    if missing:  # the word --job was another option's value: they were relaxed for a job file that is not there
+        raise UsageError("MODEL, --input and --output are required without --job")
+    values = {name: ctx.params[name] for name in job_fields()}
+    values["text_columns"] = split_list(values["text_columns"])
+    return ScoreJob(**values)
+
+
+def read_job(ctx: typer.Context, path: str):
+    """The ScoreJob in the JSON file `path` (`--job`). An option of the job given besides it, a
+    missing or unreadable file, or a file that is no job: a UsageError (exit 2)."""
+    import json
+    from pathlib import Path
+
+    from attnfallback.errors import UsageError
+    from attnfallback.scoring.job import ScoreJob
+
+    given = [name for name in job_fields() if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"]
+    if given:
+        flags = {p.name: (p.opts[0] if p.param_type_name == "option" else p.name.upper()) for p in ctx.command.params}
+        raise UsageError(f"--job {path} holds the whole job; given besides it: {', '.join(flags[n] for n in given)} "
+                         "(write them into the job file instead)")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--job {path}: cannot read the job file: {e}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"--job {path}: not JSON: {e}") from None
+    return ScoreJob.from_dict(data, where=path)
+
+
+def job_fields() -> list[str]:
+    """The ScoreJob fields, each also a parameter of `score` of the same name."""
+    from dataclasses import fields
+
+    from attnfallback.scoring.job import ScoreJob
+
+    return [f.name for f in fields(ScoreJob)]

@@ -10,6 +10,16 @@ import typer
 from attnfallback.cli.common import JSON, print_json, stderr_console, stdout_console
 
 
+def run_sweep(config_path: str, resume: bool = False, engine: str = "local", address: str | None = None,
+              echo=None):
+    """Run the sweep a TOML file describes; returns the SweepResult (failed shards included)."""
+    from attnfallback.sweep.config import load_config
+    from attnfallback.sweep.engines import check_engine, run_sweep_engine
+
+    check_engine(engine, address)  # before anything is read or written: exit 2 with the install line for Ray
+    return run_sweep_engine(load_config(config_path), engine, resume=resume, address=address, echo=echo)
+
+
 def format_table(rows: list[dict], columns: list[str], headers: dict[str, str] | None = None) -> list[str]:
     """Rows as aligned text lines (the first line is the header)."""
     headers = headers or {}
@@ -143,11 +153,9 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JSON,
     ):
         """Run every configuration x shard of a sweep; report failed shards, merge outputs, summarise the events."""
-        from attnfallback.sweep.engines import run_sweep_engine
-
         progress = stderr_console()
-        result = run_sweep_engine(config, resume=resume, engine=engine, address=address,
-                                  echo=lambda line: progress.print(line, markup=False, highlight=False, soft_wrap=True))
+        result = run_sweep(config, resume=resume, engine=engine, address=address,
+                           echo=lambda line: progress.print(line, markup=False, highlight=False, soft_wrap=True))
         if as_json:
             print_json(result.to_dict())
         else:

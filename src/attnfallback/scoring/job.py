@@ -76,6 +76,62 @@ class ScoreJob:
     measure: str | None = None  # auto (graceful times its candidates on a CUDA GPU) | off; None: $ATTNFALLBACK_MEASURE, else auto
     allow_new_head: bool = False  # score with weights the checkpoint lacks (initialised at random): see heads.py
 
+    def to_dict(self) -> dict:
+        """Every field by name, JSON-ready; `from_dict` reads it back (a sweep's job file)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data, where: str | None = None) -> ScoreJob:
+        """The job a `to_dict` dict describes; a missing field takes its default. Not a dict,
+        unknown keys, or a value of the wrong type: a UsageError naming them (and `where`, the
+        file the dict came from)."""
+        import typing
+
+        prefix = f"{where}: " if where else ""
+        if not isinstance(data, dict):
+            raise UsageError(f"{prefix}a scoring job must be a JSON object of its fields, found {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        unknown = [k for k in data if k not in hints]
+        if unknown:
+            raise UsageError(f"{prefix}unknown key(s) in the scoring job: {', '.join(map(repr, unknown))}; "
+                             f"valid keys: {', '.join(hints)}")
+        for key, value in data.items():
+            if not _is_of_type(value, hints[key]):
+                raise UsageError(f"{prefix}{key} in the scoring job must be {_type_name(hints[key])}, found {value!r}")
+        return cls(**data)
+
+
+def _is_of_type(value, hint) -> bool:
+    """Whether `value` (read from JSON) fits a ScoreJob field's annotation: str, int, bool, None,
+    list[str] and unions of them (an int is not a bool, nor a bool an int)."""
+    import types
+    import typing
+
+    if isinstance(hint, types.UnionType):
+        return any(_is_of_type(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_is_of_type(v, item) for v in value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    import types
+    import typing
+
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return f"a list of {({str: 'strings', int: 'integers'}).get(item, _type_name(item))}"
+    return {str: "a string", int: "an integer", bool: "true or false"}.get(hint, getattr(hint, "__name__", str(hint)))
+
 
 @dataclass
 class ScoreResult:
@@ -122,6 +178,8 @@ class _Counts:
 
 
 def validate_job(job: ScoreJob) -> str:
+    """Check `job`'s settings before any input is read (a UsageError naming the setting, exit 2);
+    returns its task's canonical name. Both engines check a job with it."""
     task = parse_task(job.task)
     if not job.input:
         raise UsageError("no input: pass --input FILE")

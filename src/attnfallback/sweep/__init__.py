@@ -24,6 +24,9 @@ _EXPORTS = {
     "run_sweep_ray": "attnfallback.sweep.ray_engine",
     "run_score_ray": "attnfallback.sweep.ray_engine",
     "ray_available": "attnfallback.sweep.ray_engine",
+    "ENGINES": "attnfallback.sweep.engines",
+    "run_score_engine": "attnfallback.sweep.engines",
+    "run_sweep_engine": "attnfallback.sweep.engines",
     "run_demo": "attnfallback.sweep.demo",
 }
 

@@ -64,6 +64,9 @@ JOB_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "trust_remote_code": ((bool,), "true | false"),
     "allow_new_head": ((bool,), "true | false (score with weights the checkpoint lacks, initialised at random)"),
     "part_rows": ((int,), "a positive integer (rows per committed part, the unit of --resume)"),
+    "packing": ((str,), "auto | off (padding-free batches under flash implementations)"),
+    "tokenizer_process": ((str,), "auto | off (on CUDA, tokenize in a child process)"),
+    "measure": ((str,), "auto | on | off (time the viable implementations and keep the fastest)"),
     "shards": ((int,), "an integer >= 1"),
 }
 SWEEP_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -79,6 +82,9 @@ SWEEP_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 CONFIG_KEYS = {"name": ((str,), "a short name"), **JOB_KEYS}
 
 MANIFEST = "sweep.json"
+# JobSpec keys added after the first manifests were written: recorded only when set, so that an
+# older manifest compares equal to the same configuration and its sweep still resumes
+LATER_KEYS = ("allow_new_head", "packing", "tokenizer_process", "measure")
 
 # Set in the environment of every worker a sweep or the Ray engine starts (local processes, Ray
 # actors), over what the parent has: NVLink multicast off in NCCL, PyTorch and NVSHMEM. The scorer
@@ -89,7 +95,8 @@ WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", 
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What one configuration scores (the `attnfallback score` arguments, shard aside)."""
+    """What one configuration scores: the ScoreJob fields of the same names (`score_job`), less
+    where each shard runs and writes; `name` and `shards` are the sweep's own."""
 
     name: str
     model: str = "default"
@@ -110,20 +117,43 @@ class JobSpec:
     part_rows: int | None = None
     shards: int = 1
     allow_new_head: bool = False
+    packing: str = "auto"
+    tokenizer_process: str = "auto"
+    measure: str | None = None  # None: the job's default ($ATTNFALLBACK_MEASURE, else auto)
 
     def to_dict(self) -> dict:
+        """The configuration as the manifest records it (sweep.json; --resume compares it)."""
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        if not d["allow_new_head"]:
-            del d["allow_new_head"]  # only when set: a manifest written before the key existed still resumes
+        for k in LATER_KEYS:
+            if d[k] == self.__dataclass_fields__[k].default:
+                del d[k]  # only when set: a manifest written before the key existed still resumes
         for k in ("text_columns", "prefer"):
             if d[k] is not None:
                 d[k] = list(d[k])
         return d
 
+    def score_job(self, run_id: str, shard: Shard | str | None, output: str | os.PathLike, events: str | os.PathLike,
+                  device: str = "auto", resume: bool = False):
+        """The ScoreJob of this configuration's `shard` (None: every row, which Ray's actors split):
+        each field the two classes share, by name (a None here leaves the job's default), plus
+        where it runs and writes; quiet (no progress bar)."""
+        from dataclasses import fields
+
+        from attnfallback.scoring.job import ScoreJob
+
+        shared = {f.name for f in fields(ScoreJob)} & {f.name for f in fields(self)}
+        values = {}
+        for name in sorted(shared):
+            value = getattr(self, name)
+            if value is not None:
+                values[name] = list(value) if isinstance(value, tuple) else value
+        return ScoreJob(**values, output=str(output), shard=None if shard is None else str(shard), events=str(events),
+                        run_id=run_id, device=device, resume=resume, quiet=True)
+
 
 @dataclass(frozen=True)
 class SweepJob:
-    """One configuration x shard: runs as one `attnfallback score --shard I/N` process."""
+    """One configuration x shard: runs as one `attnfallback score --job FILE` process (its shard I/N)."""
 
     spec: JobSpec
     run_id: str
@@ -136,33 +166,32 @@ class SweepJob:
     def key(self) -> str:
         return f"{self.spec.name}/{self.shard}"
 
-    def score_args(self, device: str = "auto", resume: bool = False) -> list[str]:
-        """The `attnfallback score` command line of this job (without the program name)."""
-        s = self.spec
-        args = ["score", s.model, "--input", s.input, "--output", str(self.output), "--task", s.task,
-                "--shard", str(self.shard), "--policy", s.policy, "--dtype", s.dtype, "--device", device,
-                "--events", str(self.events), "--run-id", self.run_id,
-                "--on-bad-row", s.on_bad_row, "--on-nonfinite", s.on_nonfinite, "--quiet", "--json"]
-        optional = {
-            "--revision": s.revision,
-            "--text-column": s.text_column,
-            "--text-columns": ",".join(s.text_columns) if s.text_columns else None,
-            "--id-column": s.id_column,
-            "--prefer": ",".join(s.prefer) if s.prefer else None,
-            "--batch-tokens": s.batch_tokens,
-            "--max-length": s.max_length,
-            "--part-rows": s.part_rows,
-        }
-        for flag, value in optional.items():
-            if value is not None:
-                args += [flag, str(value)]
-        if s.trust_remote_code:
-            args.append("--trust-remote-code")
-        if s.allow_new_head:
-            args.append("--allow-new-head")
-        if resume:
-            args.append("--resume")
-        return args
+    @property
+    def job_file(self) -> Path:
+        """Where the local engine writes this job's ScoreJob (`score --job`), beside its log."""
+        return self.log.with_suffix(".job.json")
+
+    @property
+    def result_file(self) -> Path:
+        """Where this job's process writes its result (`score --result`), beside its log."""
+        return self.log.with_suffix(".result.json")
+
+    def score_job(self, device: str = "auto", resume: bool = False):
+        """The ScoreJob of this configuration x shard, on `device` (JobSpec.score_job)."""
+        return self.spec.score_job(self.run_id, self.shard, self.output, self.events, device=device, resume=resume)
+
+    def write_job_file(self, device: str = "auto", resume: bool = False) -> Path:
+        """Write `score_job(device, resume)` to `job_file`, atomically; returns the file."""
+        from attnfallback import atomic
+
+        self.job_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(self.job_file, self.score_job(device, resume).to_dict(), indent=2)
+        return self.job_file
+
+    def score_args(self) -> list[str]:
+        """The `attnfallback score` arguments (without the program name) that run this job from its
+        job file (`write_job_file`) and write its result to `result_file`."""
+        return ["score", "--job", str(self.job_file), "--result", str(self.result_file)]
 
 
 @dataclass
@@ -310,7 +339,9 @@ def _parse_devices(value: Any, where: str | None) -> str | list[int]:
 
 
 def _build_spec(fields: dict, varying: dict, base: Path, where: str | None) -> JobSpec:
-    from attnfallback.policy import parse_dtype, parse_mode, parse_prefer
+    from attnfallback.policy import parse_dtype, parse_measure, parse_mode, parse_prefer
+    from attnfallback.scoring.collate import PACKING_MODES
+    from attnfallback.scoring.tokenizer_process import TOKENIZER_PROCESS_MODES
 
     def fail(key: str, message: str) -> ConfigError:
         label = fields.get("name") or ", ".join(f"{k}={v}" for k, v in varying.items()) or "the configuration"
@@ -337,9 +368,15 @@ def _build_spec(fields: dict, varying: dict, base: Path, where: str | None) -> J
     except AttnFallbackError as e:
         key = "policy" if "policy" in str(e) else "dtype" if "dtype" in str(e) else "prefer"
         raise fail(key, str(e)) from None
-    for key, allowed in (("on_bad_row", BAD_ROW), ("on_nonfinite", NONFINITE)):
+    # the first value of each is the default
+    for key, allowed in (("on_bad_row", BAD_ROW), ("on_nonfinite", NONFINITE), ("packing", PACKING_MODES),
+                         ("tokenizer_process", TOKENIZER_PROCESS_MODES)):
         if fields.get(key, allowed[0]) not in allowed:
             raise fail(key, f"unknown value {fields[key]!r}; valid: {', '.join(allowed)}")
+    try:
+        measure = parse_measure(fields["measure"]) if "measure" in fields else None
+    except AttnFallbackError as e:
+        raise fail("measure", str(e)) from None
     for key in ("batch_tokens", "max_length", "part_rows"):
         if key in fields and fields[key] < 1:
             raise fail(key, f"must be >= 1, found {fields[key]}")
@@ -370,6 +407,9 @@ def _build_spec(fields: dict, varying: dict, base: Path, where: str | None) -> J
         allow_new_head=fields.get("allow_new_head", False),
         part_rows=fields.get("part_rows"),
         shards=shards,
+        packing=fields.get("packing", "auto"),
+        tokenizer_process=fields.get("tokenizer_process", "auto"),
+        measure=measure,
     )
 
 

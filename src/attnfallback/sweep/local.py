@@ -5,7 +5,11 @@ visible GPU per worker), its own crash, its own exit code. Workers are the visib
 (`devices = "auto"` or a list; each GPU job tokenizes on its share of the cores) or K processes on
 the CPU (`workers = K`, each with its share of the cores as threads). A job that fails is reported with its exit code and the last error line
 while the others finish; `resume=True` runs only the jobs that are not complete (each with
-`score --resume`, so a killed shard continues from its last committed part).
+`resume` set, so a killed shard continues from its last committed part).
+
+The process gets its job as a file: the job's ScoreJob (`SweepJob.score_job`) is written beside its
+log, `<output>/<config>/logs/<i>-of-<n>.job.json`, and run by `attnfallback score --job FILE
+--result <i>-of-<n>.result.json`; the sweep reads the result file afterwards.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ class JobResult:
     seconds: float | None = None
     error: str | None = None  # the last error line
     error_text: str | None = None  # the whole error message (e.g. every strict reason)
-    score: dict | None = None  # what `score --json` printed
+    score: dict | None = None  # the result the job's process wrote (`score --result`: what --json prints)
 
     @property
     def ok(self) -> bool:
@@ -172,7 +176,9 @@ def job_env(worker: Worker, job: SweepJob, base: dict | None = None) -> dict:
 
 
 def job_command(job: SweepJob, worker: Worker, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "attnfallback.cli.app", *job.score_args(device=worker.device, resume=resume)]
+    """Write the job's ScoreJob for `worker` to its job file; returns the command that runs it."""
+    job.write_job_file(device=worker.device, resume=resume)
+    return [sys.executable, "-m", "attnfallback.cli.app", *job.score_args()]
 
 
 def describe_exit(code: int | None) -> str:
@@ -202,18 +208,14 @@ def read_error(log_path: Path) -> tuple[str | None, str | None]:
     return block[-1].strip(), "\n".join(block)
 
 
-def _parse_score_json(text: str) -> dict | None:
-    text = text.strip()
-    if not text:
-        return None
+def read_result(path: Path) -> dict | None:
+    """The result dict a job's process wrote (`score --result`); None where it wrote none (it
+    failed, or was stopped) or the file is not a JSON object."""
     try:
-        return json.loads(text)
-    except ValueError:
-        start = text.rfind("\n{")
-        try:
-            return json.loads(text[start + 1:]) if start >= 0 else None
-        except ValueError:
-            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 class _Runner:
@@ -281,6 +283,7 @@ class _Runner:
         job.output.parent.mkdir(parents=True, exist_ok=True)
         # --resume on every re-run: the scorer continues from its last committed part
         resume = self.resume and job.key in self.state.jobs
+        job.result_file.unlink(missing_ok=True)  # an earlier run's result must not pass for this one's
         cmd = job_command(job, worker, resume)
         self.state.update_job(job.key, status="running", worker=worker.name, exit_code=None, error=None,
                               output=str(job.output), log=str(job.log), run_id=job.run_id, command=cmd[1:])
@@ -295,12 +298,12 @@ class _Runner:
                 self.procs[job.key] = proc
             if self.on_start is not None:
                 self.on_start(job, proc)
-            stdout, _ = proc.communicate()
+            proc.communicate()  # stdout: the result's text summary, not kept (the result file has it all)
             with self.lock:
                 self.procs.pop(job.key, None)
         seconds = time.perf_counter() - t0
         code = proc.returncode
-        score = _parse_score_json(stdout.decode("utf-8", "replace"))
+        score = read_result(job.result_file)
         ok = code == 0 and job.output.exists()
         error = error_text = None
         if not ok:

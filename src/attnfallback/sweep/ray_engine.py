@@ -548,19 +548,6 @@ def _emit_shard_done(events, run_id: str, shards: list[ActorShard], output: Path
 
 # --- sweeps -----------------------------------------------------------------------------------
 
-def score_job_for(spec, output: Path, events: Path, run_id: str):
-    """The ScoreJob of one sweep configuration (every shard: Ray's actors split the rows)."""
-    from attnfallback.scoring import ScoreJob
-
-    extra = {"part_rows": spec.part_rows} if spec.part_rows else {}
-    return ScoreJob(model=spec.model, input=spec.input, output=str(output), task=spec.task, text_column=spec.text_column,
-                    text_columns=list(spec.text_columns) if spec.text_columns else None, id_column=spec.id_column,
-                    prefer=list(spec.prefer) if spec.prefer else None, policy=spec.policy, dtype=spec.dtype,
-                    batch_tokens=spec.batch_tokens, max_length=spec.max_length, events=str(events), run_id=run_id,
-                    on_bad_row=spec.on_bad_row, on_nonfinite=spec.on_nonfinite, quiet=True, revision=spec.revision,
-                    trust_remote_code=spec.trust_remote_code, allow_new_head=spec.allow_new_head, **extra)
-
-
 def run_sweep_ray(config, *, resume: bool = False, address: str | None = None, echo=None,
                   actor_cpus: float | None = None, batch_rows: int = DEFAULT_BATCH_ROWS):
     """Run a sweep on Ray: each configuration one Ray Data job with `shards` actors (each a shard
@@ -595,7 +582,7 @@ def run_sweep_ray(config, *, resume: bool = False, address: str | None = None, e
                     echo(f"  start  {spec.name} on Ray ({spec.shards} actors)")
                 t_job = time.perf_counter()
                 try:
-                    run = _run_ray(score_job_for(spec, output, config.events, run_id), None, spec.shards, actor_cpus,
+                    run = _run_ray(spec.score_job(run_id, None, output, config.events), None, spec.shards, actor_cpus,
                                    batch_rows, echo)
                 except AttnFallbackError as e:
                     shards = getattr(e, "shards", [])
