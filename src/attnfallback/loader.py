@@ -55,6 +55,11 @@ class LoadedModel:
             self._tokenizer = load_tokenizer(self.facts.ref)
         return self._tokenizer
 
+    def adopt_tokenizer(self, tokenizer) -> None:
+        """Use `tokenizer` (one the caller already read from the same place) unless one is loaded."""
+        if self._tokenizer is None and tokenizer is not None:
+            self._tokenizer = tokenizer
+
 
 def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
     from transformers import AutoTokenizer

@@ -159,8 +159,7 @@ class Scorer:
         verifier = TaskVerifyInputs(task_name, columns, job.max_length, job.trust_remote_code)
 
         def bench_factory(loaded_model):
-            if loaded_model._tokenizer is None and verifier.tokenizer is not None:
-                loaded_model._tokenizer = verifier.tokenizer
+            loaded_model.adopt_tokenizer(verifier.tokenizer)
             built.append(cls.for_loaded(loaded_model, job, task_name))
             bench = SampleBench(built[0], sample_texts, expected_rows) if sample_texts else None
             # rows the model's tables cannot take are the run's error to report, with their lines
@@ -185,8 +184,7 @@ class Scorer:
             facts=facts,
             verify_inputs=verifier,
         )
-        if loaded._tokenizer is None and verifier.tokenizer is not None:
-            loaded._tokenizer = verifier.tokenizer  # read once, for the verification forward
+        loaded.adopt_tokenizer(verifier.tokenizer)  # read once, for the verification forward
         if not built:
             return cls.for_loaded(loaded, job, task_name)
         scorer = built[0]
