@@ -135,7 +135,7 @@ def _age_days(entry: dict) -> float | None:
     return (datetime.now(timezone.utc) - then).total_seconds() / 86400
 
 
-def read_entry(path: Path, key: dict, schema: str = CACHE_SCHEMA) -> dict | None:
+def read_entry(path: Path, key: dict, schema: str = CACHE_SCHEMA, what: str = "measured-choice cache") -> dict | None:
     """The entry for `key` in `path`, or None: absent (silently), or unreadable, for another key
     or stale (each with a warning: a shard then measures again, and its write replaces it)."""
     try:
@@ -143,14 +143,14 @@ def read_entry(path: Path, key: dict, schema: str = CACHE_SCHEMA) -> dict | None
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        log.warning("measured-choice cache: ignoring unreadable file %s (%s)", path, e)
+        log.warning("%s: ignoring unreadable file %s (%s)", what, path, e)
         return None
     if not isinstance(entry, dict) or entry.get("schema", entry.get("key", {}).get("schema")) != schema or entry.get("key") != key:
-        log.warning("measured-choice cache: ignoring %s, an entry for another key or format", path)
+        log.warning("%s: ignoring %s, an entry for another key or format", what, path)
         return None
     age = _age_days(entry)
     if age is None or age > _max_age_days():
-        log.warning("measured-choice cache: ignoring %s, %s", path,
+        log.warning("%s: ignoring %s, %s", what, path,
                     "with no date" if age is None else f"{age:.0f} days old (more than ${ENV_MAX_AGE}={_max_age_days():g})")
         return None
     return entry
@@ -165,7 +165,7 @@ def read_cache(path: Path, key: dict) -> dict | None:
     return entry
 
 
-def write_atomically(path: Path, data: dict) -> str | None:
+def write_atomically(path: Path, data: dict, what: str = "measured-choice cache") -> str | None:
     """Write JSON atomically (atomic.py: a reader sees a whole entry or none, concurrent writers
     leave one whole file). Returns the error as text when it cannot be written (nothing is
     raised: a cache is optional)."""
@@ -173,7 +173,7 @@ def write_atomically(path: Path, data: dict) -> str | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic.write_json(path, data, indent=2, sort_keys=True)
     except OSError as e:
-        log.warning("measured-choice cache: cannot write %s (%s)", path, e)
+        log.warning("%s: cannot write %s (%s)", what, path, e)
         return str(e)
     return None
 

@@ -167,16 +167,17 @@ def kernels_traced_or_cached(decision: Decision, trace, directory=None) -> tuple
     """The attention kernels of the verification forward: (labels, "cache") when an earlier process
     traced them under the same key in the cache directory, else (trace(), "traced"), kept there for
     the next shard. A profiler trace costs a shard tenths of a second (bench/NOTES.md, session 11)."""
-    directory = fastest.cache_directory(directory)
+    directory = envs.cache_directory(directory)
     key = kernels_key(decision)
     path = directory / f"kernels-{fastest.key_digest(key)}.json"
-    entry = fastest.read_entry(path, key, KERNELS_SCHEMA)
+    entry = fastest.read_entry(path, key, KERNELS_SCHEMA, what="kernel cache")
     if entry is not None and isinstance(entry.get("labels"), list):
         return [str(label) for label in entry["labels"]], "cache"
     labels = trace()
     if labels is not None:
         fastest.write_atomically(path, {"schema": KERNELS_SCHEMA, "key": key, "labels": labels,
-                                        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                                        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+                                 what="kernel cache")
     return labels, "traced"
 
 
