@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from attnfallback import arrow_build
 from attnfallback.batching import default_batch_tokens, eager_max_cells, ffn_width, length_order, plan_batches
 from attnfallback.errors import NonFiniteError, TokenizerMismatchError, UsageError, is_fatal_device_error
 from attnfallback.kernel_variants import declared_shape, padded_boundaries, shape_mode
@@ -501,9 +502,7 @@ class Scorer:
         )
 
     def _empty_columns(self) -> dict:
-        import pyarrow as pa
-
-        return {f.name: pa.array([], type=f.type) for f in self.task.output_fields()}
+        return {f.name: arrow_build.empty(f.type) for f in self.task.output_fields()}
 
     def _forward(self, encoded: Encoded, batch: HostBatch, depth: int) -> dict:
         torch = self._torch
@@ -682,12 +681,12 @@ def build_table(schema, ids: list, result: ChunkResult):
     """The output table of one chunk: id first, then the task's columns (and `nonfinite`)."""
     import pyarrow as pa
 
-    arrays = [pa.array(ids, type=schema.field("id").type)]
+    arrays = [arrow_build.of_type(ids, schema.field("id").type)]
     for f in schema:
         if f.name == "id":
             continue
         if f.name == "nonfinite":
-            arrays.append(pa.array(result.nonfinite, type=pa.bool_()))
+            arrays.append(arrow_build.numeric(result.nonfinite, pa.bool_()))
         else:
             arrays.append(result.columns[f.name])
     return pa.Table.from_arrays(arrays, schema=schema)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from attnfallback import arrow_build
 from attnfallback.errors import UnknownNameError, UsageError
 from attnfallback.model_facts import text_config
 from attnfallback.scoring.collate import (
@@ -147,9 +148,9 @@ class Task:
         for f in self.output_fields():
             value = outputs[f.name]
             if pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type):
-                columns[f.name] = _list_array(value)
+                columns[f.name] = arrow_build.float_lists(value)
             else:
-                columns[f.name] = pa.array(value, type=f.type)
+                columns[f.name] = arrow_build.of_type(value, f.type)
         return columns
 
     def describe(self) -> dict:
@@ -166,14 +167,6 @@ def is_causal_model(model) -> bool:
     """True when every attention module of the model is causal (decoder-only models)."""
     flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
     return bool(flags) and all(flags)
-
-
-def _list_array(matrix: np.ndarray):
-    import pyarrow as pa
-
-    rows, width = matrix.shape
-    offsets = np.arange(0, rows * width + 1, width, dtype=np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1)))
 
 
 class EmbedTask(Task):
@@ -343,11 +336,11 @@ class ClassifyTask(Task):
         import pyarrow as pa
 
         if self.num_labels == 1:
-            return {"score": pa.array(outputs["score"], type=pa.float32())}
+            return {"score": arrow_build.numeric(outputs["score"], pa.float32())}
         scores = outputs["scores"]
         best = np.argmax(np.nan_to_num(scores, nan=-np.inf), axis=1) if len(scores) else np.zeros(0, dtype=np.int64)
         labels = np.asarray(self.labels, dtype=object)[best] if len(scores) else np.zeros(0, dtype=object)
-        return {"scores": _list_array(scores), "label": pa.array(labels.tolist(), type=pa.string())}
+        return {"scores": arrow_build.float_lists(scores), "label": arrow_build.strings(labels.tolist())}
 
     def describe(self):
         return {"task": self.name, "labels": self.labels}
@@ -428,9 +421,9 @@ class LogprobTask(Task):
         import pyarrow as pa
 
         return {
-            "logprob_sum": pa.array(outputs["logprob_sum"], type=pa.float32()),
-            "logprob_mean": pa.array(outputs["logprob_mean"], type=pa.float32()),
-            "tokens": pa.array(outputs["tokens"].astype(np.int32), type=pa.int32()),
+            "logprob_sum": arrow_build.numeric(outputs["logprob_sum"], pa.float32()),
+            "logprob_mean": arrow_build.numeric(outputs["logprob_mean"], pa.float32()),
+            "tokens": arrow_build.numeric(outputs["tokens"], pa.int32()),
         }
 
     def describe(self):
