@@ -100,7 +100,29 @@ tests11)  # session 11, on a machine that ran stage and fa4-2's install: `source
     export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/minilm ATTNFALLBACK_ZOO_REPORT=$OUT/zoo.json
     step gpu-tests 500 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 200 tests
     ;;
+e2e12)  # session 12, after stage: `source .gpu-wheels/fa4-2/install.sh && bash bench/h200.sh e2e12 modernbert` (carry
+        # fa4-2, tok): first the modules a shard imports on this image, merged into the package's list (the copy here; the
+        # merged list comes back in $OUT/shard_modules.txt), the fill timed, then the whole processes; later calls
+        # `source /tmp/fa4/env.sh && bash bench/h200.sh e2e12 xlmr|llama` (carry tok) find the merged list in /tmp/e2e12.
+    common_env
+    model=${2:-modernbert}
+    if [ "$model" = modernbert ]; then
+        step record-imports 200 python3 bench/record_imports.py --device cuda --merge --workdir /tmp/record-imports
+        mkdir -p /tmp/e2e12 && cp src/attnfallback/data/shard_modules.txt /tmp/e2e12/ && cp src/attnfallback/data/shard_modules.txt "$OUT/"
+        step precompile 120 python3 -c "import os, sys, time; os.makedirs('/tmp/precompile-probe', exist_ok=True); sys.pycache_prefix = '/tmp/precompile-probe'; from attnfallback import bytecode as b; t = time.perf_counter(); d = b.precompile('/tmp/precompile-probe'); print(f'precompile {time.perf_counter() - t:.2f} s on {b.usable_cores()} cores: {d}')"
+    elif [ -f /tmp/e2e12/shard_modules.txt ]; then
+        cp /tmp/e2e12/shard_modules.txt src/attnfallback/data/shard_modules.txt
+    fi
+    case "$model" in
+    modernbert) name=modernbert-base-random rows=1000,10000,50000 sizes=256,512 limit=400 ;;
+    xlmr) name=xlmr-base-cross-random rows=1000,10000,50000 sizes=256,512 limit=560 ;;
+    llama) name=llama-1b-random rows=1000,10000 sizes=32,64 limit=560 ;;
+    *) echo "e2e12: modernbert, xlmr or llama" >&2; exit 2 ;;
+    esac
+    step "e2e-$model" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
+        --variants ours-sdpa,ours-default,ours-later,baseline --batch-sizes "$sizes" --workdir /tmp/e2e12 --out "$OUT/end_to_end_$model.json"
+    ;;
 *)
-    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11" >&2; exit 2
+    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12" >&2; exit 2
     ;;
 esac

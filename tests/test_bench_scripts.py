@@ -93,3 +93,15 @@ def test_memory_script_scores_every_row_and_reads_the_child_peak(tmp_path):
     result = json.loads(out.read_text())
     assert result["rows_in"] == result["rows_written"] == 50 and result["rows_skipped"] == 0
     assert result["peak_rss_kb"] > 10_000  # a Python with torch loaded: tens of MB at least
+
+
+def test_record_imports_lists_what_a_shard_imported(tmp_path):
+    """bench/record_imports.py: a shard's modules, written where --out says, model families left out."""
+    out = tmp_path / "modules.txt"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "record_imports.py"), "--device", "cpu", "--out", str(out),
+                           "--workdir", str(tmp_path / "work")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = out.read_text().splitlines()
+    assert names[0].startswith("#")
+    assert {"torch", "transformers.modeling_utils", "attnfallback.scoring.pipeline", "tokenizers"} <= set(names)
+    assert not [n for n in names if n.startswith("transformers.models.qwen2.")]

@@ -98,6 +98,8 @@ def test_the_command_line_turns_it_on_for_itself_and_its_children(image, tmp_pat
 
 PRECOMPILE_PROGRAM = """
 import json, sys
+from attnfallback import bytecode
+bytecode.SHARD_MODULES = {listing!r}
 from attnfallback.bytecode import use_bytecode_cache
 used = use_bytecode_cache(precompile_min_cores={min_cores})
 import importlib.util, pathlib
@@ -119,16 +121,25 @@ def big_image(image):
     return image
 
 
+# What a shard imports, as bytecode.SHARD_MODULES lists it: a family's modules never are.
+LISTED = ["torch", "torch.nn", "torch.nn.functional", "transformers", "transformers.models", "transformers.models.auto",
+          "transformers.models.auto.modeling_auto", "transformers.models.llama.modeling_llama", "json", "json.decoder",
+          "not_installed.module"]
+
+
 def precompiled(site: Path, cache: Path, min_cores: int) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ATTNFALLBACK_", "PYTHONPYCACHEPREFIX"))}
     env.update(PYTHONPATH=f"{site}{os.pathsep}{SRC}", PYTHONDONTWRITEBYTECODE="1", ATTNFALLBACK_CACHE=str(cache))
-    proc = subprocess.run([sys.executable, "-c", PRECOMPILE_PROGRAM.format(min_cores=min_cores)], env=env,
+    listing = site.parent / "shard_modules.txt"
+    listing.write_text("# a comment\n" + "\n".join(LISTED) + "\n")
+    program = PRECOMPILE_PROGRAM.format(min_cores=min_cores, listing=str(listing))
+    proc = subprocess.run([sys.executable, "-c", program], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_with_cores_to_spare_the_packages_are_compiled_ahead_once_but_other_model_families(big_image, tmp_path):
+def test_with_cores_to_spare_the_listed_modules_are_compiled_ahead_once_but_model_families(big_image, tmp_path):
     cache = tmp_path / "cache"
     out = precompiled(big_image, cache, min_cores=1)
     assert out["used"] == str(cache / "bytecode")
@@ -161,12 +172,12 @@ def test_bytecode_beside_its_source_is_copied_and_the_rest_compiled(tmp_path, mo
     prefix = tmp_path / "bytecode"
     prefix.mkdir()
     monkeypatch.setattr(sys, "pycache_prefix", str(prefix))
-    facts = precompile(prefix, packages=("shipped", "bare"), workers=2, stdlib=False)
+    facts = precompile(prefix, modules=("shipped", "bare"), workers=2)
     assert facts["copied"] == 1 and facts["compiled"] == 1
     for name in ("shipped", "bare"):
         assert Path(importlib.util.cache_from_source(str(site / name / "__init__.py"))).is_relative_to(prefix)
         assert Path(importlib.util.cache_from_source(str(site / name / "__init__.py"))).is_file()
-    assert precompile(prefix, packages=("shipped", "bare"), workers=2, stdlib=False) is None  # once
+    assert precompile(prefix, modules=("shipped", "bare"), workers=2) is None  # once
 
 
 def test_a_cache_that_cannot_be_written_leaves_the_imports_to_compile(tmp_path, monkeypatch, caplog):
@@ -178,5 +189,32 @@ def test_a_cache_that_cannot_be_written_leaves_the_imports_to_compile(tmp_path, 
     not_a_directory = tmp_path / "file"
     not_a_directory.write_text("")
     monkeypatch.setattr(sys, "pycache_prefix", str(not_a_directory / "bytecode"))
-    assert precompile(not_a_directory / "bytecode", packages=("stand_in_package",), workers=1, stdlib=False) is None
+    assert precompile(not_a_directory / "bytecode", modules=("stand_in_package",), workers=1) is None
     assert "bytecode not compiled ahead" in caplog.text
+
+
+def test_module_sources_are_found_without_importing(tmp_path, monkeypatch):
+    from attnfallback.bytecode import module_sources
+
+    site = tmp_path / "site"
+    (site / "pkg" / "sub").mkdir(parents=True)
+    for name in ("pkg/__init__.py", "pkg/sub/__init__.py", "pkg/sub/leaf.py", "single.py"):
+        (site / name).write_text("raise SystemExit('imported')\n")
+    monkeypatch.syspath_prepend(str(site))
+    found = module_sources(["pkg", "pkg.sub", "pkg.sub.leaf", "pkg.missing", "single", "single.attr", "sys", "absent_top"])
+    assert found == [str(site / "pkg" / "__init__.py"), str(site / "pkg" / "sub" / "__init__.py"),
+                     str(site / "pkg" / "sub" / "leaf.py"), str(site / "single.py")]
+    assert "pkg" not in sys.modules
+
+
+def test_the_shipped_list_is_a_shards_imports():
+    from attnfallback.bytecode import FAMILY_MODULE, SHARD_MODULES, shard_modules
+
+    names = shard_modules()
+    assert names and SHARD_MODULES.is_file()
+    for needed in ("torch", "torch.nn.functional", "transformers", "transformers.modeling_utils",
+                   "transformers.models.auto.modeling_auto", "tokenizers", "safetensors", "pyarrow.parquet", "json.decoder",
+                   "attnfallback.scoring.pipeline"):
+        assert needed in names, needed
+    assert not [n for n in names if FAMILY_MODULE.match(n)]
+    assert "pandas" not in names  # a shard no longer imports it (arrow_build.py)

@@ -17,10 +17,10 @@ off.
 
 With a prefix the interpreter reads bytecode only from it, so the first process would compile every
 module it imports, the standard library's and those shipped with bytecode too. On a machine with
-two cores or more, `precompile()` fills the prefix before the first import instead: bytecode found
-beside its source is copied, the rest (torch, transformers without the model families a shard does
-not load, ...) is compiled over all cores; once per image and cache, under a lock concurrent shards
-wait on. A fresh machine's first shard then imports as a later one does.
+two cores or more, `precompile()` fills the prefix before the first import instead, with the
+modules a shard imports (data/shard_modules.txt): bytecode found beside its source is copied, the
+rest compiled over all cores; once per image and cache, under a lock concurrent shards wait on. A
+fresh machine's first shard then imports as a later one does.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import py_compile
 import re
 import shutil
 import sys
-import sysconfig
 import time
 from concurrent.futures import ProcessPoolExecutor
 from collections.abc import MutableMapping
@@ -44,24 +43,15 @@ from attnfallback import envs
 
 PROBE_PACKAGE = "torch"  # the largest import every scoring process makes
 
-# The packages a scoring process imports (with the standard library), filled into the prefix ahead.
-# From pandas on: those transformers imports where they are installed (its availability checks),
-# read off a shard's import log on the lent GPU's image (bench/NOTES.md, session 11: 3.3 s of a first
-# shard's imports, 0.8 s of a later one's). One not installed is passed over.
-PRECOMPILE_PACKAGES = ("torch", "transformers", "sympy", "scipy", "numpy", "mpmath", "huggingface_hub", "tokenizers",
-                       "safetensors", "pyarrow", "pydantic", "typer", "click", "rich", "jinja2", "markupsafe", "yaml",
-                       "filelock", "fsspec", "tqdm", "packaging", "regex", "networkx", "httpx", "httpcore", "anyio",
-                       "h11", "idna", "certifi", "charset_normalizer", "PIL", "attnfallback",
-                       "pandas", "sklearn", "torchvision", "torchaudio", "triton", "accelerate", "narwhals", "torchgen",
-                       "opt_einsum", "joblib", "pygments", "dateutil", "pytz", "psutil", "sentencepiece",
-                       "tabulate", "colorama", "cloudpickle", "threadpoolctl")
-# Never imported by a shard (matched below each root's parent): tests, the standard library's
-# site-packages, and transformers' model families but `auto` (a shard loads one
-# family, whose few files compile on import).
-PRECOMPILE_SKIP = re.compile(r"[/\\](tests?|idlelib|tkinter|lib2to3|ensurepip|site-packages|dist-packages)[/\\]"
-                             r"|[/\\]transformers[/\\]models[/\\](?!auto[/\\])[^/\\]+[/\\]")
-# On one core, compiling all of torch ahead costs about what compiling the modules imported does
-# (and the copies save the rest); from two on it is ahead (bench/NOTES.md, session 10).
+# The modules a scoring process imports, in the order it imports them: recorded from shards of every
+# task (bench/record_imports.py), on this machine and on the lent GPU's image. `precompile` fills
+# the prefix with these only; a module a shard imports beyond them compiles on its import, once
+# per image and cache (bench/NOTES.md, session 12: a third of what filling whole packages compiled).
+SHARD_MODULES = Path(__file__).resolve().parent / "data" / "shard_modules.txt"
+# A shard loads one model family; the others' modules are never listed (`auto` is every shard's).
+FAMILY_MODULE = re.compile(r"^transformers\.models\.(?!auto(\.|$))[^.]+\.")
+# On one core, compiling ahead costs about what compiling the modules imported does (and the
+# copies save the rest); from two on it is ahead (bench/NOTES.md, session 10).
 PRECOMPILE_MIN_CORES = 2
 
 log = logging.getLogger(__name__)
@@ -127,14 +117,55 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def precompile_roots(packages=PRECOMPILE_PACKAGES, stdlib: bool = True) -> list[str]:
-    """The directories `precompile` fills: the standard library's and those of the installed `packages`."""
-    roots = [sysconfig.get_paths()["stdlib"]] if stdlib else []
-    for package in packages:
-        source = _source_of(package)
-        if source is not None and source.endswith("__init__.py"):
-            roots.append(os.path.dirname(source))
-    return [r for r in roots if os.path.isdir(r)]
+def shard_modules(path: str | os.PathLike | None = None) -> list[str]:
+    """The module names in `path` (default SHARD_MODULES; one a line, `#` starts a comment), model
+    families' left out."""
+    try:
+        lines = Path(SHARD_MODULES if path is None else path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    names = (line.split("#", 1)[0].strip() for line in lines)
+    return [n for n in dict.fromkeys(names) if n and not FAMILY_MODULE.match(n)]
+
+
+def _package_base(top: str) -> tuple[str, str | None] | None:
+    """(the directory holding `top`, its file when `top` is a single-file module) without importing
+    it; None for what has no Python source: not installed, built-in, frozen, an extension, a
+    namespace package."""
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None)
+    if not origin or not origin.endswith(".py"):
+        return None
+    if os.path.basename(origin) == "__init__.py":
+        return os.path.dirname(os.path.dirname(origin)), None
+    return os.path.dirname(origin), origin
+
+
+def module_sources(names, bases: dict | None = None) -> list[str]:
+    """The source files of the modules `names`, found without importing them; a module without
+    Python source is passed over."""
+    bases = {} if bases is None else bases
+    sources = []
+    for name in names:
+        top, _, rest = name.partition(".")
+        if top not in bases:
+            bases[top] = _package_base(top)
+        if bases[top] is None:
+            continue
+        folder, single = bases[top]
+        if single is not None:
+            if not rest:
+                sources.append(single)
+            continue
+        path = os.path.join(folder, *name.split("."))
+        for candidate in (path + ".py", os.path.join(path, "__init__.py")):
+            if os.path.isfile(candidate):
+                sources.append(candidate)
+                break
+    return sources
 
 
 def _bytecode_paths(source: str) -> tuple[str, str]:
@@ -170,20 +201,33 @@ def _fill(jobs: list[tuple[str, str, str | None]]) -> tuple[int, int]:
     return copied, compiled
 
 
-def precompile(directory: str | os.PathLike, packages=PRECOMPILE_PACKAGES, workers: int | None = None,
-               stdlib: bool = True) -> dict | None:
-    """Fill the bytecode prefix in use (sys.pycache_prefix, which must be `directory`) for the standard
-    library and `packages`: bytecode beside a source is copied, the rest compiled over `workers`
-    processes (all cores). Once per image, marked in `directory`; concurrent callers wait on a lock
-    and find the mark. Returns what it did ({"copied", "compiled", "seconds"}), None when nothing was
-    to do or the directory cannot be written (imports then compile as they go)."""
+def _fill_key(names: list[str], bases: dict) -> str:
+    """Names the list and the installed packages it resolves in (their directories and mtimes)."""
+    tops = dict.fromkeys(n.partition(".")[0] for n in names)
+    parts = [sys.implementation.cache_tag or "", hashlib.sha256("\n".join(names).encode()).hexdigest()]
+    for top in tops:
+        bases[top] = _package_base(top)
+        if bases[top] is not None:
+            place = bases[top][1] or os.path.join(bases[top][0], top)
+            try:
+                parts.append(f"{place} {os.stat(place).st_mtime_ns}")
+            except OSError:
+                parts.append(place)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def precompile(directory: str | os.PathLike, modules=None, workers: int | None = None) -> dict | None:
+    """Fill the bytecode prefix in use (sys.pycache_prefix, which must be `directory`) for `modules`
+    (default: the shard's, `shard_modules()`): bytecode beside a source is copied, the rest compiled
+    over `workers` processes (all cores). Once per image and list, marked in `directory`; concurrent
+    callers wait on a lock and find the mark. Returns what it did ({"copied", "compiled", "seconds"}),
+    None when nothing was to do or the directory cannot be written (imports then compile as they go)."""
     directory = Path(directory)
-    roots = precompile_roots(packages, stdlib)
-    if not roots or sys.pycache_prefix is None or Path(sys.pycache_prefix) != directory:
+    names = shard_modules() if modules is None else list(modules)
+    if not names or sys.pycache_prefix is None or Path(sys.pycache_prefix) != directory:
         return None
-    key = hashlib.sha256("\n".join([sys.implementation.cache_tag or "", *roots,
-                                     *(str(os.stat(r).st_mtime_ns) for r in roots)]).encode()).hexdigest()[:16]
-    mark = directory / f".precompiled-{key}"
+    bases: dict = {}
+    mark = directory / f".precompiled-{_fill_key(names, bases)}"
     if mark.exists():
         return None
     try:
@@ -193,18 +237,10 @@ def precompile(directory: str | os.PathLike, packages=PRECOMPILE_PACKAGES, worke
                 return None
             start = time.perf_counter()
             jobs = []
-            for root in roots:
-                for folder, subdirs, files in os.walk(root):
-                    inside = os.sep + os.path.relpath(folder, os.path.dirname(root)) + os.sep  # e.g. /torch/nn/
-                    if PRECOMPILE_SKIP.search(inside):
-                        subdirs[:] = []
-                        continue
-                    for name in files:
-                        if name.endswith(".py"):
-                            source = os.path.join(folder, name)
-                            beside, target = _bytecode_paths(source)
-                            if not os.path.exists(target):
-                                jobs.append((source, target, beside if os.path.exists(beside) else None))
+            for source in module_sources(names, bases):
+                beside, target = _bytecode_paths(source)
+                if not os.path.exists(target):
+                    jobs.append((source, target, beside if os.path.exists(beside) else None))
             workers = max(1, workers or usable_cores())
             chunks = [jobs[i::workers * 4] for i in range(workers * 4)]
             copied = compiled = 0
@@ -214,7 +250,7 @@ def precompile(directory: str | os.PathLike, packages=PRECOMPILE_PACKAGES, worke
                 with ProcessPoolExecutor(max_workers=workers) as pool:
                     for c, m in pool.map(_fill, chunks):
                         copied, compiled = copied + c, compiled + m
-            mark.write_text("\n".join(roots) + "\n")
+            mark.write_text(f"{len(names)} modules\n")
             facts = {"copied": copied, "compiled": compiled, "seconds": round(time.perf_counter() - start, 2)}
             log.info("bytecode under %s: %s", directory, facts)
             return facts
