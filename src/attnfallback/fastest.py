@@ -16,8 +16,13 @@ The rule (`choose`):
    read from the first candidate's rate over the shard's expected tokens; a shard too small to
    pay for measuring keeps the loader's choice. A bench that says how many passes over its sample
    a trial takes at least (`min_trial_passes`) is not run at all when 5% of the shard's expected
-   passes cannot cover two trials, whatever the rate (about 30,000 rows with a 256-row sample). `fastest` measures within
+   passes cannot cover two trials, whatever the rate (about 30,000 rows with a 256-row sample padded
+   as the run would pad it; several times more where the sample alone pads more: `shard_passes`). `fastest` measures within
    `Policy.fastest_budget_s` (20 s).
+   Rates are compared as the run would see them: a bench that knows the run's batching (scoring's
+   SampleBench) charges each candidate the padding of the run's own batches, not the sample's (a
+   256-row sample batched alone pads several times more under a large budget than under eager's
+   small one; bench/NOTES.md, session 13).
 3. The preference stays a preference: the earliest-preferred measured candidate is kept unless a
    later one is faster by more than the margin (5% under graceful, none under `fastest`).
 4. The choice is cached under a key of (GPU class, model identity, model class, task, dtype,
@@ -61,7 +66,7 @@ log = logging.getLogger("attnfallback")
 ENV_CACHE = envs.CACHE
 ENV_SAMPLE = envs.FASTEST_SAMPLE
 ENV_MAX_AGE = envs.CACHE_MAX_AGE_DAYS
-CACHE_SCHEMA = "attnfallback.fastest/2"
+CACHE_SCHEMA = "attnfallback.fastest/3"  # 3: rates charged the run's padding (Measurement.run_padding)
 COMPILE_SCHEMA = "attnfallback.compile/1"
 DEFAULT_SAMPLE = "short"
 DEFAULT_MAX_AGE_DAYS = 30.0
@@ -283,12 +288,14 @@ def graceful_budget(expected_s: float | None) -> float:
 def _too_small_to_compare(bench) -> str | None:
     """Why graceful's budget, 5% of the shard's expected time, can never cover two trials of the
     bench's sample, whatever the rate (a trial takes at least `min_trial_passes` passes, the shard
-    about expected_tokens / sample tokens); None when it might, or when the bench does not say."""
+    `bench.shard_passes()` of them where the bench says, else expected_tokens / sample tokens);
+    None when it might, or when the bench does not say."""
     min_passes = getattr(bench, "min_trial_passes", None)
     expected, sample = getattr(bench, "expected_tokens", None), getattr(bench, "tokens", None)
     if not min_passes or not expected or not sample:
         return None
-    affordable = GRACEFUL_BUDGET_SHARE * expected / sample
+    passes = bench.shard_passes() if hasattr(bench, "shard_passes") else None
+    affordable = GRACEFUL_BUDGET_SHARE * (passes if passes is not None else expected / sample)
     if affordable >= 2 * min_passes:
         return None
     return (f"the shard is too small to pay for measuring another candidate: 5% of its expected time is about "
@@ -398,6 +405,11 @@ def choose(loaded, viable: list[str], bench: Bench, settings: Settings, *, cache
     measured = {"tokens_per_s": tokens_per_s, "compile_s": compile_s, "cache": "miss", "cache_key": digest,
                 "cache_file": str(path), "sample": bench.description, "budget_s": budget, "expected_shard_s": expected_s,
                 "seconds": round(time.perf_counter() - started, 4)}
+    padding = {impl: {"sample": round(t.padded_tokens / max(t.tokens, 1), 3), "run": round(t.run_padding, 3)}
+               for impl, t in trials.items() if t.run_padding}
+    if padding:  # the rates above are the sample's padded tokens/s charged the run's padding
+        measured["padding"] = padding
+        measured["sample_tokens_per_s"] = {impl: t.sample_tokens_per_s for impl, t in trials.items()}
     if predicted:
         measured["predicted_compile"] = predicted
     if skipped:

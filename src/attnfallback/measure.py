@@ -231,14 +231,29 @@ class Measurement:
     batches: int
     warmup_s: float
     repeat_s: list[float]
+    # Padded tokens per real token in the batches the run itself would hold (None: the sample's own
+    # batches are the run's). A small sample batched alone pads far more than a run's parts, and by
+    # how much depends on each implementation's budget; see `tokens_per_s`.
+    run_padding: float | None = None
 
     @property
     def median_s(self) -> float:
         return statistics.median(self.repeat_s)
 
     @property
-    def tokens_per_s(self) -> float:
+    def sample_tokens_per_s(self) -> float:
+        """Real tokens of the sample over the median pass."""
         return self.tokens / self.median_s if self.median_s > 0 else float("inf")
+
+    @property
+    def tokens_per_s(self) -> float:
+        """The rate candidates are ranked by: the sample's, or, given `run_padding`, the sample's
+        padded tokens per second charged the run's own padding (what the run would see)."""
+        if self.median_s <= 0:
+            return float("inf")
+        if self.run_padding:
+            return self.padded_tokens / self.run_padding / self.median_s
+        return self.sample_tokens_per_s
 
     @property
     def compile_s(self) -> float:
@@ -250,6 +265,7 @@ class Measurement:
             "impl": self.impl, "actual": self.actual, "tokens_per_s": self.tokens_per_s, "median_s": self.median_s,
             "repeats": len(self.repeat_s), "repeat_s": self.repeat_s, "warmup_s": self.warmup_s,
             "compile_s": self.compile_s, "tokens": self.tokens, "padded_tokens": self.padded_tokens, "batches": self.batches,
+            "sample_tokens_per_s": self.sample_tokens_per_s, "run_padding": self.run_padding,
         }
 
 

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from attnfallback.batching import plan_batches
 from attnfallback.errors import NonFiniteError, TokenizerMismatchError
 from attnfallback.loader import load_tokenizer
 from attnfallback.measure import Measurement, shape_tag
@@ -50,6 +51,37 @@ class SampleBench:
 
     def tag(self) -> str:
         return shape_tag(self.mean_length)
+
+    def run_rows(self) -> int:
+        """Rows of the parts the run's batches are cut from (a part is sorted and batched whole)."""
+        part = max(int(getattr(self.scorer.job, "part_rows", 0) or 0), len(self.chunk), 1)
+        return min(part, self.expected_rows) if self.expected_rows else part
+
+    def run_padding(self) -> float:
+        """Padded tokens per real token in the batches the run would cut, for the current
+        implementation: the sample's lengths repeated to a part's rows, planned by the scorer's
+        budget. The sample alone is a few hundred rows of every length, so its batches pad far more
+        than a part's thousands sorted together: 256 rows of mean 53 tokens go into one 256 x 263
+        batch under a 256k-token budget (five padded tokens a real one) and into finely cut ones
+        under eager's 16k, which would rank eager first on work the run never does."""
+        scorer = self.scorer
+        if scorer.pack or not self.tokens:
+            return 1.0
+        lengths = np.sort(self._encoded.lengths)[::-1]
+        repeats = max(1, round(self.run_rows() / max(len(lengths), 1)))
+        slices = plan_batches(np.repeat(lengths, repeats), scorer.batch_tokens, scorer.max_cells,
+                              floor_tokens=scorer.floor_tokens, overhead_tokens=scorer.overhead_tokens)
+        return sum(s.padded_tokens for s in slices) / (repeats * self.tokens)
+
+    def shard_passes(self) -> float | None:
+        """What the shard's scoring costs in passes over the sample on the current implementation
+        (its expected tokens at the run's padding over the sample's padded tokens); None when the
+        shard's size is unknown."""
+        if not self.expected_tokens or not self.tokens:
+            return None
+        _, batches = self.scorer._batched(self._encoded)
+        cells = sum(b.cells for b in batches)
+        return self.expected_tokens * self.run_padding() / max(cells, 1)
 
     def _prepared(self) -> PreparedChunk:
         """The sample's batches for the current implementation (tokens reused, batches rebuilt)."""
@@ -101,7 +133,7 @@ class SampleBench:
             repeats.append(elapsed)
         actual = getattr(self.scorer.loaded.model.config, "_attn_implementation", None) or impl
         return Measurement(impl, actual, self.tokens, sum(b.cells for b in prepared.batches), len(prepared.batches),
-                           first, repeats), []
+                           first, repeats, run_padding=self.run_padding()), []
 
 
 VERIFY_TEXTS = (  # the verification forward's rows, of different lengths (the second is padded)
