@@ -117,7 +117,8 @@ e2e12)  # session 12, after stage: `source .gpu-wheels/fa4-2/install.sh && bash 
     modernbert) name=modernbert-base-random rows=1000,10000,50000 sizes=256,512 limit=400 ;;
     xlmr) name=xlmr-base-cross-random rows=1000,10000,50000 sizes=256,512 limit=560 ;;
     llama) name=llama-1b-random rows=1000,10000 sizes=32,64 limit=560 ;;
-    *) echo "e2e12: modernbert, xlmr or llama" >&2; exit 2 ;;
+    llama50k) name=llama-1b-random rows=50000 sizes=64 limit=500 ;;  # bs 64: the best of 32/64 at 1k and 10k
+    *) echo "e2e12: modernbert, xlmr, llama or llama50k" >&2; exit 2 ;;
     esac
     step "e2e-$model" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
         --variants ours-sdpa,ours-default,ours-later,baseline --batch-sizes "$sizes" --workdir /tmp/e2e12 --out "$OUT/end_to_end_$model.json"
