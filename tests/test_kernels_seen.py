@@ -91,24 +91,55 @@ def test_flash_attention_4_kernels_are_recognised(tiny_bert):
     assert attention_kernels(loaded.model, loaded.facts, loaded.device) == ["flash_attention_4"]
 
 
-@pytest.mark.parametrize("op_names, kernel_names, expected, calls", [
-    (["aten::_scaled_dot_product_efficient_attention", "aten::linear"], None, ["sdpa:efficient"], [False]),
-    (["aten::linear", "aten::add"], ["kernel_cutlass_kernel_flash_attncuteflash_fwd"], ["flash_attention_4"], [False, True]),
+@pytest.mark.parametrize("op_names, kernel_names, expected, traces", [
+    (["aten::_scaled_dot_product_efficient_attention", "aten::linear"], None, ["sdpa:efficient"], 0),
+    (["aten::linear", "aten::add"], ["kernel_cutlass_kernel_flash_attncuteflash_fwd"], ["flash_attention_4"], 1),
+    (RuntimeError("no dispatch mode here"), ["aten::_scaled_dot_product_cudnn_attention"], ["sdpa:cudnn"], 1),
 ])
-def test_kernels_are_traced_only_when_the_ops_name_no_attention(monkeypatch, op_names, kernel_names, expected, calls):
+def test_kernels_are_traced_only_when_the_ops_name_no_attention(monkeypatch, op_names, kernel_names, expected, traces):
     import types
 
     import attnfallback.kernels_seen as ks
 
     seen = []
 
+    def fake_dispatched(run):
+        if isinstance(op_names, Exception):
+            raise op_names
+        return op_names
+
     def fake_trace(run, device, *, kernels=True):
         seen.append(kernels)
-        return op_names + (kernel_names if kernels else [])
+        return kernel_names
 
+    monkeypatch.setattr(ks, "dispatched_names", fake_dispatched)
     monkeypatch.setattr(ks, "traced_names", fake_trace)
     assert attention_kernels(None, None, types.SimpleNamespace(type="cuda"), forward=lambda: None) == expected
-    assert seen == calls
+    assert seen == [True] * traces
+
+
+@pytest.mark.parametrize("impl, expected", [("sdpa", ["sdpa:cpu"]), ("eager", ["eager"])])
+def test_the_dispatched_ops_of_a_real_forward_name_its_attention(tiny_bert, impl, expected):
+    """On the CPU too: sdpa's decomposition under inference_mode dispatches its chosen op, and the
+    outputs are those of the same forward without the recorder."""
+    import torch
+
+    from attnfallback.events import NULL_SINK
+    from attnfallback.kernels_seen import dispatched_names
+    from attnfallback.loader import load_model
+    from attnfallback.policy import Policy
+    from attnfallback.verify import verify_forward
+
+    loaded = load_model(str(tiny_bert), policy=Policy.strict([impl]), device="cpu", sink=NULL_SINK)
+    names = dispatched_names(lambda: verify_forward(loaded.model, loaded.facts, loaded.device))
+    assert labels_from_names(names) == expected
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    with torch.inference_mode():
+        plain = loaded.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        recorded = []
+        dispatched_names(lambda: recorded.append(loaded.model(input_ids=ids, attention_mask=mask).last_hidden_state))
+    assert torch.equal(plain, recorded[0])
 
 
 def test_a_later_shard_reads_the_kernels_an_earlier_one_traced(tiny_bert, tmp_path, caplog):

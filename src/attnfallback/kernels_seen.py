@@ -2,9 +2,12 @@
 
 PyTorch's sdpa picks a flash, cuDNN, memory-efficient or math kernel per call (by shapes, mask,
 dtype and GPU), and a silent drop to the math kernel is a slowdown no log shows. On CUDA,
-`attention_kernels` runs the loader's verification forward under torch.profiler (its ops first,
-its CUDA kernels only when the ops name no attention) and maps the op and kernel names it saw to labels such as `sdpa:efficient`, `sdpa:cudnn` or `flash_attention_4`.
-On other devices it returns None (the detail is absent, not empty).
+`attention_kernels` runs the loader's verification forward again, recording the ops it dispatches
+(a TorchDispatchMode: sdpa's choice shows as its `_scaled_dot_product_*_attention` op, at no
+start-up cost), and only when those name no attention under torch.profiler with its CUDA kernels
+(a flash package that launches its kernels outside the dispatcher); it maps the names to labels
+such as `sdpa:efficient`, `sdpa:cudnn` or `flash_attention_4`. On other devices it returns None
+(the detail is absent, not empty).
 
 The verification batch is tiny and padded (see verify.VERIFY_BATCH), so it shows the kernel chosen
 for padded inputs; pass `forward=` to profile a real batch instead.
@@ -37,6 +40,7 @@ RULES: tuple[tuple[str, re.Pattern], ...] = tuple(
         ("flex_attention", r"flex_attention|FlexAttention"),
     )
 )
+SDPA_OP = "aten::scaled_dot_product_attention"
 SOFTMAX = re.compile(r"(^aten::_?softmax$)|softmax_warp_forward|SoftMaxForward|cunn_SoftMax", re.IGNORECASE)
 LABEL_ORDER = ("flash_attention_4", "flash_attention_3", "flash_attention_2", "sdpa:flash", "sdpa:cudnn",
                "sdpa:efficient", "sdpa:math", "sdpa:cpu", "flex_attention", "eager")
@@ -63,6 +67,33 @@ def labels_from_names(names: Iterable[str]) -> list[str]:
     return [label for label in LABEL_ORDER if label in found]
 
 
+def dispatched_names(run: Callable[[], object]) -> list[str]:
+    """Names of the ops `run()` sends through the dispatcher ("aten::_softmax", a flash package's
+    registered ops), in order. A dispatch mode sees each op below autograd, where sdpa has already
+    chosen its kernel; unlike the profiler it costs nothing to start (session 13's first shards spent
+    0.5-0.8 s in the profiler's ops-only trace)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names: list[str] = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            names.append(func._schema.name)
+            if func._schema.name == SDPA_OP:
+                # under inference_mode the mode meets sdpa before it picks its kernel; its own
+                # decomposition (what runs there anyway) dispatches the chosen op, seen here too
+                with self:
+                    result = func.decompose(*args, **kwargs)
+                if result is not NotImplemented:
+                    return result
+            return func(*args, **kwargs)
+
+    with Recorder():
+        run()
+    return names
+
+
 def traced_names(run: Callable[[], object], device, *, kernels: bool = True) -> list[str]:
     """Names of the ops (and, with `kernels`, the CUDA kernels) that ran during `run()` under
     torch.profiler. Tracing kernels starts CUDA's profiling interface, tenths of a second the
@@ -87,7 +118,11 @@ def attention_kernels(model, facts, device, *, forward: Callable[[], object] | N
     run = forward or (lambda: verify_forward(model, facts, device))
     try:
         # sdpa's choice shows in its ATen op's name; kernels are traced only when the ops say nothing
-        labels = labels_from_names(traced_names(run, device, kernels=False))
+        try:
+            labels = labels_from_names(dispatched_names(run))
+        except Exception as e:  # noqa: BLE001 - code that does not run under a dispatch mode: the profiler sees it
+            log.debug("attention kernels: the dispatch mode failed (%s: %s); tracing", type(e).__name__, e)
+            labels = []
         if labels:
             return labels
         return labels_from_names(traced_names(run, device))

@@ -166,7 +166,8 @@ def kernels_key(decision: Decision) -> dict:
 def kernels_traced_or_cached(decision: Decision, trace, directory=None) -> tuple[list[str] | None, str]:
     """The attention kernels of the verification forward: (labels, "cache") when an earlier process
     traced them under the same key in the cache directory, else (trace(), "traced"), kept there for
-    the next shard. A profiler trace costs a shard tenths of a second (bench/NOTES.md, session 11)."""
+    the next shard. A trace costs a shard a second forward (and the profiler's start, tenths of a second, when a flash
+    package launches its kernels outside the dispatcher; kernels_seen.py)."""
     directory = envs.cache_directory(directory)
     key = kernels_key(decision)
     path = directory / f"kernels-{fastest.key_digest(key)}.json"
