@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from attnfallback import atomic, envs
+from attnfallback import atomic, envs, lean_imports
 from attnfallback.errors import ModelNotFoundError, RemoteCodeError, UnknownNameError
 
 DEFAULT_MODEL = "default"
@@ -313,8 +313,15 @@ def read_facts(
 ) -> ModelFacts:
     """Facts for a model reference; reads the config, never the weights (but hashes local ones)."""
     ref = model if isinstance(model, ModelRef) else resolve_ref(model, revision)
-    config = config if config is not None else load_config(ref, trust_remote_code)
-    cls = model_class_for(config, auto_class)
+    try:
+        with lean_imports.hidden():
+            config = config if config is not None else load_config(ref, trust_remote_code)
+            cls = model_class_for(config, auto_class)
+    except Exception as e:  # transformers' lazy modules wrap an import's failure in their own errors
+        if not lean_imports.needed_hidden(e):
+            raise
+        config = config if config is not None else load_config(ref, trust_remote_code)  # the model's code needs one
+        cls = model_class_for(config, auto_class)
     archs = getattr(config, "architectures", None) or [cls.__name__]
     if ref.source == "hub":
         resolved = ref.revision or getattr(config, "_commit_hash", None)

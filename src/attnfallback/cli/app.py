@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns (and, as a script, exits with) the exit code."""
     _setup_logging()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault(envs.LEAN_IMPORTS, "on")  # this process and its shards score text (lean_imports.py)
     use_bytecode_cache()  # before torch is imported: images without bytecode compile it in every process
     app = build_app()
     try:
