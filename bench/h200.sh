@@ -123,7 +123,29 @@ e2e12)  # session 12, after stage: `source .gpu-wheels/fa4-2/install.sh && bash 
     step "e2e-$model" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
         --variants ours-sdpa,ours-default,ours-later,baseline --batch-sizes "$sizes" --workdir /tmp/e2e12 --out "$OUT/end_to_end_$model.json"
     ;;
+e2e14)  # session 14, after stage: `source .gpu-wheels/fa4-2/install.sh && bash bench/h200.sh e2e14 ab modernbert` (carry
+        # fa4-2, tok), then `source /tmp/fa4/env.sh && bash bench/h200.sh e2e14 xlmr` and `... e2e14 llama` (carry tok).
+        # ab: the kernel tests on this GPU, the fill in place timed, then bench/fixed_cost_ab.py (each change against the old way).
+    common_env
+    shift
+    for model in "$@"; do
+        case "$model" in
+        ab)
+            step kernels-gpu-tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 100 tests/test_kernels_seen.py
+            step precompile 120 python3 -c "import os, sys, time; os.makedirs('/tmp/precompile-probe', exist_ok=True); sys.pycache_prefix = '/tmp/precompile-probe'; from attnfallback import bytecode as b; t = time.perf_counter(); d = b.precompile('/tmp/precompile-probe'); print(f'precompile {time.perf_counter() - t:.2f} s on {b.usable_cores()} cores: {d}')"
+            step fixed-cost-ab 240 python3 bench/fixed_cost_ab.py --device cuda --model modernbert-base-random --rows 1000 --repeats 2 \
+                --workdir /tmp/ab --out "$OUT/fixed_cost_ab.json"
+            continue ;;
+        modernbert) name=modernbert-base-random rows=1000,10000,50000 sizes=256,512 limit=400 ;;
+        xlmr) name=xlmr-base-cross-random rows=1000,10000,50000 sizes=256,512 limit=400 ;;
+        llama) name=llama-1b-random rows=1000,10000,50000 sizes=64,128 limit=580 ;;  # 64 was the largest tried and the best
+        *) echo "e2e14: ab, modernbert, xlmr or llama" >&2; exit 2 ;;
+        esac
+        step "e2e-$model" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
+            --variants ours-sdpa,ours-default,ours-later,baseline --batch-sizes "$sizes" --workdir /tmp/e2e14 --out "$OUT/end_to_end_$model.json"
+    done
+    ;;
 *)
-    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12" >&2; exit 2
+    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14" >&2; exit 2
     ;;
 esac

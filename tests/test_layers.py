@@ -17,7 +17,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "attnfallback"
 
 LAYERS: list[tuple[str, list[str]]] = [
-    ("leaves", ["version", "errors", "envs", "atomic", "arrow_build", "task_names", "data", "policy", "sharding", "bytecode",
+    ("leaves", ["version", "errors", "envs", "atomic", "arrow_build", "task_names", "data", "policy", "sharding", "bytecode", "lean_imports",
                 "kernel_variants", "sdpa_order", "scoring.limits"]),
     ("facts", ["catalog", "caps", "model_facts", "heads", "events.schema", "events.sink", "events.query", "events"]),
     ("pure decisions", ["impls", "planner", "batching", "decision"]),
