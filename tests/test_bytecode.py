@@ -101,12 +101,8 @@ import json, sys
 from attnfallback import bytecode
 bytecode.SHARD_MODULES = {listing!r}
 from attnfallback.bytecode import use_bytecode_cache
-used = use_bytecode_cache(precompile_min_cores={min_cores}, background={background})
-import importlib.util, pathlib, time
-if {background}:  # the child fills it: wait for its mark
-    deadline = time.monotonic() + 60
-    while not list(pathlib.Path(used).glob(".precompiled-*")) and time.monotonic() < deadline:
-        time.sleep(0.05)
+used = use_bytecode_cache(precompile_min_cores={min_cores})
+import importlib.util, pathlib
 names = ["torch.nn.functional", "transformers.models.auto.modeling_auto", "transformers.models.llama.modeling_llama", "json.decoder"]
 print(json.dumps({{"used": used, "compiled_ahead": {{n: pathlib.Path(importlib.util.cache_from_source(importlib.util.find_spec(n).origin)).is_file() for n in names}}}}))
 """
@@ -131,12 +127,12 @@ LISTED = ["torch", "torch.nn", "torch.nn.functional", "transformers", "transform
           "not_installed.module"]
 
 
-def precompiled(site: Path, cache: Path, min_cores: int, background: bool = False) -> dict:
+def precompiled(site: Path, cache: Path, min_cores: int) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ATTNFALLBACK_", "PYTHONPYCACHEPREFIX"))}
     env.update(PYTHONPATH=f"{site}{os.pathsep}{SRC}", PYTHONDONTWRITEBYTECODE="1", ATTNFALLBACK_CACHE=str(cache))
     listing = site.parent / "shard_modules.txt"
     listing.write_text("# a comment\n" + "\n".join(LISTED) + "\n")
-    program = PRECOMPILE_PROGRAM.format(min_cores=min_cores, listing=str(listing), background=background)
+    program = PRECOMPILE_PROGRAM.format(min_cores=min_cores, listing=str(listing))
     proc = subprocess.run([sys.executable, "-c", program], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -154,36 +150,6 @@ def test_with_cores_to_spare_the_listed_modules_are_compiled_ahead_once_but_mode
     stamp = marks[0].stat().st_mtime_ns
     precompiled(big_image, cache, min_cores=1)
     assert [m.stat().st_mtime_ns for m in (cache / "bytecode").glob(".precompiled-*")] == [stamp]  # not again
-
-
-def test_the_command_line_fills_it_in_a_child_process(big_image, tmp_path):
-    cache = tmp_path / "cache"
-    out = precompiled(big_image, cache, min_cores=1, background=True)
-    assert out["used"] == str(cache / "bytecode")
-    assert out["compiled_ahead"] == {"torch.nn.functional": True, "transformers.models.auto.modeling_auto": True,
-                                     "transformers.models.llama.modeling_llama": False, "json.decoder": True}
-    assert len(list((cache / "bytecode").glob(".precompiled-*"))) == 1
-
-
-def test_no_second_child_while_one_holds_the_lock(big_image, tmp_path, monkeypatch):
-    import fcntl
-
-    from attnfallback import bytecode
-
-    prefix = tmp_path / "bytecode"
-    prefix.mkdir()
-    listing = tmp_path / "shard_modules.txt"
-    listing.write_text("json\njson.decoder\n")
-    monkeypatch.setattr(sys, "pycache_prefix", str(prefix))
-    started = []
-    monkeypatch.setattr(bytecode.subprocess, "Popen", lambda *a, **k: started.append(a))
-    with open(prefix / ".precompile.lock", "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        assert bytecode.precompile_in_background(prefix, listing) is False
-    assert started == []
-    assert bytecode.precompile_in_background(prefix, listing) is True and len(started) == 1
-    (prefix / f".precompiled-{bytecode._fill_key(bytecode.shard_modules(listing), {})}").write_text("done\n")
-    assert bytecode.precompile_in_background(prefix, listing) is False and len(started) == 1  # filled already
 
 
 def test_with_few_cores_imports_compile_as_they_go(big_image, tmp_path):

@@ -17,13 +17,10 @@ off.
 
 With a prefix the interpreter reads bytecode only from it, so the first process would compile every
 module it imports, the standard library's and those shipped with bytecode too. On a machine with
-two cores or more the prefix is filled ahead instead, with the modules a shard imports
-(data/shard_modules.txt, in the order a shard imports them): bytecode found beside its source is
-copied, the rest compiled over the cores; once per image and cache, under a lock. With many cores
-the command line starts the fill in a child process and goes on (`precompile_in_background`): the
-child's workers run ahead of the shard's own imports, which read what is filled and compile the few
-they reach first (session 13's first shards waited 0.86 s for a fill in place on 16 cores).
-`precompile()` fills in place and returns when done.
+two cores or more, `precompile()` fills the prefix before the first import instead, with the
+modules a shard imports (data/shard_modules.txt): bytecode found beside its source is copied, the
+rest compiled over all cores; once per image and cache, under a lock concurrent shards wait on. A
+fresh machine's first shard then imports as a later one does.
 """
 
 from __future__ import annotations
@@ -36,7 +33,6 @@ import os
 import py_compile
 import re
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -57,10 +53,6 @@ FAMILY_MODULE = re.compile(r"^transformers\.models\.(?!auto(\.|$))[^.]+\.")
 # On one core, compiling ahead costs about what compiling the modules imported does (and the
 # copies save the rest); from two on it is ahead (bench/NOTES.md, session 10).
 PRECOMPILE_MIN_CORES = 2
-# The fill moves to a child process from this many cores on: on 2 cores the child's one worker and
-# the shard's compiling imports made a first shard 0.2-0.6 s slower than a fill in place with two
-# (bench/NOTES.md, session 14); with many, the shard's imports need not wait for the fill.
-BACKGROUND_MIN_CORES = 8
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +81,9 @@ def has_bytecode(package: str = PROBE_PACKAGE, source: str | None = None) -> boo
 
 
 def use_bytecode_cache(env: MutableMapping[str, str] | None = None, cache_dir: str | os.PathLike | None = None,
-                       precompile_min_cores: int = PRECOMPILE_MIN_CORES, background: bool | None = None) -> str | None:
+                       precompile_min_cores: int = PRECOMPILE_MIN_CORES) -> str | None:
     """Turn the bytecode cache on where it helps (see the module docstring); the directory in use,
-    or None when left as it was. Child processes inherit it through PYTHONPYCACHEPREFIX. The prefix
-    is filled by a child process (`background`; default: with BACKGROUND_MIN_CORES or more) or
-    before returning."""
+    or None when left as it was. Child processes inherit it through PYTHONPYCACHEPREFIX."""
     env = os.environ if env is None else env
     setting = envs.choice(envs.BYTECODE, ("auto", "on", "off"), "auto", env)
     if setting == "off" or sys.pycache_prefix:
@@ -114,12 +104,8 @@ def use_bytecode_cache(env: MutableMapping[str, str] | None = None, cache_dir: s
     sys.dont_write_bytecode = False
     env["PYTHONPYCACHEPREFIX"] = str(directory)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    cores = usable_cores()
-    if cores >= precompile_min_cores:
-        if background if background is not None else cores >= BACKGROUND_MIN_CORES:
-            precompile_in_background(directory)
-        else:
-            precompile(directory)
+    if usable_cores() >= precompile_min_cores:
+        precompile(directory)
     return str(directory)
 
 
@@ -230,51 +216,6 @@ def _fill_key(names: list[str], bases: dict) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _jobs(names: list[str], bases: dict) -> list[tuple[str, str, str | None]]:
-    """(source, target in the prefix, bytecode beside the source or None) for each listed module
-    not in the prefix yet, in the list's order."""
-    jobs = []
-    for source in module_sources(names, bases):
-        beside, target = _bytecode_paths(source)
-        if not os.path.exists(target):
-            jobs.append((source, target, beside if os.path.exists(beside) else None))
-    return jobs
-
-
-def _fill_all(directory: Path, names: list[str], bases: dict, mark: Path, workers: int, in_order: bool) -> dict:
-    """Fill the prefix for `names` over `workers` processes and write `mark`; the caller holds the
-    lock. `in_order`: chunks taken front first, so the fill runs ahead of imports made meanwhile."""
-    start = time.perf_counter()
-    jobs = _jobs(names, bases)
-    workers = max(1, workers)
-    if in_order:
-        chunks = [jobs[i:i + 16] for i in range(0, len(jobs), 16)]
-    else:
-        chunks = [jobs[i::workers * 4] for i in range(workers * 4)]
-    copied = compiled = 0
-    if workers == 1 or len(jobs) < 64:
-        copied, compiled = _fill(jobs)
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for c, m in pool.map(_fill, chunks):
-                copied, compiled = copied + c, compiled + m
-    mark.write_text(f"{len(names)} modules\n")
-    facts = {"copied": copied, "compiled": compiled, "seconds": round(time.perf_counter() - start, 2)}
-    log.info("bytecode under %s: %s", directory, facts)
-    return facts
-
-
-def _fill_plan(directory: Path, modules) -> tuple[list[str], dict, Path] | None:
-    """(names, their packages' places, the mark) when the prefix in use is `directory` and not
-    filled for this list yet, else None."""
-    names = shard_modules() if modules is None else list(modules)
-    if not names or sys.pycache_prefix is None or Path(sys.pycache_prefix) != directory:
-        return None
-    bases: dict = {}
-    mark = directory / f".precompiled-{_fill_key(names, bases)}"
-    return None if mark.exists() else (names, bases, mark)
-
-
 def precompile(directory: str | os.PathLike, modules=None, workers: int | None = None) -> dict | None:
     """Fill the bytecode prefix in use (sys.pycache_prefix, which must be `directory`) for `modules`
     (default: the shard's, `shard_modules()`): bytecode beside a source is copied, the rest compiled
@@ -282,66 +223,37 @@ def precompile(directory: str | os.PathLike, modules=None, workers: int | None =
     callers wait on a lock and find the mark. Returns what it did ({"copied", "compiled", "seconds"}),
     None when nothing was to do or the directory cannot be written (imports then compile as they go)."""
     directory = Path(directory)
-    plan = _fill_plan(directory, modules)
-    if plan is None:
+    names = shard_modules() if modules is None else list(modules)
+    if not names or sys.pycache_prefix is None or Path(sys.pycache_prefix) != directory:
         return None
-    names, bases, mark = plan
+    bases: dict = {}
+    mark = directory / f".precompiled-{_fill_key(names, bases)}"
+    if mark.exists():
+        return None
     try:
         with open(directory / ".precompile.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if mark.exists():  # another shard filled it while this one waited
                 return None
-            return _fill_all(directory, names, bases, mark, workers or usable_cores(), in_order=False)
+            start = time.perf_counter()
+            jobs = []
+            for source in module_sources(names, bases):
+                beside, target = _bytecode_paths(source)
+                if not os.path.exists(target):
+                    jobs.append((source, target, beside if os.path.exists(beside) else None))
+            workers = max(1, workers or usable_cores())
+            chunks = [jobs[i::workers * 4] for i in range(workers * 4)]
+            copied = compiled = 0
+            if workers == 1 or len(jobs) < 64:
+                copied, compiled = _fill(jobs)
+            else:
+                with ProcessPoolExecutor(max_workers=workers) as pool:
+                    for c, m in pool.map(_fill, chunks):
+                        copied, compiled = copied + c, compiled + m
+            mark.write_text(f"{len(names)} modules\n")
+            facts = {"copied": copied, "compiled": compiled, "seconds": round(time.perf_counter() - start, 2)}
+            log.info("bytecode under %s: %s", directory, facts)
+            return facts
     except OSError as e:  # a read-only or full cache: imports compile as they go, as without it
         log.warning("bytecode not compiled ahead under %s: %s", directory, e)
         return None
-
-
-def precompile_in_background(directory: str | os.PathLike, modules_file: str | os.PathLike | None = None) -> bool:
-    """Start filling the prefix in use (`directory`) in a child process that holds the lock, and
-    return at once: True when a child was started, False when the prefix is filled, another process
-    is filling it, or it cannot be written. The child leaves one core to this process."""
-    directory = Path(directory)
-    listing = Path(SHARD_MODULES if modules_file is None else modules_file)
-    if _fill_plan(directory, shard_modules(listing)) is None:
-        return False
-    try:
-        lock = open(directory / ".precompile.lock", "a")
-    except OSError as e:
-        log.warning("bytecode not compiled ahead under %s: %s", directory, e)
-        return False
-    try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # another shard's child is filling it
-        # the child inherits the locked file and keeps the lock until it is done
-        subprocess.Popen([sys.executable, "-m", "attnfallback.bytecode", str(directory), str(listing), str(lock.fileno())],
-                         pass_fds=(lock.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
-        return True
-    except OSError as e:
-        log.warning("bytecode not compiled ahead under %s: %s", directory, e)
-        return False
-    finally:
-        lock.close()
-
-
-def _fill_in_child(directory: str, listing: str, lock_fd: int) -> int:
-    """The child of `precompile_in_background`: fills the prefix in import order, holding the lock
-    it was handed."""
-    try:
-        plan = _fill_plan(Path(directory), shard_modules(listing))
-        if plan is not None:
-            names, bases, mark = plan
-            _fill_all(Path(directory), names, bases, mark, max(1, usable_cores() - 1), in_order=True)
-        return 0
-    except OSError:
-        return 1
-    finally:
-        os.close(lock_fd)
-
-
-if __name__ == "__main__":
-    sys.pycache_prefix = sys.argv[1]
-    sys.exit(_fill_in_child(sys.argv[1], sys.argv[2], int(sys.argv[3])))
