@@ -4,9 +4,9 @@ and the run's phases.
 
     python bench/fixed_cost_ab.py --device cuda --model modernbert-base-random --rows 1000 --out bench/runs/ab.json
 
-Variants (a first shard has a fresh cache; a later one the cache an untimed shard filled):
-- `first-fill-child`: a first shard, the bytecode prefix filled by a child process (the default
-  with 8 cores or more) / `first-fill-inline`: filled before the run, as before (bytecode.py);
+Variants (a later shard runs on the cache an untimed shard filled; a first shard on a fresh one):
+- `first`: a first shard (the bytecode prefix filled before the run, bytecode.py; session 14
+  also ran a fill in a child process against it, at 8baabd5, and reverted that: bench/NOTES.md);
 - `later`: a later shard (the default) / `later-lean-off`: ATTNFALLBACK_LEAN_IMPORTS=off
   (transformers' optional scipy, Pillow, torchvision, torchaudio imported; lean_imports.py);
 - `later-trace-dispatch`: a later shard whose kernel cache entry was removed, so the attention
@@ -33,12 +33,10 @@ from zoo_models import MODELS, build_model, json_tail, stsb_documents, write_inp
 
 CLI = "from attnfallback.cli.app import main; sys.argv[0] = 'attnfallback'; sys.exit(main(sys.argv[1:]))"
 PATCHES = {
-    "first-fill-inline": "import attnfallback.bytecode as b; d = list(b.use_bytecode_cache.__defaults__); d[-1] = False; "
-                         "b.use_bytecode_cache.__defaults__ = tuple(d)",
     "later-trace-profiler": "import attnfallback.kernels_seen as k; "
                             "k.dispatched_names = lambda run: k.traced_names(run, 'cuda', kernels=False)",
 }
-VARIANTS = ("first-fill-child", "first-fill-inline", "later", "later-lean-off", "later-trace-dispatch", "later-trace-profiler")
+VARIANTS = ("first", "later", "later-lean-off", "later-trace-dispatch", "later-trace-profiler")
 
 
 def command(variant: str, model_dir: Path, data: Path, out: Path, task: str, device: str) -> list[str]:
@@ -103,7 +101,6 @@ def main() -> None:
             phases = result.get("phases") or {}
             print(f"{variant:22s} round {r}: {result['wall_s']:6.2f} s exit {result['exit']} before {phases.get('before_run_s')} "
                   f"facts {phases.get('facts_s')} load {phases.get('load_s')} {phases.get('load_detail')}", file=sys.stderr, flush=True)
-            time.sleep(2.0)  # a background fill of the previous first shard is done well before this
     summary = {}
     for variant, results in runs.items():
         ok = [x for x in results if x["exit"] == 0]
