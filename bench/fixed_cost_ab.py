@@ -101,20 +101,21 @@ def main() -> None:
             phases = result.get("phases") or {}
             print(f"{variant:22s} round {r}: {result['wall_s']:6.2f} s exit {result['exit']} before {phases.get('before_run_s')} "
                   f"facts {phases.get('facts_s')} load {phases.get('load_s')} {phases.get('load_detail')}", file=sys.stderr, flush=True)
+    def median_phase(ok: list[dict], key: str, detail: bool = False) -> float | None:
+        phases = [x["phases"] or {} for x in ok]
+        values = [(p.get("load_detail") or {}).get(key) if detail else p.get(key) for p in phases]
+        values = [v for v in values if v is not None]
+        return round(statistics.median(values), 3) if values else None
+
     summary = {}
     for variant, results in runs.items():
         ok = [x for x in results if x["exit"] == 0]
         if not ok:
             summary[variant] = {"failed": results[0].get("error")}
             continue
-
-        def med(key, detail=False):
-            values = [((x["phases"] or {}).get("load_detail") or {}).get(key) if detail else (x["phases"] or {}).get(key) for x in ok]
-            values = [v for v in values if v is not None]
-            return round(statistics.median(values), 3) if values else None
-
-        summary[variant] = {"wall_s": round(statistics.median(x["wall_s"] for x in ok), 3), "before_run_s": med("before_run_s"),
-                            "facts_s": med("facts_s"), "load_s": med("load_s"), "kernels_s": med("kernels_s", detail=True),
+        summary[variant] = {"wall_s": round(statistics.median(x["wall_s"] for x in ok), 3),
+                            **{k: median_phase(ok, k) for k in ("before_run_s", "facts_s", "load_s")},
+                            "kernels_s": median_phase(ok, "kernels_s", detail=True),
                             "kernels": ok[-1].get("kernels"), "kernels_source": ok[-1].get("kernels_source")}
     report = {"model": args.model, "rows": args.rows, "device": args.device, "repeats": args.repeats, "runs": runs,
               "summary": summary}

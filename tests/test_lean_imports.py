@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 
@@ -61,7 +62,7 @@ def test_a_shard_process_reads_facts_without_the_unused_packages(tiny_bert):
             "'loaded': sorted(n for n in ('scipy', 'PIL', 'torchvision', 'torchaudio') if n in sys.modules)}))")
     runs = {}
     for setting in ("on", "off"):
-        env = {**__import__("os").environ, envs.LEAN_IMPORTS: setting}
+        env = {**os.environ, envs.LEAN_IMPORTS: setting}
         proc = subprocess.run([sys.executable, "-c", code, str(tiny_bert)], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs[setting] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -2,9 +2,9 @@
 
 Importing a model class imports transformers' modeling utilities and, with them, each of these
 packages where it is installed: scipy (the object-detection losses' matcher), Pillow and torchvision
-(image utilities), torchaudio (audio utilities). None of them serves text: on this project's CPU
-machine they are about 400 modules and 0.5 s of the 1.9 s that importing five model families takes
-after torch (bench/NOTES.md, session 14).
+(image utilities), torchaudio (audio utilities). None of them serves text; on the lent H200's image,
+keeping them out took a shard's facts phase from 7.16 s to 5.47 s (bench/fixed_cost_ab.py,
+bench/NOTES.md, session 14).
 
 `hidden()` marks those not yet imported absent while a model's code is imported: None in
 sys.modules, so `importlib.util.find_spec` answers None and transformers' availability checks say

@@ -313,15 +313,17 @@ def read_facts(
 ) -> ModelFacts:
     """Facts for a model reference; reads the config, never the weights (but hashes local ones)."""
     ref = model if isinstance(model, ModelRef) else resolve_ref(model, revision)
+    def config_and_class(config):
+        config = config if config is not None else load_config(ref, trust_remote_code)
+        return config, model_class_for(config, auto_class)
+
     try:
         with lean_imports.hidden():
-            config = config if config is not None else load_config(ref, trust_remote_code)
-            cls = model_class_for(config, auto_class)
+            config, cls = config_and_class(config)
     except Exception as e:  # transformers' lazy modules wrap an import's failure in their own errors
         if not lean_imports.needed_hidden(e):
             raise
-        config = config if config is not None else load_config(ref, trust_remote_code)  # the model's code needs one
-        cls = model_class_for(config, auto_class)
+        config, cls = config_and_class(config)  # the model's code needs a hidden package
     archs = getattr(config, "architectures", None) or [cls.__name__]
     if ref.source == "hub":
         resolved = ref.revision or getattr(config, "_commit_hash", None)
