@@ -13,6 +13,8 @@ documents (mean --mean-sentences sentences). Variants, each a fresh process time
 - `ours-default`: `attnfallback score ...` with the default preference (FlashAttention-4 first, used
   when it is installed and measured faster);
 - `ours-fa4` (asked for by --variants): `attnfallback score ... --prefer flash_attention_4 --policy strict`;
+- `ours-unfused` (asked for by --variants): the default with ATTNFALLBACK_FUSED=off (the model's own
+  norms, MLPs and logprob head instead of fused_ops.py's kernels);
 - `ours-later`: the default, as a later shard of a sweep on the same machine (or one sharing
   $ATTNFALLBACK_CACHE): its cache, one per model, was used by one untimed shard first (compiled
   bytecode where the image ships none, FlashAttention-4's kernels, measured choices);
@@ -70,7 +72,7 @@ def run_ours(model: str, task: str, data: Path, out: Path, extra: list[str], env
             "outside_loop_s": None if loop_s is None else round(wall - loop_s, 3), "tokens": result.get("tokens"),
             "loop_tokens_per_s": result.get("tokens_per_s"), "rows_written": result.get("rows_written"),
             "used": decision.get("used"), "choice": decision.get("choice"), "measured": decision.get("measured"),
-            "phases": result.get("phases"), "timing": decision.get("timing")}
+            "phases": result.get("phases"), "timing": decision.get("timing"), "fused": (result.get("task") or {}).get("fused")}
 
 
 def run_baseline(kind: str, model_dir: str, data: Path, batch_sizes: str, device: str, env: dict, timeout: float) -> dict:
@@ -185,6 +187,8 @@ def main() -> None:
                     extra = {"ours-sdpa": ["--prefer", "sdpa"], "ours-fa4": ["--prefer", "flash_attention_4", "--policy", "strict"]
                              }.get(variant, [])
                     extra += ["--device", args.device]
+                    if variant == "ours-unfused":
+                        run_env["ATTNFALLBACK_FUSED"] = "off"
                     runs[variant] = run_ours(model, task, data, workdir / f"{name}-{n}-{variant}.parquet", extra, run_env,
                                              args.timeout)
                 r = runs[variant]
@@ -206,7 +210,7 @@ def summarize(runs: dict) -> dict:
     base_bytecode = runs.get("baseline-bytecode", {})
     if base_bytecode.get("exit") == 0:
         base_bytecode.update(summarize_baseline(base_bytecode))
-    for variant in ("ours-sdpa", "ours-default", "ours-fa4", "ours-later"):
+    for variant in ("ours-sdpa", "ours-default", "ours-fa4", "ours-later", "ours-unfused"):
         r = runs.get(variant, {})
         if base_bytecode.get("exit") == 0 and r.get("exit") == 0:
             summary[f"{variant}_vs_baseline_bytecode"] = round(base_bytecode["best_e2e_s"] / r["wall_s"], 3)
@@ -217,6 +221,10 @@ def summarize(runs: dict) -> dict:
                 summary[f"{variant}_in_run_outside_loop_vs_import_load"] = round((r["in_run_s"] - r["loop_s"]) / il, 3)
     if runs.get("ours-sdpa", {}).get("exit") == 0 and runs.get("ours-default", {}).get("exit") == 0:
         summary["default_vs_sdpa_time"] = round(runs["ours-default"]["wall_s"] / runs["ours-sdpa"]["wall_s"], 3)
+    if runs.get("ours-unfused", {}).get("exit") == 0 and runs.get("ours-default", {}).get("exit") == 0:
+        summary["fused_vs_unfused_time"] = round(runs["ours-default"]["wall_s"] / runs["ours-unfused"]["wall_s"], 3)
+        if runs["ours-unfused"].get("loop_s") and runs["ours-default"].get("loop_s"):
+            summary["fused_vs_unfused_loop"] = round(runs["ours-default"]["loop_s"] / runs["ours-unfused"]["loop_s"], 3)
     if runs.get("ours-sdpa", {}).get("exit") == 0 and runs.get("ours-fa4", {}).get("exit") == 0:
         summary["fa4_vs_sdpa_loop_rate"] = round(runs["ours-fa4"]["loop_tokens_per_s"] / runs["ours-sdpa"]["loop_tokens_per_s"], 3)
         summary["fa4_vs_sdpa_time"] = round(runs["ours-fa4"]["wall_s"] / runs["ours-sdpa"]["wall_s"], 3)
@@ -250,6 +258,12 @@ def print_table(report: dict) -> None:
                     text += (f"; baseline with bytecode {bb['best_e2e_s']:.2f} s: later {s.get('ours-later_vs_baseline_bytecode', float('nan')):.2f}x, "
                              f"default {s.get('ours-default_vs_baseline_bytecode', float('nan')):.2f}x")
                 print(f"{'':26} {'':6} later shard (warm cache): {text}, used {later.get('used')}")
+            unfused = runs.get("ours-unfused", {})
+            if unfused:
+                text = (f"{unfused['wall_s']:.2f} s, {s.get('ours-unfused_vs_baseline', float('nan')):.2f}x; default/unfused time "
+                        f"{s.get('fused_vs_unfused_time', float('nan')):.3f}, loop {s.get('fused_vs_unfused_loop', float('nan')):.3f}"
+                        if unfused.get("exit") == 0 else "failed")
+                print(f"{'':26} {'':6} unfused (ATTNFALLBACK_FUSED=off): {text}")
             if "fa4_vs_sdpa_loop_rate" in s:
                 print(f"{'':26} {'':6} FA4 strict: {runs['ours-fa4']['wall_s']:.2f} s, loop {s['fa4_vs_sdpa_loop_rate']:.2f}x sdpa's rate, "
                       f"time {s['fa4_vs_sdpa_time']:.2f}x")

@@ -145,7 +145,28 @@ e2e14)  # session 14, after stage: `source .gpu-wheels/fa4-2/install.sh && bash 
             --variants ours-sdpa,ours-default,ours-later,baseline --batch-sizes "$sizes" --workdir /tmp/e2e14 --out "$OUT/end_to_end_$model.json"
     done
     ;;
+e2e15)  # session 15, the fused kernels: after stage, `source .gpu-wheels/fa4-2/install.sh && bash bench/h200.sh e2e15 fused
+        # llama50k` (carry fa4-2, tok); then `source /tmp/fa4/env.sh && bash bench/h200.sh e2e15 llama qwen3` (carry tok).
+        # fused: their GPU tests, then bench/fused_loop.py (kernels against PyTorch, the loop fused and unfused, profiles).
+    common_env
+    shift
+    for item in "$@"; do
+        case "$item" in
+        fused)
+            step fused-gpu-tests 200 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 150 tests/test_fused_ops.py
+            step fused-loop 300 python3 bench/fused_loop.py --device cuda --models llama-1b-random,qwen3-0.6b-reward-random \
+                --docs 20000 --workdir /tmp/e2e15 --out "$OUT/fused_loop.json"
+            continue ;;
+        llama50k) name=llama-1b-random rows=50000 variants=ours-default,ours-unfused,baseline sizes=128 limit=300 ;;
+        llama) name=llama-1b-random rows=1000,10000 variants=ours-sdpa,ours-default,ours-unfused,ours-later,baseline sizes=64,128 limit=300 ;;
+        qwen3) name=qwen3-0.6b-reward-random rows=10000,50000 variants=ours-default,ours-unfused,baseline sizes=32,64 limit=280 ;;
+        *) echo "e2e15: fused, llama50k, llama or qwen3" >&2; exit 2 ;;
+        esac
+        step "e2e-$item" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
+            --variants "$variants" --batch-sizes "$sizes" --workdir /tmp/e2e15 --out "$OUT/end_to_end_$item.json"
+    done
+    ;;
 *)
-    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14" >&2; exit 2
+    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15" >&2; exit 2
     ;;
 esac

@@ -616,5 +616,5 @@ def _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fing
           skipped=[{"line": s["line"], "reason": s["reason"]} for s in result.skipped], tokens=result.tokens,
           truncated=result.truncated, seconds=result.seconds, tokens_per_s=result.tokens_per_s, non_finite=result.nonfinite,
           oom_splits=result.oom_splits, output=result.output, parts=result.parts, resumed_parts=resumed, impl=scorer.decision.used,
-          phases=result.phases)
+          fused=scorer.fused, phases=result.phases)
     return result

@@ -39,7 +39,7 @@ from attnfallback.scoring.chunks import Chunk, HostBatch, PreparedChunk
 from attnfallback.scoring.collate import check_packing_mode, pack_rows, pad_rows, supports_varlen
 from attnfallback.scoring.inputs import DEFAULT_ID_COLUMN, InputSpec, rows_of_table
 from attnfallback.scoring.limits import clip_max_length
-from attnfallback.scoring.tasks import AUTO_CLASSES, Task, build_task, parse_task
+from attnfallback.scoring.tasks import AUTO_CLASSES, Task, build_task, fuse_kernels, parse_task
 from attnfallback.scoring.tokenize import Encoded, TextEncoder
 from attnfallback.scoring.tokenizer_process import ChildDied, ProcessEncoder, check_tokenizer_process_mode, process_obstacle
 from attnfallback.scoring.trial import SampleBench, TaskVerifyInputs
@@ -129,6 +129,7 @@ class Scorer:
         # the run's first part in pieces (CUDA: the GPU would wait for all of its tokenizing)
         self.lead_fractions: tuple[float, ...] = LEAD_FRACTIONS if self.on_cuda else ()
         self.packing_note = "off"
+        self.fused: dict = {"kernels": None, "why_not": "not asked"}  # fuse_kernels' report (for_loaded)
         self.flash_shapes = shape_mode()  # packed batches' declared shapes (kernel_variants.py)
         self._packing_checked: dict[str, str | None] = {}  # impl -> None (agrees) or why not
         self.tokenizer_process = check_tokenizer_process_mode(getattr(job, "tokenizer_process", "auto"))
@@ -199,6 +200,7 @@ class Scorer:
         columns = len(job.text_columns) if job.text_columns else 1
         model_dir = loaded.facts.ref.location if loaded.facts.ref.is_local else _hub_snapshot(loaded.model)
         task = build_task(task_name, loaded.model, loaded.tokenizer, model_dir, columns)
+        fused = fuse_kernels(loaded.model, task, loaded.device)
         max_length = job.max_length or task.default_max_length()
         if max_length < 2:
             raise UsageError(f"--max-length must be at least 2, found {max_length}")
@@ -209,6 +211,7 @@ class Scorer:
         budget, max_cells = _budgets(job, loaded, impl)
         scorer = cls(loaded, job, task, int(max_length), budget, max_cells)
         scorer.max_length_note = clipped
+        scorer.fused = fused
         scorer.refresh_packing()
         return scorer
 
@@ -244,6 +247,7 @@ class Scorer:
         return {**self.task.describe(), "max_length": self.max_length, "batch_tokens": self.batch_tokens,
                 "max_cells": self.max_cells, "device": str(self.device), "impl": self.decision.used,
                 "packing": self.packing_note, "tokenizer": self.tokenizer_note, "token_type_ids": self.with_types,
+                "fused": self.fused,
                 **({"max_length_note": self.max_length_note} if self.max_length_note else {}),
                 **({"sdpa_order": sdpa_order_note()} if self.on_cuda and self.decision.used == "sdpa" else {})}
 

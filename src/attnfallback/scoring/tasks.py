@@ -8,7 +8,8 @@
               prompt (`--text-columns prompt,completion`) -> `logprob_sum`, `logprob_mean`, `tokens`
 
 Every output is computed in float32 on the device, whatever the model's dtype. The tokenizing is
-tokenize.py's, the padded and packed batches collate.py's, embed's pooling config st_config.py's.
+tokenize.py's, the padded and packed batches collate.py's, embed's pooling config st_config.py's;
+`fuse_kernels` puts the model's norms, MLPs and the logprob head on fused_ops.py's kernels.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from attnfallback import arrow_build
 from attnfallback.errors import UnknownNameError, UsageError
+from attnfallback.fused_ops import TorchKernels, checked_logprob_kernel, fuse_modules, triton_kernels, unavailable_reason
 from attnfallback.model_facts import text_config
 from attnfallback.scoring.collate import (
     accepts_argument,
@@ -370,6 +372,9 @@ class LogprobTask(Task):
         self.head = model.get_output_embeddings() if self.chunked else None
         if self.base is None or self.head is None or self.base is model:
             self.chunked = False
+        self.vocab_size = int(getattr(self.head, "out_features", None) or getattr(text, "vocab_size", 0) or 0)
+        self.token_logprobs = TorchKernels().token_logprobs  # (rows, vocab) logits, targets -> float32 log p
+        self.fused_head = False
 
     def output_fields(self):
         import pyarrow as pa
@@ -401,16 +406,14 @@ class LogprobTask(Task):
             flat = hidden.reshape(-1, hidden.shape[-1])
             for start in range(0, total, LOGITS_CHUNK_TOKENS):
                 stop = min(start + LOGITS_CHUNK_TOKENS, total)
-                logits = self.head(flat.index_select(0, select[start:stop])).float()
-                picked = logits.gather(1, targets[start:stop, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+                picked = self.token_logprobs(self.head(flat.index_select(0, select[start:stop])), targets[start:stop])
                 sums.index_add_(0, row_of[start:stop], picked)
         else:
             logits = self.model(**inputs).logits
             flat = logits.reshape(-1, logits.shape[-1])
             for start in range(0, total, LOGITS_CHUNK_TOKENS):
                 stop = min(start + LOGITS_CHUNK_TOKENS, total)
-                chunk = flat.index_select(0, select[start:stop]).float()
-                picked = chunk.gather(1, targets[start:stop, None])[:, 0] - torch.logsumexp(chunk, dim=-1)
+                picked = self.token_logprobs(flat.index_select(0, select[start:stop]), targets[start:stop])
                 sums.index_add_(0, row_of[start:stop], picked)
         counts = batch["_counts"]
         mean = sums / counts.clamp(min=1).to(torch.float32)
@@ -427,7 +430,28 @@ class LogprobTask(Task):
         }
 
     def describe(self):
-        return {"task": self.name, "mode": self.mode, "chunked_head": self.chunked}
+        return {"task": self.name, "mode": self.mode, "chunked_head": self.chunked, "fused_head": self.fused_head}
+
+
+def fuse_kernels(model, task: Task, device, kernels=None) -> dict:
+    """Run `model`'s RMSNorms, gated-SiLU MLPs and a logprob task's head on the fused kernels
+    (fused_ops.py) where they run here and agree with the model's own code: what runs fused, what
+    was left and why. `kernels`: these instead of Triton's where they run (tests)."""
+    if kernels is None:
+        reason = unavailable_reason(device)
+        if reason is not None:
+            return {"kernels": None, "why_not": reason}
+        try:
+            kernels = triton_kernels()
+        except Exception as e:  # noqa: BLE001 - an installed Triton that does not import leaves the model as it is
+            return {"kernels": None, "why_not": f"Triton did not import: {type(e).__name__}: {e}"}
+    report = fuse_modules(model, kernels).describe()
+    if isinstance(task, LogprobTask) and task.vocab_size:
+        kernel, why = checked_logprob_kernel(kernels, device, task.vocab_size)
+        if kernel is not None:
+            task.token_logprobs, task.fused_head = kernel, True
+        report["logprob_head"] = "fused" if kernel is not None else why
+    return report
 
 
 def build_task(name: str, model, tokenizer, model_dir: str | None, text_columns: int) -> Task:

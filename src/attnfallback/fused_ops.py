@@ -1,0 +1,259 @@
+"""Fused kernels for the scoring loop's memory-bound steps, where Triton is installed and the model
+runs on CUDA.
+
+transformers' eager code for a Llama-like layer runs each RMSNorm as six kernels over float32
+copies of the activations and `act(gate) * up` as two; a log-probability head takes a float32 copy
+of the logits and reads it five times (logsumexp's max, subtract, exp, sum). On a 1B-parameter
+causal LM over short texts those passes were a quarter of the scoring loop (bench/NOTES.md,
+session 15). The kernels do each in one pass, with the same roundings in the same order, so the
+numbers are the model's own (reductions may sum in another order).
+
+- `token_logprobs(logits, targets)` is the logprob task's head, whichever model.
+- `fuse_modules(model, kernels)` replaces the `forward` of module instances (never of a class)
+  that are RMSNorms or gated-SiLU MLPs, each class checked first: its own forward and the fused
+  one on the same random input must agree, or the class is left as it is, with the reason kept.
+
+`ATTNFALLBACK_FUSED`: auto (on a CUDA device with Triton) or off. The kernels are injectable
+(`TorchKernels` computes the same in PyTorch), so every rule here is testable without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import types
+from dataclasses import dataclass, field
+
+from attnfallback import envs
+
+FUSED_FLAG = "_attnfallback_fused"  # set on a module instance whose forward was replaced
+
+
+class TorchKernels:
+    """The fused operations in plain PyTorch, the same roundings in the same order as the kernels:
+    the reference the Triton kernels are checked against, and what runs without them."""
+
+    name = "torch"
+
+    def token_logprobs(self, logits, targets):
+        """log p(target) per row from (rows, vocab) logits, in float32: logit[target] - logsumexp."""
+        import torch
+
+        values = logits.float()
+        return values.gather(1, targets[:, None])[:, 0] - torch.logsumexp(values, dim=-1)
+
+    def rms_norm(self, x, weight, eps: float):
+        """transformers' RMSNorm: float32 variance, the row rounded to x's dtype, times the weight."""
+        import torch
+
+        values = x.float()
+        normed = values * torch.rsqrt(values.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * normed.to(x.dtype)
+
+    def silu_mul(self, gate, up):
+        """SiLU(gate) * up, each rounded to the inputs' dtype as transformers' two kernels do."""
+        import torch
+
+        return torch.nn.functional.silu(gate) * up
+
+    def handles_norm(self, x, weight) -> bool:
+        return True
+
+
+def use_triton_cache(env=None) -> str:
+    """Point Triton's kernel cache at <cache directory>/triton-kernels (shared storage lets shards
+    on other machines reuse what one compiled), unless the user set TRITON_CACHE_DIR."""
+    import os
+
+    env = os.environ if env is None else env
+    env.setdefault("TRITON_CACHE_DIR", str(envs.cache_directory(env=env) / "triton-kernels"))
+    return env["TRITON_CACHE_DIR"]
+
+
+def triton_kernels():
+    """The Triton kernels (fused_triton.py), imported here: Triton is needed only from this call."""
+    use_triton_cache()
+    from attnfallback.fused_triton import TritonKernels
+
+    return TritonKernels()
+
+
+def unavailable_reason(device, env=None) -> str | None:
+    """Why the fused kernels do not run for a model on `device` (None: they do)."""
+    if envs.choice(envs.FUSED, ("auto", "off"), "auto", env) == "off":
+        return f"turned off ({envs.FUSED}=off)"
+    if getattr(device, "type", str(device)) != "cuda":
+        return f"the model runs on {getattr(device, 'type', device)}, the kernels are CUDA's"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    return None
+
+
+@dataclass
+class FusionReport:
+    """What `fuse_modules` replaced and what it left: class name -> count, class name -> reason."""
+
+    kernels: str
+    fused: dict[str, int] = field(default_factory=dict)
+    left: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"kernels": self.kernels, "fused": dict(self.fused), "left": dict(self.left)}
+
+
+def _norm_eps(module) -> float | None:
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(module, name, None)
+        if isinstance(value, float):
+            return value
+    return None
+
+
+def is_rms_norm(module) -> bool:
+    """An RMSNorm by its shape: no children, one 1-D weight, a float epsilon, no bias."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__.endswith("RMSNorm") and not any(True for _ in module.children())
+            and weight is not None and weight.dim() == 1 and getattr(module, "bias", None) is None
+            and _norm_eps(module) is not None and [n for n, _ in module.named_parameters()] == ["weight"])
+
+
+def is_gated_silu_mlp(module) -> bool:
+    """An MLP `down(act(gate(x)) * up(x))` with a SiLU activation, by its parts."""
+    import torch
+
+    parts = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    act = getattr(module, "act_fn", None)
+    silu = isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    return silu and all(isinstance(p, torch.nn.Linear) for p in parts)
+
+
+def _fused_norm_forward(kernels, fallback):
+    def forward(self, hidden_states):
+        eps = _norm_eps(self)
+        if kernels.handles_norm(hidden_states, self.weight):
+            return kernels.rms_norm(hidden_states, self.weight, eps)
+        return fallback(hidden_states)
+    return forward
+
+
+def _fused_mlp_forward(kernels, fallback):
+    def forward(self, x):
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if gate.shape != up.shape or not (gate.is_contiguous() and up.is_contiguous()):
+            return self.down_proj(self.act_fn(gate) * up)
+        return self.down_proj(kernels.silu_mul(gate, up))
+    return forward
+
+
+FUSIONS = (("rms_norm", is_rms_norm, _fused_norm_forward), ("silu_mul", is_gated_silu_mlp, _fused_mlp_forward))
+
+
+def _sample_input(module, kind: str):
+    import torch
+
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    param = next(module.parameters())
+    width = param.shape[0] if kind == "rms_norm" else module.gate_proj.in_features
+    sample = torch.randn(2, 7, width, generator=generator) * 3
+    return sample.to(device=param.device, dtype=param.dtype)
+
+
+def _agreement(ours, theirs, kind: str) -> str | None:
+    """None where the fused output is the module's own (to rounding), else how it differs."""
+    import torch
+
+    if ours.dtype != theirs.dtype or ours.shape != theirs.shape:
+        return f"returns {ours.dtype} {tuple(ours.shape)} where the module's own forward returns {theirs.dtype} {tuple(theirs.shape)}"
+    a, b = ours.float(), theirs.float()
+    scale = float(b.abs().max()) or 1.0
+    worst = float((a - b).abs().max())
+    equal = float((a == b).float().mean())
+    # a norm rounds as the module does, so nearly all of it is bit-equal; an MLP's down projection
+    # spreads a rare rounding difference over a row, so it is held to a relative tolerance instead
+    if not torch.isfinite(a).all() or worst > 0.02 * scale or (kind == "rms_norm" and equal < 0.98):
+        return f"differs from the module's own forward on a random input (max difference {worst:.3g} of {scale:.3g}, {equal:.1%} equal)"
+    return None
+
+
+def _check(module, candidate, kind: str) -> str | None:
+    """How `candidate` differs from `module`'s own forward (None: it does not). A norm is checked
+    with its weight as loaded and with a random one (a freshly built model's are all ones)."""
+    import torch
+    from torch.func import functional_call
+
+    sample = _sample_input(module, kind)
+    with torch.inference_mode():
+        found = _agreement(candidate(sample), module(sample), kind)
+        if found is None and kind == "rms_norm":
+            generator = torch.Generator(device="cpu").manual_seed(1)
+            weight = (1 + 0.5 * torch.randn(module.weight.shape, generator=generator)).to(module.weight)
+            theirs = functional_call(module, {"weight": weight}, (sample,))
+            module.forward = candidate
+            try:
+                ours = functional_call(module, {"weight": weight}, (sample,))
+            finally:
+                del module.forward
+            found = _agreement(ours, theirs, kind)
+    return found
+
+
+def fuse_modules(model, kernels) -> FusionReport:
+    """Replace the forward of `model`'s RMSNorm and gated-SiLU MLP instances with the fused ones,
+    each class first checked on one instance against its own forward. Idempotent."""
+    import torch
+
+    report = FusionReport(kernels=kernels.name)
+    verdict: dict[tuple[str, type], str | None] = {}
+    for module in model.modules():
+        if getattr(module, FUSED_FLAG, False):
+            report.fused[type(module).__name__] = report.fused.get(type(module).__name__, 0) + 1
+            continue
+        if "forward" in vars(module):  # someone else's hook (accelerate's) stays where it is
+            continue
+        for kind, matches, make_forward in FUSIONS:
+            if not matches(module):
+                continue
+            key = (kind, type(module))
+            candidate = types.MethodType(make_forward(kernels, module.forward), module)
+            if key not in verdict:
+                try:
+                    verdict[key] = _check(module, candidate, kind)
+                except Exception as e:  # noqa: BLE001 - a kernel that fails to build or run leaves the class as it is
+                    verdict[key] = f"the fused {kind} failed: {type(e).__name__}: {e}"
+            if verdict[key] is None:
+                module.forward = candidate
+                setattr(module, FUSED_FLAG, True)
+                report.fused[type(module).__name__] = report.fused.get(type(module).__name__, 0) + 1
+            else:
+                report.left[type(module).__name__] = verdict[key]
+            break
+    return report
+
+
+def unfuse_modules(model) -> int:
+    """Give every fused instance its class's forward back; returns how many."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, FUSED_FLAG, False):
+            del module.forward
+            delattr(module, FUSED_FLAG)
+            count += 1
+    return count
+
+
+def checked_logprob_kernel(kernels, device, vocab: int):
+    """`kernels.token_logprobs` where it agrees with PyTorch's on random logits of this vocabulary
+    on `device` (else None), and why not."""
+    import torch
+
+    reference = TorchKernels()
+    try:
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        logits = (torch.randn(5, vocab, generator=generator) * 4).to(device=device, dtype=torch.bfloat16)
+        targets = torch.randint(0, vocab, (5,), generator=generator).to(device)
+        ours, theirs = kernels.token_logprobs(logits, targets), reference.token_logprobs(logits, targets)
+        worst = float((ours - theirs).abs().max())
+    except Exception as e:  # noqa: BLE001
+        return None, f"the fused log-probabilities failed: {type(e).__name__}: {e}"
+    if not worst <= 1e-4:
+        return None, f"the fused log-probabilities differ from PyTorch's by {worst:.3g}"
+    return kernels.token_logprobs, None

@@ -1,0 +1,102 @@
+"""The Triton kernels behind fused_ops.py: each does in one pass over memory what transformers'
+eager code does in several, with the same roundings in the same order.
+
+Imported only by `fused_ops.triton_kernels()`, after Triton was found: it needs Triton at import.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOGPROB_BLOCK = 4096  # vocabulary entries a program reads per step
+MAX_NORM_WIDTH = 16384  # a row of the norm is held whole by one program
+ELEMENTWISE_BLOCK = 2048
+
+
+# sizes and strides are not specialized on (divisibility by 16): one compiled variant a dtype, not
+# one per vocabulary or batch, since a first shard pays each compile
+@triton.jit(do_not_specialize=["n_cols", "row_stride"])
+def _token_logprobs_kernel(logits, targets, out, n_cols, row_stride, BLOCK: tl.constexpr):
+    # log p(target) = logit[target] - logsumexp(logits), in float32, one pass (an online logsumexp:
+    # each lane keeps its running maximum and the sum of exponentials below it)
+    row = tl.program_id(0).to(tl.int64)
+    base = logits + row * row_stride
+    offsets = tl.arange(0, BLOCK)
+    run_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offsets
+        x = tl.load(base + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(run_max, x)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a lane with nothing yet: no inf - inf
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.exp(x - shift)
+        run_max = new_max
+    top = tl.max(run_max, 0)
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.sum(run_sum * tl.exp(run_max - shift), 0)
+    target = tl.load(targets + row)
+    picked = tl.load(base + target).to(tl.float32)
+    tl.store(out + row, picked - (tl.log(total) + shift))
+
+
+@triton.jit(do_not_specialize=["n_cols", "x_stride", "out_stride", "eps"])
+def _rms_norm_kernel(x, weight, out, n_cols, x_stride, out_stride, eps, BLOCK: tl.constexpr):
+    # transformers' RMSNorm: float32 variance, the normalized row rounded to the input's dtype, then
+    # the weight's product rounded to the output's dtype (the dtype the module's own code returns)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    values = tl.load(x + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    variance = tl.sum(values * values, 0) / n_cols
+    normed = (values * tl.rsqrt(variance + eps)).to(x.dtype.element_ty).to(tl.float32)
+    w = tl.load(weight + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out + row * out_stride + cols, (w * normed).to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _silu_mul_kernel(gate, up, out, n, BLOCK: tl.constexpr):
+    # SiLU(gate) rounded to the dtype, times up, rounded again: the two kernels of `act(gate) * up`
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offsets = start + tl.arange(0, BLOCK)
+    mask = offsets < n
+    g = tl.load(gate + offsets, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up + offsets, mask=mask, other=0.0).to(tl.float32)
+    activated = (g / (1.0 + tl.exp(-g))).to(gate.dtype.element_ty).to(tl.float32)
+    tl.store(out + offsets, (activated * u).to(out.dtype.element_ty), mask=mask)
+
+
+class TritonKernels:
+    """The fused operations on CUDA tensors (see fused_ops.TorchKernels for their meaning)."""
+
+    name = "triton"
+
+    def token_logprobs(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows, cols = logits.shape
+        out = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        if rows:
+            _token_logprobs_kernel[(rows,)](logits, targets, out, cols, logits.stride(0), BLOCK=LOGPROB_BLOCK, num_warps=8)
+        return out
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        width = x.shape[-1]
+        flat = x.reshape(-1, width)
+        out = torch.empty(flat.shape, dtype=torch.result_type(weight, x), device=x.device)
+        block = triton.next_power_of_2(width)
+        if flat.shape[0]:
+            _rms_norm_kernel[(flat.shape[0],)](flat, weight, out, width, flat.stride(0), out.stride(0), float(eps), BLOCK=block,
+                                              num_warps=min(16, max(1, block // 256)))
+        return out.view(x.shape)
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(gate, dtype=torch.result_type(gate, up))
+        n = gate.numel()
+        if n:
+            _silu_mul_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](gate, up, out, n, BLOCK=ELEMENTWISE_BLOCK, num_warps=8)
+        return out
+
+    def handles_norm(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether `rms_norm` takes this input (rows contiguous, one program a row)."""
+        return x.is_cuda and x.shape[-1] <= MAX_NORM_WIDTH and x.stride(-1) == 1 and weight.is_contiguous() \
+            and (x.dim() == 1 or x.is_contiguous())

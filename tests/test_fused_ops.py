@@ -1,0 +1,253 @@
+"""The fused kernels' rules (fused_ops.py), without a GPU: which modules are replaced, that each class
+is checked against its own forward first, what is left and why, that nothing changes the numbers,
+and when the kernels do not run at all. The Triton kernels themselves: test_fused_ops_gpu below."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zoo
+from attnfallback.fused_ops import (
+    FUSED_FLAG,
+    TorchKernels,
+    checked_logprob_kernel,
+    fuse_modules,
+    is_gated_silu_mlp,
+    is_rms_norm,
+    unavailable_reason,
+    unfuse_modules,
+    use_triton_cache,
+)
+from attnfallback.scoring.tasks import LogprobTask, fuse_kernels
+
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2")
+# the norms whose code is transformers' Llama RMSNorm; Gemma's scale by (1 + weight) in float32
+SAME_NORM = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
+GATED_SILU = {"llama", "mistral", "qwen2", "qwen3"}  # phi3 fuses gate and up into one projection
+
+
+def causal_lm(family: str, dtype=torch.bfloat16):
+    f = zoo.FAMILIES[family]
+    tokenizer = zoo.tokenizer_for(f)
+    config = zoo.make_config(f, tokenizer, "cpu", "logprob")
+    torch.manual_seed(0)
+    model = zoo.model_class(f, "logprob")(config).eval().to(dtype)
+    ids = torch.randint(5, config.vocab_size, (2, 11))
+    return model, ids
+
+
+def logits(model, ids):
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_each_decoder_family_fuses_what_it_shares_and_keeps_its_numbers(family):
+    model, ids = causal_lm(family)
+    before = logits(model, ids)
+    report = fuse_modules(model, TorchKernels())
+    norms = [m for m in model.modules() if is_rms_norm(m)]
+    mlps = [m for m in model.modules() if is_gated_silu_mlp(m)]
+    fused = sum(report.fused.values())
+    if family in SAME_NORM:
+        assert norms and all(getattr(m, FUSED_FLAG, False) for m in norms)
+    elif norms:  # Gemma's norms: checked, found different, left with the reason
+        assert not any(getattr(m, FUSED_FLAG, False) for m in norms)
+        assert "differs from the module's own forward" in report.left[type(norms[0]).__name__]
+    assert all(getattr(m, FUSED_FLAG, False) for m in mlps) and bool(mlps) == (family in GATED_SILU)
+    assert fused == sum(getattr(m, FUSED_FLAG, False) for m in model.modules())
+    assert torch.equal(logits(model, ids), before)  # TorchKernels rounds as transformers does
+    assert unfuse_modules(model) == fused
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert torch.equal(logits(model, ids), before)
+
+
+def test_fusing_twice_replaces_nothing_more():
+    model, _ = causal_lm("llama")
+    first = fuse_modules(model, TorchKernels())
+    forwards = {id(m): m.forward for m in model.modules() if getattr(m, FUSED_FLAG, False)}
+    second = fuse_modules(model, TorchKernels())
+    assert second.fused == first.fused
+    assert {id(m): m.forward for m in model.modules() if getattr(m, FUSED_FLAG, False)} == forwards
+
+
+class OffByOne(TorchKernels):
+    name = "off-by-one"
+
+    def rms_norm(self, x, weight, eps):
+        return super().rms_norm(x, weight, eps) + 1
+
+
+class Broken(TorchKernels):
+    name = "broken"
+
+    def silu_mul(self, gate, up):
+        raise RuntimeError("no kernel for this GPU")
+
+
+def test_a_kernel_that_disagrees_or_fails_leaves_the_class_as_it_is():
+    model, ids = causal_lm("llama")
+    before = logits(model, ids)
+    report = fuse_modules(model, OffByOne())
+    assert "LlamaRMSNorm" not in report.fused and "differs" in report.left["LlamaRMSNorm"]
+    assert report.fused["LlamaMLP"] == model.config.num_hidden_layers
+    unfuse_modules(model)
+    report = fuse_modules(model, Broken())
+    assert "LlamaMLP" not in report.fused
+    assert report.left["LlamaMLP"] == "the fused silu_mul failed: RuntimeError: no kernel for this GPU"
+    assert torch.equal(logits(model, ids), before)
+
+
+def test_a_norm_is_checked_with_a_weight_other_than_ones():
+    """A freshly built model's norm weights are all ones: a kernel that ignored the weight would
+    pass a check made with them alone."""
+
+    class IgnoresWeight(TorchKernels):
+        def rms_norm(self, x, weight, eps):
+            return super().rms_norm(x, torch.ones_like(weight), eps)
+
+    model, _ = causal_lm("llama")
+    assert all(bool((m.weight == 1).all()) for m in model.modules() if is_rms_norm(m))
+    report = fuse_modules(model, IgnoresWeight())
+    assert "LlamaRMSNorm" in report.left
+
+
+def test_a_module_with_its_own_forward_already_is_left_alone():
+    model, _ = causal_lm("llama")
+    hooked = model.model.norm
+    own = hooked.forward
+    hooked.forward = lambda x: own(x)  # e.g. accelerate's hook
+    fuse_modules(model, TorchKernels())
+    assert not getattr(hooked, FUSED_FLAG, False)
+    assert unfuse_modules(model) == 2 * model.config.num_hidden_layers + model.config.num_hidden_layers
+    assert "forward" in vars(hooked)
+
+
+def test_torch_token_logprobs_are_log_softmax_at_the_target():
+    g = torch.Generator().manual_seed(0)
+    values = (torch.randn(6, 50, generator=g) * 5).to(torch.bfloat16)
+    targets = torch.randint(0, 50, (6,), generator=g)
+    expected = torch.log_softmax(values.float(), dim=-1).gather(1, targets[:, None])[:, 0]
+    torch.testing.assert_close(TorchKernels().token_logprobs(values, targets), expected, rtol=0, atol=1e-5)
+
+
+def test_the_logprob_kernel_is_checked_before_use():
+    kernel, why = checked_logprob_kernel(TorchKernels(), "cpu", 97)
+    assert kernel is not None and why is None
+
+    class Shifted(TorchKernels):
+        def token_logprobs(self, logits, targets):
+            return super().token_logprobs(logits, targets) - 0.01
+
+    kernel, why = checked_logprob_kernel(Shifted(), "cpu", 97)
+    assert kernel is None and why.startswith("the fused log-probabilities differ from PyTorch's by 0.01")
+
+
+def test_the_logprob_task_takes_the_checked_kernel_and_says_so():
+    model, ids = causal_lm("llama", torch.float32)
+    tokenizer = zoo.tokenizer_for(zoo.FAMILIES["llama"])
+    task = LogprobTask(model, tokenizer, None)
+    assert task.describe()["fused_head"] is False
+    report = fuse_kernels(model, task, torch.device("cpu"), kernels=TorchKernels())
+    assert report["logprob_head"] == "fused" and task.describe()["fused_head"] is True
+    assert report["kernels"] == "torch" and report["fused"]["LlamaRMSNorm"] == 2 * model.config.num_hidden_layers + 1
+
+
+def test_when_the_kernels_do_not_run(monkeypatch):
+    assert unavailable_reason(torch.device("cpu"), env={}) == "the model runs on cpu, the kernels are CUDA's"
+    assert unavailable_reason(torch.device("cuda"), env={"ATTNFALLBACK_FUSED": "off"}) == "turned off (ATTNFALLBACK_FUSED=off)"
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    assert unavailable_reason(torch.device("cuda"), env={}) == "Triton is not installed"
+    model, _ = causal_lm("llama")
+    report = fuse_kernels(model, LogprobTask(model, zoo.tokenizer_for(zoo.FAMILIES["llama"]), None), torch.device("cpu"))
+    assert report == {"kernels": None, "why_not": "the model runs on cpu, the kernels are CUDA's"}
+    assert not any(getattr(m, FUSED_FLAG, False) for m in model.modules())
+
+
+def test_triton_compiles_into_the_shared_cache_unless_told_otherwise(tmp_path):
+    env = {"ATTNFALLBACK_CACHE": str(tmp_path)}
+    assert use_triton_cache(env) == str(tmp_path / "triton-kernels")
+    env = {"ATTNFALLBACK_CACHE": str(tmp_path), "TRITON_CACHE_DIR": "/elsewhere"}
+    assert use_triton_cache(env) == "/elsewhere"
+
+
+def test_a_cpu_score_says_why_nothing_is_fused(tiny_qwen2, tmp_path, capsys):
+    import json
+
+    from attnfallback.cli.app import main
+    from scoring_helpers import read_events, write_jsonl
+
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": "a short text"}, {"text": "another one, longer than that"}])
+    events = tmp_path / "events"
+    code = main(["score", str(tiny_qwen2), "--input", str(data), "--output", str(tmp_path / "out.parquet"), "--task", "logprob",
+                 "--json", "--quiet", "--events", str(events)])
+    assert code == 0
+    why = {"kernels": None, "why_not": "the model runs on cpu, the kernels are CUDA's"}
+    assert json.loads(capsys.readouterr().out)["task"]["fused"] == why
+    assert [e["fused"] for e in read_events(events) if e["event"] == "shard_done"] == [why]
+
+
+# --- on a GPU: the Triton kernels themselves ------------------------------------------------------
+
+
+def _triton():
+    pytest.importorskip("triton")
+    from attnfallback.fused_ops import triton_kernels
+
+    return triton_kernels()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("vocab", [7, 4096, 30522, 151936])
+def test_gpu_token_logprobs_match_pytorch(dtype, vocab):
+    kernels = _triton()
+    g = torch.Generator().manual_seed(vocab)
+    values = (torch.randn(37, vocab, generator=g) * 6).to("cuda", dtype)
+    values[3, : vocab // 2] = float("-inf")  # masked entries, as a vocabulary cut by a logits processor
+    targets = torch.randint(0, vocab, (37,), generator=g).to("cuda")
+    targets[3] = vocab - 1
+    ours, theirs = kernels.token_logprobs(values, targets), TorchKernels().token_logprobs(values, targets)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=2e-5)
+    assert kernels.token_logprobs(values[:0], targets[:0]).shape == (0,)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width,dtype,weight_dtype", [(2048, torch.bfloat16, torch.bfloat16), (128, torch.bfloat16, torch.bfloat16),
+                                                      (896, torch.float16, torch.float16), (1000, torch.bfloat16, torch.float32),
+                                                      (64, torch.float32, torch.float32)])
+def test_gpu_rms_norm_rounds_as_transformers_does(width, dtype, weight_dtype):
+    kernels = _triton()
+    g = torch.Generator().manual_seed(width)
+    x = (torch.randn(3, 50, width, generator=g) * 4).to("cuda", dtype)
+    weight = (1 + 0.3 * torch.randn(width, generator=g)).to("cuda", weight_dtype)
+    ours, theirs = kernels.rms_norm(x, weight, 1e-6), TorchKernels().rms_norm(x, weight, 1e-6)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    assert float((ours == theirs).float().mean()) > 0.99
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_silu_mul_rounds_as_transformers_does(dtype):
+    kernels = _triton()
+    g = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(2, 3001, 77, generator=g) * 4).to("cuda", dtype), torch.randn(2, 3001, 77, generator=g).to("cuda", dtype)
+    ours, theirs = kernels.silu_mul(gate, up), TorchKernels().silu_mul(gate, up)
+    assert float((ours == theirs).float().mean()) > 0.99
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", DECODERS)
+def test_gpu_each_decoder_family_fused_by_triton_keeps_its_logprobs(family):
+    kernels = _triton()
+    model, ids = causal_lm(family)
+    model, ids = model.to("cuda"), ids.to("cuda")
+    before = torch.log_softmax(logits(model, ids).float(), -1)
+    report = fuse_modules(model, kernels)
+    if family in SAME_NORM:
+        assert not any(name.endswith("RMSNorm") for name in report.left), report.left
+    after = torch.log_softmax(logits(model, ids).float(), -1)
+    torch.testing.assert_close(after, before, rtol=0, atol=0.05)
