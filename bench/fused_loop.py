@@ -6,7 +6,7 @@
 
 1. Triton's cold compile: each kernel's first call in an empty TRITON_CACHE_DIR (what a first shard
    on a fresh machine pays, before anything else in this process touched Triton), and its next call.
-2. Each kernel against PyTorch's way on these models' shapes: milliseconds (CUDA events, median of
+2. Each kernel (the head's log-probabilities, RMSNorm, SiLU-mul, the rotary embedding) against PyTorch's way on these models' shapes: milliseconds (CUDA events, median of
    20), the largest difference and the share of bit-equal outputs.
 3. Per model (random weights of a real shape, bench/zoo_models.py; documents of STS-B sentences):
    the scoring loop (Scorer.score_chunks, tokenizing included; the model loaded once), fused and
@@ -35,7 +35,7 @@ from zoo_models import MODELS, build_model, stsb_documents  # noqa: E402
 
 KINDS = (("matrix products", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "cublas")),
          ("attention", ("flash", "fmha", "attention", "efficient")),
-         ("triton (fused)", ("_token_logprobs_kernel", "_rms_norm_kernel", "_silu_mul_kernel")),
+         ("triton (fused)", ("_token_logprobs_kernel", "_rms_norm_kernel", "_silu_mul_kernel", "_rotary_kernel")),
          ("reductions", ("reduce",)),
          ("copies", ("copy", "cat", "index", "gather", "scatter")),
          ("elementwise", ("elementwise", "vectorized", "unrolled")))
@@ -136,6 +136,14 @@ def kernel_table(kernels, device: str) -> dict:
         "fused_ms": timed_ms(lambda: kernels.silu_mul(gate, up), device),
         "torch_ms": timed_ms(lambda: reference.silu_mul(gate, up), device),
         **compare(kernels.silu_mul(gate, up), reference.silu_mul(gate, up))}
+    batch = 64 if device == "cuda" else 4
+    x = (torch.randn(batch, 256, 32, 64, generator=g) * 4).to(device, torch.bfloat16).transpose(1, 2)
+    cos, sin = (torch.rand(2, 1, 256, 64, generator=g) * 2 - 1).to(device, torch.bfloat16)
+    if kernels.handles_rotary(x, cos, sin):
+        table[f"rotary {batch}x32x256x64"] = {
+            "fused_ms": timed_ms(lambda: kernels.rotary(x, cos, sin), device),
+            "torch_ms": timed_ms(lambda: reference.rotary(x, cos, sin), device),
+            **compare(kernels.rotary(x, cos, sin), reference.rotary(x, cos, sin))}
     for row in table.values():
         row["speedup"] = round(row["torch_ms"] / row["fused_ms"], 2) if row["fused_ms"] else None
     return table

@@ -12,6 +12,9 @@ numbers are the model's own (reductions may sum in another order).
 - `fuse_modules(model, kernels)` replaces the `forward` of module instances (never of a class)
   that are RMSNorms or gated-SiLU MLPs, each class checked first: its own forward and the fused
   one on the same random input must agree, or the class is left as it is, with the reason kept.
+  The rotary embedding (`x * cos + rotate_half(x) * sin`, five kernels and a copy) is a function
+  of the modeling module, called by name: that global is replaced, checked the same way, so other
+  models of the family in the process run it too.
 
 `ATTNFALLBACK_FUSED`: auto (on a CUDA device with Triton) or off. The kernels are injectable
 (`TorchKernels` computes the same in PyTorch), so every rule here is testable without a GPU.
@@ -19,11 +22,15 @@ numbers are the model's own (reductions may sum in another order).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
 import types
 from dataclasses import dataclass, field
 
 from attnfallback import envs
+
+log = logging.getLogger("attnfallback")
 
 FUSED_FLAG = "_attnfallback_fused"  # set on a module instance whose forward was replaced
 
@@ -55,8 +62,19 @@ class TorchKernels:
 
         return torch.nn.functional.silu(gate) * up
 
+    def rotary(self, x, cos, sin):
+        """transformers' `x * cos + rotate_half(x) * sin` for x (B, H, L, D), cos and sin (B or 1, L, D)."""
+        import torch
+
+        half = x.shape[-1] // 2
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
+
     def handles_norm(self, x, weight) -> bool:
         return True
+
+    def handles_rotary(self, x, cos, sin) -> bool:
+        return x.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape and x.shape[-1] == cos.shape[-1]
 
 
 def use_triton_cache(env=None) -> str:
@@ -69,12 +87,57 @@ def use_triton_cache(env=None) -> str:
     return env["TRITON_CACHE_DIR"]
 
 
+_WARMING: dict = {}  # "future": kernels compiling on a background thread (warm_in_background)
+
+
 def triton_kernels():
-    """The Triton kernels (fused_triton.py), imported here: Triton is needed only from this call."""
+    """The Triton kernels (fused_triton.py), imported here: Triton is needed only from this call.
+    Waits for a compile `warm_in_background` started (what it could not compile compiles at use)."""
+    future = _WARMING.pop("future", None)
+    if future is not None:
+        try:
+            future.result(timeout=120)
+        except Exception as e:  # noqa: BLE001 - the checks before use compile again and say what fails
+            log.debug("the fused kernels' background compile failed: %s", e)
     use_triton_cache()
     from attnfallback.fused_triton import TritonKernels
 
     return TritonKernels()
+
+
+def warm_in_background(dtype: str, norm_widths: tuple[int, ...], vocab: int | None, env=None) -> bool:
+    """Compile the kernels a model of these shapes runs on a daemon thread, so that a first shard's
+    compiles (1.9 s on a fresh cache in session 15's run) overlap its model load. `dtype`: the
+    model's, as a torch name. Returns whether a compile started (a CUDA device with Triton)."""
+    import threading
+    from concurrent.futures import Future
+
+    if unavailable_reason("cuda", env) is not None:
+        return False
+    future: Future = Future()
+
+    def run():
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                future.set_result(None)
+                return
+            use_triton_cache(env)
+            from attnfallback.fused_triton import TritonKernels
+
+            if dtype == "auto":  # what planner.resolve_dtype picks on a GPU
+                chosen = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            else:
+                chosen = getattr(torch, dtype)
+            TritonKernels().warm(chosen, tuple(w for w in norm_widths if w), vocab)
+            future.set_result(None)
+        except BaseException as e:  # noqa: BLE001 - handed to triton_kernels(), which carries on
+            future.set_exception(e)
+
+    _WARMING["future"] = future
+    threading.Thread(target=run, name="attnfallback-fused-compile", daemon=True).start()
+    return True
 
 
 def unavailable_reason(device, env=None) -> str | None:
@@ -196,9 +259,87 @@ def _check(module, candidate, kind: str) -> str | None:
     return found
 
 
+ROTARY = "apply_rotary_pos_emb"  # the function a transformers modeling module's attention calls by name
+
+
+def _fused_rotary(kernels, original):
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        unsqueeze_dim = args[0] if len(args) == 1 else kwargs.get("unsqueeze_dim", 1)
+        if (len(args) > 1 or set(kwargs) - {"unsqueeze_dim"} or unsqueeze_dim != 1
+                or not (kernels.handles_rotary(q, cos, sin) and kernels.handles_rotary(k, cos, sin))):
+            return original(q, k, cos, sin, *args, **kwargs)
+        return kernels.rotary(q, cos, sin), kernels.rotary(k, cos, sin)
+
+    setattr(apply_rotary_pos_emb, FUSED_FLAG, True)
+    return apply_rotary_pos_emb
+
+
+def _rotary_modules(model) -> dict:
+    """The modeling modules of `model`'s classes that define the rotary function, by name."""
+    import sys
+
+    found = {}
+    for module in model.modules():
+        home = sys.modules.get(type(module).__module__)
+        if home is not None and callable(getattr(home, ROTARY, None)):
+            found[home.__name__] = home
+    return found
+
+
+def _check_rotary(fused, original, model) -> str | None:
+    """How the fused rotary function differs from the module's own on random inputs shaped as
+    an attention layer passes them (None: it does not)."""
+    import torch
+
+    param = next(model.parameters())
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    heads = getattr(text, "num_attention_heads", None) or 4
+    dim = getattr(text, "head_dim", None) or (getattr(text, "hidden_size", 0) // heads)
+    if not dim or dim % 2:
+        return f"no even head width in the config (found {dim})"
+    generator = torch.Generator(device="cpu").manual_seed(2)
+
+    def sample(*shape):
+        return (torch.rand(*shape, generator=generator) * 2 - 1).to(device=param.device, dtype=param.dtype)
+
+    q, k = (sample(2, 5, 3, dim) * 4).transpose(1, 2), (sample(2, 5, 1, dim) * 4).transpose(1, 2)
+    cos, sin = sample(1, 5, dim), sample(1, 5, dim)
+    with torch.inference_mode():
+        ours, theirs = fused(q, k, cos, sin), original(q, k, cos, sin)
+    for a, b in zip(ours, theirs):
+        found = _agreement(a, b, "rms_norm")  # rounded where transformers rounds: held to bit-equality as a norm
+        if found is not None:
+            return found
+    return None
+
+
+def _fuse_rotary(model, kernels, report: FusionReport) -> None:
+    """The rotary function of `model`'s modeling modules, where the fused one agrees with it. It is
+    a module's global, so every model of that family in this process runs it (the same numbers)."""
+    for name, home in _rotary_modules(model).items():
+        original = getattr(home, ROTARY)
+        key = f"{name}.{ROTARY}"
+        if getattr(original, FUSED_FLAG, False):
+            report.fused[key] = 1
+            continue
+        fused = _fused_rotary(kernels, original)
+        try:
+            found = _check_rotary(fused, original, model)
+        except Exception as e:  # noqa: BLE001
+            found = f"the fused rotary failed: {type(e).__name__}: {e}"
+        if found is None:
+            setattr(home, ROTARY, fused)
+            report.fused[key] = 1
+        else:
+            report.left[key] = found
+
+
 def fuse_modules(model, kernels) -> FusionReport:
     """Replace the forward of `model`'s RMSNorm and gated-SiLU MLP instances with the fused ones,
-    each class first checked on one instance against its own forward. Idempotent."""
+    each class first checked on one instance against its own forward, and its modeling module's
+    rotary function likewise. Idempotent."""
     import torch
 
     report = FusionReport(kernels=kernels.name)
@@ -226,29 +367,36 @@ def fuse_modules(model, kernels) -> FusionReport:
             else:
                 report.left[type(module).__name__] = verdict[key]
             break
+    _fuse_rotary(model, kernels, report)
     return report
 
 
 def unfuse_modules(model) -> int:
-    """Give every fused instance its class's forward back; returns how many."""
+    """Give every fused instance its class's forward back, and the modeling modules their rotary
+    function; returns how many."""
     count = 0
     for module in model.modules():
         if getattr(module, FUSED_FLAG, False):
             del module.forward
             delattr(module, FUSED_FLAG)
             count += 1
+    for home in _rotary_modules(model).values():
+        function = getattr(home, ROTARY)
+        if getattr(function, FUSED_FLAG, False):
+            setattr(home, ROTARY, function.__wrapped__)
+            count += 1
     return count
 
 
-def checked_logprob_kernel(kernels, device, vocab: int):
+def checked_logprob_kernel(kernels, device, vocab: int, dtype=None):
     """`kernels.token_logprobs` where it agrees with PyTorch's on random logits of this vocabulary
-    on `device` (else None), and why not."""
+    and dtype (bfloat16 unless given) on `device` (else None), and why not."""
     import torch
 
     reference = TorchKernels()
     try:
         generator = torch.Generator(device="cpu").manual_seed(0)
-        logits = (torch.randn(5, vocab, generator=generator) * 4).to(device=device, dtype=torch.bfloat16)
+        logits = (torch.randn(5, vocab, generator=generator) * 4).to(device=device, dtype=dtype or torch.bfloat16)
         targets = torch.randint(0, vocab, (5,), generator=generator).to(device)
         ours, theirs = kernels.token_logprobs(logits, targets), reference.token_logprobs(logits, targets)
         worst = float((ours - theirs).abs().max())

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from attnfallback import envs
 from attnfallback.errors import InputError, Interrupted, OutputError, OutputExistsError, UsageError, is_fatal_device_error
-from attnfallback.policy import Mode, Policy, parse_measure
+from attnfallback.fused_ops import warm_in_background
+from attnfallback.policy import Mode, Policy, parse_dtype, parse_measure
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec, row_error
 from attnfallback.scoring.collate import check_packing_mode
 from attnfallback.scoring.tasks import parse_task
@@ -435,6 +436,9 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
     try:
         existing = store.open(run_id)
         facts = read_facts(job.model, revision=job.revision, auto_class=AUTO_CLASSES[task], trust_remote_code=job.trust_remote_code)
+        if scorer is None and job.device != "cpu":  # the fused kernels compile while the model loads
+            warm_in_background(parse_dtype(job.dtype), (facts.hidden_size, facts.head_dim),
+                               facts.vocab_size if task == "logprob" else None)
         phases.mark("facts_s")
         if checking is not None and checking.done():
             source.num_rows = checking.result()  # a bad row fails now, before the model loads

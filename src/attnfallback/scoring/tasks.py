@@ -447,7 +447,7 @@ def fuse_kernels(model, task: Task, device, kernels=None) -> dict:
             return {"kernels": None, "why_not": f"Triton did not import: {type(e).__name__}: {e}"}
     report = fuse_modules(model, kernels).describe()
     if isinstance(task, LogprobTask) and task.vocab_size:
-        kernel, why = checked_logprob_kernel(kernels, device, task.vocab_size)
+        kernel, why = checked_logprob_kernel(kernels, device, task.vocab_size, getattr(model, "dtype", None))
         if kernel is not None:
             task.token_logprobs, task.fused_head = kernel, True
         report["logprob_head"] = "fused" if kernel is not None else why
