@@ -149,6 +149,33 @@ def kernel_table(kernels, device: str) -> dict:
     return table
 
 
+def rotary_rounding(kernels, device: str) -> dict:
+    """Which rounding the rotary kernel's output matches: its share bit-equal to transformers' way
+    (three roundings) and to other orders (one rounding; a fused multiply-add), by half of the head."""
+    import torch
+
+    from attnfallback.fused_ops import TorchKernels
+
+    g = torch.Generator(device="cpu").manual_seed(3)
+    x = (torch.randn(4, 64, 8, 64, generator=g) * 4).to(device, torch.bfloat16).transpose(1, 2)
+    cos, sin = (torch.rand(2, 1, 64, 64, generator=g) * 2 - 1).to(device, torch.bfloat16)
+    ours = kernels.rotary(x, cos, sin)
+    xf, c, s_ = x.float(), cos.float().unsqueeze(1), sin.float().unsqueeze(1)
+    rot = torch.cat((-xf[..., 32:], xf[..., :32]), dim=-1)
+    bf = torch.bfloat16
+    ways = {"transformers (three roundings)": TorchKernels().rotary(x, cos, sin),
+            "one rounding": (xf * c + rot * s_).to(bf),
+            "x*cos rounded, then fma": ((xf * c).to(bf).float() + rot * s_).to(bf),
+            "rot*sin rounded, then fma": (xf * c + (rot * s_).to(bf).float()).to(bf)}
+    results = {name: {"all": round(float((ours == ref).float().mean()), 4),
+                   "first half": round(float((ours[..., :32] == ref[..., :32]).float().mean()), 4),
+                   "second half": round(float((ours[..., 32:] == ref[..., 32:]).float().mean()), 4)} for name, ref in ways.items()}
+    if kernels.name == "triton":  # the kernel without multiply-add contraction, against transformers' way
+        plain = kernels.rotary(x, cos, sin, fp_fusion=False)
+        results["kernel without fp fusion vs transformers"] = round(float((plain == ways["transformers (three roundings)"]).float().mean()), 4)
+    return results
+
+
 def set_fused(scorer, on: bool, kernels) -> dict:
     from attnfallback.fused_ops import TorchKernels, fuse_modules, unfuse_modules
 
@@ -249,6 +276,7 @@ def main() -> None:
     ap.add_argument("--profile-docs", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kernels", default="triton", choices=["triton", "torch"], help="torch: fused_ops.TorchKernels (a dry run)")
+    ap.add_argument("--rotary-only", action="store_true", help="only the rotary kernel's rounding against other orders")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default="bench/results/fused_loop.json")
     args = ap.parse_args()
@@ -268,6 +296,12 @@ def main() -> None:
         report["triton"] = triton.__version__
     report["cold_compile"] = cold_compile(kernels, args.device)
     print(json.dumps(report, indent=1), flush=True)
+    if args.rotary_only:
+        report["rotary_rounding"] = rotary_rounding(kernels, args.device)
+        print(json.dumps(report["rotary_rounding"], indent=1))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        return
     report["kernel_table"] = kernel_table(kernels, args.device)
     for name, row in report["kernel_table"].items():
         print(f"{name:32} fused {row['fused_ms']:8.3f} ms  torch {row['torch_ms']:8.3f} ms  {row['speedup']:5.2f}x  "

@@ -114,6 +114,8 @@ def warm_in_background(dtype: str, norm_widths: tuple[int, ...], vocab: int | No
 
     if unavailable_reason("cuda", env) is not None:
         return False
+    if "future" in _WARMING:  # started already (from the config file, before the facts were read)
+        return True
     future: Future = Future()
 
     def run():
@@ -138,6 +140,16 @@ def warm_in_background(dtype: str, norm_widths: tuple[int, ...], vocab: int | No
     _WARMING["future"] = future
     threading.Thread(target=run, name="attnfallback-fused-compile", daemon=True).start()
     return True
+
+
+def config_shapes(raw: dict) -> tuple[tuple[int | None, int | None], int | None]:
+    """(hidden width, head width) and vocabulary size from a model's config.json: what the kernels
+    are compiled for (`warm_in_background`)."""
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    hidden, heads = text.get("hidden_size"), text.get("num_attention_heads")
+    head_dim = text.get("head_dim") or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None)
+    ints = [v if isinstance(v, int) and v > 0 else None for v in (hidden, head_dim, text.get("vocab_size"))]
+    return (ints[0], ints[1]), ints[2]
 
 
 def unavailable_reason(device, env=None) -> str | None:

@@ -118,7 +118,7 @@ class TritonKernels:
             _silu_mul_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](gate, up, out, n, BLOCK=ELEMENTWISE_BLOCK, num_warps=8)
         return out
 
-    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp_fusion: bool = True) -> torch.Tensor:
         """x (batch, heads, length, dim) rotated by cos, sin (batch or 1, length, dim): `handles_rotary`'s inputs."""
         batch, heads, length, dim = x.shape
         out = torch.empty_like(x)  # the strides of x (a transposed view stays one)
@@ -126,7 +126,7 @@ class TritonKernels:
         if x.numel():
             _rotary_kernel[(batch * length,)](x, cos, sin, out, length, heads, x.stride(0), x.stride(1), x.stride(2), out.stride(0),
                                               out.stride(1), out.stride(2), 0 if broadcast else cos.stride(0), cos.stride(1),
-                                              DIM=dim, num_warps=1 if dim <= 64 else 2)
+                                              DIM=dim, num_warps=1 if dim <= 64 else 2, enable_fp_fusion=fp_fusion)
         return out
 
     def handles_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:

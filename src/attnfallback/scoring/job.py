@@ -11,6 +11,7 @@ final file atomically, write `shard_done`. Rows in = rows written + rows skipped
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -407,6 +408,23 @@ def _warm_device() -> None:
         (a @ a).sum().item()
 
 
+def _warm_fused_early(job: ScoreJob, task: str) -> None:
+    """Start the fused kernels' compile from a local model's config.json, so that it runs beside the
+    imports of the facts phase (2 s on a fresh cache, more than the model's load hid in session 15's
+    run); a hub model's starts once its facts are read."""
+    from attnfallback.fused_ops import config_shapes
+    from attnfallback.model_facts import resolve_ref
+
+    try:
+        ref = resolve_ref(job.model, job.revision)
+        if not ref.is_local:
+            return
+        widths, vocab = config_shapes(json.loads((Path(ref.location) / "config.json").read_text(encoding="utf-8")))
+        warm_in_background(parse_dtype(job.dtype), widths, vocab if task == "logprob" else None)
+    except Exception as e:  # noqa: BLE001 - the facts phase reports a bad model or config; the compile waits for it
+        log.debug("no early compile of the fused kernels: %s", e)
+
+
 def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
     """Score one shard of `job.input` into `job.output` (see the module docstring).
 
@@ -422,6 +440,8 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
     if scorer is None and job.device != "cpu":
         _start_in_background(_warm_device)  # CUDA's context is made while the input and config are read
     task = validate_job(job)
+    if scorer is None and job.device != "cpu":
+        _warm_fused_early(job, task)
     shard = parse_shard(job.shard)
     shard_text = str(shard)
     run_id = job.run_id or envs.value(envs.RUN_ID) or new_run_id()
