@@ -157,13 +157,10 @@ e2e15)  # session 15, the fused kernels: after stage, `source .gpu-wheels/fa4-2/
             step fused-loop 300 python3 bench/fused_loop.py --device cuda --models llama-1b-random,qwen3-0.6b-reward-random \
                 --docs 20000 --workdir /tmp/e2e15 --out "$OUT/fused_loop.json"
             continue ;;
-        rotary)
-            step rotary-rounding 120 python3 bench/fused_loop.py --device cuda --rotary-only --out "$OUT/rotary_rounding.json"
-            continue ;;
         llama50k) name=llama-1b-random rows=50000 variants=ours-default,ours-unfused,baseline sizes=128 limit=300 ;;
         llama) name=llama-1b-random rows=1000,10000 variants=ours-sdpa,ours-default,ours-unfused,ours-later,baseline sizes=64,128 limit=300 ;;
         qwen3) name=qwen3-0.6b-reward-random rows=10000,50000 variants=ours-default,ours-unfused,baseline sizes=32,64 limit=280 ;;
-        *) echo "e2e15: fused, rotary, llama50k, llama or qwen3" >&2; exit 2 ;;
+        *) echo "e2e15: fused, llama50k, llama or qwen3" >&2; exit 2 ;;
         esac
         step "e2e-$item" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
             --variants "$variants" --batch-sizes "$sizes" --workdir /tmp/e2e15 --out "$OUT/end_to_end_$item.json"

@@ -4,15 +4,12 @@ and when the kernels do not run at all. The Triton kernels themselves: test_fuse
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
 import zoo
 from attnfallback.fused_ops import (
     FUSED_FLAG,
-    ROTARY,
     TorchKernels,
     checked_logprob_kernel,
     fuse_modules,
@@ -28,18 +25,6 @@ DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "g
 # the norms whose code is transformers' Llama RMSNorm; Gemma's scale by (1 + weight) in float32
 SAME_NORM = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
 GATED_SILU = {"llama", "mistral", "qwen2", "qwen3"}  # phi3 fuses gate and up into one projection
-
-
-@pytest.fixture(autouse=True)
-def _rotary_functions_restored():
-    """The rotary function is a modeling module's global: no test leaves it replaced."""
-    import sys
-
-    yield
-    for name, module in list(sys.modules.items()):
-        function = getattr(module, ROTARY, None) if name.startswith("transformers.models.") else None
-        if getattr(function, FUSED_FLAG, False):
-            setattr(module, ROTARY, function.__wrapped__)
 
 
 def causal_lm(family: str, dtype=torch.bfloat16):
@@ -71,28 +56,11 @@ def test_each_decoder_family_fuses_what_it_shares_and_keeps_its_numbers(family):
         assert not any(getattr(m, FUSED_FLAG, False) for m in norms)
         assert "differs from the module's own forward" in report.left[type(norms[0]).__name__]
     assert all(getattr(m, FUSED_FLAG, False) for m in mlps) and bool(mlps) == (family in GATED_SILU)
-    home = sys.modules[type(model).__module__]
-    rotary = f"{home.__name__}.{ROTARY}"
-    assert (rotary in report.fused) == (family != "gpt2")  # every family here but GPT-2 rotates the same way
-    assert getattr(getattr(home, ROTARY, None), FUSED_FLAG, False) == (family != "gpt2")
-    assert fused == sum(getattr(m, FUSED_FLAG, False) for m in model.modules()) + (rotary in report.fused)
+    assert fused == sum(getattr(m, FUSED_FLAG, False) for m in model.modules())
     assert torch.equal(logits(model, ids), before)  # TorchKernels rounds as transformers does
     assert unfuse_modules(model) == fused
     assert not any("forward" in vars(m) for m in model.modules())
-    assert not getattr(getattr(home, ROTARY, None), FUSED_FLAG, False)
     assert torch.equal(logits(model, ids), before)
-
-
-def test_a_rotary_function_that_computes_in_float32_is_left():
-    """ModernBERT's rotary embedding multiplies in float32 and rounds once: not the fused kernel's
-    roundings, so its module keeps its own function."""
-    f = zoo.FAMILIES["modernbert"]
-    tokenizer = zoo.tokenizer_for(f)
-    model = zoo.model_class(f, "embed")(zoo.make_config(f, tokenizer, "cpu", "embed")).eval().to(torch.bfloat16)
-    report = fuse_modules(model, TorchKernels())
-    key = f"{type(model).__module__}.{ROTARY}"
-    assert key not in report.fused and "differs from the module's own forward" in report.left[key]
-    assert not getattr(getattr(sys.modules[type(model).__module__], ROTARY), FUSED_FLAG, False)
 
 
 def test_fusing_twice_replaces_nothing_more():
@@ -153,7 +121,7 @@ def test_a_module_with_its_own_forward_already_is_left_alone():
     hooked.forward = lambda x: own(x)  # e.g. accelerate's hook
     fuse_modules(model, TorchKernels())
     assert not getattr(hooked, FUSED_FLAG, False)
-    assert unfuse_modules(model) == 2 * model.config.num_hidden_layers + model.config.num_hidden_layers + 1  # and the rotary
+    assert unfuse_modules(model) == 2 * model.config.num_hidden_layers + model.config.num_hidden_layers
     assert "forward" in vars(hooked)
 
 
@@ -299,24 +267,6 @@ def test_gpu_silu_mul_rounds_as_transformers_does(dtype):
     assert float((ours == theirs).float().mean()) > 0.99
     ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10  # the rest one rounding apart
     torch.testing.assert_close(ours, theirs, rtol=2 * ulp, atol=1e-5)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dim,dtype,batch_cos", [(64, torch.bfloat16, 1), (128, torch.bfloat16, 3), (32, torch.float16, 1),
-                                                 (256, torch.float32, 3)])
-def test_gpu_rotary_rounds_as_transformers_does(dim, dtype, batch_cos):
-    kernels = _triton()
-    g = torch.Generator().manual_seed(dim)
-    for heads in (1, 8, 32):
-        x = (torch.randn(3, 17, heads, dim, generator=g) * 4).to("cuda", dtype).transpose(1, 2)  # as attention makes it
-        cos, sin = (torch.rand(2, batch_cos, 17, dim, generator=g) * 2 - 1).to("cuda", dtype)
-        assert kernels.handles_rotary(x, cos, sin)
-        ours, theirs = kernels.rotary(x, cos, sin), TorchKernels().rotary(x, cos, sin)
-        assert ours.shape == theirs.shape and ours.stride() == x.stride()
-        if dtype != torch.float32:
-            assert float((ours == theirs).float().mean()) > 0.99
-        torch.testing.assert_close(ours, theirs)
-    assert not kernels.handles_rotary(x[..., :48], cos[..., :48], sin[..., :48])  # not a power of two: the module's own code
 
 
 @pytest.mark.gpu
