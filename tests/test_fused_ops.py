@@ -178,7 +178,8 @@ def test_no_background_compile_without_cuda_or_when_turned_off(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_the_background_compile_is_joined_before_the_kernels_are_used(tmp_path):
     """In a fresh process: the four variants a Llama-like logprob model runs are in the cache when
-    `triton_kernels()` returns (norms of its width and head width, SiLU-mul, the head)."""
+    `triton_kernels()` returns (norms of its width and head width, SiLU-mul, the head), and the
+    compile is marked for the shards after it."""
     import os
     import subprocess
     import sys
@@ -187,10 +188,60 @@ def test_gpu_the_background_compile_is_joined_before_the_kernels_are_used(tmp_pa
     code = ("import pathlib, sys; from attnfallback import fused_ops as f; "
             "assert f.warm_in_background('auto', (2048, 64), 30522); f.triton_kernels(); "
             "print(len(list(pathlib.Path(sys.argv[1]).rglob('*.cubin'))))")
-    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"))
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), ATTNFALLBACK_CACHE=str(tmp_path / "cache"))
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "triton")], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.split()[-1]) == 4
+    assert len(list((tmp_path / "cache" / "triton-kernels").glob("attnfallback-compiled-*.json"))) == 1  # the next shard fuses
+
+
+def test_one_background_compile_at_a_time(monkeypatch):
+    from concurrent.futures import Future
+
+    from attnfallback import fused_ops
+
+    monkeypatch.setattr(fused_ops, "unavailable_reason", lambda device, env=None: None)
+    running = Future()
+    monkeypatch.setitem(fused_ops._WARMING, "future", running)
+    assert fused_ops.warm_in_background("auto", (64,), None) is True
+    assert fused_ops._WARMING["future"] is running  # no second compile beside it
+    running.set_result(None)
+    assert fused_ops.warm_in_background("auto", (64,), None) is True  # a later model's shapes compile anew
+    later = fused_ops._WARMING["future"]
+    assert later is not running and later.result(timeout=30) is None  # no CUDA here: nothing to compile
+
+
+def test_what_compiled_kernels_depend_on():
+    from attnfallback.fused_ops import compile_key
+
+    key = compile_key("H200 cc 9.0", torch.bfloat16, (2048, 64), 30522)
+    assert key == compile_key("H200 cc 9.0", torch.bfloat16, (64, None, 2048), 30522)  # order and absent widths aside
+    others = [compile_key("A6000 cc 8.6", torch.bfloat16, (2048, 64), 30522), compile_key("H200 cc 9.0", torch.float16, (2048, 64), 30522),
+              compile_key("H200 cc 9.0", torch.bfloat16, (1024, 64), 30522), compile_key("H200 cc 9.0", torch.bfloat16, (2048, 64), None)]
+    assert len({key, *others}) == 5
+
+
+def test_auto_fuses_only_where_a_shard_compiled_the_kernels_before(tmp_path, monkeypatch):
+    """A first shard on a fresh cache runs unfused and starts the compile for the next; once a
+    compile is marked in the cache (which may be shared), the model's shards fuse."""
+    from attnfallback import fused_ops
+    from attnfallback.scoring import tasks
+
+    started = []
+    monkeypatch.setattr(tasks, "device_label", lambda device=None: "Fake GPU cc 9.0")
+    monkeypatch.setattr(tasks, "warm_in_background", lambda *args: started.append(args) or True)
+    env = {"ATTNFALLBACK_CACHE": str(tmp_path)}
+    model, _ = causal_lm("llama")
+    task = LogprobTask(model, zoo.tokenizer_for(zoo.FAMILIES["llama"]), None)
+    why = tasks.not_compiled_yet(model, task, "cuda", env)
+    assert why.startswith("the fused kernels are not compiled on this machine yet")
+    hidden, heads = model.config.hidden_size, model.config.num_attention_heads
+    assert started == [("bfloat16", (hidden, model.config.head_dim or hidden // heads), model.config.vocab_size, env)]
+    fused_ops.mark_compiled(tasks._compile_key(model, task, "cuda"), env)
+    assert tasks.not_compiled_yet(model, task, "cuda", env) is None
+    assert tasks.not_compiled_yet(model, task, "cuda", {"ATTNFALLBACK_CACHE": str(tmp_path / "other")}) is not None
+    assert tasks.not_compiled_yet(model, task, "cuda", {"ATTNFALLBACK_FUSED": "on"}) is None  # on: fuse, compiling first
+    assert len(started) == 2
 
 
 def test_triton_compiles_into_the_shared_cache_unless_told_otherwise(tmp_path):

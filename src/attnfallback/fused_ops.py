@@ -3,18 +3,23 @@ runs on CUDA.
 
 transformers' eager code for a Llama-like layer runs each RMSNorm as six kernels over float32
 copies of the activations and `act(gate) * up` as two; a log-probability head takes a float32 copy
-of the logits and reads it five times (logsumexp's max, subtract, exp, sum). On a 1B-parameter
-causal LM over short texts those passes were a quarter of the scoring loop (bench/NOTES.md,
-session 15). The kernels do each in one pass, with the same roundings in the same order, so the
-numbers are the model's own (reductions may sum in another order).
+of the logits and reads it four times (logsumexp's max, subtract, exp, sum). On the H200, over
+short texts, elementwise kernels and copies were 42% of a Llama-1B forward's GPU time and 73% of a
+Qwen3-0.6B's (bench/NOTES.md, session 15). The kernels do each in one pass, with the same roundings
+in the same order, so the numbers are the model's own (reductions may sum in another order).
 
 - `token_logprobs(logits, targets)` is the logprob task's head, whichever model.
 - `fuse_modules(model, kernels)` replaces the `forward` of module instances (never of a class)
   that are RMSNorms or gated-SiLU MLPs, each class checked first: its own forward and the fused
   one on the same random input must agree, or the class is left as it is, with the reason kept.
 
-`ATTNFALLBACK_FUSED`: auto (on a CUDA device with Triton) or off. The kernels are injectable
-(`TorchKernels` computes the same in PyTorch), so every rule here is testable without a GPU.
+`ATTNFALLBACK_FUSED` (on a CUDA device with Triton): auto fuses where the kernels for the model's
+shapes were compiled on this machine before (a marker in <ATTNFALLBACK_CACHE>/triton-kernels, which
+may be shared storage), and otherwise compiles them beside the shard for the shards after it: on
+a fresh cache the compiles took 2.3 s, and a first shard waiting for them was no faster end to end
+than one without them (session 15). on fuses and waits for the compile; off never fuses. The
+kernels are injectable (`TorchKernels` computes the same in PyTorch), so every rule here is
+testable without a GPU.
 """
 
 from __future__ import annotations
@@ -91,15 +96,16 @@ def triton_kernels():
 
 
 def warm_in_background(dtype: str, norm_widths: tuple[int, ...], vocab: int | None, env=None) -> bool:
-    """Compile the kernels a model of these shapes runs on a daemon thread, so that a first shard's
-    compiles (1.9 s on a fresh cache in session 15's run) overlap its model load. `dtype`: the
-    model's, as a torch name. Returns whether a compile started (a CUDA device with Triton)."""
+    """Compile the kernels a model of these shapes runs on a daemon thread (2.3 s on a fresh cache
+    in session 15's runs), beside the shard's own work, and mark them compiled in the cache.
+    `dtype`: the model's as a torch name, or auto. Returns whether a compile runs (a CUDA device
+    with Triton)."""
     import threading
     from concurrent.futures import Future
 
     if unavailable_reason("cuda", env) is not None:
         return False
-    if "future" in _WARMING:  # started already (from the config file, before the facts were read)
+    if "future" in _WARMING and not _WARMING["future"].done():  # running (started from the config file)
         return True
     future: Future = Future()
 
@@ -117,7 +123,9 @@ def warm_in_background(dtype: str, norm_widths: tuple[int, ...], vocab: int | No
                 chosen = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             else:
                 chosen = getattr(torch, dtype)
-            TritonKernels().warm(chosen, tuple(w for w in norm_widths if w), vocab)
+            widths = tuple(w for w in norm_widths if w)
+            TritonKernels().warm(chosen, widths, vocab)
+            mark_compiled(compile_key(device_label(), chosen, widths, vocab), env)
             future.set_result(None)
         except BaseException as e:  # noqa: BLE001 - handed to triton_kernels(), which carries on
             future.set_exception(e)
@@ -125,6 +133,56 @@ def warm_in_background(dtype: str, norm_widths: tuple[int, ...], vocab: int | No
     _WARMING["future"] = future
     threading.Thread(target=run, name="attnfallback-fused-compile", daemon=True).start()
     return True
+
+
+def fused_mode(env=None) -> str:
+    """$ATTNFALLBACK_FUSED: auto (fuse where this model's kernels are compiled on this machine or
+    its shared cache; else compile them beside the shard, for the shards after it), on (fuse,
+    compiling first where needed), off."""
+    return envs.choice(envs.FUSED, ("auto", "on", "off"), "auto", env)
+
+
+def device_label(device=None) -> str:
+    """The GPU's name and compute capability (what a compiled kernel is for)."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} cc {major}.{minor}"
+
+
+def compile_key(device: str, dtype, norm_widths: tuple, vocab: int | None) -> str:
+    """What the compiled kernels of a model depend on: the GPU, the versions of Triton and torch,
+    the kernels' source, the dtype, the norm widths and the vocabulary."""
+    import hashlib
+    import json
+    from importlib import metadata
+    from pathlib import Path
+
+    try:
+        versions = [metadata.version("triton"), metadata.version("torch")]
+    except metadata.PackageNotFoundError:
+        versions = []
+    source = hashlib.sha256((Path(__file__).with_name("fused_triton.py")).read_bytes()).hexdigest()
+    text = json.dumps([device, versions, source, str(dtype), sorted({int(w) for w in norm_widths if w}), vocab])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _marker(key: str, env=None):
+    return envs.cache_directory(env=env) / "triton-kernels" / f"attnfallback-compiled-{key}.json"
+
+
+def mark_compiled(key: str, env=None) -> None:
+    """Record that the kernels of `key` are compiled into this cache (written after a compile)."""
+    from attnfallback import atomic
+
+    path = _marker(key, env)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(path, {"key": key})
+
+
+def is_compiled(key: str, env=None) -> bool:
+    """Whether a shard compiled the kernels of `key` into this cache before."""
+    return _marker(key, env).is_file()
 
 
 def config_shapes(raw: dict) -> tuple[tuple[int | None, int | None], int | None]:
@@ -139,7 +197,7 @@ def config_shapes(raw: dict) -> tuple[tuple[int | None, int | None], int | None]
 
 def unavailable_reason(device, env=None) -> str | None:
     """Why the fused kernels do not run for a model on `device` (None: they do)."""
-    if envs.choice(envs.FUSED, ("auto", "off"), "auto", env) == "off":
+    if fused_mode(env) == "off":
         return f"turned off ({envs.FUSED}=off)"
     if getattr(device, "type", str(device)) != "cuda":
         return f"the model runs on {getattr(device, 'type', device)}, the kernels are CUDA's"

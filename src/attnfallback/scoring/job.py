@@ -24,7 +24,7 @@ from pathlib import Path
 
 from attnfallback import envs
 from attnfallback.errors import InputError, Interrupted, OutputError, OutputExistsError, UsageError, is_fatal_device_error
-from attnfallback.fused_ops import warm_in_background
+from attnfallback.fused_ops import config_shapes, warm_in_background
 from attnfallback.policy import Mode, Policy, parse_dtype, parse_measure
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec, row_error
 from attnfallback.scoring.collate import check_packing_mode
@@ -412,7 +412,6 @@ def _warm_fused_early(job: ScoreJob, task: str) -> None:
     """Start the fused kernels' compile from a local model's config.json, so that it runs beside the
     imports of the facts phase (2 s on a fresh cache, more than the model's load hid in session 15's
     run); a hub model's starts once its facts are read."""
-    from attnfallback.fused_ops import config_shapes
     from attnfallback.model_facts import resolve_ref
 
     try:
@@ -456,9 +455,9 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
     try:
         existing = store.open(run_id)
         facts = read_facts(job.model, revision=job.revision, auto_class=AUTO_CLASSES[task], trust_remote_code=job.trust_remote_code)
-        if scorer is None and job.device != "cpu":  # the fused kernels compile while the model loads
-            warm_in_background(parse_dtype(job.dtype), (facts.hidden_size, facts.head_dim),
-                               facts.vocab_size if task == "logprob" else None)
+        if scorer is None and job.device != "cpu" and facts.config is not None:  # a hub model's kernels compile from here
+            widths, vocab = config_shapes(facts.config.to_dict())
+            warm_in_background(parse_dtype(job.dtype), widths, vocab if task == "logprob" else None)
         phases.mark("facts_s")
         if checking is not None and checking.done():
             source.num_rows = checking.result()  # a bad row fails now, before the model loads

@@ -18,7 +18,20 @@ import numpy as np
 
 from attnfallback import arrow_build
 from attnfallback.errors import UnknownNameError, UsageError
-from attnfallback.fused_ops import TorchKernels, checked_logprob_kernel, fuse_modules, triton_kernels, unavailable_reason
+from attnfallback.fused_ops import (
+    TorchKernels,
+    checked_logprob_kernel,
+    compile_key,
+    config_shapes,
+    device_label,
+    fuse_modules,
+    fused_mode,
+    is_compiled,
+    mark_compiled,
+    triton_kernels,
+    unavailable_reason,
+    warm_in_background,
+)
 from attnfallback.model_facts import text_config
 from attnfallback.scoring.collate import (
     accepts_argument,
@@ -433,6 +446,20 @@ class LogprobTask(Task):
         return {"task": self.name, "mode": self.mode, "chunked_head": self.chunked, "fused_head": self.fused_head}
 
 
+def not_compiled_yet(model, task: Task, device, env=None) -> str | None:
+    """Under ATTNFALLBACK_FUSED=auto, why this shard runs unfused: the kernels for this model's
+    shapes are not compiled on this machine yet (their compile is started, for the next shard)."""
+    if fused_mode(env) != "auto":
+        return None
+    if is_compiled(_compile_key(model, task, device), env):
+        return None
+    config = getattr(model, "config", None)
+    widths, vocab = config_shapes(config.to_dict() if hasattr(config, "to_dict") else {})
+    warm_in_background(str(model.dtype).removeprefix("torch."), widths, vocab if isinstance(task, LogprobTask) else None, env)
+    return ("the fused kernels are not compiled on this machine yet: they compile beside this shard for the ones after it "
+            "(ATTNFALLBACK_FUSED=on waits for them)")
+
+
 def fuse_kernels(model, task: Task, device, kernels=None) -> dict:
     """Run `model`'s RMSNorms, gated-SiLU MLPs and a logprob task's head on the fused kernels
     (fused_ops.py) where they run here and agree with the model's own code: what runs fused, what
@@ -441,6 +468,9 @@ def fuse_kernels(model, task: Task, device, kernels=None) -> dict:
         reason = unavailable_reason(device)
         if reason is not None:
             return {"kernels": None, "why_not": reason}
+        not_yet = not_compiled_yet(model, task, device)
+        if not_yet is not None:
+            return {"kernels": None, "why_not": not_yet}
         try:
             kernels = triton_kernels()
         except Exception as e:  # noqa: BLE001 - an installed Triton that does not import leaves the model as it is
@@ -451,7 +481,15 @@ def fuse_kernels(model, task: Task, device, kernels=None) -> dict:
         if kernel is not None:
             task.token_logprobs, task.fused_head = kernel, True
         report["logprob_head"] = "fused" if kernel is not None else why
+    if kernels.name == "triton" and (report["fused"] or task.describe().get("fused_head")):
+        mark_compiled(_compile_key(model, task, device))  # compiled in this process: the next shard needs no wait
     return report
+
+
+def _compile_key(model, task: Task, device) -> str:
+    config = getattr(model, "config", None)
+    widths, vocab = config_shapes(config.to_dict() if hasattr(config, "to_dict") else {})
+    return compile_key(device_label(device), model.dtype, widths, vocab if isinstance(task, LogprobTask) else None)
 
 
 def build_task(name: str, model, tokenizer, model_dir: str | None, text_columns: int) -> Task:
