@@ -27,7 +27,8 @@ def pytest_collection_modifyitems(config, items):
 
 # Variables that steer a run from the environment; a developer's shell must not leak them into
 # tests (ATTNFALLBACK_DEFAULT_MODEL_DIR is kept: a GPU image without the package needs it).
-AMBIENT_VARS = ("ATTNFALLBACK_EVENTS", "ATTNFALLBACK_POLICY", "ATTNFALLBACK_PREFER", "ATTNFALLBACK_RUN_ID", "ATTNFALLBACK_SHARD")
+AMBIENT_VARS = ("ATTNFALLBACK_EVENTS", "ATTNFALLBACK_POLICY", "ATTNFALLBACK_PREFER", "ATTNFALLBACK_RUN_ID", "ATTNFALLBACK_SHARD",
+                "ATTNFALLBACK_FUSED")
 
 
 @pytest.fixture(autouse=True)

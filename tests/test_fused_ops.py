@@ -1,6 +1,6 @@
 """The fused kernels' rules (fused_ops.py), without a GPU: which modules are replaced, that each class
 is checked against its own forward first, what is left and why, that nothing changes the numbers,
-and when the kernels do not run at all. The Triton kernels themselves: test_fused_ops_gpu below."""
+and when the kernels do not run at all. The Triton kernels themselves: the `gpu` tests below."""
 
 from __future__ import annotations
 
@@ -195,20 +195,63 @@ def test_gpu_the_background_compile_is_joined_before_the_kernels_are_used(tmp_pa
     assert len(list((tmp_path / "cache" / "triton-kernels").glob("attnfallback-compiled-*.json"))) == 1  # the next shard fuses
 
 
-def test_one_background_compile_at_a_time(monkeypatch):
-    from concurrent.futures import Future
-
+def test_one_background_compile_a_process_for_the_same_shapes(monkeypatch, tmp_path):
     from attnfallback import fused_ops
 
     monkeypatch.setattr(fused_ops, "unavailable_reason", lambda device, env=None: None)
-    running = Future()
-    monkeypatch.setitem(fused_ops._WARMING, "future", running)
-    assert fused_ops.warm_in_background("auto", (64,), None) is True
-    assert fused_ops._WARMING["future"] is running  # no second compile beside it
-    running.set_result(None)
-    assert fused_ops.warm_in_background("auto", (64,), None) is True  # a later model's shapes compile anew
-    later = fused_ops._WARMING["future"]
-    assert later is not running and later.result(timeout=30) is None  # no CUDA here: nothing to compile
+    monkeypatch.setitem(fused_ops._WARMING, "started", set())
+    monkeypatch.setitem(fused_ops._WARMING, "future", None)
+    env = {"ATTNFALLBACK_CACHE": str(tmp_path)}
+    assert fused_ops.warm_in_background("auto", (64, 16), None, env) is True
+    first = fused_ops._WARMING["future"]
+    assert first.result(timeout=30) is None  # no CUDA here: nothing compiled, nothing marked
+    assert fused_ops.warm_in_background("auto", (16, 64, None), None, env) is True
+    assert fused_ops._WARMING["future"] is first  # the same shapes: not again
+    assert fused_ops.warm_in_background("auto", (128, 16), 100, env) is True
+    assert fused_ops._WARMING["future"] is not first  # another model's shapes compile anew
+    assert env["TRITON_CACHE_DIR"] == str(tmp_path / "triton-kernels")  # set before the thread starts
+    assert not list(tmp_path.rglob("attnfallback-compiled-*"))
+    assert fused_ops.warm_failure() is None
+
+
+def test_a_failed_background_compile_is_the_reason_given(monkeypatch):
+    from concurrent.futures import Future
+
+    from attnfallback import fused_ops
+    from attnfallback.scoring import tasks
+
+    failed = Future()
+    failed.set_exception(RuntimeError("ptxas died"))
+    monkeypatch.setitem(fused_ops._WARMING, "future", failed)
+    monkeypatch.setattr(tasks, "device_label", lambda device=None: "Fake GPU cc 9.0")
+    model, _ = causal_lm("llama")
+    task = LogprobTask(model, zoo.tokenizer_for(zoo.FAMILIES["llama"]), None)
+    assert tasks.not_compiled_yet(model, task, "cuda", {}) == "the fused kernels' compile failed: RuntimeError: ptxas died"
+
+
+def test_the_logprob_forward_runs_the_task_s_kernel(tiny_qwen2, tmp_path):
+    """The head's log-probabilities come from `task.token_logprobs`: a kernel off by 0.01 a token
+    moves each row's sum by 0.01 times its tokens."""
+    import pyarrow.parquet as pq
+
+    from attnfallback.scoring import ScoreJob, Scorer
+    from attnfallback.scoring.job import run_score
+    from scoring_helpers import write_jsonl
+
+    class Shifted(TorchKernels):
+        def token_logprobs(self, logits, targets):
+            return super().token_logprobs(logits, targets) - 0.01
+
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": "a short text"}, {"text": "another one, longer than the first"}])
+    job = ScoreJob(model=str(tiny_qwen2), input=str(data), output=str(tmp_path / "a.parquet"), task="logprob", device="cpu", quiet=True)
+    scorer = Scorer.from_job(job)
+    run_score(job, scorer=scorer)
+    scorer.task.token_logprobs = Shifted().token_logprobs
+    shifted_job = ScoreJob(**{**job.__dict__, "output": str(tmp_path / "b.parquet")})
+    run_score(shifted_job, scorer=scorer)
+    a, b = pq.read_table(tmp_path / "a.parquet").to_pydict(), pq.read_table(tmp_path / "b.parquet").to_pydict()
+    for plain, moved, tokens in zip(a["logprob_sum"], b["logprob_sum"], a["tokens"]):
+        assert tokens > 0 and moved == pytest.approx(plain - 0.01 * tokens, abs=1e-4)
 
 
 def test_what_compiled_kernels_depend_on():
@@ -229,14 +272,14 @@ def test_auto_fuses_only_where_a_shard_compiled_the_kernels_before(tmp_path, mon
 
     started = []
     monkeypatch.setattr(tasks, "device_label", lambda device=None: "Fake GPU cc 9.0")
-    monkeypatch.setattr(tasks, "warm_in_background", lambda *args: started.append(args) or True)
+    monkeypatch.setattr(tasks, "warm_in_background", lambda *args, **kwargs: started.append((*args, kwargs)) or True)
     env = {"ATTNFALLBACK_CACHE": str(tmp_path)}
     model, _ = causal_lm("llama")
     task = LogprobTask(model, zoo.tokenizer_for(zoo.FAMILIES["llama"]), None)
     why = tasks.not_compiled_yet(model, task, "cuda", env)
     assert why.startswith("the fused kernels are not compiled on this machine yet")
     hidden, heads = model.config.hidden_size, model.config.num_attention_heads
-    assert started == [("bfloat16", (hidden, model.config.head_dim or hidden // heads), model.config.vocab_size, env)]
+    assert started == [("bfloat16", (hidden, model.config.head_dim or hidden // heads), model.config.vocab_size, env, {"device": "cuda"})]
     fused_ops.mark_compiled(tasks._compile_key(model, task, "cuda"), env)
     assert tasks.not_compiled_yet(model, task, "cuda", env) is None
     assert tasks.not_compiled_yet(model, task, "cuda", {"ATTNFALLBACK_CACHE": str(tmp_path / "other")}) is not None
@@ -260,7 +303,7 @@ def test_a_cpu_score_says_why_nothing_is_fused(tiny_qwen2, tmp_path, capsys):
     data = write_jsonl(tmp_path / "in.jsonl", [{"text": "a short text"}, {"text": "another one, longer than that"}])
     events = tmp_path / "events"
     code = main(["score", str(tiny_qwen2), "--input", str(data), "--output", str(tmp_path / "out.parquet"), "--task", "logprob",
-                 "--json", "--quiet", "--events", str(events)])
+                 "--device", "cpu", "--json", "--quiet", "--events", str(events)])
     assert code == 0
     why = {"kernels": None, "why_not": "the model runs on cpu, the kernels are CUDA's"}
     assert json.loads(capsys.readouterr().out)["task"]["fused"] == why
@@ -271,8 +314,13 @@ def test_a_cpu_score_says_why_nothing_is_fused(tiny_qwen2, tmp_path, capsys):
 
 
 def _triton():
+    import os
+    import tempfile
+
     pytest.importorskip("triton")
     from attnfallback.fused_ops import triton_kernels
+
+    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="triton-tests-"))  # not the user's cache
 
     return triton_kernels()
 
@@ -330,5 +378,7 @@ def test_gpu_each_decoder_family_fused_by_triton_keeps_its_logprobs(family):
     report = fuse_modules(model, kernels)
     if family in SAME_NORM:
         assert not any(name.endswith("RMSNorm") for name in report.left), report.left
+    if family in GATED_SILU:
+        assert any(name.endswith("MLP") for name in report.fused) and not any(name.endswith("MLP") for name in report.left)
     after = torch.log_softmax(logits(model, ids).float(), -1)
     torch.testing.assert_close(after, before, rtol=0, atol=0.05)

@@ -3,23 +3,20 @@ runs on CUDA.
 
 transformers' eager code for a Llama-like layer runs each RMSNorm as six kernels over float32
 copies of the activations and `act(gate) * up` as two; a log-probability head takes a float32 copy
-of the logits and reads it four times (logsumexp's max, subtract, exp, sum). On the H200, over
-short texts, elementwise kernels and copies were 42% of a Llama-1B forward's GPU time and 73% of a
-Qwen3-0.6B's (bench/NOTES.md, session 15). The kernels do each in one pass, with the same roundings
-in the same order, so the numbers are the model's own (reductions may sum in another order).
+of the logits and reads it four times (bench/NOTES.md, session 15, has what that costs). The
+kernels do each in one pass and round to the half type where transformers rounds; their float32
+steps (a sum's order, exp and division) may differ in the last bits.
 
 - `token_logprobs(logits, targets)` is the logprob task's head, whichever model.
 - `fuse_modules(model, kernels)` replaces the `forward` of module instances (never of a class)
   that are RMSNorms or gated-SiLU MLPs, each class checked first: its own forward and the fused
   one on the same random input must agree, or the class is left as it is, with the reason kept.
 
-`ATTNFALLBACK_FUSED` (on a CUDA device with Triton): auto fuses where the kernels for the model's
-shapes were compiled on this machine before (a marker in <ATTNFALLBACK_CACHE>/triton-kernels, which
-may be shared storage), and otherwise compiles them beside the shard for the shards after it: on
-a fresh cache the compiles took 2.3 s, and a first shard waiting for them was no faster end to end
-than one without them (session 15). on fuses and waits for the compile; off never fuses. The
-kernels are injectable (`TorchKernels` computes the same in PyTorch), so every rule here is
-testable without a GPU.
+`ATTNFALLBACK_FUSED` (`fused_mode`, on a CUDA device with Triton): auto fuses where this model's
+kernels were compiled on this machine or its shared cache before, and otherwise compiles them
+beside the shard for the shards after it (a first shard that waited for them gained nothing);
+on fuses and waits; off never fuses. The kernels are injectable (`TorchKernels` computes the same
+in PyTorch), so every rule here is testable without a GPU.
 """
 
 from __future__ import annotations
@@ -37,8 +34,8 @@ FUSED_FLAG = "_attnfallback_fused"  # set on a module instance whose forward was
 
 
 class TorchKernels:
-    """The fused operations in plain PyTorch, the same roundings in the same order as the kernels:
-    the reference the Triton kernels are checked against, and what runs without them."""
+    """The fused operations in plain PyTorch, rounding where the kernels round: the reference the
+    Triton kernels are checked against, and the logprob head where they do not run."""
 
     name = "torch"
 
@@ -83,7 +80,7 @@ _WARMING: dict = {}  # "future": kernels compiling on a background thread (warm_
 def triton_kernels():
     """The Triton kernels (fused_triton.py), imported here: Triton is needed only from this call.
     Waits for a compile `warm_in_background` started (what it could not compile compiles at use)."""
-    future = _WARMING.pop("future", None)
+    future = _WARMING.get("future")
     if future is not None:
         try:
             future.result(timeout=120)
@@ -95,18 +92,22 @@ def triton_kernels():
     return TritonKernels()
 
 
-def warm_in_background(dtype: str, norm_widths: tuple[int, ...], vocab: int | None, env=None) -> bool:
-    """Compile the kernels a model of these shapes runs on a daemon thread (2.3 s on a fresh cache
-    in session 15's runs), beside the shard's own work, and mark them compiled in the cache.
-    `dtype`: the model's as a torch name, or auto. Returns whether a compile runs (a CUDA device
-    with Triton)."""
+def warm_in_background(dtype: str, norm_widths: tuple, vocab: int | None, env=None, device: str = "cuda") -> bool:
+    """Compile the kernels a model of these shapes runs, on a daemon thread beside the shard's own
+    work (2.3 s on a fresh cache in session 15's runs), and mark them compiled in the cache.
+    `dtype`: the model's as a torch name, or auto. One compile of the same shapes a process.
+    Returns whether one runs or ran (Triton installed; without CUDA it compiles nothing)."""
     import threading
     from concurrent.futures import Future
 
     if unavailable_reason("cuda", env) is not None:
         return False
-    if "future" in _WARMING and not _WARMING["future"].done():  # running (started from the config file)
+    widths = tuple(sorted({int(w) for w in norm_widths if w}))
+    shapes = (dtype, widths, vocab, device)
+    if shapes in _WARMING.setdefault("started", set()):
         return True
+    _WARMING["started"].add(shapes)
+    use_triton_cache(env)  # the environment is written here, not beside other threads' reads
     future: Future = Future()
 
     def run():
@@ -116,23 +117,31 @@ def warm_in_background(dtype: str, norm_widths: tuple[int, ...], vocab: int | No
             if not torch.cuda.is_available():
                 future.set_result(None)
                 return
-            use_triton_cache(env)
             from attnfallback.fused_triton import TritonKernels
 
+            target = torch.device("cuda" if device in ("auto", "cuda") else device)
             if dtype == "auto":  # what planner.resolve_dtype picks on a GPU
                 chosen = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             else:
                 chosen = getattr(torch, dtype)
-            widths = tuple(w for w in norm_widths if w)
-            TritonKernels().warm(chosen, widths, vocab)
-            mark_compiled(compile_key(device_label(), chosen, widths, vocab), env)
+            TritonKernels().warm(chosen, widths, vocab, device=target)
+            mark_compiled(compile_key(device_label(target), chosen, widths, vocab), env)
             future.set_result(None)
-        except BaseException as e:  # noqa: BLE001 - handed to triton_kernels(), which carries on
+        except BaseException as e:  # noqa: BLE001 - handed to triton_kernels() and warm_failure()
             future.set_exception(e)
 
     _WARMING["future"] = future
     threading.Thread(target=run, name="attnfallback-fused-compile", daemon=True).start()
     return True
+
+
+def warm_failure() -> str | None:
+    """Why this process's background compile failed (None: it did not, or has not finished)."""
+    future = _WARMING.get("future")
+    if future is None or not future.done() or future.exception() is None:
+        return None
+    error = future.exception()
+    return f"{type(error).__name__}: {error}"
 
 
 def fused_mode(env=None) -> str:
@@ -158,10 +167,12 @@ def compile_key(device: str, dtype, norm_widths: tuple, vocab: int | None) -> st
     from importlib import metadata
     from pathlib import Path
 
-    try:
-        versions = [metadata.version("triton"), metadata.version("torch")]
-    except metadata.PackageNotFoundError:
-        versions = []
+    versions = []
+    for package in ("triton", "torch"):
+        try:
+            versions.append(metadata.version(package))
+        except metadata.PackageNotFoundError:
+            versions.append(None)
     source = hashlib.sha256((Path(__file__).with_name("fused_triton.py")).read_bytes()).hexdigest()
     text = json.dumps([device, versions, source, str(dtype), sorted({int(w) for w in norm_widths if w}), vocab])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -171,13 +182,19 @@ def _marker(key: str, env=None):
     return envs.cache_directory(env=env) / "triton-kernels" / f"attnfallback-compiled-{key}.json"
 
 
-def mark_compiled(key: str, env=None) -> None:
-    """Record that the kernels of `key` are compiled into this cache (written after a compile)."""
+def mark_compiled(key: str, env=None) -> bool:
+    """Record that the kernels of `key` are compiled into this cache (written after a compile);
+    False where the cache cannot be written (the shard goes on: the next one compiles again)."""
     from attnfallback import atomic
 
     path = _marker(key, env)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(path, {"key": key})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(path, {"key": key})
+    except OSError as e:
+        log.debug("the fused kernels' compile is not marked in %s: %s", path.parent, e)
+        return False
+    return True
 
 
 def is_compiled(key: str, env=None) -> bool:

@@ -1,7 +1,8 @@
 """The Triton kernels behind fused_ops.py: each does in one pass over memory what transformers'
-eager code does in several, with the same roundings in the same order.
+eager code does in several, rounding to the half type where it rounds.
 
-Imported only by `fused_ops.triton_kernels()`, after Triton was found: it needs Triton at import.
+Imported only by fused_ops.py (`triton_kernels`, the background compile), after Triton was found:
+it needs Triton at import.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class TritonKernels:
 
     def token_logprobs(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         rows, cols = logits.shape
+        logits, targets = (logits if logits.stride(1) == 1 else logits.contiguous()), targets.contiguous()
+        # targets are token ids the scorer checked against the model's vocabulary (scoring/limits.py)
         out = torch.empty(rows, dtype=torch.float32, device=logits.device)
         if rows:
             _token_logprobs_kernel[(rows,)](logits, targets, out, cols, logits.stride(0), BLOCK=LOGPROB_BLOCK, num_warps=8)
@@ -107,5 +110,5 @@ class TritonKernels:
 
     def handles_norm(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether `rms_norm` takes this input (rows contiguous, one program a row)."""
-        return x.is_cuda and x.shape[-1] <= MAX_NORM_WIDTH and x.stride(-1) == 1 and weight.is_contiguous() \
-            and (x.dim() == 1 or x.is_contiguous())
+        return (x.is_cuda and x.shape[-1] <= MAX_NORM_WIDTH and x.is_contiguous() and weight.is_contiguous()
+                and weight.dim() == 1 and weight.numel() == x.shape[-1])

@@ -11,7 +11,6 @@ final file atomically, write `shard_done`. Rows in = rows written + rows skipped
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -408,20 +407,14 @@ def _warm_device() -> None:
         (a @ a).sum().item()
 
 
-def _warm_fused_early(job: ScoreJob, task: str) -> None:
-    """Start the fused kernels' compile from a local model's config.json, so that it runs beside the
-    imports of the facts phase (2 s on a fresh cache, more than the model's load hid in session 15's
-    run); a hub model's starts once its facts are read."""
-    from attnfallback.model_facts import resolve_ref
-
+def _warm_fused(job: ScoreJob, task: str, config) -> None:
+    """Start the compile of the fused kernels for this model's shapes (fused_ops.warm_in_background),
+    from the config its facts read: the same shapes the fuse step keys its marker by."""
     try:
-        ref = resolve_ref(job.model, job.revision)
-        if not ref.is_local:
-            return
-        widths, vocab = config_shapes(json.loads((Path(ref.location) / "config.json").read_text(encoding="utf-8")))
-        warm_in_background(parse_dtype(job.dtype), widths, vocab if task == "logprob" else None)
-    except Exception as e:  # noqa: BLE001 - the facts phase reports a bad model or config; the compile waits for it
-        log.debug("no early compile of the fused kernels: %s", e)
+        widths, vocab = config_shapes(config.to_dict())
+        warm_in_background(parse_dtype(job.dtype), widths, vocab if task == "logprob" else None, device=job.device)
+    except Exception as e:  # noqa: BLE001 - a compile not started is one the fuse step does itself, or skips
+        log.debug("no background compile of the fused kernels: %s", e)
 
 
 def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
@@ -439,8 +432,6 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
     if scorer is None and job.device != "cpu":
         _start_in_background(_warm_device)  # CUDA's context is made while the input and config are read
     task = validate_job(job)
-    if scorer is None and job.device != "cpu":
-        _warm_fused_early(job, task)
     shard = parse_shard(job.shard)
     shard_text = str(shard)
     run_id = job.run_id or envs.value(envs.RUN_ID) or new_run_id()
@@ -455,9 +446,8 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
     try:
         existing = store.open(run_id)
         facts = read_facts(job.model, revision=job.revision, auto_class=AUTO_CLASSES[task], trust_remote_code=job.trust_remote_code)
-        if scorer is None and job.device != "cpu" and facts.config is not None:  # a hub model's kernels compile from here
-            widths, vocab = config_shapes(facts.config.to_dict())
-            warm_in_background(parse_dtype(job.dtype), widths, vocab if task == "logprob" else None)
+        if scorer is None and job.device != "cpu" and facts.config is not None:  # beside the model's load
+            _warm_fused(job, task, facts.config)
         phases.mark("facts_s")
         if checking is not None and checking.done():
             source.num_rows = checking.result()  # a bad row fails now, before the model loads

@@ -30,6 +30,7 @@ from attnfallback.fused_ops import (
     mark_compiled,
     triton_kernels,
     unavailable_reason,
+    warm_failure,
     warm_in_background,
 )
 from attnfallback.model_facts import text_config
@@ -453,9 +454,13 @@ def not_compiled_yet(model, task: Task, device, env=None) -> str | None:
         return None
     if is_compiled(_compile_key(model, task, device), env):
         return None
+    failed = warm_failure()
+    if failed is not None:
+        return f"the fused kernels' compile failed: {failed}"
     config = getattr(model, "config", None)
     widths, vocab = config_shapes(config.to_dict() if hasattr(config, "to_dict") else {})
-    warm_in_background(str(model.dtype).removeprefix("torch."), widths, vocab if isinstance(task, LogprobTask) else None, env)
+    warm_in_background(str(model.dtype).removeprefix("torch."), widths, vocab if isinstance(task, LogprobTask) else None, env,
+                       device=str(device))
     return ("the fused kernels are not compiled on this machine yet: they compile beside this shard for the ones after it "
             "(ATTNFALLBACK_FUSED=on waits for them)")
 
