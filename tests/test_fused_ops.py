@@ -229,6 +229,19 @@ def test_a_failed_background_compile_is_the_reason_given(monkeypatch):
     assert tasks.not_compiled_yet(model, task, "cuda", {}) == "the fused kernels' compile failed: RuntimeError: ptxas died"
 
 
+def test_a_broken_cache_leaves_the_shard_unfused_not_failed(monkeypatch):
+    from attnfallback.scoring import tasks
+
+    def broken(*args, **kwargs):
+        raise PermissionError("read-only cache")
+
+    monkeypatch.setattr(tasks, "unavailable_reason", lambda device, env=None: None)
+    monkeypatch.setattr(tasks, "not_compiled_yet", broken)
+    model, _ = causal_lm("llama")
+    report = fuse_kernels(model, LogprobTask(model, zoo.tokenizer_for(zoo.FAMILIES["llama"]), None), "cuda")
+    assert report == {"kernels": None, "why_not": "the fused kernels' cache could not be read: PermissionError: read-only cache"}
+
+
 def test_the_logprob_forward_runs_the_task_s_kernel(tiny_qwen2, tmp_path):
     """The head's log-probabilities come from `task.token_logprobs`: a kernel off by 0.01 a token
     moves each row's sum by 0.01 times its tokens."""
