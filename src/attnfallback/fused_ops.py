@@ -21,6 +21,7 @@ in PyTorch), so every rule here is testable without a GPU.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import types
@@ -165,7 +166,6 @@ def compile_key(device: str, dtype, norm_widths: tuple, vocab: int | None) -> st
     import hashlib
     import json
     from importlib import metadata
-    from pathlib import Path
 
     versions = []
     for package in ("triton", "torch"):
@@ -173,9 +173,17 @@ def compile_key(device: str, dtype, norm_widths: tuple, vocab: int | None) -> st
             versions.append(metadata.version(package))
         except metadata.PackageNotFoundError:
             versions.append(None)
-    source = hashlib.sha256((Path(__file__).with_name("fused_triton.py")).read_bytes()).hexdigest()
-    text = json.dumps([device, versions, source, str(dtype), sorted({int(w) for w in norm_widths if w}), vocab])
+    text = json.dumps([device, versions, _kernels_source(), str(dtype), sorted({int(w) for w in norm_widths if w}), vocab])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels_source() -> str:
+    """sha256 of fused_triton.py, read once a process."""
+    import hashlib
+    from pathlib import Path
+
+    return hashlib.sha256(Path(__file__).with_name("fused_triton.py").read_bytes()).hexdigest()
 
 
 def _marker(key: str, env=None):
@@ -334,8 +342,6 @@ def _check(module, candidate, kind: str) -> str | None:
 def fuse_modules(model, kernels) -> FusionReport:
     """Replace the forward of `model`'s RMSNorm and gated-SiLU MLP instances with the fused ones,
     each class first checked on one instance against its own forward. Idempotent."""
-    import torch
-
     report = FusionReport(kernels=kernels.name)
     verdict: dict[tuple[str, type], str | None] = {}
     for module in model.modules():

@@ -457,10 +457,8 @@ def not_compiled_yet(model, task: Task, device, env=None) -> str | None:
     failed = warm_failure()
     if failed is not None:
         return f"the fused kernels' compile failed: {failed}"
-    config = getattr(model, "config", None)
-    widths, vocab = config_shapes(config.to_dict() if hasattr(config, "to_dict") else {})
-    warm_in_background(str(model.dtype).removeprefix("torch."), widths, vocab if isinstance(task, LogprobTask) else None, env,
-                       device=str(device))
+    widths, vocab = _kernel_shapes(model, task)
+    warm_in_background(str(model.dtype).removeprefix("torch."), widths, vocab, env, device=str(device))
     return ("the fused kernels are not compiled on this machine yet: they compile beside this shard for the ones after it "
             "(ATTNFALLBACK_FUSED=on waits for them)")
 
@@ -489,15 +487,20 @@ def fuse_kernels(model, task: Task, device, kernels=None) -> dict:
         if kernel is not None:
             task.token_logprobs, task.fused_head = kernel, True
         report["logprob_head"] = "fused" if kernel is not None else why
-    if kernels.name == "triton" and (report["fused"] or task.describe().get("fused_head")):
+    if kernels.name == "triton" and (report["fused"] or getattr(task, "fused_head", False)):
         mark_compiled(_compile_key(model, task, device))  # compiled in this process: the next shard needs no wait
     return report
 
 
-def _compile_key(model, task: Task, device) -> str:
+def _kernel_shapes(model, task: Task) -> tuple[tuple, int | None]:
+    """The norm widths and (a logprob task's) vocabulary the fused kernels compile for."""
     config = getattr(model, "config", None)
     widths, vocab = config_shapes(config.to_dict() if hasattr(config, "to_dict") else {})
-    return compile_key(device_label(device), model.dtype, widths, vocab if isinstance(task, LogprobTask) else None)
+    return widths, vocab if isinstance(task, LogprobTask) else None
+
+
+def _compile_key(model, task: Task, device) -> str:
+    return compile_key(device_label(device), model.dtype, *_kernel_shapes(model, task))
 
 
 def build_task(name: str, model, tokenizer, model_dir: str | None, text_columns: int) -> Task:
