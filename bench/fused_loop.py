@@ -6,7 +6,7 @@
 
 1. Triton's cold compile: each kernel's first call in an empty TRITON_CACHE_DIR (what a first shard
    on a fresh machine pays, before anything else in this process touched Triton), and its next call.
-2. Each kernel (the head's log-probabilities, RMSNorm, SiLU-mul) against PyTorch's way on these models' shapes: milliseconds (CUDA events, median of
+2. Each kernel (the head's log-probabilities, RMSNorm, SiLU-mul, the rotary embedding) against PyTorch's way on these models' shapes: milliseconds (CUDA events, median of
    20), the largest difference and the share of bit-equal outputs.
 3. Per model (random weights of a real shape, bench/zoo_models.py; documents of STS-B sentences):
    the scoring loop (Scorer.score_chunks, tokenizing included; the model loaded once), fused and
@@ -35,7 +35,7 @@ from zoo_models import MODELS, build_model, stsb_documents  # noqa: E402
 
 KINDS = (("matrix products", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "cublas")),
          ("attention", ("flash", "fmha", "attention", "efficient")),
-         ("triton (fused)", ("_token_logprobs_kernel", "_rms_norm_kernel", "_silu_mul_kernel")),
+         ("triton (fused)", ("_token_logprobs_kernel", "_rms_norm_kernel", "_silu_mul_kernel", "_rotary_kernel")),
          ("reductions", ("reduce",)),
          ("copies", ("copy", "cat", "index", "gather", "scatter")),
          ("elementwise", ("elementwise", "vectorized", "unrolled")))
@@ -136,9 +136,44 @@ def kernel_table(kernels, device: str) -> dict:
         "fused_ms": timed_ms(lambda: kernels.silu_mul(gate, up), device),
         "torch_ms": timed_ms(lambda: reference.silu_mul(gate, up), device),
         **compare(kernels.silu_mul(gate, up), reference.silu_mul(gate, up))}
+    batch = 64 if device == "cuda" else 4
+    x = (torch.randn(batch, 256, 32, 64, generator=g) * 4).to(device, torch.bfloat16).transpose(1, 2)
+    cos, sin = (torch.rand(2, 1, 256, 64, generator=g) * 2 - 1).to(device, torch.bfloat16)
+    if kernels.handles_rotary(x, cos, sin):
+        table[f"rotary {batch}x32x256x64"] = {
+            "fused_ms": timed_ms(lambda: kernels.rotary(x, cos, sin), device),
+            "torch_ms": timed_ms(lambda: reference.rotary(x, cos, sin), device),
+            **compare(kernels.rotary(x, cos, sin), reference.rotary(x, cos, sin))}
     for row in table.values():
         row["speedup"] = round(row["torch_ms"] / row["fused_ms"], 2) if row["fused_ms"] else None
     return table
+
+
+def rotary_rounding(kernels, device: str) -> dict:
+    """Which rounding the rotary kernel's output matches: its share bit-equal to transformers' way
+    (three roundings) and to other orders (one rounding; a fused multiply-add), by half of the head."""
+    import torch
+
+    from attnfallback.fused_ops import TorchKernels
+
+    g = torch.Generator(device="cpu").manual_seed(3)
+    x = (torch.randn(4, 64, 8, 64, generator=g) * 4).to(device, torch.bfloat16).transpose(1, 2)
+    cos, sin = (torch.rand(2, 1, 64, 64, generator=g) * 2 - 1).to(device, torch.bfloat16)
+    ours = kernels.rotary(x, cos, sin)
+    xf, c, s_ = x.float(), cos.float().unsqueeze(1), sin.float().unsqueeze(1)
+    rot = torch.cat((-xf[..., 32:], xf[..., :32]), dim=-1)
+    bf = torch.bfloat16
+    ways = {"transformers (three roundings)": TorchKernels().rotary(x, cos, sin),
+            "one rounding": (xf * c + rot * s_).to(bf),
+            "x*cos rounded, then fma": ((xf * c).to(bf).float() + rot * s_).to(bf),
+            "rot*sin rounded, then fma": (xf * c + (rot * s_).to(bf).float()).to(bf)}
+    results = {name: {"all": round(float((ours == ref).float().mean()), 4),
+                   "first half": round(float((ours[..., :32] == ref[..., :32]).float().mean()), 4),
+                   "second half": round(float((ours[..., 32:] == ref[..., 32:]).float().mean()), 4)} for name, ref in ways.items()}
+    if kernels.name == "triton":  # the kernel with multiply-add contraction allowed, against transformers' way
+        contracted = kernels.rotary(x, cos, sin, fp_fusion=True)
+        results["kernel with fp fusion vs transformers"] = round(float((contracted == ways["transformers (three roundings)"]).float().mean()), 4)
+    return results
 
 
 def set_fused(scorer, on: bool, kernels) -> dict:
@@ -241,6 +276,7 @@ def main() -> None:
     ap.add_argument("--profile-docs", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kernels", default="triton", choices=["triton", "torch"], help="torch: fused_ops.TorchKernels (a dry run)")
+    ap.add_argument("--rotary-only", action="store_true", help="only the rotary kernel's rounding against other orders")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default="bench/results/fused_loop.json")
     args = ap.parse_args()
@@ -260,6 +296,12 @@ def main() -> None:
         report["triton"] = triton.__version__
     report["cold_compile"] = cold_compile(kernels, args.device)
     print(json.dumps(report, indent=1), flush=True)
+    if args.rotary_only:
+        report["rotary_rounding"] = rotary_rounding(kernels, args.device)
+        print(json.dumps(report["rotary_rounding"], indent=1))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        return
     report["kernel_table"] = kernel_table(kernels, args.device)
     for name, row in report["kernel_table"].items():
         print(f"{name:32} fused {row['fused_ms']:8.3f} ms  torch {row['torch_ms']:8.3f} ms  {row['speedup']:5.2f}x  "

@@ -157,16 +157,45 @@ e2e15)  # session 15, the fused kernels: after stage, `source .gpu-wheels/fa4-2/
             step fused-loop 300 python3 bench/fused_loop.py --device cuda --models llama-1b-random,qwen3-0.6b-reward-random \
                 --docs 20000 --workdir /tmp/e2e15 --out "$OUT/fused_loop.json"
             continue ;;
+        rotary)
+            step rotary-rounding 120 python3 bench/fused_loop.py --device cuda --rotary-only --out "$OUT/rotary_rounding.json"
+            continue ;;
         llama50k) name=llama-1b-random rows=50000 variants=ours-default,ours-unfused,baseline sizes=128 limit=300 ;;
         llama) name=llama-1b-random rows=1000,10000 variants=ours-sdpa,ours-default,ours-unfused,ours-later,baseline sizes=64,128 limit=300 ;;
         qwen3) name=qwen3-0.6b-reward-random rows=10000,50000 variants=ours-default,ours-unfused,baseline sizes=32,64 limit=280 ;;
-        *) echo "e2e15: fused, llama50k, llama or qwen3" >&2; exit 2 ;;
+        *) echo "e2e15: fused, rotary, llama50k, llama or qwen3" >&2; exit 2 ;;
         esac
         step "e2e-$item" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
             --variants "$variants" --batch-sizes "$sizes" --workdir /tmp/e2e15 --out "$OUT/end_to_end_$item.json"
     done
     ;;
+e2e16)  # session 16, the rotary kernel without fp fusion and the auto rule's first and later shards: after stage (with
+        # `e2e16 fused` in the same call, carry fa4-1, tok), `source .gpu-wheels/fa4-2/install.sh && bash bench/h200.sh e2e16
+        # llama50k llama` (carry fa4-2, tok); then `source /tmp/fa4/env.sh && bash bench/h200.sh e2e16 qwen3 tests` (carry tok, minilm).
+    common_env
+    shift
+    for item in "$@"; do
+        case "$item" in
+        fused)
+            step fused-gpu-tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 120 tests/test_fused_ops.py
+            step rotary-rounding 90 python3 bench/fused_loop.py --device cuda --rotary-only --out "$OUT/rotary_rounding.json"
+            step fused-loop 300 python3 bench/fused_loop.py --device cuda --models llama-1b-random,qwen3-0.6b-reward-random \
+                --docs 20000 --workdir /tmp/e2e16 --out "$OUT/fused_loop.json"
+            continue ;;
+        tests)
+            export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/minilm ATTNFALLBACK_ZOO_REPORT=$OUT/zoo.json
+            step gpu-tests 330 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 200 tests
+            continue ;;
+        llama50k) name=llama-1b-random rows=50000 variants=ours-default,ours-later,ours-unfused,baseline sizes=128 limit=260 ;;
+        llama) name=llama-1b-random rows=1000,10000 variants=ours-sdpa,ours-default,ours-later,ours-unfused,baseline sizes=64,128 limit=280 ;;
+        qwen3) name=qwen3-0.6b-reward-random rows=50000 variants=ours-default,ours-later,ours-unfused,baseline sizes=32,64 limit=240 ;;
+        *) echo "e2e16: fused, llama50k, llama, qwen3 or tests" >&2; exit 2 ;;
+        esac
+        step "e2e-$item" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
+            --variants "$variants" --batch-sizes "$sizes" --workdir /tmp/e2e16 --out "$OUT/end_to_end_$item.json"
+    done
+    ;;
 *)
-    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15" >&2; exit 2
+    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16" >&2; exit 2
     ;;
 esac

@@ -4,12 +4,15 @@ and when the kernels do not run at all. The Triton kernels themselves: the `gpu`
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 import zoo
 from attnfallback.fused_ops import (
     FUSED_FLAG,
+    ROTARY,
     TorchKernels,
     checked_logprob_kernel,
     fuse_modules,
@@ -25,6 +28,18 @@ DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "g
 # the norms whose code is transformers' Llama RMSNorm; Gemma's scale by (1 + weight) in float32
 SAME_NORM = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
 GATED_SILU = {"llama", "mistral", "qwen2", "qwen3"}  # phi3 fuses gate and up into one projection
+
+
+@pytest.fixture(autouse=True)
+def _rotary_functions_restored():
+    """The rotary function is a modeling module's global: no test leaves it replaced."""
+    import sys
+
+    yield
+    for name, module in list(sys.modules.items()):
+        function = getattr(module, ROTARY, None) if name.startswith("transformers.models.") else None
+        if getattr(function, FUSED_FLAG, False):
+            setattr(module, ROTARY, function.__wrapped__)
 
 
 def causal_lm(family: str, dtype=torch.bfloat16):
@@ -56,11 +71,28 @@ def test_each_decoder_family_fuses_what_it_shares_and_keeps_its_numbers(family):
         assert not any(getattr(m, FUSED_FLAG, False) for m in norms)
         assert "differs from the module's own forward" in report.left[type(norms[0]).__name__]
     assert all(getattr(m, FUSED_FLAG, False) for m in mlps) and bool(mlps) == (family in GATED_SILU)
-    assert fused == sum(getattr(m, FUSED_FLAG, False) for m in model.modules())
+    home = sys.modules[type(model).__module__]
+    rotary = f"{home.__name__}.{ROTARY}"
+    assert (rotary in report.fused) == (family != "gpt2")  # every family here but GPT-2 rotates the same way
+    assert getattr(getattr(home, ROTARY, None), FUSED_FLAG, False) == (family != "gpt2")
+    assert fused == sum(getattr(m, FUSED_FLAG, False) for m in model.modules()) + (rotary in report.fused)
     assert torch.equal(logits(model, ids), before)  # TorchKernels rounds as transformers does
     assert unfuse_modules(model) == fused
     assert not any("forward" in vars(m) for m in model.modules())
+    assert not getattr(getattr(home, ROTARY, None), FUSED_FLAG, False)
     assert torch.equal(logits(model, ids), before)
+
+
+def test_a_rotary_function_that_computes_in_float32_is_left():
+    """ModernBERT's rotary embedding multiplies in float32 and rounds once: not the fused kernel's
+    roundings, so its module keeps its own function."""
+    f = zoo.FAMILIES["modernbert"]
+    tokenizer = zoo.tokenizer_for(f)
+    model = zoo.model_class(f, "embed")(zoo.make_config(f, tokenizer, "cpu", "embed")).eval().to(torch.bfloat16)
+    report = fuse_modules(model, TorchKernels())
+    key = f"{type(model).__module__}.{ROTARY}"
+    assert key not in report.fused and "differs from the module's own forward" in report.left[key]
+    assert not getattr(getattr(sys.modules[type(model).__module__], ROTARY), FUSED_FLAG, False)
 
 
 def test_fusing_twice_replaces_nothing_more():
@@ -121,7 +153,7 @@ def test_a_module_with_its_own_forward_already_is_left_alone():
     hooked.forward = lambda x: own(x)  # e.g. accelerate's hook
     fuse_modules(model, TorchKernels())
     assert not getattr(hooked, FUSED_FLAG, False)
-    assert unfuse_modules(model) == 2 * model.config.num_hidden_layers + model.config.num_hidden_layers
+    assert unfuse_modules(model) == 2 * model.config.num_hidden_layers + model.config.num_hidden_layers + 1  # and the rotary
     assert "forward" in vars(hooked)
 
 
@@ -177,8 +209,8 @@ def test_no_background_compile_without_cuda_or_when_turned_off(monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_the_background_compile_is_joined_before_the_kernels_are_used(tmp_path):
-    """In a fresh process: the four variants a Llama-like logprob model runs are in the cache when
-    `triton_kernels()` returns (norms of its width and head width, SiLU-mul, the head), and the
+    """In a fresh process: the five variants a Llama-like logprob model runs are in the cache when
+    `triton_kernels()` returns (norms of its width and head width, SiLU-mul, the rotary, the head), and the
     compile is marked for the shards after it."""
     import os
     import subprocess
@@ -191,7 +223,7 @@ def test_gpu_the_background_compile_is_joined_before_the_kernels_are_used(tmp_pa
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), ATTNFALLBACK_CACHE=str(tmp_path / "cache"))
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "triton")], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert int(done.stdout.split()[-1]) == 4
+    assert int(done.stdout.split()[-1]) == 5
     assert len(list((tmp_path / "cache" / "triton-kernels").glob("attnfallback-compiled-*.json"))) == 1  # the next shard fuses
 
 
@@ -382,6 +414,24 @@ def test_gpu_silu_mul_rounds_as_transformers_does(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dim,dtype,batch_cos", [(64, torch.bfloat16, 1), (128, torch.bfloat16, 3), (32, torch.float16, 1),
+                                                 (256, torch.float32, 3)])
+def test_gpu_rotary_rounds_as_transformers_does(dim, dtype, batch_cos):
+    kernels = _triton()
+    g = torch.Generator().manual_seed(dim)
+    for heads in (1, 8, 32):
+        x = (torch.randn(3, 17, heads, dim, generator=g) * 4).to("cuda", dtype).transpose(1, 2)  # as attention makes it
+        cos, sin = (torch.rand(2, batch_cos, 17, dim, generator=g) * 2 - 1).to("cuda", dtype)
+        assert kernels.handles_rotary(x, cos, sin)
+        ours, theirs = kernels.rotary(x, cos, sin), TorchKernels().rotary(x, cos, sin)
+        assert ours.shape == theirs.shape and ours.stride() == x.stride()
+        if dtype != torch.float32:
+            assert float((ours == theirs).float().mean()) > 0.99
+        torch.testing.assert_close(ours, theirs)
+    assert not kernels.handles_rotary(x[..., :48], cos[..., :48], sin[..., :48])  # not a power of two: the module's own code
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("family", DECODERS)
 def test_gpu_each_decoder_family_fused_by_triton_keeps_its_logprobs(family):
     kernels = _triton()
@@ -395,3 +445,33 @@ def test_gpu_each_decoder_family_fused_by_triton_keeps_its_logprobs(family):
         assert any(name.endswith("MLP") for name in report.fused) and not any(name.endswith("MLP") for name in report.left)
     after = torch.log_softmax(logits(model, ids).float(), -1)
     torch.testing.assert_close(after, before, rtol=0, atol=0.05)
+
+
+def test_a_shard_that_ends_before_the_background_compile_waits_for_it(tmp_path, monkeypatch):
+    """The compile's marker is what lets the next shard fuse, and a daemon thread in CUDA calls is
+    not left to the interpreter's exit: the shard waits, after its output is final, and says so."""
+    import json
+    import threading
+    from concurrent.futures import Future
+
+    from attnfallback import fused_ops
+    from attnfallback.scoring import ScoreJob, run_score
+
+    compiling: Future = Future()
+    monkeypatch.setitem(fused_ops._WARMING, "future", compiling)
+    timer = threading.Timer(0.5, compiling.set_result, args=(None,))
+    timer.start()
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(5)))
+    monkeypatch.setenv("ATTNFALLBACK_CACHE", str(tmp_path / "cache"))
+    result = run_score(ScoreJob(model="default", input=str(data), output=str(tmp_path / "out.parquet"), device="cpu",
+                                events=str(tmp_path / "ev"), run_id="w1", quiet=True))
+    timer.join()
+    assert compiling.done() and result.rows_written == 5
+    assert 0 < result.phases["compile_wait_s"] <= result.phases["run_s"]
+    events = [json.loads(line) for p in (tmp_path / "ev").rglob("*.jsonl") for line in p.read_text().splitlines()]
+    (done,) = [e for e in events if e["event"] == "shard_done"]
+    assert done["phases"]["compile_wait_s"] == result.phases["compile_wait_s"]
+    assert fused_ops.finish_background_compile() == 0.0  # nothing left to wait for
+    again = run_score(ScoreJob(model="default", input=str(data), output=str(tmp_path / "again.parquet"), device="cpu", quiet=True))
+    assert "compile_wait_s" not in again.phases

@@ -11,6 +11,9 @@ steps (a sum's order, exp and division) may differ in the last bits.
 - `fuse_modules(model, kernels)` replaces the `forward` of module instances (never of a class)
   that are RMSNorms or gated-SiLU MLPs, each class checked first: its own forward and the fused
   one on the same random input must agree, or the class is left as it is, with the reason kept.
+  The rotary embedding (`x * cos + rotate_half(x) * sin`, five kernels and a copy) is a function
+  of the modeling module, called by name: that global is replaced, checked the same way, so other
+  models of the family in the process run it too.
 
 `ATTNFALLBACK_FUSED` (`fused_mode`, on a CUDA device with Triton): auto fuses where this model's
 kernels were compiled on this machine or its shared cache before, and otherwise compiles them
@@ -24,6 +27,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import time
 import types
 from dataclasses import dataclass, field
 
@@ -61,8 +65,19 @@ class TorchKernels:
 
         return torch.nn.functional.silu(gate) * up
 
+    def rotary(self, x, cos, sin):
+        """transformers' `x * cos + rotate_half(x) * sin` for x (B, H, L, D), cos and sin (B or 1, L, D)."""
+        import torch
+
+        half = x.shape[-1] // 2
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
+
     def handles_norm(self, x, weight) -> bool:
         return True
+
+    def handles_rotary(self, x, cos, sin) -> bool:
+        return x.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape and x.shape[-1] == cos.shape[-1]
 
 
 def use_triton_cache(env=None) -> str:
@@ -134,6 +149,20 @@ def warm_in_background(dtype: str, norm_widths: tuple, vocab: int | None, env=No
     _WARMING["future"] = future
     threading.Thread(target=run, name="attnfallback-fused-compile", daemon=True).start()
     return True
+
+
+def finish_background_compile(timeout: float = 60.0) -> float:
+    """Wait for this process's background compile to end (its marker written, so the next shard
+    fuses; a daemon thread in CUDA calls is not left to the interpreter's exit). Seconds waited."""
+    future = _WARMING.get("future")
+    if future is None or future.done():
+        return 0.0
+    start = time.perf_counter()
+    try:
+        future.result(timeout=timeout)
+    except Exception as e:  # noqa: BLE001 - a failed or slow compile is the next shard's to redo
+        log.debug("the fused kernels' background compile did not finish: %s", e)
+    return time.perf_counter() - start
 
 
 def warm_failure() -> str | None:
@@ -339,9 +368,87 @@ def _check(module, candidate, kind: str) -> str | None:
     return found
 
 
+ROTARY = "apply_rotary_pos_emb"  # the function a transformers modeling module's attention calls by name
+
+
+def _fused_rotary(kernels, original):
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        unsqueeze_dim = args[0] if len(args) == 1 else kwargs.get("unsqueeze_dim", 1)
+        if (len(args) > 1 or set(kwargs) - {"unsqueeze_dim"} or unsqueeze_dim != 1
+                or not (kernels.handles_rotary(q, cos, sin) and kernels.handles_rotary(k, cos, sin))):
+            return original(q, k, cos, sin, *args, **kwargs)
+        return kernels.rotary(q, cos, sin), kernels.rotary(k, cos, sin)
+
+    setattr(apply_rotary_pos_emb, FUSED_FLAG, True)
+    return apply_rotary_pos_emb
+
+
+def _rotary_modules(model) -> dict:
+    """The modeling modules of `model`'s classes that define the rotary function, by name."""
+    import sys
+
+    found = {}
+    for module in model.modules():
+        home = sys.modules.get(type(module).__module__)
+        if home is not None and callable(getattr(home, ROTARY, None)):
+            found[home.__name__] = home
+    return found
+
+
+def _check_rotary(fused, original, model) -> str | None:
+    """How the fused rotary function differs from the module's own on random inputs shaped as
+    an attention layer passes them (None: it does not)."""
+    import torch
+
+    param = next(model.parameters())
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    heads = getattr(text, "num_attention_heads", None) or 4
+    dim = getattr(text, "head_dim", None) or (getattr(text, "hidden_size", 0) // heads)
+    if not dim or dim % 2:
+        return f"no even head width in the config (found {dim})"
+    generator = torch.Generator(device="cpu").manual_seed(2)
+
+    def sample(*shape):
+        return (torch.rand(*shape, generator=generator) * 2 - 1).to(device=param.device, dtype=param.dtype)
+
+    q, k = (sample(2, 5, 3, dim) * 4).transpose(1, 2), (sample(2, 5, 1, dim) * 4).transpose(1, 2)
+    cos, sin = sample(1, 5, dim), sample(1, 5, dim)
+    with torch.inference_mode():
+        ours, theirs = fused(q, k, cos, sin), original(q, k, cos, sin)
+    for a, b in zip(ours, theirs):
+        found = _agreement(a, b, "rms_norm")  # rounded where transformers rounds: held to bit-equality as a norm
+        if found is not None:
+            return found
+    return None
+
+
+def _fuse_rotary(model, kernels, report: FusionReport) -> None:
+    """The rotary function of `model`'s modeling modules, where the fused one agrees with it. It is
+    a module's global, so every model of that family in this process runs it (the same numbers)."""
+    for name, home in _rotary_modules(model).items():
+        original = getattr(home, ROTARY)
+        key = f"{name}.{ROTARY}"
+        if getattr(original, FUSED_FLAG, False):
+            report.fused[key] = 1
+            continue
+        fused = _fused_rotary(kernels, original)
+        try:
+            found = _check_rotary(fused, original, model)
+        except Exception as e:  # noqa: BLE001
+            found = f"the fused rotary failed: {type(e).__name__}: {e}"
+        if found is None:
+            setattr(home, ROTARY, fused)
+            report.fused[key] = 1
+        else:
+            report.left[key] = found
+
+
 def fuse_modules(model, kernels) -> FusionReport:
     """Replace the forward of `model`'s RMSNorm and gated-SiLU MLP instances with the fused ones,
-    each class first checked on one instance against its own forward. Idempotent."""
+    each class first checked on one instance against its own forward, and its modeling module's
+    rotary function likewise. Idempotent."""
     report = FusionReport(kernels=kernels.name)
     verdict: dict[tuple[str, type], str | None] = {}
     for module in model.modules():
@@ -367,16 +474,23 @@ def fuse_modules(model, kernels) -> FusionReport:
             else:
                 report.left[type(module).__name__] = verdict[key]
             break
+    _fuse_rotary(model, kernels, report)
     return report
 
 
 def unfuse_modules(model) -> int:
-    """Give every fused instance its class's forward back; returns how many."""
+    """Give every fused instance its class's forward back, and the modeling modules their rotary
+    function; returns how many."""
     count = 0
     for module in model.modules():
         if getattr(module, FUSED_FLAG, False):
             del module.forward
             delattr(module, FUSED_FLAG)
+            count += 1
+    for home in _rotary_modules(model).values():
+        function = getattr(home, ROTARY)
+        if getattr(function, FUSED_FLAG, False):
+            setattr(home, ROTARY, function.__wrapped__)
             count += 1
     return count
 

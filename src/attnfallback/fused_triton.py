@@ -68,6 +68,28 @@ def _silu_mul_kernel(gate, up, out, n, BLOCK: tl.constexpr):
     tl.store(out + offsets, (activated * u).to(out.dtype.element_ty), mask=mask)
 
 
+@triton.jit(do_not_specialize=["seq_len", "heads"])
+def _rotary_kernel(x, cos, sin, out, seq_len, heads, x_b, x_h, x_l, out_b, out_h, out_l, cs_b, cs_l, DIM: tl.constexpr):
+    # transformers' `x * cos + rotate_half(x) * sin`, each product rounded to x's dtype, then the sum:
+    # one program a (batch, position), its heads in turn, the cos and sin row read once (the head
+    # count is not a compile-time size: a query's and a key's heads share one compiled variant)
+    position = tl.program_id(0).to(tl.int64)
+    b, l = position // seq_len, position % seq_len
+    d = tl.arange(0, DIM)
+    half = DIM // 2
+    partner = tl.where(d < half, d + half, d - half)
+    sign = tl.where(d < half, -1.0, 1.0)
+    c = tl.load(cos + b * cs_b + l * cs_l + d).to(tl.float32)
+    s = tl.load(sin + b * cs_b + l * cs_l + d).to(tl.float32)
+    kind = x.dtype.element_ty
+    for h in range(0, heads):
+        row = x + b * x_b + l * x_l + h * x_h
+        values = tl.load(row + d).to(tl.float32)
+        rotated = tl.load(row + partner).to(tl.float32) * sign
+        y = (values * c).to(kind).to(tl.float32) + (rotated * s).to(kind).to(tl.float32)
+        tl.store(out + b * out_b + l * out_l + h * out_h + d, y.to(out.dtype.element_ty))
+
+
 class TritonKernels:
     """The fused operations on CUDA tensors (see fused_ops.TorchKernels for their meaning)."""
 
@@ -99,11 +121,38 @@ class TritonKernels:
             _silu_mul_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](gate, up, out, n, BLOCK=ELEMENTWISE_BLOCK, num_warps=8)
         return out
 
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp_fusion: bool = False) -> torch.Tensor:
+        """x (batch, heads, length, dim) rotated by cos, sin (batch or 1, length, dim): `handles_rotary`'s inputs.
+        `fp_fusion` off: with it, the compiler may fold a product and the sum into one half-precision
+        multiply-add, one rounding where transformers has two (a quarter of the outputs one step apart)."""
+        batch, heads, length, dim = x.shape
+        out = torch.empty_like(x)  # the strides of x (a transposed view stays one)
+        broadcast = cos.shape[0] == 1
+        if x.numel():
+            _rotary_kernel[(batch * length,)](x, cos, sin, out, length, heads, x.stride(0), x.stride(1), x.stride(2), out.stride(0),
+                                              out.stride(1), out.stride(2), 0 if broadcast else cos.stride(0), cos.stride(1),
+                                              DIM=dim, num_warps=1 if dim <= 64 else 2, enable_fp_fusion=fp_fusion)
+        return out
+
+    def handles_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+        """Whether `rotary` takes these: CUDA, (B, H, L, D) with D a power of two up to 256, the last
+        dimension contiguous, cos and sin alike of x's dtype, (B or 1, L, D)."""
+        if not (x.is_cuda and x.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape and cos.stride() == sin.stride()):
+            return False
+        batch, _, length, dim = x.shape
+        return (dim == cos.shape[-1] and dim & (dim - 1) == 0 and 2 <= dim <= 256 and x.stride(-1) == 1 and cos.stride(-1) == 1
+                and cos.dtype == x.dtype == sin.dtype and cos.shape[1] == length and cos.shape[0] in (1, batch))
+
     def warm(self, dtype: torch.dtype, norm_widths: tuple[int, ...], vocab: int | None, device="cuda") -> None:
         """Compile the variants a model of these shapes runs (the same sizes' divisibility), on tiny inputs."""
         for width in norm_widths:
             self.rms_norm(torch.zeros(2, width, dtype=dtype, device=device), torch.ones(width, dtype=dtype, device=device), 1e-6)
         self.silu_mul(torch.zeros(2, 64, dtype=dtype, device=device), torch.zeros(2, 64, dtype=dtype, device=device))
+        for width in norm_widths[1:]:  # a head width: the rotary embedding's too
+            if self.handles_rotary(torch.zeros(1, 1, 3, width, dtype=dtype, device=device),
+                                   *(torch.zeros(1, 3, width, dtype=dtype, device=device),) * 2):
+                x = torch.zeros(1, 3, 2, width, dtype=dtype, device=device).transpose(1, 2)
+                self.rotary(x, torch.zeros(1, 3, width, dtype=dtype, device=device), torch.zeros(1, 3, width, dtype=dtype, device=device))
         if vocab:
             self.token_logprobs(torch.zeros(2, vocab, dtype=dtype, device=device), torch.zeros(2, dtype=torch.int64, device=device))
         torch.cuda.synchronize(device)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from attnfallback import envs
 from attnfallback.errors import InputError, Interrupted, OutputError, OutputExistsError, UsageError, is_fatal_device_error
-from attnfallback.fused_ops import config_shapes, warm_in_background
+from attnfallback.fused_ops import config_shapes, finish_background_compile, warm_in_background
 from attnfallback.policy import Mode, Policy, parse_dtype, parse_measure
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec, row_error
 from attnfallback.scoring.collate import check_packing_mode
@@ -372,7 +372,8 @@ class Phases:
 
     def as_dict(self, load_detail: dict | None = None) -> dict:
         """{"before_run_s" (process start to the run), "input_s", "facts_s", "load_s" (with
-        "load_detail": from_pretrained, verification, measurement), "score_s", "finish_s", "run_s"}."""
+        "load_detail": from_pretrained, verification, measurement), "score_s", "finish_s", "compile_wait_s"
+        (only when the shard ended before the fused kernels' background compile), "run_s"}."""
         out = {"before_run_s": self.before_run_s, **{k: round(v, 4) for k, v in self._seconds.items()},
                "run_s": round(self._last - self._first, 4)}
         if load_detail:
@@ -624,6 +625,8 @@ def _score(job, task, shard, shard_text, run_id, source, spec, sink, store, fing
     )
     store.finish(output_metadata(run_id, fingerprint, result.to_dict(), counts.skipped_rows))
     phases.mark("finish_s")
+    if finish_background_compile() > 0:  # a shard shorter than the fused kernels' compile waits for its end
+        phases.mark("compile_wait_s")
     result.phases = phases.as_dict(scorer.decision.timing)
     _emit(sink, "shard_done", rows=result.rows_in, rows_written=result.rows_written, rows_skipped=result.rows_skipped,
           skipped=[{"line": s["line"], "reason": s["reason"]} for s in result.skipped], tokens=result.tokens,
