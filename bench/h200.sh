@@ -182,6 +182,9 @@ e2e16)  # session 16, the rotary kernel without fp fusion and the auto rule's fi
             step fused-loop 300 python3 bench/fused_loop.py --device cuda --models llama-1b-random,qwen3-0.6b-reward-random \
                 --docs 20000 --workdir /tmp/e2e16 --out "$OUT/fused_loop.json"
             continue ;;
+        fusedtests)
+            step fused-gpu-tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 120 tests/test_fused_ops.py
+            continue ;;
         tests)
             export ATTNFALLBACK_DEFAULT_MODEL_DIR=$PWD/.gpu-wheels/minilm ATTNFALLBACK_ZOO_REPORT=$OUT/zoo.json
             step gpu-tests 330 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 200 tests
@@ -189,7 +192,7 @@ e2e16)  # session 16, the rotary kernel without fp fusion and the auto rule's fi
         llama50k) name=llama-1b-random rows=50000 variants=ours-default,ours-later,ours-unfused,baseline sizes=128 limit=260 ;;
         llama) name=llama-1b-random rows=1000,10000 variants=ours-sdpa,ours-default,ours-later,ours-unfused,baseline sizes=64,128 limit=280 ;;
         qwen3) name=qwen3-0.6b-reward-random rows=50000 variants=ours-default,ours-later,ours-unfused,baseline sizes=32,64 limit=240 ;;
-        *) echo "e2e16: fused, llama50k, llama, qwen3 or tests" >&2; exit 2 ;;
+        *) echo "e2e16: fused, fusedtests, llama50k, llama, qwen3 or tests" >&2; exit 2 ;;
         esac
         step "e2e-$item" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
             --variants "$variants" --batch-sizes "$sizes" --workdir /tmp/e2e16 --out "$OUT/end_to_end_$item.json"

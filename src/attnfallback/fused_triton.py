@@ -148,7 +148,7 @@ class TritonKernels:
         for width in norm_widths:
             self.rms_norm(torch.zeros(2, width, dtype=dtype, device=device), torch.ones(width, dtype=dtype, device=device), 1e-6)
         self.silu_mul(torch.zeros(2, 64, dtype=dtype, device=device), torch.zeros(2, 64, dtype=dtype, device=device))
-        for width in norm_widths[1:]:  # a head width: the rotary embedding's too
+        for width in norm_widths:  # a head width is the rotary embedding's too (a hidden width above 256 is refused)
             if self.handles_rotary(torch.zeros(1, 1, 3, width, dtype=dtype, device=device),
                                    *(torch.zeros(1, 3, width, dtype=dtype, device=device),) * 2):
                 x = torch.zeros(1, 3, 2, width, dtype=dtype, device=device).transpose(1, 2)
