@@ -192,7 +192,11 @@ e2e16)  # session 16, the rotary kernel without fp fusion and the auto rule's fi
         llama50k) name=llama-1b-random rows=50000 variants=ours-default,ours-later,ours-unfused,baseline sizes=128 limit=260 ;;
         llama) name=llama-1b-random rows=1000,10000 variants=ours-sdpa,ours-default,ours-later,ours-unfused,baseline sizes=64,128 limit=280 ;;
         qwen3) name=qwen3-0.6b-reward-random rows=50000 variants=ours-default,ours-later,ours-unfused,baseline sizes=32,64 limit=240 ;;
-        *) echo "e2e16: fused, fusedtests, llama50k, llama, qwen3 or tests" >&2; exit 2 ;;
+        # the encoders with FlashAttention-4 staged (session 17: after stage, `source .gpu-wheels/fa4-2/install.sh && bash
+        # bench/h200.sh e2e16 modernbert`, carry fa4-2, tok): the default against --prefer sdpa where FA4 is a candidate
+        modernbert) name=modernbert-base-random rows=1000,10000,50000 variants=ours-sdpa,ours-default,ours-later,baseline sizes=256,512 limit=420 ;;
+        xlmr) name=xlmr-base-cross-random rows=1000,10000,50000 variants=ours-sdpa,ours-default,ours-later,baseline sizes=256,512 limit=420 ;;
+        *) echo "e2e16: fused, fusedtests, llama50k, llama, qwen3, modernbert, xlmr or tests" >&2; exit 2 ;;
         esac
         step "e2e-$item" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
             --variants "$variants" --batch-sizes "$sizes" --workdir /tmp/e2e16 --out "$OUT/end_to_end_$item.json"
