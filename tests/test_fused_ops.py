@@ -476,3 +476,83 @@ def test_a_shard_that_ends_before_the_background_compile_waits_for_it(tmp_path, 
     assert fused_ops.finish_background_compile() == 0.0  # nothing left to wait for
     again = run_score(ScoreJob(model="default", input=str(data), output=str(tmp_path / "again.parquet"), device="cpu", quiet=True))
     assert "compile_wait_s" not in again.phases
+
+
+def test_a_first_shard_waits_for_the_compile_only_where_its_work_pays(monkeypatch):
+    """Under auto, a shard on a fresh cache waits for the background compile when its expected
+    work (parameters x tokens) reaches the bound and something would run fused; a short shard, or
+    an encoder with nothing to fuse, does not wait."""
+    from attnfallback.scoring import tasks
+
+    model, _ = causal_lm("llama")
+    task = LogprobTask(model, zoo.tokenizer_for(zoo.FAMILIES["llama"]), None)
+    params = sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(tasks, "FUSE_WAIT_MIN_WORK", params * 1000)
+    assert tasks.wait_pays(model, task, 999) is None
+    assert tasks.wait_pays(model, task, None) is None
+    assert "pays for waiting" in tasks.wait_pays(model, task, 1000)
+    f = zoo.FAMILIES["bert"]
+    encoder = zoo.model_class(f, "classify")(zoo.make_config(f, zoo.tokenizer_for(f), "cpu", "classify")).eval()
+    assert not tasks.fusable(encoder, object())  # LayerNorms and GELU: nothing to fuse, so no wait
+    assert tasks.wait_pays(encoder, object(), 10 ** 12) is None
+    assert tasks.fusable(model, object())  # RMSNorms and gated-SiLU MLPs without the logprob head
+
+
+def _fresh_cache_that_compiles(monkeypatch, seconds: float) -> dict:
+    """A CUDA-like machine whose kernels are not compiled until someone waits for the background compile."""
+    from attnfallback.scoring import tasks
+
+    state = {"compiled": False, "waits": 0}
+
+    def finish(timeout):
+        state["waits"] += 1
+        state["compiled"] = True
+        return seconds
+
+    monkeypatch.setattr(tasks, "unavailable_reason", lambda device, env=None: None)
+    monkeypatch.setattr(tasks, "device_label", lambda device=None: "Fake GPU cc 9.0")
+    monkeypatch.setattr(tasks, "warm_in_background", lambda *args, **kwargs: True)
+    monkeypatch.setattr(tasks, "is_compiled", lambda key, env=None: state["compiled"])
+    monkeypatch.setattr(tasks, "finish_background_compile", finish)
+    monkeypatch.setattr(tasks, "triton_kernels", TorchKernels)
+    monkeypatch.setattr(tasks, "mark_compiled", lambda key, env=None: True)
+    monkeypatch.delenv("ATTNFALLBACK_FUSED", raising=False)
+    return state
+
+
+def test_a_long_first_shard_fuses_after_waiting_and_a_short_one_runs_unfused(monkeypatch):
+    from attnfallback.scoring import tasks
+
+    state = _fresh_cache_that_compiles(monkeypatch, 0.75)
+    model, _ = causal_lm("llama")
+    task = LogprobTask(model, zoo.tokenizer_for(zoo.FAMILIES["llama"]), None)
+    monkeypatch.setattr(tasks, "FUSE_WAIT_MIN_WORK", sum(p.numel() for p in model.parameters()) * 1000)
+    # the device as named to the checks that would say "no CUDA" (patched); the head's check runs here
+    short = fuse_kernels(model, task, "cpu", expected_tokens=10)
+    assert short["kernels"] is None and short["why_not"].startswith("the fused kernels are not compiled on this machine yet")
+    assert state["waits"] == 0 and "waited_s" not in short
+    long = fuse_kernels(model, task, "cpu", expected_tokens=5000)
+    assert state["waits"] == 1
+    assert long["kernels"] == "torch" and long["waited_s"] == 0.75 and "pays for waiting" in long["waited"]
+    assert long["fused"] and long["logprob_head"] == "fused"
+    unfuse_modules(model)
+
+
+def test_the_scorer_waits_with_the_shard_s_expected_tokens_and_times_the_wait(tiny_qwen2, monkeypatch, tmp_path):
+    """Through `Scorer.from_job` (measuring on, as on a GPU): the fuse step gets the shard's
+    expected tokens from its sample, and the wait is `fused_wait_s` in the load's timing, apart
+    from the measuring's."""
+    from attnfallback.scoring import ScoreJob, Scorer
+    from attnfallback.scoring import tasks
+
+    state = _fresh_cache_that_compiles(monkeypatch, 0.5)
+    monkeypatch.setattr(tasks, "FUSE_WAIT_MIN_WORK", 1.0)
+    monkeypatch.setenv("ATTNFALLBACK_CACHE", str(tmp_path / "cache"))
+    texts = [f"row {i} " + "word " * (i % 5) for i in range(12)]
+    job = ScoreJob(model=str(tiny_qwen2), input="unused.jsonl", output=str(tmp_path / "out.parquet"), task="logprob",
+                   device="cpu", measure="on", quiet=True)
+    scorer = Scorer.from_job(job, sample_texts=[(t,) for t in texts], expected_rows=len(texts))
+    assert state["waits"] == 1
+    assert scorer.fused["waited_s"] == 0.5 and scorer.fused["logprob_head"] == "fused"
+    assert scorer.decision.timing["fused_wait_s"] == 0.5
+    assert scorer.task.fused_head

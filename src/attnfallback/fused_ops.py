@@ -16,9 +16,10 @@ steps (a sum's order, exp and division) may differ in the last bits.
   models of the family in the process run it too.
 
 `ATTNFALLBACK_FUSED` (`fused_mode`, on a CUDA device with Triton): auto fuses where this model's
-kernels were compiled on this machine or its shared cache before, and otherwise compiles them
-beside the shard for the shards after it (a first shard that waited for them gained nothing);
-on fuses and waits; off never fuses. The kernels are injectable (`TorchKernels` computes the same
+kernels were compiled on this machine or its shared cache before; elsewhere it compiles them
+beside the shard, for the shards after it, and a first shard waits for that compile and fuses only
+where its expected work pays for the wait (scoring/tasks.py, `wait_pays`: a short shard that waited
+gained nothing); on fuses and waits; off never fuses. The kernels are injectable (`TorchKernels` computes the same
 in PyTorch), so every rule here is testable without a GPU.
 """
 

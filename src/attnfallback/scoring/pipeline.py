@@ -162,8 +162,10 @@ class Scorer:
 
         def bench_factory(loaded_model):
             loaded_model.adopt_tokenizer(verifier.tokenizer)
-            built.append(cls.for_loaded(loaded_model, job, task_name))
+            built.append(cls.for_loaded(loaded_model, job, task_name, fuse=False))
             bench = SampleBench(built[0], sample_texts, expected_rows) if sample_texts else None
+            # fused before the candidates are timed, knowing the shard's size: a long first shard waits for the compile
+            built[0].fuse(expected_tokens=bench.expected_tokens if bench is not None else None)
             # rows the model's tables cannot take are the run's error to report, with their lines
             return bench if bench is not None and bench.within_limits else None
 
@@ -195,12 +197,12 @@ class Scorer:
         return scorer
 
     @classmethod
-    def for_loaded(cls, loaded, job, task_name: str) -> Scorer:
-        """A scorer around a model already loaded (its current implementation)."""
+    def for_loaded(cls, loaded, job, task_name: str, fuse: bool = True) -> Scorer:
+        """A scorer around a model already loaded (its current implementation); `fuse`: its
+        kernels fused now (else by `fuse()`)."""
         columns = len(job.text_columns) if job.text_columns else 1
         model_dir = loaded.facts.ref.location if loaded.facts.ref.is_local else _hub_snapshot(loaded.model)
         task = build_task(task_name, loaded.model, loaded.tokenizer, model_dir, columns)
-        fused = fuse_kernels(loaded.model, task, loaded.device)
         max_length = job.max_length or task.default_max_length()
         if max_length < 2:
             raise UsageError(f"--max-length must be at least 2, found {max_length}")
@@ -211,9 +213,19 @@ class Scorer:
         budget, max_cells = _budgets(job, loaded, impl)
         scorer = cls(loaded, job, task, int(max_length), budget, max_cells)
         scorer.max_length_note = clipped
-        scorer.fused = fused
+        if fuse:
+            scorer.fuse()
         scorer.refresh_packing()
         return scorer
+
+    def fuse(self, expected_tokens: int | None = None) -> dict:
+        """Put the model on the fused kernels where they run and agree (tasks.fuse_kernels); a
+        first shard whose `expected_tokens` pay for it waits for their compile, and the wait is
+        in the load's timing (`fused_wait_s`). Returns the report, also kept as `fused`."""
+        self.fused = fuse_kernels(self.loaded.model, self.task, self.loaded.device, expected_tokens=expected_tokens)
+        if "waited_s" in self.fused and isinstance(getattr(self.decision, "timing", None), dict):
+            self.decision.timing["fused_wait_s"] = self.fused["waited_s"]
+        return self.fused
 
     def use_implementation(self, impl: str, packing: str | None = None) -> bool:
         """Run on `impl` from now on, with the budget and packing the scorer would have chosen for

@@ -24,9 +24,12 @@ from attnfallback.fused_ops import (
     compile_key,
     config_shapes,
     device_label,
+    finish_background_compile,
     fuse_modules,
     fused_mode,
     is_compiled,
+    is_gated_silu_mlp,
+    is_rms_norm,
     mark_compiled,
     triton_kernels,
     unavailable_reason,
@@ -463,20 +466,57 @@ def not_compiled_yet(model, task: Task, device, env=None) -> str | None:
             "(ATTNFALLBACK_FUSED=on waits for them)")
 
 
-def fuse_kernels(model, task: Task, device, kernels=None) -> dict:
+# A first shard waits for the background compile when its expected work, the model's parameters
+# times the tokens it will score, is at least this: on the H200 (bench/NOTES.md, sessions 17-18)
+# a cold compile takes 1.3-2.3 s, about half of it hidden by the model's load, and fusing takes
+# 27% (Llama-1B) to 48% (Qwen3-0.6B) off the scoring loop, so the wait pays from a loop of about
+# 5 s: Llama-1B's at 1e15 (about 19,000 documents of 50 tokens). A slower GPU scores the same
+# work for longer against the same compile (the CPU's), so the bound errs on the side of waiting less.
+FUSE_WAIT_MIN_WORK = 1e15
+FUSE_WAIT_LIMIT_S = 10.0  # a compile still running after this leaves the shard unfused
+
+
+def fusable(model, task: Task) -> bool:
+    """Whether anything of this model and task would run on the fused kernels: a logprob head, or
+    an RMSNorm or gated-SiLU MLP instance (an encoder with LayerNorms and GELU has none)."""
+    if isinstance(task, LogprobTask) and task.vocab_size:
+        return True
+    return any(is_rms_norm(m) or is_gated_silu_mlp(m) for m in model.modules())
+
+
+def wait_pays(model, task: Task, expected_tokens: int | None) -> str | None:
+    """Why a first shard (kernels not compiled yet) should wait for the compile and fuse, or None:
+    its expected work reaches FUSE_WAIT_MIN_WORK and something would run fused."""
+    if not expected_tokens:
+        return None
+    work = expected_tokens * sum(p.numel() for p in model.parameters())
+    if work < FUSE_WAIT_MIN_WORK or not fusable(model, task):
+        return None
+    return (f"the shard's expected work ({expected_tokens:,} tokens through {work / expected_tokens / 1e9:.2f}B parameters) "
+            f"pays for waiting for the fused kernels' compile")
+
+
+def fuse_kernels(model, task: Task, device, kernels=None, expected_tokens: int | None = None) -> dict:
     """Run `model`'s RMSNorms, gated-SiLU MLPs and a logprob task's head on the fused kernels
     (fused_ops.py) where they run here and agree with the model's own code: what runs fused, what
-    was left and why. `kernels`: these instead of Triton's where they run (tests)."""
+    was left and why. `kernels`: these instead of Triton's where they run (tests).
+    `expected_tokens`: the shard's, which decide whether a first shard waits for the compile (wait_pays)."""
+    waited = {}
     if kernels is None:
         reason = unavailable_reason(device)
         if reason is not None:
             return {"kernels": None, "why_not": reason}
         try:
             not_yet = not_compiled_yet(model, task, device)
+            pays = wait_pays(model, task, expected_tokens) if not_yet is not None else None
+            if pays is not None and warm_failure() is None:
+                seconds = finish_background_compile(FUSE_WAIT_LIMIT_S)
+                waited = {"waited": pays, "waited_s": round(seconds, 3)}
+                not_yet = not_compiled_yet(model, task, device)
         except Exception as e:  # noqa: BLE001 - the kernels' bookkeeping never fails a shard: it runs unfused
             not_yet = f"the fused kernels' cache could not be read: {type(e).__name__}: {e}"
         if not_yet is not None:
-            return {"kernels": None, "why_not": not_yet}
+            return {"kernels": None, "why_not": not_yet, **waited}
         try:
             kernels = triton_kernels()
         except Exception as e:  # noqa: BLE001 - an installed Triton that does not import leaves the model as it is
@@ -489,7 +529,7 @@ def fuse_kernels(model, task: Task, device, kernels=None) -> dict:
         report["logprob_head"] = "fused" if kernel is not None else why
     if kernels.name == "triton" and (report["fused"] or getattr(task, "fused_head", False)):
         mark_compiled(_compile_key(model, task, device))  # compiled in this process: the next shard needs no wait
-    return report
+    return {**report, **waited}
 
 
 def _kernel_shapes(model, task: Task) -> tuple[tuple, int | None]:
