@@ -54,16 +54,20 @@ def test_needed_hidden_follows_the_chain():
     assert not lean_imports.needed_hidden(ValueError("bad config"))
 
 
-def test_a_shard_process_reads_facts_without_the_unused_packages(tiny_bert):
-    """A fresh process, as a shard: with the switch on, reading the facts imports none of them and
-    the facts are the same as with it off."""
+@pytest.mark.parametrize("model", ["tiny_bert", "tiny_qwen2"])
+def test_a_shard_process_reads_facts_without_the_unused_packages(model, request):
+    """A fresh process, as a shard: with the switch on, reading the facts (an encoder's, and a
+    causal LM's, whose generation code imports scikit-learn where installed) imports none of them
+    and the facts are the same as with it off."""
+    path = request.getfixturevalue(model)
     code = ("import json, sys; from attnfallback.model_facts import read_facts; f = read_facts(sys.argv[1]); "
             "print(json.dumps({'cls': f.model_class, 'id': f.identity, "
-            "'loaded': sorted(n for n in ('scipy', 'PIL', 'torchvision', 'torchaudio') if n in sys.modules)}))")
+            f"'loaded': sorted(n for n in {lean_imports.UNUSED_BY_TEXT!r} if n in sys.modules)}}))")
+    assert "sklearn" in lean_imports.UNUSED_BY_TEXT
     runs = {}
     for setting in ("on", "off"):
         env = {**os.environ, envs.LEAN_IMPORTS: setting}
-        proc = subprocess.run([sys.executable, "-c", code, str(tiny_bert)], env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs[setting] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert runs["on"]["loaded"] == []

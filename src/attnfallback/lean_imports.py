@@ -2,7 +2,8 @@
 
 Importing a model class imports transformers' modeling utilities and, with them, each of these
 packages where it is installed: scipy (the object-detection losses' matcher), Pillow and torchvision
-(image utilities), torchaudio (audio utilities). None of them serves text; on the lent H200's image,
+(image utilities), torchaudio (audio utilities), scikit-learn (assisted generation's metrics). None
+of them serves text; on the lent H200's image,
 keeping them out took a shard's facts phase from 7.16 s to 5.47 s (bench/fixed_cost_ab.py,
 bench/NOTES.md, session 14).
 
@@ -24,7 +25,11 @@ from contextlib import contextmanager
 
 from attnfallback import envs
 
-UNUSED_BY_TEXT = ("scipy", "PIL", "torchvision", "torchaudio")
+# scikit-learn: transformers' assisted generation imports sklearn.metrics where it is installed, and
+# sklearn imports scipy: with scipy hidden and sklearn not, that import failed, the model's code was
+# read again with everything visible, and a first shard on the GPU image compiled scipy's, pandas'
+# and sklearn's 800 modules on import (bench/NOTES.md, session 18).
+UNUSED_BY_TEXT = ("scipy", "PIL", "torchvision", "torchaudio", "sklearn")
 
 
 def enabled(env: Mapping[str, str] | None = None) -> bool:
