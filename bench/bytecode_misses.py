@@ -21,9 +21,9 @@ PACKAGE_DIRS = ("site-packages", "dist-packages")
 
 
 def module_of(bytecode: Path, prefix: Path) -> tuple[str, str]:
-    """(top-level package or "stdlib", dotted module) of a prefix file such as
-    <prefix>/usr/lib/python3/dist-packages/torch/nn/__pycache__/x.cpython-312.pyc ... or, as the
-    prefix writes it, <prefix>/usr/lib/python3/dist-packages/torch/nn/x.cpython-312.pyc."""
+    """(top-level package, dotted module) of a prefix file such as
+    <prefix>/usr/lib/python3/dist-packages/torch/nn/x.cpython-312.pyc; "stdlib" for a file outside
+    site- and dist-packages (the standard library's, or a source checkout's on PYTHONPATH)."""
     parts = list(bytecode.relative_to(prefix).parts)
     parts[-1] = parts[-1].split(".", 1)[0]
     parts = [p for p in parts if p != "__pycache__"]

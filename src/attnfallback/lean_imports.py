@@ -26,9 +26,10 @@ from contextlib import contextmanager
 from attnfallback import envs
 
 # scikit-learn: transformers' assisted generation imports sklearn.metrics where it is installed, and
-# sklearn imports scipy: with scipy hidden and sklearn not, that import failed, the model's code was
-# read again with everything visible, and a first shard on the GPU image compiled scipy's, pandas'
-# and sklearn's 800 modules on import (bench/NOTES.md, session 18).
+# sklearn imports scipy. With scipy hidden and sklearn not, a first shard on the GPU image still
+# imported scipy, pandas and sklearn (about 800 modules compiled on import, bench/NOTES.md, session
+# 18), most likely because that import failed and the model's code was read again with everything
+# visible (not yet traced there).
 UNUSED_BY_TEXT = ("scipy", "PIL", "torchvision", "torchaudio", "sklearn")
 
 

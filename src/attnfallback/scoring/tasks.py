@@ -467,7 +467,7 @@ def not_compiled_yet(model, task: Task, device, env=None) -> str | None:
 
 
 # A first shard waits for the background compile when its expected work, the model's parameters
-# times the tokens it will score, is at least this: on the H200 (bench/NOTES.md, sessions 17-18)
+# times the tokens it will score, is at least this: on the H200 and H100 (bench/NOTES.md, sessions 15-18)
 # a cold compile takes 1.3-2.3 s, about half of it hidden by the model's load, and fusing takes
 # 27% (Llama-1B) to 48% (Qwen3-0.6B) off the scoring loop, so the wait pays from a loop of about
 # 5 s: Llama-1B's at 1e15 (about 19,000 documents of 50 tokens). A slower GPU scores the same
