@@ -75,6 +75,15 @@ def run_ours(model: str, task: str, data: Path, out: Path, extra: list[str], env
             "phases": result.get("phases"), "timing": decision.get("timing"), "fused": (result.get("task") or {}).get("fused")}
 
 
+def wait_for_compiles(cache: Path, limit_s: float = 180.0) -> float:
+    """Wait until no process a shard started still compiles the fused kernels into `cache` (their
+    lock files gone); the seconds waited after the shard's exit."""
+    start = time.perf_counter()
+    while list((cache / "triton-kernels").glob("attnfallback-compiling-*.lock")) and time.perf_counter() - start < limit_s:
+        time.sleep(0.1)
+    return round(time.perf_counter() - start, 3)
+
+
 def run_baseline(kind: str, model_dir: str, data: Path, batch_sizes: str, device: str, env: dict, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve().parent / "baseline.py"), "--kind", kind, "--model", model_dir,
            "--input", str(data), "--batch-sizes", batch_sizes, "--device", device]
@@ -170,6 +179,7 @@ def main() -> None:
                         warmed[name] = run_ours(model, task, data, workdir / f"{name}-warm.parquet", ["--device", args.device],
                                                 run_env, args.timeout)
                         entry["warm_up"] = {k: warmed[name].get(k) for k in ("wall_s", "exit", "used", "phases")}
+                        entry["warm_up"]["compile_after_s"] = wait_for_compiles(Path(run_env["ATTNFALLBACK_CACHE"]))
                 if variant == "baseline-bytecode":
                     run_env = {k: v for k, v in run_env.items() if k != "PYTHONDONTWRITEBYTECODE"}
                     run_env["PYTHONPYCACHEPREFIX"] = str(workdir / "baseline-bytecode")
@@ -192,6 +202,8 @@ def main() -> None:
                     runs[variant] = run_ours(model, task, data, workdir / f"{name}-{n}-{variant}.parquet", extra, run_env,
                                              args.timeout)
                 r = runs[variant]
+                if variant.startswith("ours"):  # its compile for later shards, untimed, never beside the next run
+                    r["compile_after_s"] = wait_for_compiles(Path(run_env["ATTNFALLBACK_CACHE"]))
                 print(f"{name} {n} {variant}: wall {r.get('wall_s')} s, best e2e {r.get('best_e2e_s')}, used {r.get('used')} "
                       f"{r.get('error', '')[-400:]}", file=sys.stderr, flush=True)
             entry["sizes"][n] = {"runs": runs, "summary": summarize(runs)}

@@ -227,6 +227,22 @@ def test_gpu_the_background_compile_is_joined_before_the_kernels_are_used(tmp_pa
     assert len(list((tmp_path / "cache" / "triton-kernels").glob("attnfallback-compiled-*.json"))) == 1  # the next shard fuses
 
 
+@pytest.mark.gpu
+def test_gpu_the_compile_for_later_shards_marks_them_compiled(tmp_path):
+    """The process of its own compiles the five variants and writes the marker the next shard reads."""
+    import os
+
+    pytest.importorskip("triton")
+    from attnfallback import fused_ops
+
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), ATTNFALLBACK_CACHE=str(tmp_path / "cache"))
+    key = fused_ops.compile_key(fused_ops.device_label(torch.device("cuda")), torch.bfloat16, (2048, 64), 30522)
+    assert fused_ops.compile_for_later_shards(key, "bfloat16", (2048, 64), 30522, "cuda", env) == "started"
+    assert _wait_until_gone(fused_ops._compiling_lock(key, env), 120), "the compile process did not end"
+    assert fused_ops.is_compiled(key, env), fused_ops._compiling_lock(key, env).with_suffix(".log").read_text()
+    assert len(list((tmp_path / "triton").rglob("*.cubin"))) == 5
+
+
 def test_one_background_compile_a_process_for_the_same_shapes(monkeypatch, tmp_path):
     from attnfallback import fused_ops
 
@@ -310,26 +326,146 @@ def test_what_compiled_kernels_depend_on():
 
 
 def test_auto_fuses_only_where_a_shard_compiled_the_kernels_before(tmp_path, monkeypatch):
-    """A first shard on a fresh cache runs unfused and starts the compile for the next; once a
-    compile is marked in the cache (which may be shared), the model's shards fuse."""
+    """A first shard on a fresh cache runs unfused; once a compile is marked in the cache (which
+    may be shared), the model's shards fuse."""
     from attnfallback import fused_ops
     from attnfallback.scoring import tasks
 
-    started = []
     monkeypatch.setattr(tasks, "device_label", lambda device=None: "Fake GPU cc 9.0")
-    monkeypatch.setattr(tasks, "warm_in_background", lambda *args, **kwargs: started.append((*args, kwargs)) or True)
     env = {"ATTNFALLBACK_CACHE": str(tmp_path)}
     model, _ = causal_lm("llama")
     task = LogprobTask(model, zoo.tokenizer_for(zoo.FAMILIES["llama"]), None)
-    why = tasks.not_compiled_yet(model, task, "cuda", env)
-    assert why.startswith("the fused kernels are not compiled on this machine yet")
-    hidden, heads = model.config.hidden_size, model.config.num_attention_heads
-    assert started == [("bfloat16", (hidden, model.config.head_dim or hidden // heads), model.config.vocab_size, env, {"device": "cuda"})]
+    assert tasks.not_compiled_yet(model, task, "cuda", env) == "the fused kernels are not compiled on this machine yet"
     fused_ops.mark_compiled(tasks._compile_key(model, task, "cuda"), env)
     assert tasks.not_compiled_yet(model, task, "cuda", env) is None
     assert tasks.not_compiled_yet(model, task, "cuda", {"ATTNFALLBACK_CACHE": str(tmp_path / "other")}) is not None
     assert tasks.not_compiled_yet(model, task, "cuda", {"ATTNFALLBACK_FUSED": "on"}) is None  # on: fuse, compiling first
-    assert len(started) == 2
+
+
+def test_a_compile_started_before_the_load_stands_for_the_dtype_it_resolves_to(monkeypatch):
+    from attnfallback import fused_ops
+
+    monkeypatch.setitem(fused_ops._WARMING, "started", {("auto", (64, 2048), 30522, "cuda")})
+    assert fused_ops.compiling_here("bfloat16", (2048, 64, None), 30522, "cuda:0")
+    assert fused_ops.compiling_here("auto", (64, 2048), 30522, "auto")
+    assert not fused_ops.compiling_here("bfloat16", (2048, 64), None, "cuda")  # no head: other kernels
+    assert not fused_ops.compiling_here("bfloat16", (1024, 64), 30522, "cuda")
+    assert not fused_ops.compiling_here("bfloat16", (2048, 64), 30522, "cuda:1")
+
+
+def _wait_until_gone(path, seconds: float = 90.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not path.exists()
+
+
+def test_the_compile_for_later_shards_runs_in_a_process_of_its_own(tmp_path, monkeypatch):
+    """The process starts, holds its lock while it runs (a second shard starts none), and on a
+    machine without CUDA compiles and marks nothing, says so in its log and lets go of the lock."""
+    import os
+
+    from attnfallback import fused_ops
+
+    monkeypatch.setattr(fused_ops, "unavailable_reason", lambda device, env=None: None)
+    env = dict(os.environ, ATTNFALLBACK_CACHE=str(tmp_path / "cache"))
+    env.pop("TRITON_CACHE_DIR", None)
+    lock = fused_ops._compiling_lock("k1", env)
+    lock.parent.mkdir(parents=True)
+    lock.write_text("{}")  # another shard's process, still compiling
+    assert fused_ops.compile_for_later_shards("k1", "bfloat16", (64, 16), 100, "cuda", env) == "already compiling"
+    lock.unlink()
+    assert fused_ops.compile_for_later_shards("k1", "bfloat16", (64, 16), 100, "cuda", env) == "started"
+    assert env["TRITON_CACHE_DIR"] == str(tmp_path / "cache" / "triton-kernels")
+    assert _wait_until_gone(lock), "the compile process did not end"
+    assert "not compiled (no CUDA): bfloat16 (16, 64) 100" in lock.with_suffix(".log").read_text()
+    assert not list((tmp_path / "cache").rglob("attnfallback-compiled-*"))
+
+
+def test_a_dead_compile_s_lock_is_taken_over(tmp_path, monkeypatch):
+    import os
+
+    from attnfallback import fused_ops
+
+    monkeypatch.setattr(fused_ops, "unavailable_reason", lambda device, env=None: None)
+    env = dict(os.environ, ATTNFALLBACK_CACHE=str(tmp_path / "cache"))
+    lock = fused_ops._compiling_lock("k2", env)
+    lock.parent.mkdir(parents=True)
+    lock.write_text("{}")
+    old = lock.stat().st_mtime - fused_ops.COMPILING_STALE_S - 1
+    os.utime(lock, (old, old))
+    assert fused_ops.compile_for_later_shards("k2", "auto", (64,), None, "cuda", env) == "started"
+    assert _wait_until_gone(lock)
+    monkeypatch.setattr(fused_ops, "unavailable_reason", lambda device, env=None: "Triton is not installed")
+    assert fused_ops.compile_for_later_shards("k2", "auto", (64,), None, "cuda", env) == "Triton is not installed"
+    assert not lock.exists()
+
+
+def test_a_long_shard_s_compile_starts_before_its_load_and_a_short_one_s_does_not(tiny_qwen2, tmp_path, monkeypatch):
+    """Before the load, the guess from the weights' headers and the input's size decides whether
+    the compile starts beside the load (a shard that will likely wait for it) or after it."""
+    import json
+
+    from attnfallback.model_facts import parameter_count, read_facts
+    from attnfallback.scoring import ScoreJob, job as job_module
+    from attnfallback.scoring import tasks
+    from attnfallback.scoring.inputs import open_input
+    from attnfallback.sharding import parse_shard
+
+    started = []
+    monkeypatch.setattr(job_module, "warm_in_background", lambda *args, **kwargs: started.append((args, kwargs)) or True)
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i} of a few words"}) + "\n" for i in range(400)))
+    size, params = data.stat().st_size, parameter_count(tiny_qwen2)
+    facts = read_facts(tiny_qwen2, auto_class="AutoModelForCausalLM")
+    job = ScoreJob(model=str(tiny_qwen2), input=str(data), output=str(tmp_path / "o.parquet"), task="logprob", device="cuda")
+    bound = params * size / tasks.BYTES_PER_TOKEN * 2  # the whole input's guess is exactly half the bound
+    monkeypatch.setattr(tasks, "FUSE_WAIT_MIN_WORK", bound)
+    job_module._warm_fused(job, "logprob", facts, open_input(data), parse_shard("0/2"))  # half the input: too short
+    assert started == []
+    job_module._warm_fused(job, "logprob", facts, open_input(data), parse_shard("0/1"))
+    hidden, heads = facts.config.hidden_size, facts.config.num_attention_heads
+    assert started == [(("auto", (hidden, hidden // heads), facts.config.vocab_size), {"device": "cuda"})]
+    started.clear()
+    monkeypatch.setattr(tasks, "FUSE_WAIT_MIN_WORK", 1.0)
+    bert_facts = read_facts(str(_tiny_bert_dir(tmp_path)))
+    job_module._warm_fused(ScoreJob(**{**job.__dict__, "task": "embed"}), "embed", bert_facts, open_input(data), parse_shard("0/1"))
+    assert started == []  # LayerNorms and GELU by its config: nothing would fuse
+
+
+def _tiny_bert_dir(tmp_path):
+    from conftest import build_tiny_model
+
+    return build_tiny_model(tmp_path / "bert", "bert")
+
+
+def test_a_model_s_parameters_are_counted_from_its_weights_headers(tiny_qwen2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from attnfallback.model_facts import parameter_count
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
+    stored = {id(p): p.numel() for p in model.parameters()}  # tied weights are stored once
+    assert parameter_count(tiny_qwen2) == sum(stored.values())
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"not safetensors")
+    assert parameter_count(tmp_path / "bin") is None
+    assert parameter_count(tmp_path / "nowhere") is None
+
+
+def test_the_guess_before_the_load_counts_the_shard_s_share_and_compression(monkeypatch):
+    from attnfallback.scoring import tasks
+
+    monkeypatch.setattr(tasks, "FUSE_WAIT_MIN_WORK", 1000.0)
+    assert tasks.likely_pays_before_load(1, 2000)  # 500 tokens: half the bound
+    assert not tasks.likely_pays_before_load(1, 1999)
+    assert not tasks.likely_pays_before_load(1, 2000, shard_count=2)
+    assert tasks.likely_pays_before_load(1, 1334, shard_count=2, compressed=True)  # 3 times the bytes
+    assert not tasks.likely_pays_before_load(1, 1333, shard_count=2, compressed=True)
+    assert not tasks.likely_pays_before_load(None, 10 ** 9)  # a hub model's weights, not yet here
+    assert not tasks.likely_pays_before_load(10, 0)
 
 
 def test_triton_compiles_into_the_shared_cache_unless_told_otherwise(tmp_path):
@@ -452,24 +588,30 @@ def test_a_shard_that_ends_before_the_background_compile_waits_for_it(tmp_path, 
     """The compile's marker is what lets the next shard fuse, and a daemon thread in CUDA calls is
     not left to the interpreter's exit: the shard waits, after its output is final, and says so."""
     import json
-    import threading
+    import time
     from concurrent.futures import Future
 
     from attnfallback import fused_ops
     from attnfallback.scoring import ScoreJob, run_score
 
-    compiling: Future = Future()
+    class StillCompiling(Future):
+        """Not done until someone waits for it; then done after 50 ms (no timer racing the shard)."""
+
+        def result(self, timeout=None):
+            if not self.done():
+                time.sleep(0.05)
+                self.set_result(None)
+            return super().result(timeout)
+
+    compiling = StillCompiling()
     monkeypatch.setitem(fused_ops._WARMING, "future", compiling)
-    timer = threading.Timer(0.5, compiling.set_result, args=(None,))
-    timer.start()
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(5)))
     monkeypatch.setenv("ATTNFALLBACK_CACHE", str(tmp_path / "cache"))
     result = run_score(ScoreJob(model="default", input=str(data), output=str(tmp_path / "out.parquet"), device="cpu",
                                 events=str(tmp_path / "ev"), run_id="w1", quiet=True))
-    timer.join()
     assert compiling.done() and result.rows_written == 5
-    assert 0 < result.phases["compile_wait_s"] <= result.phases["run_s"]
+    assert 0.05 <= result.phases["compile_wait_s"] <= result.phases["run_s"]
     events = [json.loads(line) for p in (tmp_path / "ev").rglob("*.jsonl") for line in p.read_text().splitlines()]
     (done,) = [e for e in events if e["event"] == "shard_done"]
     assert done["phases"]["compile_wait_s"] == result.phases["compile_wait_s"]
@@ -512,6 +654,8 @@ def _fresh_cache_that_compiles(monkeypatch, seconds: float) -> dict:
     monkeypatch.setattr(tasks, "unavailable_reason", lambda device, env=None: None)
     monkeypatch.setattr(tasks, "device_label", lambda device=None: "Fake GPU cc 9.0")
     monkeypatch.setattr(tasks, "warm_in_background", lambda *args, **kwargs: True)
+    monkeypatch.setattr(tasks, "compiling_here", lambda *args, **kwargs: False)
+    monkeypatch.setattr(tasks, "compile_for_later_shards", lambda *args, **kwargs: state.setdefault("spawned", []).append(args) or "started")
     monkeypatch.setattr(tasks, "is_compiled", lambda key, env=None: state["compiled"])
     monkeypatch.setattr(tasks, "finish_background_compile", finish)
     monkeypatch.setattr(tasks, "triton_kernels", TorchKernels)
@@ -529,8 +673,11 @@ def test_a_long_first_shard_fuses_after_waiting_and_a_short_one_runs_unfused(mon
     monkeypatch.setattr(tasks, "FUSE_WAIT_MIN_WORK", sum(p.numel() for p in model.parameters()) * 1000)
     # the device as named to the checks that would say "no CUDA" (patched); the head's check runs here
     short = fuse_kernels(model, task, "cpu", expected_tokens=10)
-    assert short["kernels"] is None and short["why_not"].startswith("the fused kernels are not compiled on this machine yet")
+    assert short["kernels"] is None and short["why_not"] == ("the fused kernels are not compiled on this machine yet: they compile "
+                                                             "in a process of their own for the shards after it (ATTNFALLBACK_FUSED=on waits for them)")
     assert state["waits"] == 0 and "waited_s" not in short
+    ((key, dtype, widths, vocab, device, env),) = state["spawned"]
+    assert (key, dtype, vocab) == (tasks._compile_key(model, task, "cpu"), str(model.dtype).removeprefix("torch."), model.config.vocab_size) and env is None
     long = fuse_kernels(model, task, "cpu", expected_tokens=5000)
     assert state["waits"] == 1
     assert long["kernels"] == "torch" and long["waited_s"] == 0.75 and "pays for waiting" in long["waited"]

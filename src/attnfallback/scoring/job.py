@@ -408,11 +408,24 @@ def _warm_device() -> None:
         (a @ a).sum().item()
 
 
-def _warm_fused(job: ScoreJob, task: str, config) -> None:
+def _warm_fused(job: ScoreJob, task: str, facts, source, shard) -> None:
     """Start the compile of the fused kernels for this model's shapes (fused_ops.warm_in_background),
-    from the config its facts read: the same shapes the fuse step keys its marker by."""
+    from the config its facts read (the same shapes the fuse step keys its marker by), where the
+    shard is likely long enough to wait for them (tasks.likely_pays_before_load); a shorter one
+    leaves its load alone, and the fuse step starts the compile for the shards after it."""
+    from attnfallback.model_facts import parameter_count
+    from attnfallback.scoring.tasks import likely_pays_before_load
+
     try:
-        widths, vocab = config_shapes(config.to_dict())
+        parameters = parameter_count(facts.ref.location) if facts.ref.is_local else None
+        compressed = bool(source.compression) or source.format == "parquet"
+        if not likely_pays_before_load(parameters, source.size_and_mtime()[0], shard.count, compressed):
+            return
+        raw = facts.config.to_dict()
+        text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+        if task != "logprob" and "rms_norm_eps" not in text and text.get("hidden_act") not in ("silu", "swish"):
+            return  # by its config, nothing of this model would run fused (tasks.fusable, after the load)
+        widths, vocab = config_shapes(raw)
         warm_in_background(parse_dtype(job.dtype), widths, vocab if task == "logprob" else None, device=job.device)
     except Exception as e:  # noqa: BLE001 - a compile not started is one the fuse step does itself, or skips
         log.debug("no background compile of the fused kernels: %s", e)
@@ -448,7 +461,7 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
         existing = store.open(run_id)
         facts = read_facts(job.model, revision=job.revision, auto_class=AUTO_CLASSES[task], trust_remote_code=job.trust_remote_code)
         if scorer is None and job.device != "cpu" and facts.config is not None:  # beside the model's load
-            _warm_fused(job, task, facts.config)
+            _warm_fused(job, task, facts, source, shard)
         phases.mark("facts_s")
         if checking is not None and checking.done():
             source.num_rows = checking.result()  # a bad row fails now, before the model loads
