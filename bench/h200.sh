@@ -237,7 +237,36 @@ e2e18)  # session 18, the image's bytecode misses and a long first shard's wait 
             --variants "$variants" --batch-sizes "$sizes" --workdir /tmp/e2e18 --out "$OUT/end_to_end_$item.json"
     done
     ;;
+e2e19)  # session 19: who imports scipy, pandas and scikit-learn in a first shard; short first shards with the compile in a
+        # process of its own (no FlashAttention-4 staged): `bash bench/h200.sh e2e19 trace llama` (carry tok), then on the
+        # warm machine `bash bench/h200.sh e2e19 qwen3 fusedtests` (carry tok).
+    common_env
+    shift
+    for item in "$@"; do
+        case "$item" in
+        trace)
+            step trace-run 150 python3 bench/end_to_end.py --device cuda --models llama-1b-random --rows 1000 \
+                --variants ours-default --workdir /tmp/e2e19-trace --out "$OUT/end_to_end_trace.json"
+            step misses 60 python3 bench/bytecode_misses.py /tmp/e2e19-trace/cache-llama-1b-random-1000-ours-default \
+                --out "$OUT/bytecode_misses.json"
+            ATTNFALLBACK_CACHE=/tmp/e2e19-trace/cache-importtime timeout 120 python3 -X importtime -m attnfallback.cli.app score \
+                /tmp/e2e19-trace/llama-1b-random --input /tmp/e2e19-trace/llama-1b-random-1000.jsonl --task logprob \
+                --output /tmp/e2e19-trace/importtime.parquet --device cuda --json --quiet >"$OUT/importtime-shard.json" 2>/tmp/importtime.txt
+            echo "importtime shard exit $?"; gzip -c /tmp/importtime.txt >"$OUT/importtime.txt.gz"
+            step import-chains 30 python3 bench/import_chains.py /tmp/importtime.txt --out "$OUT/import_chains.json"
+            continue ;;
+        fusedtests)
+            step fused-gpu-tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 120 tests/test_fused_ops.py
+            continue ;;
+        llama) name=llama-1b-random rows=1000,10000,50000 variants=ours-default,ours-later,ours-unfused,baseline sizes=128 limit=360 ;;
+        qwen3) name=qwen3-0.6b-reward-random rows=10000,50000 variants=ours-default,ours-later,ours-unfused,baseline sizes=64 limit=330 ;;
+        *) echo "e2e19: trace, fusedtests, llama or qwen3" >&2; exit 2 ;;
+        esac
+        step "e2e-$item" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
+            --variants "$variants" --batch-sizes "$sizes" --workdir /tmp/e2e19 --out "$OUT/end_to_end_$item.json"
+    done
+    ;;
 *)
-    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16|e2e18" >&2; exit 2
+    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16|e2e18|e2e19" >&2; exit 2
     ;;
 esac

@@ -105,3 +105,27 @@ def test_record_imports_lists_what_a_shard_imported(tmp_path):
     assert names[0].startswith("#")
     assert {"torch", "transformers.modeling_utils", "attnfallback.scoring.pipeline", "tokenizers"} <= set(names)
     assert not [n for n in names if n.startswith("transformers.models.qwen2.")]
+
+
+def test_import_chains_names_who_pulled_a_package_in(tmp_path):
+    """A real `-X importtime` trace: the chain ends at the package's first module and starts at a
+    top-level import of the process; a package never imported is said to be so."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import import_chains
+    finally:
+        sys.path.pop(0)
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", "import json.decoder"], capture_output=True, text=True,
+                          timeout=60)
+    entries = import_chains.parse(done.stderr)
+    result = import_chains.report(entries, ["json", "no_such_package"])
+    chain = result["packages"]["json"]["chain"]
+    assert chain[0] in {e["name"] for e in entries if e["depth"] == 0} and chain[-1].startswith("json")
+    assert result["packages"]["no_such_package"] is None
+    synthetic = ("import time:       10 |         10 |     c\n"
+                 "import time:    20000 |      20010 |   b\n"
+                 "import time:        5 |          5 |   other\n"
+                 "import time:      100 |      20115 | a\n")
+    entries = import_chains.parse(synthetic)
+    assert import_chains.chain(entries, 0) == ["a", "b", "c"]
+    assert import_chains.report(entries, ["b"])["packages"]["b"] == {"chain": ["a", "b"], "modules": 1, "first_import_s": 0.02}
