@@ -75,11 +75,24 @@ def run_ours(model: str, task: str, data: Path, out: Path, extra: list[str], env
             "phases": result.get("phases"), "timing": decision.get("timing"), "fused": (result.get("task") or {}).get("fused")}
 
 
-def wait_for_compiles(cache: Path, limit_s: float = 180.0) -> float:
-    """Wait until no process a shard started still compiles the fused kernels into `cache` (their
-    lock files gone); the seconds waited after the shard's exit."""
+def compile_processes() -> list[int]:
+    """The pids of fused-kernel compile processes (`python -m attnfallback.fused_ops`) running here."""
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"attnfallback.fused_ops" in cmdline and b"-m" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_for_compiles(limit_s: float = 180.0) -> float:
+    """Wait until no compile process a shard started is running (so none runs beside the next
+    timed run); the seconds waited after the shard's exit."""
     start = time.perf_counter()
-    while list((cache / "triton-kernels").glob("attnfallback-compiling-*.lock")) and time.perf_counter() - start < limit_s:
+    while compile_processes() and time.perf_counter() - start < limit_s:
         time.sleep(0.1)
     return round(time.perf_counter() - start, 3)
 
@@ -179,7 +192,7 @@ def main() -> None:
                         warmed[name] = run_ours(model, task, data, workdir / f"{name}-warm.parquet", ["--device", args.device],
                                                 run_env, args.timeout)
                         entry["warm_up"] = {k: warmed[name].get(k) for k in ("wall_s", "exit", "used", "phases")}
-                        entry["warm_up"]["compile_after_s"] = wait_for_compiles(Path(run_env["ATTNFALLBACK_CACHE"]))
+                        entry["warm_up"]["compile_after_s"] = wait_for_compiles()
                 if variant == "baseline-bytecode":
                     run_env = {k: v for k, v in run_env.items() if k != "PYTHONDONTWRITEBYTECODE"}
                     run_env["PYTHONPYCACHEPREFIX"] = str(workdir / "baseline-bytecode")
@@ -203,7 +216,7 @@ def main() -> None:
                                              args.timeout)
                 r = runs[variant]
                 if variant.startswith("ours"):  # its compile for later shards, untimed, never beside the next run
-                    r["compile_after_s"] = wait_for_compiles(Path(run_env["ATTNFALLBACK_CACHE"]))
+                    r["compile_after_s"] = wait_for_compiles()
                 print(f"{name} {n} {variant}: wall {r.get('wall_s')} s, best e2e {r.get('best_e2e_s')}, used {r.get('used')} "
                       f"{r.get('error', '')[-400:]}", file=sys.stderr, flush=True)
             entry["sizes"][n] = {"runs": runs, "summary": summarize(runs)}

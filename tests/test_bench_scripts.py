@@ -129,3 +129,23 @@ def test_import_chains_names_who_pulled_a_package_in(tmp_path):
     entries = import_chains.parse(synthetic)
     assert import_chains.chain(entries, 0) == ["a", "b", "c"]
     assert import_chains.report(entries, ["b"])["packages"]["b"] == {"chain": ["a", "b"], "modules": 1, "first_import_s": 0.02}
+
+
+def test_end_to_end_sees_a_compile_process_until_it_ends():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import end_to_end
+    finally:
+        sys.path.pop(0)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "-m", "attnfallback.fused_ops"])
+    try:
+        import time
+
+        deadline = time.monotonic() + 10
+        while child.pid not in end_to_end.compile_processes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert child.pid in end_to_end.compile_processes()
+    finally:
+        child.kill()
+        child.wait()
+    assert child.pid not in end_to_end.compile_processes()

@@ -228,19 +228,28 @@ def test_gpu_the_background_compile_is_joined_before_the_kernels_are_used(tmp_pa
 
 
 @pytest.mark.gpu
-def test_gpu_the_compile_for_later_shards_marks_them_compiled(tmp_path):
-    """The process of its own compiles the five variants and writes the marker the next shard reads."""
+def test_gpu_the_compile_process_marks_the_kernels_compiled(tmp_path, monkeypatch):
+    """The process of its own compiles the five variants, writes the marker the next shard reads,
+    and a second one for the same key finds them compiled."""
     import os
 
     pytest.importorskip("triton")
     from attnfallback import fused_ops
 
+    monkeypatch.setattr(fused_ops, "_PROCESSES", {})
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), ATTNFALLBACK_CACHE=str(tmp_path / "cache"))
+    env.pop("ATTNFALLBACK_FUSED", None)
     key = fused_ops.compile_key(fused_ops.device_label(torch.device("cuda")), torch.bfloat16, (2048, 64), 30522)
-    assert fused_ops.compile_for_later_shards(key, "bfloat16", (2048, 64), 30522, "cuda", env) == "started"
-    assert _wait_until_gone(fused_ops._compiling_lock(key, env), 120), "the compile process did not end"
-    assert fused_ops.is_compiled(key, env), fused_ops._compiling_lock(key, env).with_suffix(".log").read_text()
+    assert fused_ops.start_compile_process("bfloat16", (2048, 64), 30522, "cuda", env) == "started"
+    waited = fused_ops.wait_for_compile(key, "bfloat16", (2048, 64), 30522, "cuda", 120, env)
+    log = (tmp_path / "cache" / "triton-kernels" / "attnfallback-compile.log").read_text()
+    assert waited is not None and fused_ops.is_compiled(key, env), log
+    assert "fused kernels compiled in" in log and not fused_ops._compiling_lock(key, env).exists()
     assert len(list((tmp_path / "triton").rglob("*.cubin"))) == 5
+    monkeypatch.setattr(fused_ops, "_PROCESSES", {})
+    assert fused_ops.start_compile_process("bfloat16", (2048, 64), 30522, "cuda", env) == "started"
+    fused_ops.wait_for_compile(key, "bfloat16", (2048, 64), 30522, "cuda", 120, env)
+    assert "fused kernels compiled before" in (tmp_path / "cache" / "triton-kernels" / "attnfallback-compile.log").read_text()
 
 
 def test_one_background_compile_a_process_for_the_same_shapes(monkeypatch, tmp_path):
@@ -353,119 +362,74 @@ def test_a_compile_started_before_the_load_stands_for_the_dtype_it_resolves_to(m
     assert not fused_ops.compiling_here("bfloat16", (2048, 64), 30522, "cuda:1")
 
 
-def _wait_until_gone(path, seconds: float = 90.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + seconds
-    while path.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not path.exists()
-
-
-def test_the_compile_for_later_shards_runs_in_a_process_of_its_own(tmp_path, monkeypatch):
-    """The process starts, holds its lock while it runs (a second shard starts none), and on a
-    machine without CUDA compiles and marks nothing, says so in its log and lets go of the lock."""
+def test_the_compile_runs_in_a_process_of_its_own_once_a_process(tmp_path, monkeypatch):
+    """The process starts once for the same shapes, logs what it did (on a machine without CUDA:
+    nothing compiled, nothing marked) and is what a long shard waits for."""
     import os
 
     from attnfallback import fused_ops
 
     monkeypatch.setattr(fused_ops, "unavailable_reason", lambda device, env=None: None)
+    monkeypatch.setattr(fused_ops, "_PROCESSES", {})
     env = dict(os.environ, ATTNFALLBACK_CACHE=str(tmp_path / "cache"))
     env.pop("TRITON_CACHE_DIR", None)
-    lock = fused_ops._compiling_lock("k1", env)
-    lock.parent.mkdir(parents=True)
-    lock.write_text("{}")  # another shard's process, still compiling
-    assert fused_ops.compile_for_later_shards("k1", "bfloat16", (64, 16), 100, "cuda", env) == "already compiling"
-    lock.unlink()
-    assert fused_ops.compile_for_later_shards("k1", "bfloat16", (64, 16), 100, "cuda", env) == "started"
+    env.pop("ATTNFALLBACK_FUSED", None)
+    assert fused_ops.start_compile_process("auto", (64, 16), 100, "cuda", env) == "started"
+    assert fused_ops.start_compile_process("auto", (16, 64), 100, "cuda:0", env) == "started before"
     assert env["TRITON_CACHE_DIR"] == str(tmp_path / "cache" / "triton-kernels")
-    assert _wait_until_gone(lock), "the compile process did not end"
-    assert "not compiled (no CUDA): bfloat16 (16, 64) 100" in lock.with_suffix(".log").read_text()
+    assert fused_ops.compiling_here("bfloat16", (64, 16), 100, "cuda")
+    assert fused_ops.wait_for_compile("k", "bfloat16", (64, 16), None, "cuda", 60, env) is None  # no head: not that process
+    waited = fused_ops.wait_for_compile("k", "bfloat16", (64, 16), 100, "cuda", 60, env)
+    assert waited is not None and waited < 60
+    (child,) = fused_ops._PROCESSES.values()
+    assert child.returncode == 0
+    log = (tmp_path / "cache" / "triton-kernels" / "attnfallback-compile.log").read_text()
+    assert "fused kernels not compiled (no CUDA): auto (16, 64) 100" in log
     assert not list((tmp_path / "cache").rglob("attnfallback-compiled-*"))
 
 
-def test_a_dead_compile_s_lock_is_taken_over(tmp_path, monkeypatch):
+def test_no_compile_process_unless_auto_and_possible(tmp_path, monkeypatch):
+    from attnfallback import fused_ops
+
+    monkeypatch.setattr(fused_ops, "_PROCESSES", {})
+    env = {"ATTNFALLBACK_CACHE": str(tmp_path)}
+    assert fused_ops.start_compile_process("auto", (64,), None, "cuda", {**env, "ATTNFALLBACK_FUSED": "off"}) == "ATTNFALLBACK_FUSED=off"
+    assert fused_ops.start_compile_process("auto", (64,), None, "cuda", {**env, "ATTNFALLBACK_FUSED": "on"}) == \
+        "ATTNFALLBACK_FUSED=on: the shard compiles them itself"
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    assert fused_ops.start_compile_process("auto", (64,), None, "cuda", env) == "Triton is not installed"
+    assert fused_ops._PROCESSES == {} and not (tmp_path / "triton-kernels").exists()
+
+
+def test_one_compile_holds_a_key_s_lock_and_a_dead_one_s_is_taken_over(tmp_path):
     import os
 
     from attnfallback import fused_ops
 
-    monkeypatch.setattr(fused_ops, "unavailable_reason", lambda device, env=None: None)
-    env = dict(os.environ, ATTNFALLBACK_CACHE=str(tmp_path / "cache"))
-    lock = fused_ops._compiling_lock("k2", env)
-    lock.parent.mkdir(parents=True)
-    lock.write_text("{}")
+    env = {"ATTNFALLBACK_CACHE": str(tmp_path)}
+    assert fused_ops.take_compile_lock("k1", env)
+    assert not fused_ops.take_compile_lock("k1", env)  # a shard beside it on the shared cache starts no second compile
+    assert fused_ops.take_compile_lock("k2", env)
+    lock = fused_ops._compiling_lock("k1", env)
     old = lock.stat().st_mtime - fused_ops.COMPILING_STALE_S - 1
     os.utime(lock, (old, old))
-    assert fused_ops.compile_for_later_shards("k2", "auto", (64,), None, "cuda", env) == "started"
-    assert _wait_until_gone(lock)
-    monkeypatch.setattr(fused_ops, "unavailable_reason", lambda device, env=None: "Triton is not installed")
-    assert fused_ops.compile_for_later_shards("k2", "auto", (64,), None, "cuda", env) == "Triton is not installed"
-    assert not lock.exists()
+    assert fused_ops.take_compile_lock("k1", env)
+    assert lock.read_text().strip() == str(os.getpid())
 
 
-def test_a_long_shard_s_compile_starts_before_its_load_and_a_short_one_s_does_not(tiny_qwen2, tmp_path, monkeypatch):
-    """Before the load, the guess from the weights' headers and the input's size decides whether
-    the compile starts beside the load (a shard that will likely wait for it) or after it."""
-    import json
-
-    from attnfallback.model_facts import parameter_count, read_facts
+def test_a_shard_starts_the_compile_process_first_thing_where_something_would_fuse(tiny_qwen2, tiny_bert, tmp_path, monkeypatch):
+    """From the local model's config.json: a logprob or RMSNorm model starts it (with the config's
+    shapes, the head's vocabulary only for logprob); an encoder with LayerNorms and GELU does not."""
     from attnfallback.scoring import ScoreJob, job as job_module
-    from attnfallback.scoring import tasks
-    from attnfallback.scoring.inputs import open_input
-    from attnfallback.sharding import parse_shard
 
     started = []
-    monkeypatch.setattr(job_module, "warm_in_background", lambda *args, **kwargs: started.append((args, kwargs)) or True)
-    data = tmp_path / "in.jsonl"
-    data.write_text("".join(json.dumps({"text": f"row {i} of a few words"}) + "\n" for i in range(400)))
-    size, params = data.stat().st_size, parameter_count(tiny_qwen2)
-    facts = read_facts(tiny_qwen2, auto_class="AutoModelForCausalLM")
-    job = ScoreJob(model=str(tiny_qwen2), input=str(data), output=str(tmp_path / "o.parquet"), task="logprob", device="cuda")
-    bound = params * size / tasks.BYTES_PER_TOKEN * 2  # the whole input's guess is exactly half the bound
-    monkeypatch.setattr(tasks, "FUSE_WAIT_MIN_WORK", bound)
-    job_module._warm_fused(job, "logprob", facts, open_input(data), parse_shard("0/2"))  # half the input: too short
-    assert started == []
-    job_module._warm_fused(job, "logprob", facts, open_input(data), parse_shard("0/1"))
-    hidden, heads = facts.config.hidden_size, facts.config.num_attention_heads
-    assert started == [(("auto", (hidden, hidden // heads), facts.config.vocab_size), {"device": "cuda"})]
-    started.clear()
-    monkeypatch.setattr(tasks, "FUSE_WAIT_MIN_WORK", 1.0)
-    bert_facts = read_facts(str(_tiny_bert_dir(tmp_path)))
-    job_module._warm_fused(ScoreJob(**{**job.__dict__, "task": "embed"}), "embed", bert_facts, open_input(data), parse_shard("0/1"))
-    assert started == []  # LayerNorms and GELU by its config: nothing would fuse
-
-
-def _tiny_bert_dir(tmp_path):
-    from conftest import build_tiny_model
-
-    return build_tiny_model(tmp_path / "bert", "bert")
-
-
-def test_a_model_s_parameters_are_counted_from_its_weights_headers(tiny_qwen2, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from attnfallback.model_facts import parameter_count
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
-    stored = {id(p): p.numel() for p in model.parameters()}  # tied weights are stored once
-    assert parameter_count(tiny_qwen2) == sum(stored.values())
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"not safetensors")
-    assert parameter_count(tmp_path / "bin") is None
-    assert parameter_count(tmp_path / "nowhere") is None
-
-
-def test_the_guess_before_the_load_counts_the_shard_s_share_and_compression(monkeypatch):
-    from attnfallback.scoring import tasks
-
-    monkeypatch.setattr(tasks, "FUSE_WAIT_MIN_WORK", 1000.0)
-    assert tasks.likely_pays_before_load(1, 2000)  # 500 tokens: half the bound
-    assert not tasks.likely_pays_before_load(1, 1999)
-    assert not tasks.likely_pays_before_load(1, 2000, shard_count=2)
-    assert tasks.likely_pays_before_load(1, 1334, shard_count=2, compressed=True)  # 3 times the bytes
-    assert not tasks.likely_pays_before_load(1, 1333, shard_count=2, compressed=True)
-    assert not tasks.likely_pays_before_load(None, 10 ** 9)  # a hub model's weights, not yet here
-    assert not tasks.likely_pays_before_load(10, 0)
+    monkeypatch.setattr(job_module, "start_compile_process", lambda *args, **kwargs: started.append((args, kwargs)) or "started")
+    job = ScoreJob(model=str(tiny_qwen2), input="in.jsonl", output=str(tmp_path / "o.parquet"), task="logprob", device="cuda")
+    job_module._start_fused_compile(job, "logprob")
+    job_module._start_fused_compile(ScoreJob(**{**job.__dict__, "task": "classify"}), "classify")
+    job_module._start_fused_compile(ScoreJob(**{**job.__dict__, "model": str(tiny_bert), "task": "embed"}), "embed")
+    job_module._start_fused_compile(ScoreJob(**{**job.__dict__, "model": str(tmp_path / "nowhere")}), "logprob")
+    assert started == [(("auto", (32, 8), 30522), {"device": "cuda"}), (("auto", (32, 8), None), {"device": "cuda"})]
 
 
 def test_triton_compiles_into_the_shared_cache_unless_told_otherwise(tmp_path):
@@ -655,7 +619,8 @@ def _fresh_cache_that_compiles(monkeypatch, seconds: float) -> dict:
     monkeypatch.setattr(tasks, "device_label", lambda device=None: "Fake GPU cc 9.0")
     monkeypatch.setattr(tasks, "warm_in_background", lambda *args, **kwargs: True)
     monkeypatch.setattr(tasks, "compiling_here", lambda *args, **kwargs: False)
-    monkeypatch.setattr(tasks, "compile_for_later_shards", lambda *args, **kwargs: state.setdefault("spawned", []).append(args) or "started")
+    monkeypatch.setattr(tasks, "start_compile_process", lambda *args, **kwargs: state.setdefault("spawned", []).append(args) or "started")
+    monkeypatch.setattr(tasks, "wait_for_compile", lambda *args, **kwargs: None)  # no process started at the shard's start
     monkeypatch.setattr(tasks, "is_compiled", lambda key, env=None: state["compiled"])
     monkeypatch.setattr(tasks, "finish_background_compile", finish)
     monkeypatch.setattr(tasks, "triton_kernels", TorchKernels)
@@ -676,8 +641,8 @@ def test_a_long_first_shard_fuses_after_waiting_and_a_short_one_runs_unfused(mon
     assert short["kernels"] is None and short["why_not"] == ("the fused kernels are not compiled on this machine yet: they compile "
                                                              "in a process of their own for the shards after it (ATTNFALLBACK_FUSED=on waits for them)")
     assert state["waits"] == 0 and "waited_s" not in short
-    ((key, dtype, widths, vocab, device, env),) = state["spawned"]
-    assert (key, dtype, vocab) == (tasks._compile_key(model, task, "cpu"), str(model.dtype).removeprefix("torch."), model.config.vocab_size) and env is None
+    ((dtype, widths, vocab, device, env),) = state["spawned"]
+    assert (dtype, vocab, env) == (str(model.dtype).removeprefix("torch."), model.config.vocab_size, None)
     long = fuse_kernels(model, task, "cpu", expected_tokens=5000)
     assert state["waits"] == 1
     assert long["kernels"] == "torch" and long["waited_s"] == 0.75 and "pays for waiting" in long["waited"]

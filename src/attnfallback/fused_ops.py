@@ -16,10 +16,12 @@ steps (a sum's order, exp and division) may differ in the last bits.
   models of the family in the process run it too.
 
 `ATTNFALLBACK_FUSED` (`fused_mode`, on a CUDA device with Triton): auto fuses where this model's
-kernels were compiled on this machine or its shared cache before; elsewhere it compiles them
-beside the shard, for the shards after it, and a first shard waits for that compile and fuses only
-where its expected work pays for the wait (scoring/tasks.py, `wait_pays`: a short shard that waited
-gained nothing); on fuses and waits; off never fuses. The kernels are injectable (`TorchKernels` computes the same
+kernels were compiled on this machine or its shared cache before; elsewhere a shard starts their
+compile first thing, in a process of its own (`start_compile_process`, `python -m
+attnfallback.fused_ops`) that may outlive it, and fuses only where its expected work pays for
+waiting for the rest of it (scoring/tasks.py, `wait_pays`); a short shard exits without waiting and
+the shards after it fuse. on fuses, compiling in the shard first where needed; off never fuses.
+The kernels are injectable (`TorchKernels` computes the same
 in PyTorch), so every rule here is testable without a GPU.
 """
 
@@ -139,11 +141,16 @@ def warm_in_background(dtype: str, norm_widths: tuple, vocab: int | None, env=No
 
 
 def compiling_here(dtype: str, norm_widths: tuple, vocab: int | None, device: str = "cuda") -> bool:
-    """Whether this process started the background compile of these shapes (`auto` started before
-    the load stands for the dtype it resolves to)."""
+    """Whether this process started a compile of these shapes, on its thread or in a process of
+    its own (`auto`, started before the load, stands for the dtype it resolves to)."""
+    return _started_like(_WARMING.get("started", ()), dtype, norm_widths, vocab, device) is not None or \
+        _started_like(_PROCESSES, dtype, norm_widths, vocab, device) is not None
+
+
+def _started_like(started, dtype: str, norm_widths: tuple, vocab: int | None, device: str):
     widths = tuple(sorted({int(w) for w in norm_widths if w}))
-    return any(w == widths and v == vocab and d == _same_device(device) and t in (dtype, "auto")
-               for t, w, v, d in _WARMING.get("started", ()))
+    return next((shapes for shapes in started if shapes[1] == widths and shapes[2] == vocab
+                 and shapes[3] == _same_device(device) and shapes[0] in (dtype, "auto")), None)
 
 
 def _same_device(device) -> str:
@@ -151,100 +158,156 @@ def _same_device(device) -> str:
     return "cuda" if text in ("auto", "cuda", "cuda:0") else text
 
 
+def _target_and_dtype(dtype: str, device: str):
+    """The CUDA device and torch dtype a compile is for (`auto`: what planner.resolve_dtype picks on a GPU)."""
+    import torch
+
+    target = torch.device("cuda" if device in ("auto", "cuda") else device)
+    if dtype == "auto":
+        return target, (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return target, getattr(torch, dtype)
+
+
 def compile_and_mark(dtype: str, norm_widths: tuple, vocab: int | None, device: str = "cuda", env=None) -> bool:
     """Compile the kernels for these shapes here and mark them compiled in the cache; False (and
-    nothing marked) without CUDA. `dtype`: a torch name, or auto (what planner.resolve_dtype picks
-    on a GPU)."""
+    nothing marked) without CUDA."""
     import torch
 
     if not torch.cuda.is_available():
         return False
     from attnfallback.fused_triton import TritonKernels
 
-    target = torch.device("cuda" if device in ("auto", "cuda") else device)
-    if dtype == "auto":
-        chosen = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        chosen = getattr(torch, dtype)
+    target, chosen = _target_and_dtype(dtype, device)
     widths = tuple(sorted({int(w) for w in norm_widths if w}))
     TritonKernels().warm(chosen, widths, vocab, device=target)
     mark_compiled(compile_key(device_label(target), chosen, widths, vocab), env)
     return True
 
 
+_PROCESSES: dict = {}  # (dtype, widths, vocab, device) -> the compile process this process started
 COMPILING_STALE_S = 600.0  # a compile lock older than this is a dead process's: taken over
 
 
-def compile_for_later_shards(key: str, dtype: str, norm_widths: tuple, vocab: int | None, device: str = "cuda",
-                             env=None) -> str:
-    """Compile the kernels in a process of its own, at low priority, that outlives this shard: for
-    the shards after it on this machine or its shared cache, so a shard too short to fuse pays
-    neither a thread beside its load nor a wait at its end (session 18: 1.2-2.7 s on an H100).
-    One such process per `key` at a time (a lock file beside the marker). Returns what happened:
-    "started", "already compiling", or why not."""
-    import json
+def start_compile_process(dtype: str, norm_widths: tuple, vocab: int | None, device: str = "cuda", env=None) -> str:
+    """Under auto, compile the kernels in a process of its own, at low priority, that may outlive
+    this one. A shard starts it first thing, from its model's config.json, so that by the time the
+    model has loaded the kernels are compiled (or nearly: a long shard waits for the rest,
+    `wait_for_compile`), and a short shard neither shares its interpreter with the compile nor
+    waits for it at its end (session 18: 1.2-2.7 s on an H100 with a thread). The process takes
+    the cache's lock for its key, so one compile runs per key on shared storage, and does nothing
+    where the kernels are compiled. Returns "started", "started before", or why not."""
     import os
     import subprocess
     import sys
 
     env = os.environ if env is None else env
-    if unavailable_reason("cuda", env) is not None:
-        return unavailable_reason("cuda", env)
+    mode = fused_mode(env)
+    if mode != "auto":
+        return f"{envs.FUSED}={mode}" + (": the shard compiles them itself" if mode == "on" else "")
+    reason = unavailable_reason("cuda", env)
+    if reason is not None:
+        return reason
+    widths = tuple(sorted({int(w) for w in norm_widths if w}))
+    shapes = (dtype, widths, vocab, _same_device(device))
+    if shapes in _PROCESSES:
+        return "started before"
     use_triton_cache(env)
-    lock = _compiling_lock(key, env)
+    folder = envs.cache_directory(env=env) / "triton-kernels"
+    command = [sys.executable, "-m", "attnfallback.fused_ops", "--dtype", dtype, "--widths", ",".join(map(str, widths)),
+               "--vocab", str(vocab or 0), "--device", str(device)]
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        if lock.exists() and time.time() - lock.stat().st_mtime > COMPILING_STALE_S:
-            lock.unlink(missing_ok=True)
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return "already compiling"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "attnfallback-compile.log", "ab") as log_file:
+            _PROCESSES[shapes] = subprocess.Popen(command, env=dict(env), stdin=subprocess.DEVNULL, stdout=log_file,
+                                                  stderr=log_file, start_new_session=True, close_fds=True)
     except OSError as e:
-        return f"the cache cannot be written: {e}"
-    widths = ",".join(str(int(w)) for w in sorted({int(w) for w in norm_widths if w}))
-    command = [sys.executable, "-m", "attnfallback.fused_ops", "--dtype", dtype, "--widths", widths,
-               "--vocab", str(vocab or 0), "--device", device, "--lock", str(lock)]
-    try:
-        with open(lock.with_suffix(".log"), "ab") as log_file:
-            child = subprocess.Popen(command, env=dict(env), stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                                     start_new_session=True, close_fds=True)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"pid": child.pid, "started": time.time()}, fh)
-    except OSError as e:
-        lock.unlink(missing_ok=True)
         return f"the compile process did not start: {e}"
     return "started"
+
+
+def wait_for_compile(key: str, dtype: str, norm_widths: tuple, vocab: int | None, device: str = "cuda",
+                     timeout: float = 10.0, env=None) -> float | None:
+    """Wait, up to `timeout` seconds, for the compile process this process started for these
+    shapes, then for another process's lock on `key` (a shard beside it on the shared cache);
+    the seconds waited, or None where this process started none."""
+    import subprocess
+
+    child = _PROCESSES.get(_started_like(_PROCESSES, dtype, norm_widths, vocab, device))
+    if child is None:
+        return None
+    start = time.perf_counter()
+    try:
+        child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return time.perf_counter() - start
+    lock = _compiling_lock(key, env)
+    while lock.exists() and not is_compiled(key, env) and time.perf_counter() - start < timeout:
+        time.sleep(0.05)
+    return time.perf_counter() - start
 
 
 def _compiling_lock(key: str, env=None):
     return envs.cache_directory(env=env) / "triton-kernels" / f"attnfallback-compiling-{key}.lock"
 
 
+def take_compile_lock(key: str, env=None) -> bool:
+    """Take the cache's lock for compiling `key` (False: another process holds it); a lock older
+    than COMPILING_STALE_S is a dead process's and is taken over."""
+    import os
+
+    lock = _compiling_lock(key, env)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if time.time() - lock.stat().st_mtime > COMPILING_STALE_S:
+            lock.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{os.getpid()}\n")
+    return True
+
+
 def main(argv=None) -> int:
-    """`python -m attnfallback.fused_ops --dtype D --widths W,W --vocab V --device cuda --lock F`:
-    the process `compile_for_later_shards` starts. Exit 0 whether or not a GPU was there."""
+    """`python -m attnfallback.fused_ops --dtype D --widths W,W --vocab V --device cuda`: the
+    process `start_compile_process` starts. Exit 0 whatever it finds (no GPU, compiled, locked)."""
     import argparse
     import os
-    from pathlib import Path
 
     parser = argparse.ArgumentParser(description="compile the fused kernels for a model's shapes into the cache")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--widths", default="")
     parser.add_argument("--vocab", type=int, default=0)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--lock", default=None)
     args = parser.parse_args(argv)
     try:
-        os.nice(10)  # behind the shard that started it, which may still be scoring
+        os.nice(10)  # behind the shard that started it
     except OSError:
         pass
+    import torch
+
+    widths, vocab = tuple(sorted({int(w) for w in args.widths.split(",") if w})), args.vocab or None
+    said = f"{args.dtype} {widths} {vocab}"
+    if not torch.cuda.is_available():
+        print(f"fused kernels not compiled (no CUDA): {said}", flush=True)
+        return 0
+    target, chosen = _target_and_dtype(args.dtype, args.device)
+    key = compile_key(device_label(target), chosen, widths, vocab)
+    if is_compiled(key):
+        print(f"fused kernels compiled before: {said}", flush=True)
+        return 0
+    if not take_compile_lock(key):
+        print(f"fused kernels compiling in another process: {said}", flush=True)
+        return 0
     try:
-        widths = tuple(int(w) for w in args.widths.split(",") if w)
-        compiled = compile_and_mark(args.dtype, widths, args.vocab or None, args.device)
-        print(f"fused kernels {'compiled' if compiled else 'not compiled (no CUDA)'}: {args.dtype} {widths} {args.vocab}")
+        started = time.perf_counter()
+        compile_and_mark(args.dtype, widths, vocab, args.device)
+        print(f"fused kernels compiled in {time.perf_counter() - started:.2f} s: {said}", flush=True)
     finally:
-        if args.lock:
-            Path(args.lock).unlink(missing_ok=True)
+        _compiling_lock(key).unlink(missing_ok=True)
     return 0
 
 
@@ -273,8 +336,8 @@ def warm_failure() -> str | None:
 
 def fused_mode(env=None) -> str:
     """$ATTNFALLBACK_FUSED: auto (fuse where this model's kernels are compiled on this machine or
-    its shared cache; else compile them beside the shard, for the shards after it), on (fuse,
-    compiling first where needed), off."""
+    its shared cache; else compile them in a process of their own, for the shards after it, and
+    for this one where its work pays for the wait), on (fuse, compiling first where needed), off."""
     return envs.choice(envs.FUSED, ("auto", "on", "off"), "auto", env)
 
 

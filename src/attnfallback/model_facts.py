@@ -228,31 +228,6 @@ def _data_start(fh, name: str, size: int) -> int:
     return 8 + header if 8 + header <= size else 0
 
 
-def parameter_count(directory: str | os.PathLike) -> int | None:
-    """The parameters in a local model's safetensors files, from their headers (no tensor data
-    read); None where the weights are in another format, or unreadable."""
-    total = 0
-    try:
-        files = _weight_files(str(directory))
-        for name, st in files:
-            if not name.endswith(".safetensors"):
-                return None
-            with open(os.path.join(directory, name), "rb") as fh:
-                start = _data_start(fh, name, st.st_size)
-                if not start:
-                    return None
-                header = json.loads(_read_at(fh, 8, start - 8))
-            for key, entry in header.items():
-                if key != "__metadata__":
-                    count = 1
-                    for dim in entry["shape"]:
-                        count *= int(dim)
-                    total += count
-    except (OSError, ValueError, KeyError, TypeError, ModelNotFoundError):
-        return None
-    return total
-
-
 def sampled_digest(directory: str, files: list[tuple[str, os.stat_result]]) -> str:
     """sha256 over each weight file's name, size, header (safetensors: every tensor's name, dtype,
     shape and offsets) and SAMPLED_BLOCKS blocks spread evenly over its data, the first at its

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from attnfallback import envs
 from attnfallback.errors import InputError, Interrupted, OutputError, OutputExistsError, UsageError, is_fatal_device_error
-from attnfallback.fused_ops import config_shapes, finish_background_compile, warm_in_background
+from attnfallback.fused_ops import config_shapes, finish_background_compile, start_compile_process
 from attnfallback.policy import Mode, Policy, parse_dtype, parse_measure
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec, row_error
 from attnfallback.scoring.collate import check_packing_mode
@@ -408,27 +408,27 @@ def _warm_device() -> None:
         (a @ a).sum().item()
 
 
-def _warm_fused(job: ScoreJob, task: str, facts, source, shard) -> None:
-    """Start the compile of the fused kernels for this model's shapes (fused_ops.warm_in_background),
-    from the config its facts read (the same shapes the fuse step keys its marker by), where the
-    shard is likely long enough to wait for them (tasks.likely_pays_before_load); a shorter one
-    leaves its load alone, and the fuse step starts the compile for the shards after it."""
-    from attnfallback.model_facts import parameter_count
-    from attnfallback.scoring.tasks import likely_pays_before_load
+def _start_fused_compile(job: ScoreJob, task: str) -> None:
+    """Start the fused kernels' compile in a process of its own (fused_ops.start_compile_process)
+    first thing, from a local model's config.json: the shapes the fuse step keys its marker by.
+    Nothing starts for a model whose config says nothing of it would run fused (LayerNorms and
+    GELU, no logprob head), nor for a hub model (its config is read later, by transformers)."""
+    import json
+
+    from attnfallback.model_facts import resolve_ref
 
     try:
-        parameters = parameter_count(facts.ref.location) if facts.ref.is_local else None
-        compressed = bool(source.compression) or source.format == "parquet"
-        if not likely_pays_before_load(parameters, source.size_and_mtime()[0], shard.count, compressed):
+        ref = resolve_ref(job.model, job.revision)
+        if not ref.is_local:
             return
-        raw = facts.config.to_dict()
+        raw = json.loads((Path(ref.location) / "config.json").read_text())
         text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
         if task != "logprob" and "rms_norm_eps" not in text and text.get("hidden_act") not in ("silu", "swish"):
-            return  # by its config, nothing of this model would run fused (tasks.fusable, after the load)
+            return
         widths, vocab = config_shapes(raw)
-        warm_in_background(parse_dtype(job.dtype), widths, vocab if task == "logprob" else None, device=job.device)
-    except Exception as e:  # noqa: BLE001 - a compile not started is one the fuse step does itself, or skips
-        log.debug("no background compile of the fused kernels: %s", e)
+        start_compile_process(parse_dtype(job.dtype), widths, vocab if task == "logprob" else None, device=job.device)
+    except Exception as e:  # noqa: BLE001 - a compile not started is one the fuse step starts, or skips
+        log.debug("no compile process for the fused kernels: %s", e)
 
 
 def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
@@ -446,6 +446,8 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
     if scorer is None and job.device != "cpu":
         _start_in_background(_warm_device)  # CUDA's context is made while the input and config are read
     task = validate_job(job)
+    if scorer is None and job.device != "cpu":
+        _start_fused_compile(job, task)
     shard = parse_shard(job.shard)
     shard_text = str(shard)
     run_id = job.run_id or envs.value(envs.RUN_ID) or new_run_id()
@@ -460,8 +462,6 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
     try:
         existing = store.open(run_id)
         facts = read_facts(job.model, revision=job.revision, auto_class=AUTO_CLASSES[task], trust_remote_code=job.trust_remote_code)
-        if scorer is None and job.device != "cpu" and facts.config is not None:  # beside the model's load
-            _warm_fused(job, task, facts, source, shard)
         phases.mark("facts_s")
         if checking is not None and checking.done():
             source.num_rows = checking.result()  # a bad row fails now, before the model loads

@@ -21,7 +21,6 @@ from attnfallback.errors import UnknownNameError, UsageError
 from attnfallback.fused_ops import (
     TorchKernels,
     checked_logprob_kernel,
-    compile_for_later_shards,
     compile_key,
     compiling_here,
     config_shapes,
@@ -34,7 +33,9 @@ from attnfallback.fused_ops import (
     is_rms_norm,
     mark_compiled,
     triton_kernels,
+    start_compile_process,
     unavailable_reason,
+    wait_for_compile,
     warm_failure,
     warm_in_background,
 )
@@ -466,18 +467,16 @@ def not_compiled_yet(model, task: Task, device, env=None) -> str | None:
 
 
 def compile_for_the_next_shards(model, task: Task, device, env=None) -> str:
-    """Where this shard runs unfused: the kernels compile for the shards after it, beside this one
-    on the thread a long shard started before its load (`warm_in_background`), else in a process
-    of their own that outlives it (`compile_for_later_shards`). Says which, for the report."""
+    """Where this shard runs unfused: the kernels compile for the shards after it, in the process
+    the shard started at its start (fused_ops.start_compile_process) or on a thread of this one;
+    else such a process starts now. Says which, for the report."""
     widths, vocab = _kernel_shapes(model, task)
     dtype = str(model.dtype).removeprefix("torch.")
     if compiling_here(dtype, widths, vocab, str(device)):
-        return "they compile beside this shard for the ones after it"
-    started = compile_for_later_shards(_compile_key(model, task, device), dtype, widths, vocab, str(device), env)
+        return "they compile in a process of their own for the shards after it"
+    started = start_compile_process(dtype, widths, vocab, str(device), env)
     if started == "started":
         return "they compile in a process of their own for the shards after it"
-    if started == "already compiling":
-        return "another process compiles them for the shards after this one"
     return f"they are not compiled for the shards after it either: {started}"
 
 
@@ -489,22 +488,6 @@ def compile_for_the_next_shards(model, task: Task, device, env=None) -> str:
 # work for longer against the same compile (the CPU's), so the bound errs on the side of waiting less.
 FUSE_WAIT_MIN_WORK = 1e15
 FUSE_WAIT_LIMIT_S = 10.0  # a compile still running after this leaves the shard unfused
-
-
-BYTES_PER_TOKEN = 4  # English text in a plain input file, a little more with JSONL's keys and quotes
-COMPRESSED_RATIO = 3  # text in a gzip, zstd or Parquet file
-
-
-def likely_pays_before_load(parameters: int | None, input_bytes: int, shard_count: int = 1, compressed: bool = False) -> bool:
-    """Before the model loads, whether the shard will likely wait for the fused kernels
-    (`wait_pays`), so their compile starts beside the load rather than after it: the parameters
-    (from the weights' headers) times the tokens guessed from the input's size and the shard's
-    share. The guess may be off by 2x either way, so half the bound counts; None parameters (a hub
-    model not yet downloaded) never start it early."""
-    if not parameters or input_bytes <= 0:
-        return False
-    tokens = input_bytes * (COMPRESSED_RATIO if compressed else 1) / BYTES_PER_TOKEN / max(shard_count, 1)
-    return parameters * tokens >= FUSE_WAIT_MIN_WORK / 2
 
 
 def fusable(model, task: Task) -> bool:
@@ -542,8 +525,11 @@ def fuse_kernels(model, task: Task, device, kernels=None, expected_tokens: int |
             pays = wait_pays(model, task, expected_tokens) if not_yet is not None else None
             if pays is not None and warm_failure() is None:
                 widths, vocab = _kernel_shapes(model, task)
-                warm_in_background(str(model.dtype).removeprefix("torch."), widths, vocab, device=str(device))
-                seconds = finish_background_compile(FUSE_WAIT_LIMIT_S)
+                dtype = str(model.dtype).removeprefix("torch.")
+                seconds = wait_for_compile(_compile_key(model, task, device), dtype, widths, vocab, str(device), FUSE_WAIT_LIMIT_S)
+                if seconds is None:  # no process started at the shard's start (a hub model's config not here yet)
+                    warm_in_background(dtype, widths, vocab, device=str(device))
+                    seconds = finish_background_compile(FUSE_WAIT_LIMIT_S)
                 waited = {"waited": pays, "waited_s": round(seconds, 3)}
                 not_yet = not_compiled_yet(model, task, device)
             if not_yet is not None and not fusable(model, task):
