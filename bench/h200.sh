@@ -264,6 +264,9 @@ e2e19)  # session 19: who imports scipy, pandas and scikit-learn in a first shar
         esac
         step "e2e-$item" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
             --variants "$variants" --batch-sizes "$sizes" --workdir /tmp/e2e19 --out "$OUT/end_to_end_$item.json"
+        for log in /tmp/e2e19/cache-*/triton-kernels/attnfallback-compile.log; do
+            [ -f "$log" ] && { echo "== $log"; cat "$log"; }
+        done >"$OUT/compile-logs-$item.txt"
     done
     ;;
 *)
