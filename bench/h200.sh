@@ -260,7 +260,8 @@ e2e19)  # session 19: who imports scipy, pandas and scikit-learn in a first shar
             continue ;;
         llama) name=llama-1b-random rows=1000,10000,50000 variants=ours-default,ours-later,ours-unfused,baseline sizes=128 limit=360 ;;
         qwen3) name=qwen3-0.6b-reward-random rows=10000,50000 variants=ours-default,ours-later,ours-unfused,baseline sizes=64 limit=330 ;;
-        *) echo "e2e19: trace, fusedtests, llama or qwen3" >&2; exit 2 ;;
+        qwen3-50k) name=qwen3-0.6b-reward-random rows=50000 variants=ours-default,ours-later,ours-unfused,baseline sizes=64 limit=200 ;;
+        *) echo "e2e19: trace, fusedtests, llama, qwen3 or qwen3-50k" >&2; exit 2 ;;
         esac
         step "e2e-$item" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
             --variants "$variants" --batch-sizes "$sizes" --workdir /tmp/e2e19 --out "$OUT/end_to_end_$item.json"
