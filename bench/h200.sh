@@ -270,7 +270,25 @@ e2e19)  # session 19: who imports scipy, pandas and scikit-learn in a first shar
         done >"$OUT/compile-logs-$item.txt"
     done
     ;;
+e2e20)  # session 20: Triton's installation hash computed beside the load: `bash bench/h200.sh e2e20` (carry tok)
+    common_env
+    step triton-key 60 python3 -c "
+import os, time
+t = time.perf_counter(); import triton; imported = time.perf_counter() - t
+from attnfallback.fused_ops import installation_key
+key = installation_key(); t = time.perf_counter(); key(); hashed = time.perf_counter() - t
+lib = os.path.join(os.path.dirname(triton.__file__), '_C', 'libtriton.so')
+print(f'triton {triton.__version__}: import {imported:.2f} s, triton_key {hashed:.2f} s, libtriton.so {os.path.getsize(lib) / 2**20:.0f} MiB')"
+    step e2e-llama 330 python3 bench/end_to_end.py --device cuda --models llama-1b-random --rows 1000,10000,50000 \
+        --variants ours-default,ours-later,ours-unfused,baseline --batch-sizes 128 --workdir /tmp/e2e20 --out "$OUT/end_to_end_llama.json"
+    step e2e-qwen3-50k 200 python3 bench/end_to_end.py --device cuda --models qwen3-0.6b-reward-random --rows 50000 \
+        --variants ours-default,ours-later,ours-unfused,baseline --batch-sizes 64 --workdir /tmp/e2e20 --out "$OUT/end_to_end_qwen3-50k.json"
+    for log in /tmp/e2e20/cache-*/triton-kernels/attnfallback-compile.log; do
+        [ -f "$log" ] && { echo "== $log"; cat "$log"; }
+    done >"$OUT/compile-logs.txt"
+    step fused-gpu-tests 100 python3 -m pytest -q -s -m gpu -p no:cacheprovider --timeout 120 tests/test_fused_ops.py
+    ;;
 *)
-    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16|e2e18|e2e19" >&2; exit 2
+    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16|e2e18|e2e19|e2e20" >&2; exit 2
     ;;
 esac

@@ -252,6 +252,93 @@ def test_gpu_the_compile_process_marks_the_kernels_compiled(tmp_path, monkeypatc
     assert "fused kernels compiled before" in (tmp_path / "cache" / "triton-kernels" / "attnfallback-compile.log").read_text()
 
 
+def _fake_triton(monkeypatch, where: str, calls: list, raising: bool = False):
+    """A Triton whose `triton_key` (in `where`) counts its computations, cached as Triton caches it."""
+    import functools
+    import types
+
+    @functools.lru_cache()
+    def triton_key():
+        calls.append(1)
+        if raising:
+            raise RuntimeError("libtriton.so unreadable")
+        return "3.x-hashes"
+
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
+    for name in ("triton.runtime", "triton.compiler"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    module = types.ModuleType(where)
+    module.triton_key = triton_key
+    monkeypatch.setitem(sys.modules, where, module)
+    return triton_key
+
+
+@pytest.mark.parametrize("where", ["triton.runtime.cache", "triton.compiler.compiler"])
+def test_triton_s_installation_hash_is_computed_once_beside_the_load(monkeypatch, tmp_path, where):
+    from attnfallback import fused_ops
+
+    calls = []
+    key = _fake_triton(monkeypatch, where, calls)
+    monkeypatch.setattr(fused_ops, "_PREPARED", {})
+    monkeypatch.setattr(fused_ops, "unavailable_reason", lambda device, env=None: None)
+    env = {"ATTNFALLBACK_CACHE": str(tmp_path)}
+    assert fused_ops.installation_key() is key
+    assert fused_ops.prepare_triton_in_background(env)
+    assert not fused_ops.prepare_triton_in_background(env)  # one a process
+    fused_ops.finish_triton_prepare(5)
+    assert calls == [1] and key() == "3.x-hashes" and calls == [1]  # the first kernel's lookup finds it cached
+    assert "error" not in fused_ops._PREPARED and fused_ops._PREPARED["seconds"] >= 0
+    assert env["TRITON_CACHE_DIR"] == str(tmp_path / "triton-kernels")  # written before the thread starts
+    assert fused_ops.finish_triton_prepare(5) == 0.0
+
+
+def test_a_triton_without_the_hash_or_kernels_that_cannot_run_prepare_nothing(monkeypatch, tmp_path):
+    from attnfallback import fused_ops
+
+    monkeypatch.setattr(fused_ops, "_PREPARED", {})
+    env = {"ATTNFALLBACK_CACHE": str(tmp_path), "ATTNFALLBACK_FUSED": "off"}
+    assert not fused_ops.prepare_triton_in_background(env) and fused_ops._PREPARED == {}
+    assert fused_ops.finish_triton_prepare() == 0.0
+    _fake_triton(monkeypatch, "triton.runtime.cache", [], raising=True)
+    monkeypatch.setattr(fused_ops, "unavailable_reason", lambda device, env=None: None)
+    assert fused_ops.prepare_triton_in_background(env)
+    fused_ops.finish_triton_prepare(5)
+    assert fused_ops._PREPARED["error"] == "RuntimeError: libtriton.so unreadable"  # the first kernel says it again
+    monkeypatch.delitem(sys.modules, "triton.runtime.cache")
+    monkeypatch.setitem(sys.modules, "triton.runtime.cache", None)  # an import that fails
+    with pytest.raises(LookupError, match="no triton_key"):
+        fused_ops.installation_key()
+
+
+@pytest.mark.gpu
+def test_gpu_the_installation_hash_computed_beside_the_load_is_the_one_the_kernels_use(tmp_path):
+    """In a fresh process: the thread computes triton_key once, and running a compiled kernel after
+    it computes nothing more (Triton's lru_cache has one miss)."""
+    import os
+    import subprocess
+
+    pytest.importorskip("triton")
+    script = (
+        "import torch, time\n"
+        "from attnfallback import fused_ops\n"
+        "assert fused_ops.prepare_triton_in_background()\n"
+        "fused_ops.finish_triton_prepare(60)\n"
+        "kernels = fused_ops.triton_kernels()\n"
+        "x = torch.randn(4, 64, device='cuda', dtype=torch.bfloat16)\n"
+        "kernels.rms_norm(x, torch.ones(64, device='cuda', dtype=torch.bfloat16), 1e-6)\n"
+        "torch.cuda.synchronize()\n"
+        "info = fused_ops.installation_key().cache_info()\n"
+        "print(info.misses, info.hits, fused_ops._PREPARED.get('error'), fused_ops._PREPARED['seconds'])\n"
+    )
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), ATTNFALLBACK_CACHE=str(tmp_path / "cache"))
+    env.pop("ATTNFALLBACK_FUSED", None)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr
+    misses, hits, error, seconds = done.stdout.split()
+    assert (misses, error) == ("1", "None") and int(hits) >= 1, done.stdout
+    print(f"triton_key computed beside the load in {seconds} s")
+
+
 def test_one_background_compile_a_process_for_the_same_shapes(monkeypatch, tmp_path):
     from attnfallback import fused_ops
 
@@ -425,10 +512,10 @@ def test_a_shard_starts_the_compile_process_first_thing_where_something_would_fu
     started = []
     monkeypatch.setattr(job_module, "start_compile_process", lambda *args, **kwargs: started.append((args, kwargs)) or "started")
     job = ScoreJob(model=str(tiny_qwen2), input="in.jsonl", output=str(tmp_path / "o.parquet"), task="logprob", device="cuda")
-    job_module._start_fused_compile(job, "logprob")
-    job_module._start_fused_compile(ScoreJob(**{**job.__dict__, "task": "classify"}), "classify")
-    job_module._start_fused_compile(ScoreJob(**{**job.__dict__, "model": str(tiny_bert), "task": "embed"}), "embed")
-    job_module._start_fused_compile(ScoreJob(**{**job.__dict__, "model": str(tmp_path / "nowhere")}), "logprob")
+    assert job_module._start_fused_compile(job, "logprob")
+    assert job_module._start_fused_compile(ScoreJob(**{**job.__dict__, "task": "classify"}), "classify")
+    assert not job_module._start_fused_compile(ScoreJob(**{**job.__dict__, "model": str(tiny_bert), "task": "embed"}), "embed")
+    assert not job_module._start_fused_compile(ScoreJob(**{**job.__dict__, "model": str(tmp_path / "nowhere")}), "logprob")
     assert started == [(("auto", (32, 8), 30522), {"device": "cuda"}), (("auto", (32, 8), None), {"device": "cuda"})]
 
 

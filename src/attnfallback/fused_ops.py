@@ -105,6 +105,9 @@ def triton_kernels():
             future.result(timeout=120)
         except Exception as e:  # noqa: BLE001 - the checks before use compile again and say what fails
             log.debug("the fused kernels' background compile failed: %s", e)
+    waited = finish_triton_prepare()
+    if waited > 0.01:
+        log.debug("waited %.2f s for Triton's installation hash", waited)
     use_triton_cache()
     from attnfallback.fused_triton import TritonKernels
 
@@ -138,6 +141,60 @@ def warm_in_background(dtype: str, norm_widths: tuple, vocab: int | None, env=No
     _WARMING["future"] = future
     threading.Thread(target=run, name="attnfallback-fused-compile", daemon=True).start()
     return True
+
+
+_PREPARED: dict = {}  # "thread", and once it ends "seconds" or "error" (prepare_triton_in_background)
+
+
+def prepare_triton_in_background(env=None) -> bool:
+    """Compute Triton's installation hash (`triton_key`: its compiler's sources and libtriton.so,
+    hashed once a process, at the first kernel's cache lookup) on a daemon thread while the model
+    loads, so the fuse step finds compiled kernels without paying for it. The hash and the reads
+    release the GIL. Returns whether it started (the kernels could run: see unavailable_reason)."""
+    import threading
+
+    if unavailable_reason("cuda", env) is not None or "thread" in _PREPARED:
+        return False
+    use_triton_cache(env)  # the environment is written here, not beside other threads' reads
+
+    def run():
+        started = time.perf_counter()
+        try:
+            installation_key()()
+        except Exception as e:  # noqa: BLE001 - the first kernel's lookup computes it, or says what fails
+            _PREPARED["error"] = f"{type(e).__name__}: {e}"
+        _PREPARED["seconds"] = round(time.perf_counter() - started, 3)
+
+    thread = threading.Thread(target=run, name="attnfallback-triton-key", daemon=True)
+    _PREPARED["thread"] = thread
+    thread.start()
+    return True
+
+
+def installation_key():
+    """Triton's cached `triton_key` function (triton.runtime.cache in Triton 3.2 and later,
+    triton.compiler.compiler before)."""
+    import importlib
+
+    for module in ("triton.runtime.cache", "triton.compiler.compiler"):
+        try:
+            found = getattr(importlib.import_module(module), "triton_key", None)
+        except ImportError:
+            continue
+        if callable(found):
+            return found
+    raise LookupError("this Triton has no triton_key in triton.runtime.cache or triton.compiler.compiler")
+
+
+def finish_triton_prepare(timeout: float = 30.0) -> float:
+    """Wait for `prepare_triton_in_background`'s hash (the first kernel would compute it again
+    beside it); seconds waited, 0 where none started."""
+    thread = _PREPARED.get("thread")
+    if thread is None or not thread.is_alive():
+        return 0.0
+    started = time.perf_counter()
+    thread.join(timeout)
+    return time.perf_counter() - started
 
 
 def compiling_here(dtype: str, norm_widths: tuple, vocab: int | None, device: str = "cuda") -> bool:

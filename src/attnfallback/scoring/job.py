@@ -23,7 +23,7 @@ from pathlib import Path
 
 from attnfallback import envs
 from attnfallback.errors import InputError, Interrupted, OutputError, OutputExistsError, UsageError, is_fatal_device_error
-from attnfallback.fused_ops import config_shapes, finish_background_compile, start_compile_process
+from attnfallback.fused_ops import config_shapes, finish_background_compile, prepare_triton_in_background, start_compile_process
 from attnfallback.policy import Mode, Policy, parse_dtype, parse_measure
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec, row_error
 from attnfallback.scoring.collate import check_packing_mode
@@ -408,11 +408,12 @@ def _warm_device() -> None:
         (a @ a).sum().item()
 
 
-def _start_fused_compile(job: ScoreJob, task: str) -> None:
+def _start_fused_compile(job: ScoreJob, task: str) -> bool:
     """Start the fused kernels' compile in a process of its own (fused_ops.start_compile_process)
     first thing, from a local model's config.json: the shapes the fuse step keys its marker by.
     Nothing starts for a model whose config says nothing of it would run fused (LayerNorms and
-    GELU, no logprob head), nor for a hub model (its config is read later, by transformers)."""
+    GELU, no logprob head), nor for a hub model (its config is read later, by transformers).
+    Returns whether something of the model would run fused."""
     import json
 
     from attnfallback.model_facts import resolve_ref
@@ -420,15 +421,17 @@ def _start_fused_compile(job: ScoreJob, task: str) -> None:
     try:
         ref = resolve_ref(job.model, job.revision)
         if not ref.is_local:
-            return
+            return False
         raw = json.loads((Path(ref.location) / "config.json").read_text())
         text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
         if task != "logprob" and "rms_norm_eps" not in text and text.get("hidden_act") not in ("silu", "swish"):
-            return
+            return False
         widths, vocab = config_shapes(raw)
         start_compile_process(parse_dtype(job.dtype), widths, vocab if task == "logprob" else None, device=job.device)
+        return True
     except Exception as e:  # noqa: BLE001 - a compile not started is one the fuse step starts, or skips
         log.debug("no compile process for the fused kernels: %s", e)
+        return False
 
 
 def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
@@ -446,8 +449,7 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
     if scorer is None and job.device != "cpu":
         _start_in_background(_warm_device)  # CUDA's context is made while the input and config are read
     task = validate_job(job)
-    if scorer is None and job.device != "cpu":
-        _start_fused_compile(job, task)
+    fuses = scorer is None and job.device != "cpu" and _start_fused_compile(job, task)
     shard = parse_shard(job.shard)
     shard_text = str(shard)
     run_id = job.run_id or envs.value(envs.RUN_ID) or new_run_id()
@@ -463,6 +465,8 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
         existing = store.open(run_id)
         facts = read_facts(job.model, revision=job.revision, auto_class=AUTO_CLASSES[task], trust_remote_code=job.trust_remote_code)
         phases.mark("facts_s")
+        if fuses:  # after the facts' imports, beside the model's load
+            prepare_triton_in_background()
         if checking is not None and checking.done():
             source.num_rows = checking.result()  # a bad row fails now, before the model loads
         fingerprint = job_fingerprint(job, task, source, spec, shard_text, facts.identity)
