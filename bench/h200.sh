@@ -270,23 +270,38 @@ e2e19)  # session 19: who imports scipy, pandas and scikit-learn in a first shar
         done >"$OUT/compile-logs-$item.txt"
     done
     ;;
-e2e20)  # session 20: Triton's installation hash computed beside the load: `bash bench/h200.sh e2e20` (carry tok)
+e2e20)  # session 20: Triton's installation hash computed beside the load: `bash bench/h200.sh e2e20 key llama50 keytest`
+        # (carry tok); items: key, llama (1k, 10k, 50k), llama50 (1k and 50k: default, unfused, baseline), qwen3-50k, fusedtests, keytest
     common_env
-    step triton-key 60 python3 -c "
+    shift
+    for item in "$@"; do
+        case "$item" in
+        key)
+            step triton-key 60 python3 -c "
 import os, time
 t = time.perf_counter(); import triton; imported = time.perf_counter() - t
 from attnfallback.fused_ops import installation_key
 key = installation_key(); t = time.perf_counter(); key(); hashed = time.perf_counter() - t
 lib = os.path.join(os.path.dirname(triton.__file__), '_C', 'libtriton.so')
 print(f'triton {triton.__version__}: import {imported:.2f} s, triton_key {hashed:.2f} s, libtriton.so {os.path.getsize(lib) / 2**20:.0f} MiB')"
-    step e2e-llama 330 python3 bench/end_to_end.py --device cuda --models llama-1b-random --rows 1000,10000,50000 \
-        --variants ours-default,ours-later,ours-unfused,baseline --batch-sizes 128 --workdir /tmp/e2e20 --out "$OUT/end_to_end_llama.json"
-    step e2e-qwen3-50k 200 python3 bench/end_to_end.py --device cuda --models qwen3-0.6b-reward-random --rows 50000 \
-        --variants ours-default,ours-later,ours-unfused,baseline --batch-sizes 64 --workdir /tmp/e2e20 --out "$OUT/end_to_end_qwen3-50k.json"
-    for log in /tmp/e2e20/cache-*/triton-kernels/attnfallback-compile.log; do
-        [ -f "$log" ] && { echo "== $log"; cat "$log"; }
-    done >"$OUT/compile-logs.txt"
-    step fused-gpu-tests 100 python3 -m pytest -q -s -m gpu -p no:cacheprovider --timeout 120 tests/test_fused_ops.py
+            continue ;;
+        fusedtests)
+            step fused-gpu-tests 100 python3 -m pytest -q -s -m gpu -p no:cacheprovider --timeout 120 tests/test_fused_ops.py
+            continue ;;
+        keytest)
+            step key-gpu-test 60 python3 -m pytest -q -s -m gpu -p no:cacheprovider --timeout 50 tests/test_fused_ops.py -k installation_hash
+            continue ;;
+        llama) name=llama-1b-random rows=1000,10000,50000 variants=ours-default,ours-later,ours-unfused,baseline sizes=128 limit=330 ;;
+        llama50) name=llama-1b-random rows=1000,50000 variants=ours-default,ours-unfused,baseline sizes=128 limit=220 ;;
+        qwen3-50k) name=qwen3-0.6b-reward-random rows=50000 variants=ours-default,ours-later,ours-unfused,baseline sizes=64 limit=200 ;;
+        *) echo "e2e20: key, llama, llama50, qwen3-50k, fusedtests or keytest" >&2; exit 2 ;;
+        esac
+        step "e2e-$item" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
+            --variants "$variants" --batch-sizes "$sizes" --workdir /tmp/e2e20 --out "$OUT/end_to_end_$item.json"
+        for log in /tmp/e2e20/cache-*/triton-kernels/attnfallback-compile.log; do
+            [ -f "$log" ] && { echo "== $log"; cat "$log"; }
+        done >"$OUT/compile-logs-$item.txt"
+    done
     ;;
 *)
     echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16|e2e18|e2e19|e2e20" >&2; exit 2
