@@ -294,7 +294,11 @@ print(f'triton {triton.__version__}: import {imported:.2f} s, triton_key {hashed
         llama) name=llama-1b-random rows=1000,10000,50000 variants=ours-default,ours-later,ours-unfused,baseline sizes=128 limit=330 ;;
         llama50) name=llama-1b-random rows=1000,50000 variants=ours-default,ours-unfused,baseline sizes=128 limit=220 ;;
         qwen3-50k) name=qwen3-0.6b-reward-random rows=50000 variants=ours-default,ours-later,ours-unfused,baseline sizes=64 limit=200 ;;
-        *) echo "e2e20: key, llama, llama50, qwen3-50k, fusedtests or keytest" >&2; exit 2 ;;
+        # with FlashAttention-4 staged (`source .gpu-wheels/fa4-2/install.sh && bash bench/h200.sh e2e20 llama-fa4 modernbert-fa4`,
+        # carry fa4-2 and tok, after `stage`): the default against --prefer sdpa with the fused kernels in
+        llama-fa4) name=llama-1b-random rows=1000,10000,50000 variants=ours-sdpa,ours-default,baseline sizes=128 limit=260 ;;
+        modernbert-fa4) name=modernbert-base-random rows=1000,10000,50000 variants=ours-sdpa,ours-default,baseline sizes=512 limit=220 ;;
+        *) echo "e2e20: key, llama, llama50, qwen3-50k, llama-fa4, modernbert-fa4, fusedtests or keytest" >&2; exit 2 ;;
         esac
         step "e2e-$item" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
             --variants "$variants" --batch-sizes "$sizes" --workdir /tmp/e2e20 --out "$OUT/end_to_end_$item.json"
