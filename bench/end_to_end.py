@@ -22,6 +22,9 @@ documents (mean --mean-sentences sentences). Variants, each a fresh process time
   untimed run before ($PYTHONPYCACHEPREFIX), what a user who knows the image ships none could get;
 - the baseline at each of --batch-sizes; its end-to-end time is its start-up to loaded plus that
   batch size's scoring (see bench/baseline.py); the best batch size is the baseline's figure.
+On CUDA (--machine-warm-up auto), one untimed baseline process on 64 of the first model's rows runs
+before any timed one: the machine's first process on its GPU verified 0.6-1.1 s slower than every
+later one in session 22's runs, whichever variant it was (bench/NOTES.md, runs C and D).
 Each run gets its own empty $ATTNFALLBACK_CACHE (a one-shot shard on a fresh machine) unless
 --shared-cache. Ratios are baseline-best / ours. Also reported: ours' time outside the scoring loop
 against the baseline's import + load, and `ours-default` against `ours-sdpa`. Prints a table; writes JSON.
@@ -141,6 +144,8 @@ def main() -> None:
     p.add_argument("--sweep-batch-sizes-up-to", type=int, default=10000,
                    help="larger row counts run the baseline at the best batch size of the last smaller one")
     p.add_argument("--shared-cache", action="store_true", help="one $ATTNFALLBACK_CACHE for every run (later shards of a sweep)")
+    p.add_argument("--machine-warm-up", choices=("auto", "on", "off"), default="auto",
+                   help="one untimed baseline process before the timed ones (auto: on CUDA)")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default="bench/results/end_to_end.json")
@@ -172,6 +177,14 @@ def main() -> None:
             model = model_dir
             print(f"built {name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         kind = BASELINE_KIND[task]
+        warm_up = args.machine_warm_up == "on" or (args.machine_warm_up == "auto" and args.device.startswith("cuda"))
+        if warm_up and "machine_warm_up" not in report:
+            docs = stsb_sentences()[:64] if name == "default" else stsb_documents(64, args.mean_sentences, seed=64)
+            first = run_baseline(kind, model_dir, write_input(workdir / f"{name}-warm-up.jsonl", docs, task), "8", args.device,
+                                 env, args.timeout)
+            report["machine_warm_up"] = {"model": name, "wall_s": round(first["wall_s"], 3), "exit": first["exit"]}
+            print(f"machine warm-up (untimed baseline, 64 rows): {first['wall_s']:.1f} s, exit {first['exit']}",
+                  file=sys.stderr, flush=True)
         entry = report["models"][name] = {"task": task, "baseline": kind, "sizes": {}}
         best_batch_size = None
         warmed: dict = {}
