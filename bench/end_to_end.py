@@ -51,6 +51,14 @@ BATCH_SIZES = {"st-encode": "32,64,128,256,512", "cross-encoder": "32,64,128,256
                "hf-classify": "8,16,32,64"}
 
 
+def documents(name: str, n: int, mean_sentences: float) -> list[str]:
+    """`n` rows for `name`: STS-B sentences (cycled) for the embedded default, else documents of them."""
+    if name == "default":
+        sentences = stsb_sentences()
+        return [sentences[i % len(sentences)] for i in range(n)]
+    return stsb_documents(n, mean_sentences, seed=n)
+
+
 def run_process(cmd: list[str], env: dict, timeout: float) -> tuple[float, subprocess.CompletedProcess]:
     env = dict(env, BENCH_SPAWNED_AT=repr(time.time()))
     t0 = time.perf_counter()
@@ -163,6 +171,7 @@ def main() -> None:
     env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="true")
     sizes = [int(x) for x in args.rows.split(",")]
     variants = args.variants.split(",")
+    warm_up = args.machine_warm_up == "on" or (args.machine_warm_up == "auto" and args.device.startswith("cuda"))
     report = {"device": gpu_name(args.device), "rows": sizes, "mean_sentences": args.mean_sentences, "models": {}}
     print(f"device: {report['device']}", file=sys.stderr, flush=True)
     for name in args.models.split(","):
@@ -177,9 +186,8 @@ def main() -> None:
             model = model_dir
             print(f"built {name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         kind = BASELINE_KIND[task]
-        warm_up = args.machine_warm_up == "on" or (args.machine_warm_up == "auto" and args.device.startswith("cuda"))
         if warm_up and "machine_warm_up" not in report:
-            docs = stsb_sentences()[:64] if name == "default" else stsb_documents(64, args.mean_sentences, seed=64)
+            docs = documents(name, 64, args.mean_sentences)
             first = run_baseline(kind, model_dir, write_input(workdir / f"{name}-warm-up.jsonl", docs, task), "8", args.device,
                                  env, args.timeout)
             report["machine_warm_up"] = {"model": name, "wall_s": round(first["wall_s"], 3), "exit": first["exit"]}
@@ -189,12 +197,7 @@ def main() -> None:
         best_batch_size = None
         warmed: dict = {}
         for n in sizes:
-            if name == "default":
-                sentences = stsb_sentences()
-                docs = [sentences[i % len(sentences)] for i in range(n)]
-            else:
-                docs = stsb_documents(n, args.mean_sentences, seed=n)
-            data = write_input(workdir / f"{name}-{n}.jsonl", docs, task)
+            data = write_input(workdir / f"{name}-{n}.jsonl", documents(name, n, args.mean_sentences), task)
             runs = {}
             for variant in variants:
                 run_env = dict(env)

@@ -5,7 +5,6 @@ the bookkeeping is asserted; the speeds are what bench/NOTES.md records from rea
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -156,8 +155,7 @@ def test_end_to_end_warms_the_machine_once_before_any_timed_process(tmp_path):
     out = tmp_path / "e2e.json"
     done = subprocess.run([sys.executable, str(REPO / "bench" / "end_to_end.py"), "--device", "cpu", "--models", "default",
                            "--rows", "20", "--variants", "ours-sdpa", "--machine-warm-up", "on", "--workdir", str(tmp_path / "w"),
-                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["machine_warm_up"]["model"] == "default" and report["machine_warm_up"]["exit"] == 0
