@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from zoo_models import MODELS, build_model, json_tail, stsb_documents, write_input  # noqa: E402
 
-NO_WARM_THREAD = ("import sys, attnfallback.scoring.job as job; job._warm_device = lambda: None; "
+NO_WARM_THREAD = ("import sys, attnfallback.scoring.job as job; job._warm_device = lambda *a: {}; "
                   "from attnfallback.cli.app import main; sys.argv[0] = 'attnfallback'; main()")
 
 

@@ -164,3 +164,18 @@ def test_end_to_end_warms_the_machine_once_before_any_timed_process(tmp_path):
     timed = next(i for i, line in enumerate(lines) if line.startswith("default 20 ours-sdpa"))
     assert warm < timed and sum(line.startswith("machine warm-up") for line in lines) == 1
     assert report["models"]["default"]["sizes"]["20"]["runs"]["ours-sdpa"]["rows_written"] == 20
+
+
+def test_end_to_end_sets_the_torch_context_variant_against_the_default():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import end_to_end
+    finally:
+        sys.path.pop(0)
+    runs = {"ours-default": {"exit": 0, "wall_s": 9.0, "phases": {"facts_s": 4.0}},
+            "ours-torch-context": {"exit": 0, "wall_s": 10.0, "phases": {"facts_s": 5.0}}}
+    summary = end_to_end.summarize(runs)
+    assert summary["driver_vs_torch_context_time"] == 0.9
+    assert summary["driver_vs_torch_context_facts_s"] == [4.0, 5.0]
+    source = (REPO / "bench" / "end_to_end.py").read_text()
+    assert 'run_env["ATTNFALLBACK_CUDA_CONTEXT"] = "torch"' in source

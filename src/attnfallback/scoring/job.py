@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from attnfallback import envs
+from attnfallback.cuda_context import device_index, retain_primary_context, torch_built_with_cuda
+from attnfallback.cuda_context import mode as cuda_context_mode
 from attnfallback.errors import InputError, Interrupted, OutputError, OutputExistsError, UsageError, is_fatal_device_error
 from attnfallback.fused_ops import config_shapes, finish_background_compile, prepare_triton_in_background, start_compile_process
 from attnfallback.policy import Mode, Policy, parse_dtype, parse_measure
@@ -364,6 +366,7 @@ class Phases:
         self._first = self._last
         self._seconds: dict[str, float] = {}
         self.before_run_s = before_run_s
+        self.device_warm: Future | None = None  # _warm_device's steps, on its thread
 
     def mark(self, name: str) -> None:
         now = time.perf_counter()
@@ -373,11 +376,14 @@ class Phases:
     def as_dict(self, load_detail: dict | None = None) -> dict:
         """{"before_run_s" (process start to the run), "input_s", "facts_s", "load_s" (with
         "load_detail": from_pretrained, verification, measurement), "score_s", "finish_s", "compile_wait_s"
-        (only when the shard ended before the fused kernels' background compile), "run_s"}."""
+        (only when the shard ended before the fused kernels' background compile), "run_s", and on a
+        GPU "device_detail": how CUDA's context was made and the seconds of each step beside the run}."""
         out = {"before_run_s": self.before_run_s, **{k: round(v, 4) for k, v in self._seconds.items()},
                "run_s": round(self._last - self._first, 4)}
         if load_detail:
             out["load_detail"] = {k: round(v, 4) for k, v in load_detail.items()}
+        if self.device_warm is not None and self.device_warm.done() and self.device_warm.exception() is None:
+            out["device_detail"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in self.device_warm.result().items()}
         return out
 
 
@@ -395,17 +401,40 @@ def _start_in_background(fn, *args) -> Future:
     return future
 
 
-def _warm_device() -> None:
-    """Import torch and make CUDA's context, where there is a GPU (one to two seconds a process
+def _warm_device(device: str, context_mode: str) -> dict:
+    """Make CUDA's context and import torch, where there is a GPU (one to two seconds a process
     would otherwise spend after loading the config), and run one half-precision matrix product, so
     cuBLAS is loaded and its handle made beside the model's load, not in the verification forward
-    (a first shard's forward took 1.6 s against a later one's 0.6 s on the H200)."""
+    (a first shard's forward took 1.6 s against a later one's 0.6 s on the H200). The context comes
+    from the driver first (cuda_context.py: torch's own init holds the GIL, stopping the main
+    thread's imports), unless `context_mode` is "torch". Returns how the context was made
+    ("context": driver, torch, none) and the seconds of each step ("ready_s": all of them, from
+    the thread's start at the run's), for the run's phases."""
+    start = time.perf_counter()
+    detail: dict = {"context": "none"}  # no CUDA device: nothing made
+    index = device_index(device)
+    why_not = None
+    if context_mode == "driver" and index is not None and torch_built_with_cuda():
+        why_not = retain_primary_context(index)
+        detail["driver_context_s"] = time.perf_counter() - start
+        if why_not is None:
+            detail["context"] = "driver"
+    mark = time.perf_counter()
     import torch
 
-    if torch.cuda.is_available():
+    detail["torch_import_s"] = time.perf_counter() - mark
+    if index is not None and torch.cuda.is_available():
+        if detail["context"] == "none":
+            detail["context"] = f"torch ({why_not})" if why_not else "torch"
+        mark = time.perf_counter()
         torch.cuda.init()
-        a = torch.ones(16, 16, device="cuda", dtype=torch.float16)
+        detail["cuda_init_s"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        a = torch.ones(16, 16, device=torch.device("cuda", index), dtype=torch.float16)
         (a @ a).sum().item()
+        detail["cublas_s"] = time.perf_counter() - mark
+    detail["ready_s"] = time.perf_counter() - start
+    return detail
 
 
 def _start_fused_compile(job: ScoreJob, task: str) -> bool:
@@ -446,8 +475,8 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
 
     t_start = time.perf_counter()
     phases = Phases(process_age())
-    if scorer is None and job.device != "cpu":
-        _start_in_background(_warm_device)  # CUDA's context is made while the input and config are read
+    if scorer is None and job.device != "cpu":  # CUDA's context is made while the input and config are read
+        phases.device_warm = _start_in_background(_warm_device, job.device, cuda_context_mode())
     task = validate_job(job)
     fuses = scorer is None and job.device != "cpu" and _start_fused_compile(job, task)
     shard = parse_shard(job.shard)
