@@ -179,3 +179,20 @@ def test_end_to_end_sets_the_torch_context_variant_against_the_default():
     assert summary["driver_vs_torch_context_facts_s"] == [4.0, 5.0]
     source = (REPO / "bench" / "end_to_end.py").read_text()
     assert 'run_env["ATTNFALLBACK_CUDA_CONTEXT"] = "torch"' in source
+
+
+def test_cuda_context_script_runs_every_mode_in_a_fresh_process(tmp_path):
+    from tests.conftest import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "llama", "llama")
+    out = tmp_path / "cc.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "cuda_context_gil.py"), "--model-dir", str(model), "--device", "cpu",
+                           "--repeats", "1", "--workdir", str(tmp_path / "w"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [r["mode"] for r in report["runs"]] == ["spin-torch", "spin-driver", "facts-torch", "facts-driver"]
+    assert all("error" not in r for r in report["runs"]), report["runs"]
+    facts = [r for r in report["runs"] if r["mode"].startswith("facts")]
+    assert all(r["facts_s"] > 0 and r["device_detail"]["context"] == "none" for r in facts)  # no device to warm here
+    assert (tmp_path / "w" / "bytecode").is_dir()
