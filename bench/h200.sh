@@ -25,6 +25,14 @@ step() {  # name, timeout (s), command...
     echo "=== $name exit ${PIPESTATUS[0]}"
 }
 
+end_to_end_item() {  # workdir; $item, $name, $rows, $variants, $sizes, $limit set by the caller's case
+    step "e2e-$item" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
+        --variants "$variants" --batch-sizes "$sizes" --workdir "$1" --out "$OUT/end_to_end_$item.json"
+    for log in "$1"/cache-*/triton-kernels/attnfallback-compile.log; do
+        [ -f "$log" ] && { echo "== $log"; cat "$log"; }
+    done >"$OUT/compile-logs-$item.txt"
+}
+
 case "${1:-}" in
 stage)
     bash .gpu-wheels/fa4-1/stage.sh
@@ -263,11 +271,7 @@ e2e19)  # session 19: who imports scipy, pandas and scikit-learn in a first shar
         qwen3-50k) name=qwen3-0.6b-reward-random rows=50000 variants=ours-default,ours-later,ours-unfused,baseline sizes=64 limit=200 ;;
         *) echo "e2e19: trace, fusedtests, llama, qwen3 or qwen3-50k" >&2; exit 2 ;;
         esac
-        step "e2e-$item" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
-            --variants "$variants" --batch-sizes "$sizes" --workdir /tmp/e2e19 --out "$OUT/end_to_end_$item.json"
-        for log in /tmp/e2e19/cache-*/triton-kernels/attnfallback-compile.log; do
-            [ -f "$log" ] && { echo "== $log"; cat "$log"; }
-        done >"$OUT/compile-logs-$item.txt"
+        end_to_end_item /tmp/e2e19
     done
     ;;
 e2e20)  # session 20: Triton's installation hash computed beside the load: `bash bench/h200.sh e2e20 key llama50 keytest`
@@ -300,11 +304,7 @@ print(f'triton {triton.__version__}: import {imported:.2f} s, triton_key {hashed
         modernbert-fa4) name=modernbert-base-random rows=1000,10000,50000 variants=ours-sdpa,ours-default,baseline sizes=512 limit=220 ;;
         *) echo "e2e20: key, llama, llama50, qwen3-50k, llama-fa4, modernbert-fa4, fusedtests or keytest" >&2; exit 2 ;;
         esac
-        step "e2e-$item" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
-            --variants "$variants" --batch-sizes "$sizes" --workdir /tmp/e2e20 --out "$OUT/end_to_end_$item.json"
-        for log in /tmp/e2e20/cache-*/triton-kernels/attnfallback-compile.log; do
-            [ -f "$log" ] && { echo "== $log"; cat "$log"; }
-        done >"$OUT/compile-logs-$item.txt"
+        end_to_end_item /tmp/e2e20
     done
     ;;
 e2e23)  # session 23: CUDA's context through the driver beside the imports (cuda_context.py): `bash bench/h200.sh e2e23 gil llama`
@@ -329,11 +329,7 @@ e2e23)  # session 23: CUDA's context through the driver beside the imports (cuda
         modernbert-fa4) name=modernbert-base-random rows=1000,10000,50000 variants=ours-sdpa,ours-default,ours-torch-context,baseline sizes=512 limit=260 ;;
         *) echo "e2e23: gil, llama, modernbert-fa4, fusedtests or gputests" >&2; exit 2 ;;
         esac
-        step "e2e-$item" "$limit" python3 bench/end_to_end.py --device cuda --models "$name" --rows "$rows" \
-            --variants "$variants" --batch-sizes "$sizes" --workdir /tmp/e2e23 --out "$OUT/end_to_end_$item.json"
-        for log in /tmp/e2e23/cache-*/triton-kernels/attnfallback-compile.log; do
-            [ -f "$log" ] && { echo "== $log"; cat "$log"; }
-        done >"$OUT/compile-logs-$item.txt"
+        end_to_end_item /tmp/e2e23
     done
     ;;
 *)
