@@ -332,7 +332,26 @@ e2e23)  # session 23: CUDA's context through the driver beside the imports (cuda
         end_to_end_item /tmp/e2e23
     done
     ;;
+e2e24)  # session 24: the loop's levers (bench/loop_levers.py) and the head's aligned product: `bash bench/h200.sh e2e24 levers`,
+        # then `e2e24 llama` (carry tok); items: levers, llama (1k, 10k, 50k: default, later, baseline), llama50k, gputests
+    common_env
+    shift
+    for item in "$@"; do
+        case "$item" in
+        levers)
+            step loop-levers 420 python3 bench/loop_levers.py --device cuda --docs 20000 --workdir /tmp/e2e24 --out "$OUT/loop_levers.json"
+            continue ;;
+        gputests)
+            step gpu-tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 120 tests/test_gpu.py tests/test_fused_ops.py
+            continue ;;
+        llama) name=llama-1b-random rows=1000,10000,50000 variants=ours-default,ours-later,baseline sizes=128 limit=330 ;;
+        llama50k) name=llama-1b-random rows=50000 variants=ours-default,ours-later,baseline sizes=128 limit=200 ;;
+        *) echo "e2e24: levers, llama, llama50k or gputests" >&2; exit 2 ;;
+        esac
+        end_to_end_item /tmp/e2e24
+    done
+    ;;
 *)
-    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16|e2e18|e2e19|e2e20|e2e23" >&2; exit 2
+    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16|e2e18|e2e19|e2e20|e2e23|e2e24" >&2; exit 2
     ;;
 esac

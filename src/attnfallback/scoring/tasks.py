@@ -59,6 +59,10 @@ AUTO_CLASSES = {
     "logprob": "AutoModelForCausalLM",
 }
 LOGITS_CHUNK_TOKENS = 4096  # logprob: positions per lm-head chunk (bounds the B x L x vocab logits)
+# logprob on CUDA: the head's matrix product runs with its output rows padded to a multiple of this
+# many columns. cuBLAS takes its fast kernels only for 16-byte-aligned rows; a vocabulary such as
+# 30,522 or GPT-2's 50,257 gets an older, slower kernel (bench/NOTES.md, session 24).
+HEAD_ALIGN = 64
 _UNSUPPORTED_LOGIT_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
@@ -395,6 +399,39 @@ class LogprobTask(Task):
         self.vocab_size = int(getattr(self.head, "out_features", None) or getattr(text, "vocab_size", 0) or 0)
         self.token_logprobs = TorchKernels().token_logprobs  # (rows, vocab) logits, targets -> float32 log p
         self.fused_head = False
+        self._aligned_head = None  # (weight, bias) zero-padded to HEAD_ALIGN columns, see align_head
+        param = next(model.parameters(), None)
+        if self.chunked and param is not None and param.is_cuda:
+            self.align_head(HEAD_ALIGN)
+
+    def align_head(self, multiple: int) -> int | None:
+        """Run the head's matrix product on a copy of its weight padded with zero rows to a multiple
+        of `multiple` outputs; the logits are a view of the first vocab_size columns, so nothing
+        downstream changes. Returns the padded width, None where there is nothing to pad (or
+        `multiple` is 1: back to the head itself)."""
+        import torch
+
+        self._aligned_head = None
+        weight = getattr(self.head, "weight", None)
+        if not self.chunked or weight is None or multiple <= 1 or weight.dim() != 2 or not isinstance(self.head, torch.nn.Linear):
+            return None
+        extra = -weight.shape[0] % multiple
+        if not extra:
+            return None
+        with torch.no_grad():
+            padded = torch.cat([weight, weight.new_zeros(extra, weight.shape[1])])
+            bias = None if self.head.bias is None else torch.cat([self.head.bias, self.head.bias.new_zeros(extra)])
+        self._aligned_head = (padded, bias)
+        return int(padded.shape[0])
+
+    def head_logits(self, hidden):
+        """The head's logits for (positions, hidden) rows: (positions, vocab_size), rows maybe strided."""
+        if self._aligned_head is None:
+            return self.head(hidden)
+        import torch
+
+        weight, bias = self._aligned_head
+        return torch.nn.functional.linear(hidden, weight, bias)[:, : self.vocab_size]
 
     def output_fields(self):
         import pyarrow as pa
@@ -426,7 +463,7 @@ class LogprobTask(Task):
             flat = hidden.reshape(-1, hidden.shape[-1])
             for start in range(0, total, LOGITS_CHUNK_TOKENS):
                 stop = min(start + LOGITS_CHUNK_TOKENS, total)
-                picked = self.token_logprobs(self.head(flat.index_select(0, select[start:stop])), targets[start:stop])
+                picked = self.token_logprobs(self.head_logits(flat.index_select(0, select[start:stop])), targets[start:stop])
                 sums.index_add_(0, row_of[start:stop], picked)
         else:
             logits = self.model(**inputs).logits
@@ -450,7 +487,8 @@ class LogprobTask(Task):
         }
 
     def describe(self):
-        return {"task": self.name, "mode": self.mode, "chunked_head": self.chunked, "fused_head": self.fused_head}
+        return {"task": self.name, "mode": self.mode, "chunked_head": self.chunked, "fused_head": self.fused_head,
+                "head_columns": int(self._aligned_head[0].shape[0]) if self._aligned_head is not None else self.vocab_size}
 
 
 def not_compiled_yet(model, task: Task, device, env=None) -> str | None:
