@@ -8,12 +8,14 @@ The model (Llama-1B's shape, random weights, bench/zoo_models.py) is loaded once
 changes one thing of the scorer, and the loop (Scorer.score_chunks over the parts `score` makes,
 tokenizing included) runs for each in turn, round-robin, --repeats times, median:
 
-- `base`: as a shard runs it, the head's weight as loaded;
+- `base`: as a shard ran before session 24: the head's weight as loaded, the default cuts;
 - `aligned`: the head's product on its weight padded to a multiple of 64 outputs (tasks.HEAD_ALIGN);
 - `aligned-chunk-N`: and N head positions a chunk (tasks.LOGITS_CHUNK_TOKENS, 4096 by default);
-- `aligned-budget-N`: and N padded tokens a batch (the default is the model's width's budget);
-- `aligned-fine-cuts`: and plan_batches' floor and per-batch overhead a quarter of their defaults,
-  so batches are cut where the length drops more often (less padding, more forwards).
+- `shipped`: aligned, and batches cut at the model's cut scale (batching.cut_scale), as a shard runs now;
+- `aligned-cuts-xS`: aligned, plan_batches' floor and per-batch overhead S times below their defaults,
+  so batches are cut where the length drops more often (less padding, more forwards);
+- `aligned-budget-N` (and at the model's cut scale): N padded tokens a batch (the default is the
+  model's width's budget).
 
 Then the forward alone under torch.profiler for `base` and `aligned`: GPU time by kind of kernel,
 the top kernels, and the share of the wall time the GPU was busy. Warm in-process loops: a
@@ -39,32 +41,32 @@ from zoo_models import MODELS, build_model, stsb_documents  # noqa: E402
 MODEL = "llama-1b-random"
 
 
-def variants(default_budget: int, chunks: tuple[int, ...], budgets: tuple[int, ...]) -> dict[str, dict]:
-    """Variant name -> its settings (align, chunk, budget, fine)."""
-    base = {"align": 1, "chunk": 4096, "budget": default_budget, "fine": False}
-    out = {"base": base, "aligned": {**base, "align": 64}}
+def variants(default_budget: int, default_scale: float, chunks: tuple[int, ...], budgets: tuple[int, ...],
+             scales: tuple[float, ...]) -> dict[str, dict]:
+    """Variant name -> its settings (align, chunk, budget, cut scale)."""
+    base = {"align": 1, "chunk": 4096, "budget": default_budget, "scale": 1.0}
+    out = {"base": base, "aligned": {**base, "align": 64},
+           "shipped": {**base, "align": 64, "scale": default_scale}}
     for chunk in chunks:
         out[f"aligned-chunk-{chunk}"] = {**base, "align": 64, "chunk": chunk}
+    for scale in scales:
+        out[f"aligned-cuts-x{scale:g}"] = {**base, "align": 64, "scale": scale}
     for budget in budgets:
         if budget != default_budget:
             out[f"aligned-budget-{budget}"] = {**base, "align": 64, "budget": budget}
-    out["aligned-fine-cuts"] = {**base, "align": 64, "fine": True}
+            out[f"aligned-budget-{budget}-cuts-x{default_scale:.2g}"] = {**base, "align": 64, "budget": budget, "scale": default_scale}
     return out
 
 
 def apply(scorer, settings: dict) -> None:
     """Put `scorer` in the variant's state."""
-    from attnfallback.batching import FLOOR_DIVISOR, OVERHEAD_DIVISOR
     from attnfallback.scoring import tasks
 
     scorer.task.align_head(settings["align"])
     tasks.LOGITS_CHUNK_TOKENS = settings["chunk"]
     scorer.batch_tokens = settings["budget"]
-    if settings["fine"]:
-        scorer.floor_tokens = settings["budget"] // (FLOOR_DIVISOR * 4)
-        scorer.overhead_tokens = settings["budget"] // (OVERHEAD_DIVISOR * 4)
-    else:
-        scorer.floor_tokens = scorer.overhead_tokens = None
+    scorer.cut_scale = settings["scale"]
+    scorer.floor_tokens = scorer.overhead_tokens = None
 
 
 def profile_run(run, device: str) -> dict:
@@ -119,8 +121,9 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=20000)
     ap.add_argument("--profile-docs", type=int, default=5000)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--chunks", default="8192,16384")
-    ap.add_argument("--budgets", default="65536,32768")
+    ap.add_argument("--chunks", default="")
+    ap.add_argument("--budgets", default="32768")
+    ap.add_argument("--scales", default="2,8,16")
     ap.add_argument("--kernels", default="triton", choices=["triton", "torch"])
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default="bench/results/loop_levers.json")
@@ -140,11 +143,11 @@ def main() -> None:
     fused = set_fused(scorer, True, kernels)
     texts = stsb_documents(50000, 4.0, seed=50000)[: args.docs]  # end_to_end.py's 50k shard begins so
     tokens = int(scorer.encoder.encode([(t,) for t in texts]).lengths.sum())
-    table = variants(scorer.batch_tokens, tuple(int(c) for c in args.chunks.split(",") if c),
-                     tuple(int(b) for b in args.budgets.split(",") if b))
+    table = variants(scorer.batch_tokens, scorer.cut_scale, tuple(int(c) for c in args.chunks.split(",") if c),
+                     tuple(int(b) for b in args.budgets.split(",") if b), tuple(float(x) for x in args.scales.split(",") if x))
     report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
               "model": MODEL, "docs": len(texts), "tokens": tokens, "impl": scorer.decision.used, "fused": fused,
-              "vocab": scorer.task.vocab_size, "argv": sys.argv[1:], "variants": table}
+              "vocab": scorer.task.vocab_size, "cut_scale": scorer.cut_scale, "argv": sys.argv[1:], "variants": table}
     loops = {}
     for name, settings in table.items():
         apply(scorer, settings)
@@ -172,7 +175,7 @@ def main() -> None:
         pad = report["padding"][name]
         print(f"  {name:24} {report['tokens_per_s'][name]:>11,.0f} tok/s  x{report['against_base'][name]:.3f}  "
               f"padding {pad['padding']:.1%} in {pad['batches']} batches  {seconds[name]}", flush=True)
-    for name in ("base", "aligned"):
+    for name in ("base", "shipped"):
         apply(scorer, table[name])
         report[f"profile_{name}"] = entry = profile_run(make_gpu_only(scorer, texts[: args.profile_docs]), args.device)
         print(f"  forward {name}: {entry['kernel_ms']:.1f} ms in kernels of {entry['wall_ms']:.1f} ms wall (busy {entry['busy']:.1%}); "

@@ -28,6 +28,16 @@ OVERHEAD_DIVISOR = 64
 # forward waits on (H100, BERT-base, 20k texts: 838k tokens/s at 64k tokens a batch, 1.13M at
 # 256k; Qwen2-0.5B: 296k at 64k, 308k at 128k; bench/NOTES.md, session 2).
 CUDA_FFN_ELEMENTS = 262144 * 3072
+
+# plan_batches prices a batch in tokens: its padded tokens (at least a floor) plus a per-forward
+# overhead. What a forward costs beyond its tokens hardly grows with the model, while a token's cost
+# grows with its parameters, so for a heavier model the same overhead is fewer tokens and cutting
+# where the length drops pays sooner: the floor and overhead are divided by the model's body
+# parameters (without its embeddings) over CUT_REFERENCE_PARAMS, from 1 up to CUT_MAX_SCALE. H100,
+# Llama-1B (1B in its body): cuts 4x finer took its padding from 12.1% to 4.5% and its loop 3.5%
+# faster (bench/NOTES.md, session 24); Qwen2-0.5B gained nothing from 2-8x finer (session 7).
+CUT_REFERENCE_PARAMS = 250e6
+CUT_MAX_SCALE = 8.0
 CUDA_MIN_BATCH_TOKENS = 16384
 CUDA_MAX_BATCH_TOKENS = 262144
 
@@ -66,6 +76,33 @@ def eager_max_cells(impl: str | None, num_heads: int | None) -> int | None:
         return None
     heads = max(int(num_heads or 1), 1)
     return max(EAGER_SCORE_BYTES // (4 * heads), 1)
+
+
+def body_parameters(model) -> int:
+    """The parameters of `model` outside its input and output embeddings (what a padded token
+    costs is the body's; the logprob head runs on real positions only)."""
+    skip = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            module = None
+        if module is not None:
+            skip.update(id(p) for p in module.parameters())
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def cut_scale(body_params: int | None) -> float:
+    """How many times finer than the defaults plan_batches cuts for a model of `body_params`."""
+    if not body_params or body_params <= CUT_REFERENCE_PARAMS:
+        return 1.0
+    return min(CUT_MAX_SCALE, body_params / CUT_REFERENCE_PARAMS)
+
+
+def cut_costs(batch_tokens: int, scale: float = 1.0) -> tuple[int, int]:
+    """plan_batches' (floor, per-batch overhead) in tokens for this budget and cut scale."""
+    scale = max(float(scale), 1.0)
+    return max(int(batch_tokens / (FLOOR_DIVISOR * scale)), 1), int(batch_tokens / (OVERHEAD_DIVISOR * scale))
 
 
 def length_order(lengths: np.ndarray) -> np.ndarray:

@@ -29,7 +29,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from attnfallback import arrow_build
-from attnfallback.batching import default_batch_tokens, eager_max_cells, ffn_width, length_order, plan_batches
+from attnfallback.batching import (
+    body_parameters,
+    cut_costs,
+    cut_scale,
+    default_batch_tokens,
+    eager_max_cells,
+    ffn_width,
+    length_order,
+    plan_batches,
+)
 from attnfallback.errors import NonFiniteError, TokenizerMismatchError, UsageError, is_fatal_device_error
 from attnfallback.kernel_variants import declared_shape, padded_boundaries, shape_mode
 from attnfallback.loader import load_model
@@ -124,8 +133,9 @@ class Scorer:
         self.id_type = "int64"
         self.packing = getattr(job, "packing", "auto")
         self.pack = False  # batches packed padding-free (see refresh_packing)
-        self.floor_tokens: int | None = None  # plan_batches' floor and per-batch overhead (None: its defaults)
+        self.floor_tokens: int | None = None  # plan_batches' floor and per-batch overhead (None: from cut_scale)
         self.overhead_tokens: int | None = None
+        self.cut_scale = cut_scale(body_parameters(loaded.model))  # a heavier model's batches are cut finer
         # the run's first part in pieces (CUDA: the GPU would wait for all of its tokenizing)
         self.lead_fractions: tuple[float, ...] = LEAD_FRACTIONS if self.on_cuda else ()
         self.packing_note = "off"
@@ -257,6 +267,7 @@ class Scorer:
 
     def describe(self) -> dict:
         return {**self.task.describe(), "max_length": self.max_length, "batch_tokens": self.batch_tokens,
+                "batch_cuts": {"scale": round(self.cut_scale, 2), **dict(zip(("floor_tokens", "overhead_tokens"), self.cut_costs()))},
                 "max_cells": self.max_cells, "device": str(self.device), "impl": self.decision.used,
                 "packing": self.packing_note, "tokenizer": self.tokenizer_note, "token_type_ids": self.with_types,
                 "fused": self.fused,
@@ -365,9 +376,15 @@ class Scorer:
     def _batched(self, encoded: Encoded) -> tuple[np.ndarray, list[HostBatch]]:
         """Rows in length order (stable) and their token-budget batches, for the current implementation."""
         order = length_order(encoded.lengths)
-        slices = plan_batches(encoded.lengths[order], self.batch_tokens, self.max_cells, floor_tokens=self.floor_tokens,
-                              overhead_tokens=self.overhead_tokens)
+        floor, overhead = self.cut_costs()
+        slices = plan_batches(encoded.lengths[order], self.batch_tokens, self.max_cells, floor_tokens=floor, overhead_tokens=overhead)
         return order, [self._host_batch(encoded, order[s.start:s.stop], s.length) for s in slices]
+
+    def cut_costs(self) -> tuple[int, int]:
+        """plan_batches' (floor, overhead) for the current budget: as set, else by the model's cut scale."""
+        floor, overhead = cut_costs(self.batch_tokens, self.cut_scale)
+        return (floor if self.floor_tokens is None else self.floor_tokens,
+                overhead if self.overhead_tokens is None else self.overhead_tokens)
 
     def limit_violation(self, encoded: Encoded):
         """The first id the model's tables cannot take (scoring/limits.py), or None: a max over the

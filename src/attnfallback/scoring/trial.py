@@ -69,8 +69,9 @@ class SampleBench:
             return 1.0
         lengths = np.sort(self._encoded.lengths)[::-1]
         repeats = max(1, round(self.run_rows() / max(len(lengths), 1)))
+        floor, overhead = scorer.cut_costs()
         slices = plan_batches(np.repeat(lengths, repeats), scorer.batch_tokens, scorer.max_cells,
-                              floor_tokens=scorer.floor_tokens, overhead_tokens=scorer.overhead_tokens)
+                              floor_tokens=floor, overhead_tokens=overhead)
         return sum(s.padded_tokens for s in slices) / (repeats * self.tokens)
 
     def shard_passes(self) -> float | None:
