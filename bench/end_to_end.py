@@ -15,8 +15,6 @@ documents (mean --mean-sentences sentences). Variants, each a fresh process time
 - `ours-fa4` (asked for by --variants): `attnfallback score ... --prefer flash_attention_4 --policy strict`;
 - `ours-unfused` (asked for by --variants): the default with ATTNFALLBACK_FUSED=off (the model's own
   norms, MLPs and logprob head instead of fused_ops.py's kernels);
-- `ours-torch-context` (asked for by --variants): the default with ATTNFALLBACK_CUDA_CONTEXT=torch
-  (CUDA's context made by torch.cuda.init, the GIL held, instead of through the driver beside the imports);
 - `ours-later`: the default, as a later shard of a sweep on the same machine (or one sharing
   $ATTNFALLBACK_CACHE): its cache, one per model, was used by one untimed shard first (compiled
   bytecode where the image ships none, FlashAttention-4's kernels, measured choices);
@@ -230,8 +228,6 @@ def main() -> None:
                     extra += ["--device", args.device]
                     if variant == "ours-unfused":
                         run_env["ATTNFALLBACK_FUSED"] = "off"
-                    if variant == "ours-torch-context":
-                        run_env["ATTNFALLBACK_CUDA_CONTEXT"] = "torch"
                     runs[variant] = run_ours(model, task, data, workdir / f"{name}-{n}-{variant}.parquet", extra, run_env,
                                              args.timeout)
                 r = runs[variant]
@@ -255,7 +251,7 @@ def summarize(runs: dict) -> dict:
     base_bytecode = runs.get("baseline-bytecode", {})
     if base_bytecode.get("exit") == 0:
         base_bytecode.update(summarize_baseline(base_bytecode))
-    for variant in ("ours-sdpa", "ours-default", "ours-fa4", "ours-later", "ours-unfused", "ours-torch-context"):
+    for variant in ("ours-sdpa", "ours-default", "ours-fa4", "ours-later", "ours-unfused"):
         r = runs.get(variant, {})
         if base_bytecode.get("exit") == 0 and r.get("exit") == 0:
             summary[f"{variant}_vs_baseline_bytecode"] = round(base_bytecode["best_e2e_s"] / r["wall_s"], 3)
@@ -270,12 +266,6 @@ def summarize(runs: dict) -> dict:
         summary["fused_vs_unfused_time"] = round(runs["ours-default"]["wall_s"] / runs["ours-unfused"]["wall_s"], 3)
         if runs["ours-unfused"].get("loop_s") and runs["ours-default"].get("loop_s"):
             summary["fused_vs_unfused_loop"] = round(runs["ours-default"]["loop_s"] / runs["ours-unfused"]["loop_s"], 3)
-    torch_context = runs.get("ours-torch-context", {})
-    if torch_context.get("exit") == 0 and runs.get("ours-default", {}).get("exit") == 0:
-        summary["driver_vs_torch_context_time"] = round(runs["ours-default"]["wall_s"] / torch_context["wall_s"], 3)
-        facts = [r.get("phases", {}).get("facts_s") for r in (runs["ours-default"], torch_context)]
-        if None not in facts:
-            summary["driver_vs_torch_context_facts_s"] = [round(f, 3) for f in facts]
     if runs.get("ours-sdpa", {}).get("exit") == 0 and runs.get("ours-fa4", {}).get("exit") == 0:
         summary["fa4_vs_sdpa_loop_rate"] = round(runs["ours-fa4"]["loop_tokens_per_s"] / runs["ours-sdpa"]["loop_tokens_per_s"], 3)
         summary["fa4_vs_sdpa_time"] = round(runs["ours-fa4"]["wall_s"] / runs["ours-sdpa"]["wall_s"], 3)
@@ -315,12 +305,6 @@ def print_table(report: dict) -> None:
                         f"{s.get('fused_vs_unfused_time', float('nan')):.3f}, loop {s.get('fused_vs_unfused_loop', float('nan')):.3f}"
                         if unfused.get("exit") == 0 else "failed")
                 print(f"{'':26} {'':6} unfused (ATTNFALLBACK_FUSED=off): {text}")
-            torch_context = runs.get("ours-torch-context", {})
-            if torch_context:
-                text = (f"{torch_context['wall_s']:.2f} s, {s.get('ours-torch-context_vs_baseline', float('nan')):.2f}x; "
-                        f"default (driver)/torch time {s.get('driver_vs_torch_context_time', float('nan')):.3f}, facts s "
-                        f"{s.get('driver_vs_torch_context_facts_s')}" if torch_context.get("exit") == 0 else "failed")
-                print(f"{'':26} {'':6} context by torch.cuda.init (ATTNFALLBACK_CUDA_CONTEXT=torch): {text}")
             if "fa4_vs_sdpa_loop_rate" in s:
                 print(f"{'':26} {'':6} FA4 strict: {runs['ours-fa4']['wall_s']:.2f} s, loop {s['fa4_vs_sdpa_loop_rate']:.2f}x sdpa's rate, "
                       f"time {s['fa4_vs_sdpa_time']:.2f}x")

@@ -307,31 +307,6 @@ print(f'triton {triton.__version__}: import {imported:.2f} s, triton_key {hashed
         end_to_end_item /tmp/e2e20
     done
     ;;
-e2e23)  # session 23: CUDA's context through the driver beside the imports (cuda_context.py): `bash bench/h200.sh e2e23 gil llama`
-        # (carry tok); items: gil (bench/cuda_context_gil.py), llama (1k, 10k, 50k: default, torch context, later, baseline),
-        # modernbert-fa4 (after stage, FA4 staged: sdpa, default, torch context, baseline), fusedtests, gputests
-    common_env
-    shift
-    for item in "$@"; do
-        case "$item" in
-        gil)
-            step build-llama 120 python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); from zoo_models import build_model; build_model('llama-1b-random', Path('/tmp/e2e23/llama-1b-random'), device='cuda')"
-            step cuda-context 150 python3 bench/cuda_context_gil.py --model-dir /tmp/e2e23/llama-1b-random --repeats 3 \
-                --workdir /tmp/e2e23/gil --out "$OUT/cuda_context.json"
-            continue ;;
-        fusedtests)
-            step fused-gpu-tests 100 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 120 tests/test_fused_ops.py
-            continue ;;
-        gputests)
-            step context-gpu-tests 100 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 60 tests/test_gpu.py -k "context"
-            continue ;;
-        llama) name=llama-1b-random rows=1000,10000,50000 variants=ours-default,ours-torch-context,ours-later,baseline sizes=128 limit=330 ;;
-        modernbert-fa4) name=modernbert-base-random rows=1000,10000,50000 variants=ours-sdpa,ours-default,ours-torch-context,baseline sizes=512 limit=260 ;;
-        *) echo "e2e23: gil, llama, modernbert-fa4, fusedtests or gputests" >&2; exit 2 ;;
-        esac
-        end_to_end_item /tmp/e2e23
-    done
-    ;;
 e2e24)  # session 24: the loop's levers (bench/loop_levers.py) and the head's aligned product: `bash bench/h200.sh e2e24 levers`,
         # then `e2e24 llama` (carry tok); items: levers, llama (1k, 10k, 50k: default, later, baseline), llama50k, gputests
     common_env
@@ -352,6 +327,6 @@ e2e24)  # session 24: the loop's levers (bench/loop_levers.py) and the head's al
     done
     ;;
 *)
-    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16|e2e18|e2e19|e2e20|e2e23|e2e24" >&2; exit 2
+    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16|e2e18|e2e19|e2e20|e2e24" >&2; exit 2
     ;;
 esac

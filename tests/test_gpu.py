@@ -104,20 +104,7 @@ def test_padded_sdpa_batches_run_the_memory_efficient_kernel_not_cudnn(bert_hd64
     assert loaded.decision.kernels == ["sdpa:efficient"]
 
 
-def test_the_drivers_primary_context_is_the_one_torch_runs_on():
-    code = ("from attnfallback.cuda_context import retain_primary_context\n"
-            "why_not = retain_primary_context(0)\n"
-            "import ctypes, torch\n"
-            "torch.cuda.init(); a = torch.ones(8, 8, device='cuda'); total = (a @ a).sum().item()\n"
-            "current = ctypes.c_void_p(); ctypes.CDLL('libcuda.so.1').cuCtxGetCurrent(ctypes.byref(current))\n"
-            "primary = ctypes.c_void_p(); ctypes.CDLL('libcuda.so.1').cuDevicePrimaryCtxRetain(ctypes.byref(primary), 0)\n"
-            "print(why_not, total, current.value == primary.value)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["None", "512.0", "True"]
-
-
-def test_a_gpu_shard_makes_its_context_through_the_driver(bert_hd64, tmp_path):
+def test_a_gpu_shard_warms_its_own_device_beside_the_imports(bert_hd64, tmp_path):
     from attnfallback.scoring import ScoreJob, run_score
 
     data = tmp_path / "in.jsonl"
@@ -125,4 +112,4 @@ def test_a_gpu_shard_makes_its_context_through_the_driver(bert_hd64, tmp_path):
     result = run_score(ScoreJob(model=str(bert_hd64), input=str(data), output=str(tmp_path / "out.parquet"), device="cuda",
                                 quiet=True))
     detail = result.phases["device_detail"]
-    assert detail["context"] == "driver" and detail["driver_context_s"] > 0 and "cuda_init_s" in detail
+    assert detail["context"] == "torch" and detail["cublas_s"] > 0 and detail["ready_s"] >= detail["torch_import_s"]

@@ -14,7 +14,6 @@
 | ATTNFALLBACK_BYTECODE | the command line keeps compiled bytecode under ATTNFALLBACK_CACHE where the image has none: auto, on, off | auto |
 | ATTNFALLBACK_LEAN_IMPORTS | reading a model's facts keeps transformers' optional scipy, Pillow, torchvision, torchaudio and scikit-learn imports out: on (the command line sets it) or off | off |
 | ATTNFALLBACK_FUSED | the scoring loop's fused kernels (RMSNorm, gated SiLU, the logprob head; Triton on CUDA): auto (where compiled on this machine before; else compiled in a process of their own started with the shard, for the next shards, and waited for where the shard's expected work pays for it), on, off | auto |
-| ATTNFALLBACK_CUDA_CONTEXT | a GPU shard makes CUDA's context through the driver, beside its imports without holding the GIL (driver), or in torch.cuda.init (torch) | driver |
 | ATTNFALLBACK_FASTEST_SAMPLE | policy fastest without the caller's own rows: a length distribution | short |
 | ATTNFALLBACK_SDPA_ORDER | torch keeps PyTorch's SDPA kernel order | ours |
 | ATTNFALLBACK_RUN_ID, ATTNFALLBACK_SHARD | the run and shard an event belongs to | generated, 0/1 |
@@ -43,7 +42,6 @@ FASTEST_SAMPLE = "ATTNFALLBACK_FASTEST_SAMPLE"
 BYTECODE = "ATTNFALLBACK_BYTECODE"
 LEAN_IMPORTS = "ATTNFALLBACK_LEAN_IMPORTS"
 FUSED = "ATTNFALLBACK_FUSED"
-CUDA_CONTEXT = "ATTNFALLBACK_CUDA_CONTEXT"
 SDPA_ORDER = "ATTNFALLBACK_SDPA_ORDER"
 DEFAULT_MODEL_DIR = "ATTNFALLBACK_DEFAULT_MODEL_DIR"
 LOG = "ATTNFALLBACK_LOG"

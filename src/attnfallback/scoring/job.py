@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -22,8 +23,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from attnfallback import envs
-from attnfallback.cuda_context import device_index, retain_primary_context, torch_built_with_cuda
-from attnfallback.cuda_context import mode as cuda_context_mode
 from attnfallback.errors import InputError, Interrupted, OutputError, OutputExistsError, UsageError, is_fatal_device_error
 from attnfallback.fused_ops import config_shapes, finish_background_compile, prepare_triton_in_background, start_compile_process
 from attnfallback.policy import Mode, Policy, parse_dtype, parse_measure
@@ -401,31 +400,31 @@ def _start_in_background(fn, *args) -> Future:
     return future
 
 
-def _warm_device(device: str, context_mode: str) -> dict:
-    """Make CUDA's context and import torch, where there is a GPU (one to two seconds a process
-    would otherwise spend after loading the config), and run one half-precision matrix product, so
-    cuBLAS is loaded and its handle made beside the model's load, not in the verification forward
-    (a first shard's forward took 1.6 s against a later one's 0.6 s on the H200). The context comes
-    from the driver first (cuda_context.py: torch's own init holds the GIL, stopping the main
-    thread's imports), unless `context_mode` is "torch". Returns how the context was made
-    ("context": driver, torch, none) and the seconds of each step ("ready_s": all of them, from
-    the thread's start at the run's), for the run's phases."""
+_CUDA_DEVICE = re.compile(r"^(auto|cuda)(?::(\d+))?$")
+
+
+def device_index(device: str) -> int | None:
+    """The CUDA ordinal a `--device` value runs on ("cuda" and "auto": 0, "cuda:N": N); None for
+    anything that is not CUDA ("cpu", "mps")."""
+    match = _CUDA_DEVICE.match(device.strip().lower())
+    return None if match is None else int(match.group(2) or 0)
+
+
+def _warm_device(device: str) -> dict:
+    """Import torch and make CUDA's context, where there is a GPU (one to two seconds a process
+    would otherwise spend after loading the config), and run one half-precision matrix product on
+    the job's device, so cuBLAS is loaded and its handle made beside the model's load, not in the
+    verification forward (a first shard's forward took 1.6 s against a later one's 0.6 s on the
+    H200). Returns whether a context was made ("context": torch, none) and the seconds of each
+    step ("ready_s": all of them, from the thread's start at the run's), for the run's phases."""
     start = time.perf_counter()
     detail: dict = {"context": "none"}  # no CUDA device: nothing made
     index = device_index(device)
-    why_not = None
-    if context_mode == "driver" and index is not None and torch_built_with_cuda():
-        why_not = retain_primary_context(index)
-        detail["driver_context_s"] = time.perf_counter() - start
-        if why_not is None:
-            detail["context"] = "driver"
-    mark = time.perf_counter()
     import torch
 
-    detail["torch_import_s"] = time.perf_counter() - mark
+    detail["torch_import_s"] = time.perf_counter() - start
     if index is not None and torch.cuda.is_available():
-        if detail["context"] == "none":
-            detail["context"] = f"torch ({why_not})" if why_not else "torch"
+        detail["context"] = "torch"
         mark = time.perf_counter()
         torch.cuda.init()
         detail["cuda_init_s"] = time.perf_counter() - mark
@@ -476,7 +475,7 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
     t_start = time.perf_counter()
     phases = Phases(process_age())
     if scorer is None and job.device != "cpu":  # CUDA's context is made while the input and config are read
-        phases.device_warm = _start_in_background(_warm_device, job.device, cuda_context_mode())
+        phases.device_warm = _start_in_background(_warm_device, job.device)
     task = validate_job(job)
     fuses = scorer is None and job.device != "cpu" and _start_fused_compile(job, task)
     shard = parse_shard(job.shard)

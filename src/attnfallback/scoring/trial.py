@@ -20,6 +20,10 @@ from attnfallback.scoring.tokenize import TextEncoder
 from attnfallback.verify import RECOVERABLE, first_line
 
 SAMPLE_MIN_REPEATS = 2
+# A trial's first pass meets the sample's batch shapes for the first time (kernel set-up, cuBLAS's
+# choices, a compile): it costs about this many timed passes (H100, Llama-1B, 256 rows: 0.49 s
+# against 0.09-0.13 s a pass; bench/NOTES.md, session 24).
+FIRST_PASS_COST = 4
 SAMPLE_MAX_REPEATS = 5
 
 
@@ -29,7 +33,7 @@ class SampleBench:
     A trial's first pass is also its verification: an exception or a non-finite output there
     rejects the candidate with the reason."""
 
-    min_trial_passes = 1 + SAMPLE_MIN_REPEATS  # the first (verifying) pass and the timed ones
+    min_trial_passes = FIRST_PASS_COST + SAMPLE_MIN_REPEATS  # the first (verifying) pass and the timed ones
 
     def __init__(self, scorer, texts: list[tuple[str, ...]], expected_rows):  # scorer: pipeline.Scorer
         self.scorer = scorer
