@@ -18,6 +18,7 @@ from attnfallback.fused_ops import (
     fuse_modules,
     is_gated_silu_mlp,
     is_rms_norm,
+    triton_kernels,
     unavailable_reason,
     unfuse_modules,
     use_triton_cache,
@@ -755,3 +756,40 @@ def test_the_scorer_waits_with_the_shard_s_expected_tokens_and_times_the_wait(ti
     assert scorer.fused["waited_s"] == 0.5 and scorer.fused["logprob_head"] == "fused"
     assert scorer.decision.timing["fused_wait_s"] == 0.5
     assert scorer.task.fused_head
+
+
+def test_the_head_on_aligned_rows_gives_the_heads_own_logits():
+    """The head's product on a weight padded with zero rows: the logits are a view of the real
+    columns, strided as the padded width, and equal to the head's own."""
+    model, _ = causal_lm("llama", torch.float32)
+    task = LogprobTask(model, zoo.tokenizer_for(zoo.FAMILIES["llama"]), None)
+    vocab = task.vocab_size
+    assert task.describe()["head_columns"] == vocab  # on the CPU nothing is padded unless asked
+    multiple = 64 if vocab % 64 else 60
+    width = task.align_head(multiple)
+    assert width % multiple == 0 and vocab < width < vocab + multiple
+    hidden = torch.randn(7, model.config.hidden_size)
+    with torch.inference_mode():
+        ours, theirs = task.head_logits(hidden), task.head(hidden)
+    assert ours.shape == theirs.shape == (7, vocab) and ours.stride() == (width, 1)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    got = TorchKernels().token_logprobs(ours, torch.arange(7))
+    assert torch.allclose(got, TorchKernels().token_logprobs(theirs, torch.arange(7)), atol=1e-5)
+    assert task.describe()["head_columns"] == width
+    assert task.align_head(1) is None and task.describe()["head_columns"] == vocab
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_logprob_head_runs_on_aligned_rows_and_the_triton_kernel_takes_them():
+    model, _ = causal_lm("llama")
+    model = model.to("cuda")
+    task = LogprobTask(model, zoo.tokenizer_for(zoo.FAMILIES["llama"]), None)
+    assert task.describe()["head_columns"] % 64 == 0
+    hidden = torch.randn(33, model.config.hidden_size, device="cuda", dtype=model.dtype)
+    targets = torch.randint(0, task.vocab_size, (33,), device="cuda")
+    with torch.inference_mode():
+        logits = task.head_logits(hidden)
+        ours = triton_kernels().token_logprobs(logits, targets)
+        theirs = TorchKernels().token_logprobs(task.head(hidden), targets)
+    assert torch.allclose(ours, theirs, atol=0.05)

@@ -222,3 +222,33 @@ def test_type_ids_are_read_back_unless_the_single_template_is_all_type_zero():
         {"type": "ByteLevel"}, json.loads(template(0, 0))["post_processor"]]}}))
     assert not single_type_ids_are_zero(json.dumps({"post_processor": {"type": "SomethingNew"}}))
     assert not single_type_ids_are_zero("not json")
+
+
+def test_a_heavier_models_batches_are_cut_finer():
+    from attnfallback.batching import CUT_MAX_SCALE, FLOOR_DIVISOR, OVERHEAD_DIVISOR, cut_costs, cut_scale
+
+    assert cut_scale(None) == cut_scale(0) == cut_scale(100_000_000) == cut_scale(250_000_000) == 1.0
+    assert cut_scale(1_000_000_000) == 4.0 and cut_scale(70_000_000_000) == CUT_MAX_SCALE
+    assert cut_costs(98304) == (98304 // FLOOR_DIVISOR, 98304 // OVERHEAD_DIVISOR)  # plan_batches' own defaults
+    assert cut_costs(98304, 4.0) == (3072, 384) and cut_costs(98304, 0.5) == cut_costs(98304)
+    rng = np.random.default_rng(0)
+    lengths = np.sort(rng.integers(10, 260, 8192))[::-1]
+    plain = plan_batches(lengths, 98304)
+    assert plain == plan_batches(lengths, 98304, floor_tokens=cut_costs(98304)[0], overhead_tokens=cut_costs(98304)[1])
+    finer = plan_batches(lengths, 98304, floor_tokens=cut_costs(98304, 4.0)[0], overhead_tokens=cut_costs(98304, 4.0)[1])
+    padded = lambda batches: sum(b.padded_tokens for b in batches)  # noqa: E731
+    assert len(finer) > len(plain) and padded(finer) < padded(plain)
+    assert sum(b.rows for b in finer) == len(lengths)
+
+
+def test_a_models_body_is_its_parameters_without_its_embeddings(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from attnfallback.batching import body_parameters
+    from conftest import build_tiny_model
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "llama", "llama"))
+    embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
+    expected = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+    assert body_parameters(model) == expected
+    assert 0 < body_parameters(model) < sum(p.numel() for p in model.parameters())
