@@ -191,15 +191,17 @@ def set_fused(scorer, on: bool, kernels) -> dict:
     return report
 
 
-def profile_forward(run, device: str) -> dict:
-    """GPU time by kind of kernel over one call of `run` (after one untimed)."""
-    import torch
+def profile_forward(run, device: str, top_n: int = 10) -> dict:
+    """GPU time by kind of kernel over one call of `run` (after one untimed), its `top_n` kernels,
+    and the share of that call's wall time the GPU spent in kernels (`busy`)."""
     from torch.profiler import ProfilerActivity, profile
 
     run()
     activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
         run()
+        wall = time.perf_counter() - t0
     kinds: dict[str, float] = {}
     top = []
     for event in prof.key_averages():
@@ -207,12 +209,13 @@ def profile_forward(run, device: str) -> dict:
         if not us:
             continue
         kinds[kind_of(event.key)] = kinds.get(kind_of(event.key), 0.0) + us
-        top.append((us, event.key[:90], event.count))
+        top.append((us, event.key[:110], event.count))
     total = sum(kinds.values()) or 1.0
     top.sort(reverse=True)
-    return {"total_ms": round(total / 1e3, 2),
+    return {"total_ms": round(total / 1e3, 2), "wall_ms": round(wall * 1e3, 1), "busy": round(total / 1e3 / (wall * 1e3), 3),
             "share": {k: round(v / total, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-            "top": [{"ms": round(us / 1e3, 2), "kernel": name, "calls": count} for us, name, count in top[:10]]}
+            "top": [{"ms": round(us / 1e3, 2), "share": round(us / total, 3), "kernel": name, "calls": count}
+                    for us, name, count in top[:top_n]]}
 
 
 def model_rows(name: str, args, kernels, workdir: Path) -> dict:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fused_loop import kind_of, set_fused  # noqa: E402
+from fused_loop import profile_forward, set_fused  # noqa: E402
 from score_throughput import make_gpu_only, make_ours, sync  # noqa: E402
 from zoo_models import MODELS, build_model, stsb_documents  # noqa: E402
 
@@ -67,33 +67,6 @@ def apply(scorer, settings: dict) -> None:
     scorer.batch_tokens = settings["budget"]
     scorer.cut_scale = settings["scale"]
     scorer.floor_tokens = scorer.overhead_tokens = None
-
-
-def profile_run(run, device: str) -> dict:
-    """GPU time by kind and the top kernels over one call of `run` (after one untimed), and the
-    share of that call's wall time the GPU spent in kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    run()
-    activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
-    with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        run()
-        wall = time.perf_counter() - t0
-    kinds: dict[str, float] = {}
-    top = []
-    for event in prof.key_averages():
-        us = getattr(event, "self_device_time_total", 0) if device == "cuda" else event.self_cpu_time_total
-        if not us:
-            continue
-        kinds[kind_of(event.key)] = kinds.get(kind_of(event.key), 0.0) + us
-        top.append((us, event.key[:110], event.count))
-    total = sum(kinds.values()) or 1.0
-    top.sort(reverse=True)
-    return {"wall_ms": round(wall * 1e3, 1), "kernel_ms": round(total / 1e3, 1), "busy": round(total / 1e3 / (wall * 1e3), 3),
-            "share": {k: round(v / total, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-            "top": [{"ms": round(us / 1e3, 2), "share": round(us / total, 3), "kernel": name, "calls": count}
-                    for us, name, count in top[:25]]}
 
 
 def padding_of(scorer, texts: list[str], part_rows: int) -> dict:
@@ -177,8 +150,8 @@ def main() -> None:
               f"padding {pad['padding']:.1%} in {pad['batches']} batches  {seconds[name]}", flush=True)
     for name in ("base", "shipped"):
         apply(scorer, table[name])
-        report[f"profile_{name}"] = entry = profile_run(make_gpu_only(scorer, texts[: args.profile_docs]), args.device)
-        print(f"  forward {name}: {entry['kernel_ms']:.1f} ms in kernels of {entry['wall_ms']:.1f} ms wall (busy {entry['busy']:.1%}); "
+        report[f"profile_{name}"] = entry = profile_forward(make_gpu_only(scorer, texts[: args.profile_docs]), args.device, top_n=25)
+        print(f"  forward {name}: {entry['total_ms']:.1f} ms in kernels of {entry['wall_ms']:.1f} ms wall (busy {entry['busy']:.1%}); "
               + ", ".join(f"{k} {v:.1%}" for k, v in entry["share"].items()))
         for row in entry["top"][:12]:
             print(f"      {row['ms']:9.2f} ms {row['share']:6.1%} {row['calls']:5}x  {row['kernel']}")
