@@ -308,7 +308,8 @@ print(f'triton {triton.__version__}: import {imported:.2f} s, triton_key {hashed
     done
     ;;
 e2e24)  # session 24: the loop's levers (bench/loop_levers.py) and the head's aligned product: `bash bench/h200.sh e2e24 levers`,
-        # then `e2e24 llama` (carry tok); items: levers, llama (1k, 10k, 50k: default, later, baseline), llama50k, gputests
+        # then `e2e24 llama newtests` (carry tok); items: levers, llama (1k, 10k, 50k: default, later, baseline), llama50k,
+        # gputests, newtests
     common_env
     shift
     for item in "$@"; do
@@ -319,9 +320,13 @@ e2e24)  # session 24: the loop's levers (bench/loop_levers.py) and the head's al
         gputests)
             step gpu-tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 120 tests/test_gpu.py tests/test_fused_ops.py
             continue ;;
+        newtests)  # this session's GPU tests only: the aligned head, the warm-up on the job's device
+            step new-gpu-tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 60 tests/test_gpu.py tests/test_fused_ops.py \
+                -k "aligned or warms_its_own_device"
+            continue ;;
         llama) name=llama-1b-random rows=1000,10000,50000 variants=ours-default,ours-later,baseline sizes=128 limit=330 ;;
         llama50k) name=llama-1b-random rows=50000 variants=ours-default,ours-later,baseline sizes=128 limit=200 ;;
-        *) echo "e2e24: levers, llama, llama50k or gputests" >&2; exit 2 ;;
+        *) echo "e2e24: levers, llama, llama50k, gputests or newtests" >&2; exit 2 ;;
         esac
         end_to_end_item /tmp/e2e24
     done
