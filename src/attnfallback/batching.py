@@ -153,8 +153,9 @@ def plan_batches(sorted_lengths: np.ndarray, batch_tokens: int, max_cells: int |
     """
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens must be >= 1, found {batch_tokens}")
-    floor = max(batch_tokens // FLOOR_DIVISOR, 1) if floor_tokens is None else max(int(floor_tokens), 0)
-    overhead = batch_tokens // OVERHEAD_DIVISOR if overhead_tokens is None else max(int(overhead_tokens), 0)
+    default_floor, default_overhead = cut_costs(batch_tokens)
+    floor = default_floor if floor_tokens is None else max(int(floor_tokens), 0)
+    overhead = default_overhead if overhead_tokens is None else max(int(overhead_tokens), 0)
     lengths = np.maximum(np.asarray(sorted_lengths, dtype=np.int64), 1)
     n = len(lengths)
     if n == 0:
