@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import _thread
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -109,7 +111,8 @@ def test_the_events_say_a_shard_was_interrupted_until_it_is_resumed(st_bert, tmp
     assert shard["done"] and not shard["interrupted"]
 
 
-def test_ctrl_c_in_a_sweep_interrupts_its_jobs_and_the_manifest_says_so(tmp_path):
+def test_ctrl_c_in_a_sweep_interrupts_its_jobs_and_the_manifest_says_so(tmp_path, monkeypatch):
+    from attnfallback.sweep import local
     from attnfallback.sweep.config import load_config
     from attnfallback.sweep.local import run_local
 
@@ -137,6 +140,9 @@ prefer = ["eager"]
             while proc.poll() is None and time.monotonic() < deadline:
                 try:
                     if json.loads(manifest.read_text())["parts"]:
+                        # held mid-shard: on a busy machine the shard could otherwise finish in the
+                        # moment before the sweep's SIGINT arrives, and there would be nothing to interrupt
+                        os.killpg(proc.pid, signal.SIGSTOP)
                         _thread.interrupt_main()  # what a Ctrl-C at the terminal does to the sweep
                         return
                 except (OSError, ValueError, KeyError):
@@ -145,8 +151,17 @@ prefer = ["eager"]
 
         threading.Thread(target=watch, daemon=True).start()
 
+    send = local._Runner._signal_jobs
+
+    def send_then_continue(runner, sig):
+        send(runner, sig)
+        if sig == signal.SIGINT:  # the held job wakes with the SIGINT pending
+            send(runner, signal.SIGCONT)
+
+    monkeypatch.setattr(local._Runner, "_signal_jobs", send_then_continue)
     with pytest.raises(Interrupted) as info:
         run_local(config, on_start=ctrl_c_once_a_part_is_committed)
+    monkeypatch.undo()
     message = str(info.value)
     assert f"attnfallback sweep {tmp_path / 'sweep.toml'} --resume" in message and "interrupted" in message
     manifest = json.loads((tmp_path / "out" / "sweep.json").read_text())
