@@ -331,7 +331,30 @@ e2e24)  # session 24: the loop's levers (bench/loop_levers.py) and the head's al
         end_to_end_item /tmp/e2e24
     done
     ;;
+e2e25)  # session 25: Llama-1B on a fresh work directory, then where a first GPU shard's imports go (`-X importtime`,
+        # bench/import_chains.py): `bash bench/h200.sh e2e25 llama imports gputests` (carry tok); items: llama, imports
+        # (after llama: its model and 1k input), gputests
+    common_env
+    shift
+    for item in "$@"; do
+        case "$item" in
+        imports)
+            step imports 180 env ATTNFALLBACK_CACHE=/tmp/e2e25/cache-imports python3 -X importtime -m attnfallback.cli.app score \
+                /tmp/e2e25/llama-1b-random --task logprob --input /tmp/e2e25/llama-1b-random-1000.jsonl \
+                --output /tmp/e2e25/imports.parquet --device cuda --json
+            step import-chains 60 python3 bench/import_chains.py "$OUT/imports.log" \
+                --packages torch._dynamo,torch.distributed.tensor,sympy,scipy,triton --out "$OUT/import_chains.json"
+            continue ;;
+        gputests)
+            step gpu-tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 120 tests/test_gpu.py tests/test_fused_ops.py
+            continue ;;
+        llama) name=llama-1b-random rows=1000,10000,50000 variants=ours-default,ours-later,baseline sizes=128 limit=330 ;;
+        *) echo "e2e25: llama, imports or gputests" >&2; exit 2 ;;
+        esac
+        end_to_end_item /tmp/e2e25
+    done
+    ;;
 *)
-    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16|e2e18|e2e19|e2e20|e2e24" >&2; exit 2
+    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16|e2e18|e2e19|e2e20|e2e24|e2e25" >&2; exit 2
     ;;
 esac
