@@ -107,22 +107,6 @@ def test_record_imports_lists_what_a_shard_imported(tmp_path):
     assert not [n for n in names if n.startswith("transformers.models.qwen2.")]
 
 
-def test_first_start_runs_each_mode_on_a_fresh_cache(tmp_path):
-    """bench/first_start.py: every mode a whole `score` process of its own, each row written; the
-    fill done first leaves its mark before the process ends."""
-    out = tmp_path / "first_start.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "first_start.py"), "--rows", "20", "--repeats", "1",
-                           "--modes", "first,beside", "--workdir", str(tmp_path / "work"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(out.read_text())
-    by_mode = {r["mode"]: r for r in report["runs"]}
-    assert set(by_mode) == {"first", "beside"}
-    assert all(r["exit"] == 0 and r["rows"] == 20 for r in by_mode.values()), by_mode
-    assert by_mode["first"]["filled_mark"].endswith("}")
-    assert report["summary"]["first"]["x_first"] == 1.0
-
-
 def test_import_chains_names_who_pulled_a_package_in(tmp_path):
     """A real `-X importtime` trace: the chain ends at the package's first module and starts at a
     top-level import of the process; a package never imported is said to be so."""

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -102,7 +101,7 @@ import json, sys
 from attnfallback import bytecode
 bytecode.SHARD_MODULES = {listing!r}
 from attnfallback.bytecode import use_bytecode_cache
-used = use_bytecode_cache(precompile_min_cores={min_cores}, background_min_cores={background_min_cores})
+used = use_bytecode_cache(precompile_min_cores={min_cores})
 import importlib.util, pathlib
 names = ["torch.nn.functional", "transformers.models.auto.modeling_auto", "transformers.models.llama.modeling_llama", "json.decoder"]
 print(json.dumps({{"used": used, "compiled_ahead": {{n: pathlib.Path(importlib.util.cache_from_source(importlib.util.find_spec(n).origin)).is_file() for n in names}}}}))
@@ -128,12 +127,12 @@ LISTED = ["torch", "torch.nn", "torch.nn.functional", "transformers", "transform
           "not_installed.module"]
 
 
-def precompiled(site: Path, cache: Path, min_cores: int, background_min_cores: int = 10_000) -> dict:
+def precompiled(site: Path, cache: Path, min_cores: int) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ATTNFALLBACK_", "PYTHONPYCACHEPREFIX"))}
     env.update(PYTHONPATH=f"{site}{os.pathsep}{SRC}", PYTHONDONTWRITEBYTECODE="1", ATTNFALLBACK_CACHE=str(cache))
     listing = site.parent / "shard_modules.txt"
     listing.write_text("# a comment\n" + "\n".join(LISTED) + "\n")
-    program = PRECOMPILE_PROGRAM.format(min_cores=min_cores, background_min_cores=background_min_cores, listing=str(listing))
+    program = PRECOMPILE_PROGRAM.format(min_cores=min_cores, listing=str(listing))
     proc = subprocess.run([sys.executable, "-c", program], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -151,24 +150,6 @@ def test_with_cores_to_spare_the_listed_modules_are_compiled_ahead_once_but_mode
     stamp = marks[0].stat().st_mtime_ns
     precompiled(big_image, cache, min_cores=1)
     assert [m.stat().st_mtime_ns for m in (cache / "bytecode").glob(".precompiled-*")] == [stamp]  # not again
-
-
-def test_beside_the_imports_the_listed_modules_are_compiled_by_a_child_once(big_image, tmp_path):
-    cache = tmp_path / "cache"
-    out = precompiled(big_image, cache, min_cores=10_000, background_min_cores=1)
-    assert out["used"] == str(cache / "bytecode")
-    deadline = time.monotonic() + 60  # the child fills the prefix after the process has gone on
-    while not list((cache / "bytecode").glob(".precompiled-*")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (mark,) = (cache / "bytecode").glob(".precompiled-*")
-    assert mark.read_text().startswith(f"{len(LISTED) - 1} modules: ")  # less the model family's
-    filled = precompiled(big_image, cache, min_cores=10_000, background_min_cores=10_000)  # nothing more ahead
-    assert filled["compiled_ahead"] == {"torch.nn.functional": True, "transformers.models.auto.modeling_auto": True,
-                                        "transformers.models.llama.modeling_llama": False, "json.decoder": True}
-    stamp = mark.stat().st_mtime_ns
-    precompiled(big_image, cache, min_cores=10_000, background_min_cores=1)
-    time.sleep(0.5)
-    assert [m.stat().st_mtime_ns for m in (cache / "bytecode").glob(".precompiled-*")] == [stamp]  # the mark stops a second fill
 
 
 def test_with_few_cores_imports_compile_as_they_go(big_image, tmp_path):

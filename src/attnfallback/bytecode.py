@@ -17,15 +17,10 @@ off.
 
 With a prefix the interpreter reads bytecode only from it, so the first process would compile every
 module it imports, the standard library's and those shipped with bytecode too. On a machine with
-two cores or more, `precompile()` fills the prefix with the modules a shard imports
-(data/shard_modules.txt): bytecode found beside its source is copied, the rest compiled over the
-cores; once per image and cache, under a lock, marked when done. It runs in a child interpreter
-beside the process's own imports (`precompile_in_background`), which read what it has written and
-compile the rest themselves, so a first shard does not wait for the whole list before its first
-import. On this project's 2-core CI machine kind, a first shard's whole process took 6.32 s against
-6.68 with the fill first and 8.64 without it (MiniLM embedding), 8.86 against 8.88 and 11.22 (a
-Qwen2-shape logprob model), where the one worker competes with the shard for the second core
-(bench/first_start.py, bench/NOTES.md, session 25).
+two cores or more, `precompile()` fills the prefix before the first import instead, with the
+modules a shard imports (data/shard_modules.txt): bytecode found beside its source is copied, the
+rest compiled over all cores; once per image and cache, under a lock concurrent shards wait on. A
+fresh machine's first shard then imports as a later one does.
 """
 
 from __future__ import annotations
@@ -33,13 +28,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import py_compile
 import re
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -60,10 +53,6 @@ FAMILY_MODULE = re.compile(r"^transformers\.models\.(?!auto(\.|$))[^.]+\.")
 # On one core, compiling ahead costs about what compiling the modules imported does (and the
 # copies save the rest); from two on it is ahead (bench/NOTES.md, session 10).
 PRECOMPILE_MIN_CORES = 2
-# From two cores on the fill runs beside the imports, on all cores but two (the process's imports
-# and, on a GPU, its device's warm-up), at least one; with fewer (or a caller's higher threshold)
-# it runs before them, on all cores, where PRECOMPILE_MIN_CORES allows.
-BACKGROUND_MIN_CORES = 2
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +81,7 @@ def has_bytecode(package: str = PROBE_PACKAGE, source: str | None = None) -> boo
 
 
 def use_bytecode_cache(env: MutableMapping[str, str] | None = None, cache_dir: str | os.PathLike | None = None,
-                       precompile_min_cores: int | None = None, background_min_cores: int | None = None) -> str | None:
+                       precompile_min_cores: int = PRECOMPILE_MIN_CORES) -> str | None:
     """Turn the bytecode cache on where it helps (see the module docstring); the directory in use,
     or None when left as it was. Child processes inherit it through PYTHONPYCACHEPREFIX."""
     env = os.environ if env is None else env
@@ -115,10 +104,7 @@ def use_bytecode_cache(env: MutableMapping[str, str] | None = None, cache_dir: s
     sys.dont_write_bytecode = False
     env["PYTHONPYCACHEPREFIX"] = str(directory)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    cores = usable_cores()
-    if cores >= (BACKGROUND_MIN_CORES if background_min_cores is None else background_min_cores):
-        precompile_in_background(directory, workers=max(1, cores - 2), env=env)
-    elif cores >= (PRECOMPILE_MIN_CORES if precompile_min_cores is None else precompile_min_cores):
+    if usable_cores() >= precompile_min_cores:
         precompile(directory)
     return str(directory)
 
@@ -230,32 +216,6 @@ def _fill_key(names: list[str], bases: dict) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def precompile_in_background(directory: str | os.PathLike, workers: int | None = None,
-                             env: MutableMapping[str, str] | None = None) -> subprocess.Popen | None:
-    """Start `precompile(directory)` for the shard's modules in a child interpreter and return at
-    once; the imports that follow read what it has filled. Python writes each bytecode file
-    atomically, so this process and the child may both write one. None when the mark says the
-    prefix is filled, or when the child cannot start (imports then compile as they go)."""
-    directory = Path(directory)
-    listing = SHARD_MODULES
-    names = shard_modules(listing)
-    if not names or sys.pycache_prefix is None or Path(sys.pycache_prefix) != directory:
-        return None
-    if (directory / f".precompiled-{_fill_key(names, {})}").exists():
-        return None
-    child_env = dict(os.environ if env is None else env)
-    package_root = str(Path(__file__).resolve().parents[1])  # where `attnfallback` imports from
-    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, child_env.get("PYTHONPATH")]))
-    child_env["PYTHONPYCACHEPREFIX"] = str(directory)
-    command = [sys.executable, "-m", "attnfallback.bytecode", str(directory), str(listing), str(workers or usable_cores())]
-    try:
-        return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=child_env)
-    except OSError as e:
-        log.warning("bytecode not compiled ahead under %s: %s", directory, e)
-        return None
-
-
 def precompile(directory: str | os.PathLike, modules=None, workers: int | None = None) -> dict | None:
     """Fill the bytecode prefix in use (sys.pycache_prefix, which must be `directory`) for `modules`
     (default: the shard's, `shard_modules()`): bytecode beside a source is copied, the rest compiled
@@ -290,15 +250,10 @@ def precompile(directory: str | os.PathLike, modules=None, workers: int | None =
                 with ProcessPoolExecutor(max_workers=workers) as pool:
                     for c, m in pool.map(_fill, chunks):
                         copied, compiled = copied + c, compiled + m
+            mark.write_text(f"{len(names)} modules\n")
             facts = {"copied": copied, "compiled": compiled, "seconds": round(time.perf_counter() - start, 2)}
-            mark.write_text(f"{len(names)} modules: {json.dumps(facts)}\n")
             log.info("bytecode under %s: %s", directory, facts)
             return facts
     except OSError as e:  # a read-only or full cache: imports compile as they go, as without it
         log.warning("bytecode not compiled ahead under %s: %s", directory, e)
         return None
-
-
-if __name__ == "__main__":  # precompile_in_background's child: DIRECTORY LISTING WORKERS
-    _directory, _listing, _workers = sys.argv[1:4]
-    precompile(_directory, modules=shard_modules(_listing), workers=int(_workers))
