@@ -144,6 +144,8 @@ prefer = ["eager"]
                         # moment before the sweep's SIGINT arrives, and there would be nothing to interrupt
                         os.killpg(proc.pid, signal.SIGSTOP)
                         _thread.interrupt_main()  # what a Ctrl-C at the terminal does to the sweep
+                        time.sleep(30)  # never left stopped, should the sweep's SIGCONT not come
+                        os.killpg(proc.pid, signal.SIGCONT)
                         return
                 except (OSError, ValueError, KeyError):
                     pass
