@@ -17,7 +17,7 @@ tokenizing included) runs for each in turn, round-robin, --repeats times, median
 - `aligned-budget-N` (and at the model's cut scale): N padded tokens a batch (the default is the
   model's width's budget).
 
-Then the forward alone under torch.profiler for `base` and `aligned`: GPU time by kind of kernel,
+Then the forward alone under torch.profiler for `base` and `shipped`: GPU time by kind of kernel,
 the top kernels, and the share of the wall time the GPU was busy. Warm in-process loops: a
 diagnostic for choosing; bench/end_to_end.py is the whole-process verdict.
 """
