@@ -354,7 +354,26 @@ e2e25)  # session 25: Llama-1B on a fresh work directory, then where a first GPU
         end_to_end_item /tmp/e2e25
     done
     ;;
+e2e26)  # session 26: e2e25's items, and `profile`: a first and a later Llama-1B shard of 10k rows under cProfile
+        # (bench/shard_profile.py; after llama). `bash bench/h200.sh e2e26 llama profile imports` (carry tok)
+    common_env
+    shift
+    for item in "$@"; do
+        case "$item" in
+        profile)
+            for which in first later; do
+                step "profile-$which" 150 env ATTNFALLBACK_CACHE=/tmp/e2e25/cache-profile python3 bench/shard_profile.py run \
+                    --prof "$OUT/shard-$which.prof" -- score /tmp/e2e25/llama-1b-random --task logprob \
+                    --input /tmp/e2e25/llama-1b-random-10000.jsonl --output "/tmp/e2e25/profile-$which.parquet" --device cuda --json
+                step "profile-$which-tree" 60 python3 bench/shard_profile.py report "$OUT/shard-$which.prof" --depth 3 \
+                    --out "$OUT/shard-$which.json"
+            done
+            continue ;;
+        *) bash bench/h200.sh e2e25 "$item" || exit $? ;;
+        esac
+    done
+    ;;
 *)
-    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16|e2e18|e2e19|e2e20|e2e24|e2e25" >&2; exit 2
+    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16|e2e18|e2e19|e2e20|e2e24|e2e25|e2e26" >&2; exit 2
     ;;
 esac
