@@ -182,3 +182,24 @@ def test_loop_levers_runs_every_variant_and_says_what_each_changed(tmp_path):
     assert report["padding"]["aligned-cuts-x4"]["padding"] < report["padding"]["aligned"]["padding"]
     assert report["vocab"] == 30522 and report["aligned_max_difference"] < 1e-3
     assert report["profile_base"]["total_ms"] > 0 and report["profile_shipped"]["top"]
+
+
+def test_shard_profile_writes_the_profile_at_the_command_lines_exit_and_reads_its_tree(tmp_path):
+    """`run` keeps the command's exit code and writes the profile although the command line leaves
+    through os._exit; `report` finds a root by name and its callees under it."""
+    prof = tmp_path / "probe.prof"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "shard_profile.py"), "run", "--prof", str(prof), "--",
+                           "probe", "--json"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["device"]
+    bad = subprocess.run([sys.executable, str(REPO / "bench" / "shard_profile.py"), "run", "--prof", str(tmp_path / "bad.prof"),
+                          "--", "no-such-command"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert bad.returncode == 2 and (tmp_path / "bad.prof").exists()
+    out = tmp_path / "tree.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "shard_profile.py"), "report", str(prof), "--roots",
+                           "main,no_such_function", "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    roots = json.loads(out.read_text())["roots"]
+    assert roots["no_such_function"] is None
+    assert roots["main"]["s"] > 0 and roots["main"]["callees"]
+    assert all(c["s"] <= roots["main"]["s"] + 1e-3 for c in roots["main"]["callees"])
