@@ -8,7 +8,8 @@ the named functions.
 `run` writes the profile when the command line ends (it leaves through os._exit, so the profile is
 written there) and exits with the command's code. cProfile slows Python-heavy code (imports above
 all) more than time spent in torch's C++ and on the GPU, so compare a phase's parts with each other,
-not with an unprofiled run. `report` gives, for each root (a function name, the first match by
+not with an unprofiled run. It profiles the main thread only (the load runs there), and says so on
+stderr when something replaced the interpreter's profile hook during the run. `report` gives, for each root (a function name, the first match by
 name), its cumulative seconds and its callees' seconds under it, largest first.
 """
 
@@ -27,6 +28,9 @@ def run(prof: str, argv: list[str]) -> int:
     real_exit = os._exit
 
     def exit_with_profile(code: int):
+        if sys.getprofile() is not profile:  # torch.profiler, say, took the hook: what ran after is not in the profile
+            print(f"shard_profile: the interpreter's profile hook was replaced during the run; {prof} lacks what ran "
+                  "after that and the functions running then", file=sys.stderr)
         profile.disable()
         profile.dump_stats(prof)
         real_exit(code)

@@ -192,6 +192,7 @@ def test_shard_profile_writes_the_profile_at_the_command_lines_exit_and_reads_it
                            "probe", "--json"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["device"]
+    assert "profile hook was replaced" not in done.stderr
     bad = subprocess.run([sys.executable, str(REPO / "bench" / "shard_profile.py"), "run", "--prof", str(tmp_path / "bad.prof"),
                           "--", "no-such-command"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert bad.returncode == 2 and (tmp_path / "bad.prof").exists()
