@@ -9,8 +9,9 @@ the named functions.
 written there) and exits with the command's code. cProfile slows Python-heavy code (imports above
 all) more than time spent in torch's C++ and on the GPU, so compare a phase's parts with each other,
 not with an unprofiled run. It profiles the main thread only (the load runs there), and says so on
-stderr when something replaced the interpreter's profile hook during the run. `report` gives, for each root (a function name, the first match by
-name), its cumulative seconds and its callees' seconds under it, largest first.
+stderr when something replaced the interpreter's profile hook during the run. `report` gives, for
+each root (a function name; of several, the one with the most time), its cumulative seconds and its
+callees' seconds under it, largest first.
 """
 
 from __future__ import annotations
@@ -49,17 +50,24 @@ def _label(func: tuple) -> str:
     return f"{name} ({os.path.basename(path)}:{line})" if line else name
 
 
-def tree(stats: pstats.Stats, root_name: str, top: int = 15, depth: int = 2) -> dict | None:
-    """The first function called `root_name` with the most cumulative time, and its callees."""
-    table = stats.stats  # func -> (primitive calls, calls, tottime, cumtime, callers{func: (pc, nc, tt, ct)})
+def callee_index(stats: pstats.Stats) -> dict[tuple, list[tuple]]:
+    """caller -> [(callee, its cumulative seconds under that caller, calls)], from pstats' callers."""
+    callees: dict[tuple, list[tuple]] = {}
+    # stats.stats: func -> (primitive calls, calls, tottime, cumtime, callers{func: (pc, nc, tt, ct)})
+    for func, (_, _, _, _, callers) in stats.stats.items():
+        for caller, entry in callers.items():
+            callees.setdefault(caller, []).append((func, entry[3], entry[1]))
+    return callees
+
+
+def tree(stats: pstats.Stats, root_name: str, top: int = 15, depth: int = 2, callees: dict | None = None) -> dict | None:
+    """The function called `root_name` with the most cumulative time, and its callees."""
+    table = stats.stats
     matches = [f for f in table if f[2] == root_name]
     if not matches:
         return None
     root = max(matches, key=lambda f: table[f][3])
-    callees: dict[tuple, list[tuple]] = {}
-    for func, (_, _, _, _, callers) in table.items():
-        for caller, entry in callers.items():
-            callees.setdefault(caller, []).append((func, entry[3], entry[1]))
+    callees = callee_index(stats) if callees is None else callees
 
     def node(func: tuple, seconds: float, calls: int, level: int) -> dict:
         out = {"function": _label(func), "s": round(seconds, 4), "calls": calls}
@@ -73,7 +81,9 @@ def tree(stats: pstats.Stats, root_name: str, top: int = 15, depth: int = 2) -> 
 
 def report(prof: str, roots: list[str], top: int, depth: int) -> dict:
     stats = pstats.Stats(prof)
-    return {"profile": prof, "total_s": round(stats.total_tt, 3), "roots": {r: tree(stats, r, top, depth) for r in roots}}
+    callees = callee_index(stats)
+    return {"profile": prof, "total_s": round(stats.total_tt, 3),
+            "roots": {r: tree(stats, r, top, depth, callees) for r in roots}}
 
 
 def _print(node: dict | None, indent: int = 0) -> None:
