@@ -373,7 +373,29 @@ e2e26)  # session 26: e2e25's items, and `profile`: a first and a later Llama-1B
         esac
     done
     ;;
+e2e27)  # session 27: e2e25's items, and `spy`: a first and a later Llama-1B shard of 50k rows sampled by py-spy, every
+        # thread and child process (bench/spy_report.py; after llama; py-spy's binary carried in .gpu-wheels/pyspy).
+        # `bash bench/h200.sh e2e27 llama spy` (carry tok, pyspy)
+    common_env
+    shift
+    for item in "$@"; do
+        case "$item" in
+        spy)
+            for which in first later; do
+                step "spy-$which" 150 env ATTNFALLBACK_CACHE=/tmp/e2e25/cache-spy .gpu-wheels/pyspy/py-spy record --threads --idle \
+                    --subprocesses --rate 200 --format raw -o "$OUT/spy-$which.txt" -- python3 -m attnfallback.cli.app score \
+                    /tmp/e2e25/llama-1b-random --task logprob --input /tmp/e2e25/llama-1b-random-50000.jsonl \
+                    --output "/tmp/e2e25/spy-$which.parquet" --device cuda --json
+                step "spy-$which-report" 60 python3 bench/spy_report.py "$OUT/spy-$which.txt" --rate 200 --depth 4 \
+                    --out "$OUT/spy-$which.json"
+                gzip -f "$OUT/spy-$which.txt"
+            done
+            continue ;;
+        *) bash bench/h200.sh e2e25 "$item" || exit $? ;;
+        esac
+    done
+    ;;
 *)
-    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16|e2e18|e2e19|e2e20|e2e24|e2e25|e2e26" >&2; exit 2
+    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16|e2e18|e2e19|e2e20|e2e24|e2e25|e2e26|e2e27" >&2; exit 2
     ;;
 esac

@@ -204,3 +204,38 @@ def test_shard_profile_writes_the_profile_at_the_command_lines_exit_and_reads_it
     assert roots["no_such_function"] is None
     assert roots["main"]["s"] > 0 and roots["main"]["callees"]
     assert all(c["s"] <= roots["main"]["s"] + 1e-3 for c in roots["main"]["callees"])
+
+
+def test_spy_report_splits_sampled_stacks_by_thread_root_and_import(tmp_path):
+    """py-spy's raw stacks: seconds per thread, a root's callees under it (a recursion counted once),
+    and an import's seconds under the outermost module imported and the innermost one running."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import spy_report
+    finally:
+        sys.path.pop(0)
+    boot = "_call_with_frames_removed (<frozen importlib._bootstrap>:488)"
+    main = 'process 7:"python -m attnfallback.cli.app score"'
+    raw = tmp_path / "spy.txt"
+    raw.write_text("\n".join([
+        f"{main};thread (7): MainThread;<module> (attnfallback/cli/app.py:1);run_score (attnfallback/scoring/job.py:5);"
+        f"read_facts (attnfallback/model_facts.py:9);{boot};<module> (transformers/__init__.py:1);{boot};"
+        "<module> (torch/distributed/tensor/__init__.py:3) 30",
+        f"{main};thread (7): MainThread;<module> (attnfallback/cli/app.py:1);run_score (attnfallback/scoring/job.py:5);"
+        "walk (x/y.py:2);walk (x/y.py:2);forward (x/z.py:4) 10",
+        f"{main};thread (9): attnfallback-background;_warm_device (attnfallback/scoring/job.py:40);{boot};<module> (torch/__init__.py:1) 20",
+        "not a sample line",
+        "",
+    ]))
+    data = spy_report.report(spy_report.load(str(raw)), rate=100, roots=["run_score", "walk", "absent"], depth=3)
+    assert data["threads_s"] == {"process 7 / thread (7): MainThread": 0.4, "process 7 / thread (9): attnfallback-background": 0.2}
+    tree = data["roots"]["run_score"]
+    assert tree["s"] == 0.4 and "absent" not in data["roots"]
+    assert tree["callees"]["read_facts (attnfallback.model_facts)"]["s"] == 0.3
+    assert data["roots"]["walk"] == {"s": 0.1, "callees": {"forward (x.z)": {"s": 0.1, "callees": {}}}}
+    # the script's own module is not an import; transformers is the outermost, torch.distributed the innermost
+    assert data["imports_outermost_s"] == {"transformers": 0.3, "torch": 0.2}
+    assert data["imports_own_s"] == {"torch.distributed": 0.3, "torch": 0.2}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "spy_report.py"), str(tmp_path / "missing.txt"), "--rate", "100"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "cannot read" in done.stderr
