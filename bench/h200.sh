@@ -395,7 +395,30 @@ e2e27)  # session 27: e2e25's items, and `spy`: a first and a later Llama-1B sha
         esac
     done
     ;;
+e2e28)  # session 28: e2e27's items, `warm`: Llama-1B's rows with the kernel warm-up on beside the default (kernel_warmup.py,
+        # ATTNFALLBACK_KERNEL_WARMUP=on), and `native`: a later 50k shard sampled with py-spy's --native (the C frames of
+        # the verification forward). `bash bench/h200.sh e2e28 warm spy native` (carry tok, pyspy); then `e2e25 gputests`
+    common_env
+    shift
+    for item in "$@"; do
+        case "$item" in
+        warm) name=llama-1b-random rows=1000,10000,50000 variants=ours-default,ours-warm,baseline sizes=128 limit=330
+              end_to_end_item /tmp/e2e25
+              continue ;;
+        native)
+            step spy-native 150 env ATTNFALLBACK_CACHE=/tmp/e2e25/cache-spy .gpu-wheels/pyspy/py-spy record --threads --idle \
+                --native --rate 100 --format raw -o "$OUT/spy-native.txt" -- python3 -m attnfallback.cli.app score \
+                /tmp/e2e25/llama-1b-random --task logprob --input /tmp/e2e25/llama-1b-random-50000.jsonl \
+                --output /tmp/e2e25/spy-native.parquet --device cuda --json
+            step spy-native-report 60 python3 bench/spy_report.py "$OUT/spy-native.txt" --rate 100 --depth 6 \
+                --out "$OUT/spy-native.json"
+            gzip -f "$OUT/spy-native.txt"
+            continue ;;
+        *) bash bench/h200.sh e2e27 "$item" || exit $? ;;
+        esac
+    done
+    ;;
 *)
-    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16|e2e18|e2e19|e2e20|e2e24|e2e25|e2e26|e2e27" >&2; exit 2
+    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16|e2e18|e2e19|e2e20|e2e24|e2e25|e2e26|e2e27|e2e28" >&2; exit 2
     ;;
 esac

@@ -513,10 +513,14 @@ def test_a_shard_starts_the_compile_process_first_thing_where_something_would_fu
     started = []
     monkeypatch.setattr(job_module, "start_compile_process", lambda *args, **kwargs: started.append((args, kwargs)) or "started")
     job = ScoreJob(model=str(tiny_qwen2), input="in.jsonl", output=str(tmp_path / "o.parquet"), task="logprob", device="cuda")
-    assert job_module._start_fused_compile(job, "logprob")
-    assert job_module._start_fused_compile(ScoreJob(**{**job.__dict__, "task": "classify"}), "classify")
-    assert not job_module._start_fused_compile(ScoreJob(**{**job.__dict__, "model": str(tiny_bert), "task": "embed"}), "embed")
-    assert not job_module._start_fused_compile(ScoreJob(**{**job.__dict__, "model": str(tmp_path / "nowhere")}), "logprob")
+
+    def starts(job, task):
+        return job_module._start_fused_compile(job, task, job_module._local_config(job))
+
+    assert starts(job, "logprob")
+    assert starts(ScoreJob(**{**job.__dict__, "task": "classify"}), "classify")
+    assert not starts(ScoreJob(**{**job.__dict__, "model": str(tiny_bert), "task": "embed"}), "embed")
+    assert not starts(ScoreJob(**{**job.__dict__, "model": str(tmp_path / "nowhere")}), "logprob")
     assert started == [(("auto", (32, 8), 30522), {"device": "cuda"}), (("auto", (32, 8), None), {"device": "cuda"})]
 
 

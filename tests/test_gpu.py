@@ -113,3 +113,29 @@ def test_a_gpu_shard_warms_its_own_device_beside_the_imports(bert_hd64, tmp_path
                                 quiet=True))
     detail = result.phases["device_detail"]
     assert detail["context"] == "torch" and detail["cublas_s"] > 0 and detail["ready_s"] >= detail["torch_import_s"]
+
+
+def test_the_kernel_warm_up_runs_every_step_on_the_gpu_and_leaves_sdpas_order_as_it_was(bert_hd64, tmp_path, monkeypatch):
+    """A Llama-1B plan's kernels, each step without error; torch's SDPA flags afterwards as before;
+    a shard with the warm-up on waits for it and scores."""
+    import torch
+
+    from attnfallback.kernel_warmup import plan_from_config
+    from attnfallback.scoring import ScoreJob, job, run_score
+
+    flags = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+             torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
+    plan = plan_from_config({"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 8,
+                             "intermediate_size": 8192, "vocab_size": 30522}, "logprob")
+    detail = job._warm_device("cuda", "auto", plan)
+    print("warm-up:", json.dumps(detail))
+    assert not [k for k in detail if k.endswith("_error")], detail
+    assert detail["kernels_products_s"] > 0 and detail["kernels_attention_s"] > 0 and detail["kernels_elementwise_s"] > 0
+    assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+            torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()) == flags
+    monkeypatch.setenv("ATTNFALLBACK_KERNEL_WARMUP", "on")
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(8)))
+    result = run_score(ScoreJob(model=str(bert_hd64), input=str(data), output=str(tmp_path / "out.parquet"), device="cuda", quiet=True))
+    assert result.rows_written == 8 and "warmup_wait_s" in result.phases
+    assert result.phases["device_detail"]["kernels_s"] > 0

@@ -19,7 +19,7 @@ PACKAGE = "attnfallback"
 LAYERS: list[tuple[str, list[str]]] = [
     ("leaves", ["version", "errors", "envs", "atomic", "arrow_build", "task_names", "data", "policy", "sharding", "bytecode", "lean_imports",
                 "fused_triton", "fused_ops",
-                "kernel_variants", "sdpa_order", "scoring.limits"]),
+                "kernel_variants", "sdpa_order", "kernel_warmup", "scoring.limits"]),
     ("facts", ["catalog", "caps", "model_facts", "heads", "events.schema", "events.sink", "events.query", "events"]),
     ("pure decisions", ["impls", "planner", "batching", "decision"]),
     ("one attempt", ["verify"]),

@@ -22,9 +22,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from attnfallback import envs
+from attnfallback import envs, kernel_warmup
 from attnfallback.errors import InputError, Interrupted, OutputError, OutputExistsError, UsageError, is_fatal_device_error
 from attnfallback.fused_ops import config_shapes, finish_background_compile, prepare_triton_in_background, start_compile_process
+from attnfallback.kernel_warmup import KernelPlan
 from attnfallback.policy import Mode, Policy, parse_dtype, parse_measure
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec, row_error
 from attnfallback.scoring.collate import check_packing_mode
@@ -375,7 +376,8 @@ class Phases:
     def as_dict(self, load_detail: dict | None = None) -> dict:
         """{"before_run_s" (process start to the run), "input_s", "facts_s", "load_s" (with
         "load_detail": from_pretrained, verification, measurement), "score_s", "finish_s", "compile_wait_s"
-        (only when the shard ended before the fused kernels' background compile), "run_s", and on a
+        (only when the shard ended before the fused kernels' background compile), "warmup_wait_s" (only
+        with the kernel warm-up: waiting for it before the first forward), "run_s", and on a
         GPU "device_detail": how CUDA's context was made and the seconds of each step beside the run}."""
         out = {"before_run_s": self.before_run_s, **{k: round(v, 4) for k, v in self._seconds.items()},
                "run_s": round(self._last - self._first, 4)}
@@ -410,13 +412,15 @@ def device_index(device: str) -> int | None:
     return None if match is None else int(match.group(2) or 0)
 
 
-def _warm_device(device: str) -> dict:
+def _warm_device(device: str, dtype: str = "auto", plan: KernelPlan | None = None) -> dict:
     """Import torch and make CUDA's context, where there is a GPU (one to two seconds a process
     would otherwise spend after loading the config), and run one half-precision matrix product on
     the job's device, so cuBLAS is loaded and its handle made beside the model's load, not in the
     verification forward (a first shard's forward took 1.6 s against a later one's 0.6 s on the
-    H200). Returns whether a context was made ("context": torch, none) and the seconds of each
-    step ("ready_s": all of them, from the thread's start at the run's), for the run's phases."""
+    H200). With a `plan` (kernel_warmup.py, ATTNFALLBACK_KERNEL_WARMUP=on), then the kernels of the
+    model's widths in `dtype`. Returns whether a context was made ("context": torch, none) and the
+    seconds of each step ("ready_s": all of them, from the thread's start at the run's), for the
+    run's phases."""
     start = time.perf_counter()
     detail: dict = {"context": "none"}  # no CUDA device: nothing made
     index = device_index(device)
@@ -425,23 +429,25 @@ def _warm_device(device: str) -> dict:
     detail["torch_import_s"] = time.perf_counter() - start
     if index is not None and torch.cuda.is_available():
         detail["context"] = "torch"
+        target = torch.device("cuda", index)
         mark = time.perf_counter()
         torch.cuda.init()
         detail["cuda_init_s"] = time.perf_counter() - mark
         mark = time.perf_counter()
-        a = torch.ones(16, 16, device=torch.device("cuda", index), dtype=torch.float16)
+        a = torch.ones(16, 16, device=target, dtype=torch.float16)
         (a @ a).sum().item()
         detail["cublas_s"] = time.perf_counter() - mark
+        if plan is not None:
+            mark = time.perf_counter()
+            kernels = kernel_warmup.run(plan, target, kernel_warmup.torch_dtype(dtype, torch))
+            detail.update({f"kernels_{k}": v for k, v in kernels.items()}, kernels_s=time.perf_counter() - mark)
     detail["ready_s"] = time.perf_counter() - start
     return detail
 
 
-def _start_fused_compile(job: ScoreJob, task: str) -> bool:
-    """Start the fused kernels' compile in a process of its own (fused_ops.start_compile_process)
-    first thing, from a local model's config.json: the shapes the fuse step keys its marker by.
-    Nothing starts for a model whose config says nothing of it would run fused (LayerNorms and
-    GELU, no logprob head), nor for a hub model (its config is read later, by transformers).
-    Returns whether something of the model would run fused."""
+def _local_config(job: ScoreJob) -> dict | None:
+    """A local model's config.json (None for a hub model, or one that cannot be read: the facts
+    phase says what is wrong with it)."""
     import json
 
     from attnfallback.model_facts import resolve_ref
@@ -449,12 +455,62 @@ def _start_fused_compile(job: ScoreJob, task: str) -> bool:
     try:
         ref = resolve_ref(job.model, job.revision)
         if not ref.is_local:
-            return False
+            return None
         raw = json.loads((Path(ref.location) / "config.json").read_text())
-        text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+        return raw if isinstance(raw, dict) else None
+    except Exception as e:  # noqa: BLE001 - read again, with its errors, by the facts phase
+        log.debug("config.json not read ahead: %s", e)
+        return None
+
+
+def _kernel_plan(job: ScoreJob, config: dict | None) -> KernelPlan | None:
+    """The kernels the warm-up thread runs (kernel_warmup.py), where it is turned on and the job's
+    config and dtype are known."""
+    if config is None or not kernel_warmup.enabled():
+        return None
+    try:
+        return kernel_warmup.plan_from_config(config, parse_task(job.task))
+    except Exception as e:  # noqa: BLE001 - a bad task or dtype is validate_job's to report
+        log.debug("no kernel warm-up: %s", e)
+        return None
+
+
+def _dtype_name(dtype: str | None) -> str:
+    """The job's dtype for the warm-up thread (`auto` where it is not one: validate_job says so)."""
+    try:
+        return parse_dtype(dtype)
+    except Exception:  # noqa: BLE001 - reported by validate_job, right after
+        return "auto"
+
+
+WARMUP_WAIT_S = 10.0  # the longest a shard waits for its kernel warm-up before its first forward
+
+
+def _wait_for_kernel_warmup(phases: Phases, plan: KernelPlan | None) -> None:
+    """Wait for the warm-up thread's kernels before the model's first forward: SDPA's kernel order
+    is process-wide while set (sdpa_order.py), so the two threads must not set it at once."""
+    if plan is None or phases.device_warm is None:
+        return
+    try:
+        phases.device_warm.result(timeout=WARMUP_WAIT_S)
+    except Exception as e:  # noqa: BLE001 - the warm-up is an optimisation: the load goes on
+        log.debug("kernel warm-up not finished: %s", e)
+    phases.mark("warmup_wait_s")
+
+
+def _start_fused_compile(job: ScoreJob, task: str, config: dict | None) -> bool:
+    """Start the fused kernels' compile in a process of its own (fused_ops.start_compile_process)
+    first thing, from a local model's config.json: the shapes the fuse step keys its marker by.
+    Nothing starts for a model whose config says nothing of it would run fused (LayerNorms and
+    GELU, no logprob head), nor for a hub model (its config is read later, by transformers).
+    Returns whether something of the model would run fused."""
+    if config is None:
+        return False
+    try:
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
         if task != "logprob" and "rms_norm_eps" not in text and text.get("hidden_act") not in ("silu", "swish"):
             return False
-        widths, vocab = config_shapes(raw)
+        widths, vocab = config_shapes(config)
         start_compile_process(parse_dtype(job.dtype), widths, vocab if task == "logprob" else None, device=job.device)
         return True
     except Exception as e:  # noqa: BLE001 - a compile not started is one the fuse step starts, or skips
@@ -474,10 +530,13 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
 
     t_start = time.perf_counter()
     phases = Phases(process_age())
-    if scorer is None and job.device != "cpu":  # CUDA's context is made while the input and config are read
-        phases.device_warm = _start_in_background(_warm_device, job.device)
+    on_gpu = scorer is None and job.device != "cpu"
+    config = _local_config(job) if on_gpu else None
+    plan = _kernel_plan(job, config) if on_gpu else None
+    if on_gpu:  # CUDA's context is made while the input and config are read
+        phases.device_warm = _start_in_background(_warm_device, job.device, _dtype_name(job.dtype), plan)
     task = validate_job(job)
-    fuses = scorer is None and job.device != "cpu" and _start_fused_compile(job, task)
+    fuses = on_gpu and _start_fused_compile(job, task, config)
     shard = parse_shard(job.shard)
     shard_text = str(shard)
     run_id = job.run_id or envs.value(envs.RUN_ID) or new_run_id()
@@ -493,6 +552,7 @@ def run_score(job: ScoreJob, scorer=None) -> ScoreResult:
         existing = store.open(run_id)
         facts = read_facts(job.model, revision=job.revision, auto_class=AUTO_CLASSES[task], trust_remote_code=job.trust_remote_code)
         phases.mark("facts_s")
+        _wait_for_kernel_warmup(phases, plan)
         if fuses:  # after the facts' imports, beside the model's load
             prepare_triton_in_background()
         if checking is not None and checking.done():
