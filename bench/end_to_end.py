@@ -15,8 +15,8 @@ documents (mean --mean-sentences sentences). Variants, each a fresh process time
 - `ours-fa4` (asked for by --variants): `attnfallback score ... --prefer flash_attention_4 --policy strict`;
 - `ours-unfused` (asked for by --variants): the default with ATTNFALLBACK_FUSED=off (the model's own
   norms, MLPs and logprob head instead of fused_ops.py's kernels);
-- `ours-warm` (asked for by --variants): the default with ATTNFALLBACK_KERNEL_WARMUP=on (the model's
-  kernels run once on the warm-up thread beside the imports, kernel_warmup.py);
+- `ours-nowarm` (asked for by --variants): the default with ATTNFALLBACK_KERNEL_WARMUP=off (without
+  the model's kernels run once on the warm-up thread beside the imports, kernel_warmup.py);
 - `ours-later`: the default, as a later shard of a sweep on the same machine (or one sharing
   $ATTNFALLBACK_CACHE): its cache, one per model, was used by one untimed shard first (compiled
   bytecode where the image ships none, FlashAttention-4's kernels, measured choices);
@@ -230,8 +230,8 @@ def main() -> None:
                     extra += ["--device", args.device]
                     if variant == "ours-unfused":
                         run_env["ATTNFALLBACK_FUSED"] = "off"
-                    if variant == "ours-warm":
-                        run_env["ATTNFALLBACK_KERNEL_WARMUP"] = "on"
+                    if variant == "ours-nowarm":
+                        run_env["ATTNFALLBACK_KERNEL_WARMUP"] = "off"
                     runs[variant] = run_ours(model, task, data, workdir / f"{name}-{n}-{variant}.parquet", extra, run_env,
                                              args.timeout)
                 r = runs[variant]
@@ -255,7 +255,7 @@ def summarize(runs: dict) -> dict:
     base_bytecode = runs.get("baseline-bytecode", {})
     if base_bytecode.get("exit") == 0:
         base_bytecode.update(summarize_baseline(base_bytecode))
-    for variant in ("ours-sdpa", "ours-default", "ours-fa4", "ours-later", "ours-unfused", "ours-warm"):
+    for variant in ("ours-sdpa", "ours-default", "ours-fa4", "ours-later", "ours-unfused", "ours-nowarm"):
         r = runs.get(variant, {})
         if base_bytecode.get("exit") == 0 and r.get("exit") == 0:
             summary[f"{variant}_vs_baseline_bytecode"] = round(base_bytecode["best_e2e_s"] / r["wall_s"], 3)
@@ -270,11 +270,11 @@ def summarize(runs: dict) -> dict:
         summary["fused_vs_unfused_time"] = round(runs["ours-default"]["wall_s"] / runs["ours-unfused"]["wall_s"], 3)
         if runs["ours-unfused"].get("loop_s") and runs["ours-default"].get("loop_s"):
             summary["fused_vs_unfused_loop"] = round(runs["ours-default"]["loop_s"] / runs["ours-unfused"]["loop_s"], 3)
-    if runs.get("ours-warm", {}).get("exit") == 0 and runs.get("ours-default", {}).get("exit") == 0:
-        summary["warm_vs_default_time"] = round(runs["ours-warm"]["wall_s"] / runs["ours-default"]["wall_s"], 3)
-        verify = [(runs[v].get("phases") or {}).get("load_detail", {}).get("verify_s") for v in ("ours-warm", "ours-default")]
+    if runs.get("ours-nowarm", {}).get("exit") == 0 and runs.get("ours-default", {}).get("exit") == 0:
+        summary["default_vs_nowarm_time"] = round(runs["ours-default"]["wall_s"] / runs["ours-nowarm"]["wall_s"], 3)
+        verify = [(runs[v].get("phases") or {}).get("load_detail", {}).get("verify_s") for v in ("ours-default", "ours-nowarm")]
         if None not in verify:
-            summary["warm_vs_default_verify_s"] = verify
+            summary["default_vs_nowarm_verify_s"] = verify
     if runs.get("ours-sdpa", {}).get("exit") == 0 and runs.get("ours-fa4", {}).get("exit") == 0:
         summary["fa4_vs_sdpa_loop_rate"] = round(runs["ours-fa4"]["loop_tokens_per_s"] / runs["ours-sdpa"]["loop_tokens_per_s"], 3)
         summary["fa4_vs_sdpa_time"] = round(runs["ours-fa4"]["wall_s"] / runs["ours-sdpa"]["wall_s"], 3)
@@ -314,12 +314,12 @@ def print_table(report: dict) -> None:
                         f"{s.get('fused_vs_unfused_time', float('nan')):.3f}, loop {s.get('fused_vs_unfused_loop', float('nan')):.3f}"
                         if unfused.get("exit") == 0 else "failed")
                 print(f"{'':26} {'':6} unfused (ATTNFALLBACK_FUSED=off): {text}")
-            warm = runs.get("ours-warm", {})
-            if warm:
-                text = (f"{warm['wall_s']:.2f} s, {s.get('ours-warm_vs_baseline', float('nan')):.2f}x; warm/default time "
-                        f"{s.get('warm_vs_default_time', float('nan')):.3f}, verify s (warm, default) {s.get('warm_vs_default_verify_s')}"
-                        if warm.get("exit") == 0 else "failed")
-                print(f"{'':26} {'':6} kernel warm-up (ATTNFALLBACK_KERNEL_WARMUP=on): {text}")
+            nowarm = runs.get("ours-nowarm", {})
+            if nowarm:
+                text = (f"{nowarm['wall_s']:.2f} s, {s.get('ours-nowarm_vs_baseline', float('nan')):.2f}x; default/nowarm time "
+                        f"{s.get('default_vs_nowarm_time', float('nan')):.3f}, verify s (default, nowarm) {s.get('default_vs_nowarm_verify_s')}"
+                        if nowarm.get("exit") == 0 else "failed")
+                print(f"{'':26} {'':6} no kernel warm-up (ATTNFALLBACK_KERNEL_WARMUP=off): {text}")
             if "fa4_vs_sdpa_loop_rate" in s:
                 print(f"{'':26} {'':6} FA4 strict: {runs['ours-fa4']['wall_s']:.2f} s, loop {s['fa4_vs_sdpa_loop_rate']:.2f}x sdpa's rate, "
                       f"time {s['fa4_vs_sdpa_time']:.2f}x")

@@ -395,16 +395,20 @@ e2e27)  # session 27: e2e25's items, and `spy`: a first and a later Llama-1B sha
         esac
     done
     ;;
-e2e28)  # session 28: e2e27's items, `warm`: Llama-1B's rows with the kernel warm-up on beside the default (kernel_warmup.py,
-        # ATTNFALLBACK_KERNEL_WARMUP=on), and `native`: a later 50k shard sampled with py-spy's --native (the C frames of
+e2e28)  # session 28: e2e27's items, `warm`: Llama-1B's rows, the default beside one without the kernel warm-up (kernel_warmup.py,
+        # ATTNFALLBACK_KERNEL_WARMUP=off; run A, at aba0c91, had it the other way round: off by default, `ours-warm` on),
+        # `warm2`: 10k and 50k again, the other order and no baseline, and `native`: a later 50k shard sampled with py-spy's --native (the C frames of
         # the verification forward). `bash bench/h200.sh e2e28 warm spy native` (carry tok, pyspy); then `e2e25 gputests`
     common_env
     shift
     for item in "$@"; do
         case "$item" in
-        warm) name=llama-1b-random rows=1000,10000,50000 variants=ours-default,ours-warm,baseline sizes=128 limit=330
+        warm) name=llama-1b-random rows=1000,10000,50000 variants=ours-default,ours-nowarm,baseline sizes=128 limit=330
               end_to_end_item /tmp/e2e25
               continue ;;
+        warm2) name=llama-1b-random rows=10000,50000 variants=ours-nowarm,ours-default sizes=128 limit=200
+               end_to_end_item /tmp/e2e25
+               continue ;;
         native)
             step spy-native 150 env ATTNFALLBACK_CACHE=/tmp/e2e25/cache-spy .gpu-wheels/pyspy/py-spy record --threads --idle \
                 --native --rate 100 --format raw -o "$OUT/spy-native.txt" -- python3 -m attnfallback.cli.app score \

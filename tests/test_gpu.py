@@ -133,7 +133,7 @@ def test_the_kernel_warm_up_runs_every_step_on_the_gpu_and_leaves_sdpas_order_as
     assert detail["kernels_products_s"] > 0 and detail["kernels_attention_s"] > 0 and detail["kernels_elementwise_s"] > 0
     assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
             torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()) == flags
-    monkeypatch.setenv("ATTNFALLBACK_KERNEL_WARMUP", "on")
+    monkeypatch.delenv("ATTNFALLBACK_KERNEL_WARMUP", raising=False)  # on by default
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(8)))
     result = run_score(ScoreJob(model=str(bert_hd64), input=str(data), output=str(tmp_path / "out.parquet"), device="cuda", quiet=True))

@@ -51,10 +51,10 @@ def test_a_config_without_usable_widths_plans_nothing(config):
     assert plan_from_config(config, "embed") is None
 
 
-def test_the_warm_up_is_off_unless_turned_on():
-    assert not kernel_warmup.enabled({})
-    assert not kernel_warmup.enabled({"ATTNFALLBACK_KERNEL_WARMUP": "yes"})
-    assert kernel_warmup.enabled({"ATTNFALLBACK_KERNEL_WARMUP": "ON"})
+def test_the_warm_up_is_on_unless_turned_off():
+    assert kernel_warmup.enabled({})
+    assert kernel_warmup.enabled({"ATTNFALLBACK_KERNEL_WARMUP": "no"})  # not a value it knows: the default
+    assert not kernel_warmup.enabled({"ATTNFALLBACK_KERNEL_WARMUP": "OFF"})
 
 
 def test_every_step_runs_on_a_device_of_this_machine(monkeypatch):
@@ -72,13 +72,13 @@ def test_a_step_that_fails_is_reported_and_the_others_still_run():
     assert detail["elementwise_error"].startswith(("RuntimeError", "NotImplementedError")), detail
 
 
-def test_a_gpu_shard_plans_its_warm_up_from_its_local_config_only_when_turned_on(tiny_qwen2, tmp_path, monkeypatch):
+def test_a_gpu_shard_plans_its_warm_up_from_its_local_config_unless_turned_off(tiny_qwen2, tmp_path, monkeypatch):
     job = ScoreJob(model=str(tiny_qwen2), input="in.jsonl", output=str(tmp_path / "o.parquet"), task="logprob", device="cuda")
     config = job_module._local_config(job)
     assert config == json.loads((tiny_qwen2 / "config.json").read_text())
-    monkeypatch.delenv("ATTNFALLBACK_KERNEL_WARMUP", raising=False)
+    monkeypatch.setenv("ATTNFALLBACK_KERNEL_WARMUP", "off")
     assert job_module._kernel_plan(job, config) is None
-    monkeypatch.setenv("ATTNFALLBACK_KERNEL_WARMUP", "on")
+    monkeypatch.delenv("ATTNFALLBACK_KERNEL_WARMUP")
     plan = job_module._kernel_plan(job, config)
     assert plan is not None and plan.hidden == config["hidden_size"] and plan.vocab == config["vocab_size"]
     assert job_module._kernel_plan(ScoreJob(**{**job.__dict__, "task": "nonsense"}), config) is None  # validate_job's to report
@@ -86,10 +86,10 @@ def test_a_gpu_shard_plans_its_warm_up_from_its_local_config_only_when_turned_on
     assert job_module._local_config(ScoreJob(**{**job.__dict__, "model": "org/hub-model"})) is None
 
 
-def test_a_turned_on_warm_up_runs_in_the_shard_and_is_waited_for_before_the_load(tiny_qwen2, tmp_path, monkeypatch):
+def test_the_warm_up_runs_in_the_shard_and_is_waited_for_before_the_load(tiny_qwen2, tmp_path, monkeypatch):
     """On this machine (no CUDA) the warm-up thread runs no kernels; the shard still waits for the
     thread before its first forward and says so in its phases."""
-    monkeypatch.setenv("ATTNFALLBACK_KERNEL_WARMUP", "on")
+    monkeypatch.delenv("ATTNFALLBACK_KERNEL_WARMUP", raising=False)
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps({"text": f"row {i} of the input"}) + "\n" for i in range(6)))
     result = job_module.run_score(ScoreJob(model=str(tiny_qwen2), input=str(data), output=str(tmp_path / "out.parquet"),

@@ -14,7 +14,7 @@
 | ATTNFALLBACK_BYTECODE | the command line keeps compiled bytecode under ATTNFALLBACK_CACHE where the image has none: auto, on, off | auto |
 | ATTNFALLBACK_LEAN_IMPORTS | reading a model's facts keeps transformers' optional scipy, Pillow, torchvision, torchaudio and scikit-learn imports out: on (the command line sets it) or off | off |
 | ATTNFALLBACK_FUSED | the scoring loop's fused kernels (RMSNorm, gated SiLU, the logprob head; Triton on CUDA): auto (where compiled on this machine before; else compiled in a process of their own started with the shard, for the next shards, and waited for where the shard's expected work pays for it), on, off | auto |
-| ATTNFALLBACK_KERNEL_WARMUP | a GPU shard runs its model's kernels once on the warm-up thread, beside the imports, before its first forward (kernel_warmup.py): on or off | off |
+| ATTNFALLBACK_KERNEL_WARMUP | a GPU shard runs its model's kernels once on the warm-up thread, beside the imports, before its first forward (kernel_warmup.py): on or off | on |
 | ATTNFALLBACK_FASTEST_SAMPLE | policy fastest without the caller's own rows: a length distribution | short |
 | ATTNFALLBACK_SDPA_ORDER | torch keeps PyTorch's SDPA kernel order | ours |
 | ATTNFALLBACK_RUN_ID, ATTNFALLBACK_SHARD | the run and shard an event belongs to | generated, 0/1 |

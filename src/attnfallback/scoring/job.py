@@ -417,7 +417,7 @@ def _warm_device(device: str, dtype: str = "auto", plan: KernelPlan | None = Non
     would otherwise spend after loading the config), and run one half-precision matrix product on
     the job's device, so cuBLAS is loaded and its handle made beside the model's load, not in the
     verification forward (a first shard's forward took 1.6 s against a later one's 0.6 s on the
-    H200). With a `plan` (kernel_warmup.py, ATTNFALLBACK_KERNEL_WARMUP=on), then the kernels of the
+    H200). With a `plan` (kernel_warmup.py; ATTNFALLBACK_KERNEL_WARMUP=off: none), then the kernels of the
     model's widths in `dtype`. Returns whether a context was made ("context": torch, none) and the
     seconds of each step ("ready_s": all of them, from the thread's start at the run's), for the
     run's phases."""
