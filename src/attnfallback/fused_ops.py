@@ -215,14 +215,21 @@ def _same_device(device) -> str:
     return "cuda" if text in ("auto", "cuda", "cuda:0") else text
 
 
-def _target_and_dtype(dtype: str, device: str):
-    """The CUDA device and torch dtype a compile is for (`auto`: what planner.resolve_dtype picks on a GPU)."""
+def gpu_dtype(dtype: str):
+    """A job's dtype name as a torch dtype on a GPU (`auto`: what planner.resolve_dtype picks there,
+    bfloat16 where the GPU has it, else float16)."""
     import torch
 
-    target = torch.device("cuda" if device in ("auto", "cuda") else device)
     if dtype == "auto":
-        return target, (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    return target, getattr(torch, dtype)
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, dtype)
+
+
+def _target_and_dtype(dtype: str, device: str):
+    """The CUDA device and torch dtype a compile is for."""
+    import torch
+
+    return torch.device("cuda" if device in ("auto", "cuda") else device), gpu_dtype(dtype)
 
 
 def compile_and_mark(dtype: str, norm_widths: tuple, vocab: int | None, device: str = "cuda", env=None) -> bool:
@@ -456,10 +463,15 @@ def is_compiled(key: str, env=None) -> bool:
     return _marker(key, env).is_file()
 
 
+def config_text(raw: dict) -> dict:
+    """A config.json's text model: its `text_config` where it has one (a multimodal model), else itself."""
+    return raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+
+
 def config_shapes(raw: dict) -> tuple[tuple[int | None, int | None], int | None]:
     """(hidden width, head width) and vocabulary size from a model's config.json: what the kernels
     are compiled for (`warm_in_background`)."""
-    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    text = config_text(raw)
     hidden, heads = text.get("hidden_size"), text.get("num_attention_heads")
     head_dim = text.get("head_dim") or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None)
     ints = [v if isinstance(v, int) and v > 0 else None for v in (hidden, head_dim, text.get("vocab_size"))]

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from attnfallback import envs
+from attnfallback.fused_ops import config_text
 from attnfallback.sdpa_order import sdpa_order
 
 SMALL_BATCH = (2, 24)  # rows, tokens: the verification batch's size (verify.py, scoring/trial.py)
@@ -75,7 +76,7 @@ def _positive(value) -> int | None:
 def plan_from_config(raw: dict, task: str) -> KernelPlan | None:
     """The widths of a config.json's text model (None where it lacks a hidden width or a head
     count, or they do not divide: nothing to warm up)."""
-    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    text = config_text(raw)
     hidden = _positive(text.get("hidden_size") or text.get("d_model") or text.get("n_embd"))
     heads = _positive(text.get("num_attention_heads") or text.get("n_head"))
     if hidden is None or heads is None:
@@ -132,14 +133,6 @@ def _elementwise(torch, plan: KernelPlan, tokens: int, device, dtype) -> None:
     picked = logits.gather(1, ids[:, None] % plan.hidden)[:, 0] - torch.logsumexp(logits, dim=-1)
     torch.zeros(1, device=device).index_add_(0, torch.zeros(tokens, dtype=torch.long, device=device), picked)
     torch.isfinite(logits).all().item()
-
-
-def torch_dtype(dtype: str, torch):
-    """The job's dtype as the loader resolves it on a GPU (planner.resolve_dtype): `auto` is
-    bfloat16 where the GPU has it, else float16."""
-    if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return getattr(torch, dtype)
 
 
 def run(plan: KernelPlan, device, dtype) -> dict:

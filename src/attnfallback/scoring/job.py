@@ -24,7 +24,8 @@ from pathlib import Path
 
 from attnfallback import envs, kernel_warmup
 from attnfallback.errors import InputError, Interrupted, OutputError, OutputExistsError, UsageError, is_fatal_device_error
-from attnfallback.fused_ops import config_shapes, finish_background_compile, prepare_triton_in_background, start_compile_process
+from attnfallback.fused_ops import (config_shapes, config_text, finish_background_compile, gpu_dtype, prepare_triton_in_background,
+                                    start_compile_process)
 from attnfallback.kernel_warmup import KernelPlan
 from attnfallback.policy import Mode, Policy, parse_dtype, parse_measure
 from attnfallback.scoring.inputs import InputRow, InputSource, InputSpec, iter_rows, open_input, resolve_spec, row_error
@@ -439,7 +440,7 @@ def _warm_device(device: str, dtype: str = "auto", plan: KernelPlan | None = Non
         detail["cublas_s"] = time.perf_counter() - mark
         if plan is not None:
             mark = time.perf_counter()
-            kernels = kernel_warmup.run(plan, target, kernel_warmup.torch_dtype(dtype, torch))
+            kernels = kernel_warmup.run(plan, target, gpu_dtype(dtype))
             detail.update({f"kernels_{k}": v for k, v in kernels.items()}, kernels_s=time.perf_counter() - mark)
     detail["ready_s"] = time.perf_counter() - start
     return detail
@@ -507,7 +508,7 @@ def _start_fused_compile(job: ScoreJob, task: str, config: dict | None) -> bool:
     if config is None:
         return False
     try:
-        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        text = config_text(config)
         if task != "logprob" and "rms_norm_eps" not in text and text.get("hidden_act") not in ("silu", "swish"):
             return False
         widths, vocab = config_shapes(config)
