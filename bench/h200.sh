@@ -422,7 +422,28 @@ e2e28)  # session 28: e2e27's items, `warm`: Llama-1B's rows, the default beside
         esac
     done
     ;;
+e2e29)  # session 29: `profile`: the encoders' forward under torch.profiler (bench/fused_loop.py: GPU time by kind of
+        # kernel; nothing of theirs fuses, so its two states are one); `encoders`: ModernBERT and XLM-R at 1k/10k/50k,
+        # the default against the baseline at bs 512 (their best in sessions 12-22); `llama`: Llama-1B's three sizes;
+        # `qwen3`: Qwen3-0.6B reward at three sizes; others fall through to e2e28. `bash bench/h200.sh e2e29 profile encoders warm2` (carry tok)
+    common_env
+    shift
+    for item in "$@"; do
+        case "$item" in
+        profile)
+            step fused-loop-encoders 300 python3 bench/fused_loop.py --device cuda --models modernbert-base-random,xlmr-base-cross-random \
+                --docs 20000 --profile-docs 2000 --repeats 1 --workdir /tmp/e2e29 --out "$OUT/fused_loop_encoders.json"
+            continue ;;
+        encoders) name=modernbert-base-random,xlmr-base-cross-random rows=1000,10000,50000 variants=ours-default,baseline sizes=512 limit=420 ;;
+        llama) name=llama-1b-random rows=1000,10000,50000 variants=ours-default,baseline sizes=128 limit=330 ;;
+        qwen3) name=qwen3-0.6b-reward-random rows=1000,10000,50000 variants=ours-default,baseline sizes=64 limit=330 ;;
+        *) bash bench/h200.sh e2e28 "$item" || exit $?
+           continue ;;
+        esac
+        end_to_end_item /tmp/e2e29
+    done
+    ;;
 *)
-    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16|e2e18|e2e19|e2e20|e2e24|e2e25|e2e26|e2e27|e2e28" >&2; exit 2
+    echo "usage: bash bench/h200.sh stage|diag|e2e|tests|profile|e2e9|e2e10|tests11|e2e12|e2e14|e2e15|e2e16|e2e18|e2e19|e2e20|e2e24|e2e25|e2e26|e2e27|e2e28|e2e29" >&2; exit 2
     ;;
 esac

@@ -177,6 +177,11 @@ def make_hf_sorted(scorer, texts: list[str]):
     return run
 
 
+def as_row(text) -> tuple:
+    """A text, or a pair already as a tuple, as the one row a Chunk holds."""
+    return text if isinstance(text, tuple) else (text,)
+
+
 def make_ours(scorer, texts: list[str], part_rows: int, prepared_ahead: bool = False, tokenizer_process: str = "auto",
               first_part_rows: int | None = None):
     """The pipeline. prepared_ahead: every chunk (and piece) tokenized and batched before the clock
@@ -193,7 +198,7 @@ def make_ours(scorer, texts: list[str], part_rows: int, prepared_ahead: bool = F
         if start >= len(texts):
             break
         stop = min(start + size, len(texts))
-        chunks.append(Chunk(i, list(range(start, stop)), [(t,) for t in texts[start:stop]]))
+        chunks.append(Chunk(i, list(range(start, stop)), [as_row(t) for t in texts[start:stop]]))
         start = stop
     cache: dict = {}
     real_prepare_pieces = scorer.prepare_pieces
@@ -238,7 +243,7 @@ def make_gpu_only(scorer, texts: list[str]):
     """Pre-tokenized, length-sorted batches already on the device: the forward pass alone."""
     import torch
 
-    prepared = scorer.prepare(__import__("attnfallback.scoring.chunks", fromlist=["Chunk"]).Chunk(0, list(range(len(texts))), [(t,) for t in texts]))
+    prepared = scorer.prepare(__import__("attnfallback.scoring.chunks", fromlist=["Chunk"]).Chunk(0, list(range(len(texts))), [as_row(t) for t in texts]))
     batches = [{k: v.to(scorer.device) if hasattr(v, "to") else v for k, v in b.tensors.items()} for b in prepared.batches]
     sync(str(scorer.device))
 

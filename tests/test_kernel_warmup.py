@@ -18,9 +18,34 @@ LLAMA_1B = {"model_type": "llama", "hidden_size": 2048, "num_attention_heads": 3
 def test_a_llama_config_gives_each_distinct_product_of_its_layers_and_the_logprob_head():
     plan = plan_from_config(LLAMA_1B, "logprob")
     assert plan == KernelPlan(hidden=2048, heads=32, kv_heads=8, head_dim=64, intermediate=8192, vocab=30522)
-    assert plan.products() == [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)]
+    assert plan.products()[:4] == [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)]
+    assert plan.products()[4:] == [(3072, 2048), (16384, 2048)]  # the fused layouts: query-key-value, gate-up
     assert plan.head_product() == (30528, 2048)  # the vocabulary padded to 64 columns, as the task runs it
     assert plan_from_config(LLAMA_1B, "embed").head_product() is None  # only a logprob task runs the head
+
+
+FAMILIES = {  # small configs of each family's real code: hidden, heads, FFN width and layout differ
+    "llama": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=160),
+    "qwen3": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=96),
+    "modernbert": dict(hidden_size=64, num_attention_heads=4, intermediate_size=96, global_attn_every_n_layers=2),
+    "bert": dict(hidden_size=64, num_attention_heads=4, intermediate_size=128),
+    "xlm-roberta": dict(hidden_size=64, num_attention_heads=4, intermediate_size=128),
+    "phi3": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=160),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_plan_covers_every_product_of_a_familys_layers(family):
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model(family, num_hidden_layers=2, vocab_size=100, pad_token_id=0,
+                                    bos_token_id=1, eos_token_id=2, **FAMILIES[family])
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    layers = {(m.out_features, m.in_features) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}".replace(".layer.", ".layers.")}
+    assert layers, family
+    assert layers <= set(plan_from_config(config.to_dict(), "embed").products()), family
 
 
 def test_the_heads_shape_is_the_one_the_logprob_task_runs():

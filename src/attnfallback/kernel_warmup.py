@@ -47,10 +47,14 @@ class KernelPlan:
     vocab: int | None  # the head's output width (logprob), else None
 
     def products(self) -> list[tuple[int, int]]:
-        """(out, in) of each distinct matrix product of a layer."""
+        """(out, in) of each distinct matrix product of a layer, in the separate and the fused
+        layouts families use (ModernBERT's and Phi-3's one query-key-value product, their gate and
+        up projections as one): the config does not say which a model's code runs."""
         attention = self.heads * self.head_dim
-        pairs = [(attention, self.hidden), (self.kv_heads * self.head_dim, self.hidden), (self.hidden, attention),
-                 (self.intermediate, self.hidden), (self.hidden, self.intermediate)]
+        kv = self.kv_heads * self.head_dim
+        pairs = [(attention, self.hidden), (kv, self.hidden), (self.hidden, attention),
+                 (self.intermediate, self.hidden), (self.hidden, self.intermediate),
+                 (attention + 2 * kv, self.hidden), (2 * self.intermediate, self.hidden)]
         return list(dict.fromkeys(pairs))
 
     def token_counts(self) -> list[int]:
