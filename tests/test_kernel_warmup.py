@@ -49,9 +49,20 @@ def test_the_plan_covers_every_product_of_a_familys_layers(family):
 
 
 def test_the_heads_shape_is_the_one_the_logprob_task_runs():
-    from attnfallback.scoring import tasks
+    """The warm-up's head product is the padded weight a logprob task makes of a model's head."""
+    import zoo
+    from transformers import AutoModelForCausalLM
 
-    assert (kernel_warmup.HEAD_ALIGN, kernel_warmup.HEAD_CHUNK_TOKENS) == (tasks.HEAD_ALIGN, tasks.LOGITS_CHUNK_TOKENS)
+    from attnfallback.fused_ops import HEAD_ALIGN
+    from attnfallback.scoring.tasks import LogprobTask
+
+    family = zoo.FAMILIES["llama"]
+    tokenizer = zoo.tokenizer_for(family)
+    model = AutoModelForCausalLM.from_config(zoo.make_config(family, tokenizer, "cpu", "logprob"))
+    task = LogprobTask(model, tokenizer, None)
+    assert task.vocab_size % HEAD_ALIGN  # a vocabulary the task pads
+    plan = plan_from_config(model.config.to_dict(), "logprob")
+    assert plan.head_product() == (task.align_head(HEAD_ALIGN), model.config.hidden_size)
 
 
 def test_row_counts_stop_where_the_widest_activation_would_pass_the_cap():

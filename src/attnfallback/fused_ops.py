@@ -39,6 +39,12 @@ from attnfallback import envs
 log = logging.getLogger("attnfallback")
 
 FUSED_FLAG = "_attnfallback_fused"  # set on a module instance whose forward was replaced
+# A logprob head's shape as a shard runs it (scoring/tasks.py; the kernel warm-up runs the same):
+LOGITS_CHUNK_TOKENS = 4096  # positions per head product (bounds the B x L x vocab logits)
+# on CUDA the head's product runs with its outputs padded to a multiple of this many columns:
+# cuBLAS takes its fast kernels only for 16-byte-aligned rows, and a vocabulary such as 30,522
+# or GPT-2's 50,257 gets an older, slower kernel (bench/NOTES.md, session 24).
+HEAD_ALIGN = 64
 
 
 class TorchKernels:

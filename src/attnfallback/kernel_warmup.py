@@ -24,15 +24,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from attnfallback import envs
-from attnfallback.fused_ops import config_text
+from attnfallback.fused_ops import HEAD_ALIGN, LOGITS_CHUNK_TOKENS, config_text
 from attnfallback.sdpa_order import sdpa_order
 
 SMALL_BATCH = (2, 24)  # rows, tokens: the verification batch's size (verify.py, scoring/trial.py)
 LARGE_TOKENS = (8192, 65536)  # the scoring loop's batches: a short last one, and a budget's worth
 LARGE_LENGTH = 64  # tokens a row in the large batches (attention kernels depend on the head width, not the length)
 MAX_ELEMENTS = 1 << 30  # no activation of the warm-up larger than this (2 GiB in half precision; the loop's are 1.5)
-HEAD_ALIGN = 64  # the logprob head's columns padded to this (scoring/tasks.py)
-HEAD_CHUNK_TOKENS = 4096  # and its rows at most this many a product (scoring/tasks.py, LOGITS_CHUNK_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ class KernelPlan:
 
     def head_product(self) -> tuple[int, int] | None:
         """(out, in) of a logprob head's product: the vocabulary padded as the task pads it; it runs
-        at most HEAD_CHUNK_TOKENS rows at a time."""
+        at most LOGITS_CHUNK_TOKENS rows at a time."""
         return (-(-self.vocab // HEAD_ALIGN) * HEAD_ALIGN, self.hidden) if self.vocab else None
 
 
@@ -170,7 +168,7 @@ def run(plan: KernelPlan, device, dtype) -> dict:
         head = plan.head_product()
         if head is not None:
             weight = torch.zeros(*head, device=device, dtype=dtype)
-            for tokens in (SMALL_BATCH[0] * SMALL_BATCH[1], HEAD_CHUNK_TOKENS):
+            for tokens in (SMALL_BATCH[0] * SMALL_BATCH[1], LOGITS_CHUNK_TOKENS):
                 linear(torch.zeros(tokens, head[1], device=device, dtype=dtype), weight)
 
     def attention() -> None:

@@ -18,7 +18,9 @@ import numpy as np
 
 from attnfallback import arrow_build
 from attnfallback.errors import UnknownNameError, UsageError
-from attnfallback.fused_ops import (
+from attnfallback.fused_ops import (  # the head's shape constants: module globals here, so bench/loop_levers.py can set them
+    HEAD_ALIGN,
+    LOGITS_CHUNK_TOKENS,
     TorchKernels,
     checked_logprob_kernel,
     compile_key,
@@ -58,11 +60,6 @@ AUTO_CLASSES = {
     "pairs": "AutoModelForSequenceClassification",
     "logprob": "AutoModelForCausalLM",
 }
-LOGITS_CHUNK_TOKENS = 4096  # logprob: positions per lm-head chunk (bounds the B x L x vocab logits)
-# logprob on CUDA: the head's matrix product runs with its output rows padded to a multiple of this
-# many columns. cuBLAS takes its fast kernels only for 16-byte-aligned rows; a vocabulary such as
-# 30,522 or GPT-2's 50,257 gets an older, slower kernel (bench/NOTES.md, session 24).
-HEAD_ALIGN = 64
 _UNSUPPORTED_LOGIT_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
