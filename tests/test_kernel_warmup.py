@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import zoo
 
 from attnfallback import kernel_warmup
 from attnfallback.kernel_warmup import KernelPlan, plan_from_config
@@ -24,33 +25,24 @@ def test_a_llama_config_gives_each_distinct_product_of_its_layers_and_the_logpro
     assert plan_from_config(LLAMA_1B, "embed").head_product() is None  # only a logprob task runs the head
 
 
-FAMILIES = {  # small configs of each family's real code: hidden, heads, FFN width and layout differ
-    "llama": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=160),
-    "qwen3": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=96),
-    "modernbert": dict(hidden_size=64, num_attention_heads=4, intermediate_size=96, global_attn_every_n_layers=2),
-    "bert": dict(hidden_size=64, num_attention_heads=4, intermediate_size=128),
-    "xlm-roberta": dict(hidden_size=64, num_attention_heads=4, intermediate_size=128),
-    "phi3": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=160),
-}
+@pytest.mark.parametrize("name", sorted(zoo.FAMILIES))
+def test_the_plan_covers_every_product_of_a_familys_layers(name):
+    """Each family of the conformance matrix, its real code: every matrix product outside the
+    embeddings (Linear, and GPT-2's Conv1D) is one the plan runs."""
+    from transformers.pytorch_utils import Conv1D
 
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_the_plan_covers_every_product_of_a_familys_layers(family):
-    from transformers import AutoConfig, AutoModel
-
-    config = AutoConfig.for_model(family, num_hidden_layers=2, vocab_size=100, pad_token_id=0,
-                                    bos_token_id=1, eos_token_id=2, **FAMILIES[family])
+    family = zoo.FAMILIES[name]
+    config = zoo.make_config(family, zoo.tokenizer_for(family), "cpu", "embed")
     with torch.device("meta"):
-        model = AutoModel.from_config(config)
-    layers = {(m.out_features, m.in_features) for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}".replace(".layer.", ".layers.")}
-    assert layers, family
-    assert layers <= set(plan_from_config(config.to_dict(), "embed").products()), family
+        model = zoo.model_class(family, "embed")(config)
+    products = {(m.out_features, m.in_features) if isinstance(m, torch.nn.Linear) else (m.nf, m.weight.shape[0])
+                for path, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and "embeddings" not in path}
+    assert products, name
+    assert products <= set(plan_from_config(config.to_dict(), "embed").products()), name
 
 
 def test_the_heads_shape_is_the_one_the_logprob_task_runs():
     """The warm-up's head product is the padded weight a logprob task makes of a model's head."""
-    import zoo
     from transformers import AutoModelForCausalLM
 
     from attnfallback.fused_ops import HEAD_ALIGN

@@ -79,8 +79,8 @@ def plan_from_config(raw: dict, task: str) -> KernelPlan | None:
     """The widths of a config.json's text model (None where it lacks a hidden width or a head
     count, or they do not divide: nothing to warm up)."""
     text = config_text(raw)
-    hidden = _positive(text.get("hidden_size") or text.get("d_model") or text.get("n_embd"))
-    heads = _positive(text.get("num_attention_heads") or text.get("n_head"))
+    hidden = _positive(text.get("hidden_size") or text.get("d_model") or text.get("n_embd") or text.get("dim"))
+    heads = _positive(text.get("num_attention_heads") or text.get("n_head") or text.get("n_heads"))
     if hidden is None or heads is None:
         return None
     head_dim = _positive(text.get("head_dim")) or (hidden // heads if hidden % heads == 0 else None)
@@ -89,7 +89,8 @@ def plan_from_config(raw: dict, task: str) -> KernelPlan | None:
     kv_heads = _positive(text.get("num_key_value_heads")) or heads
     if heads % kv_heads:
         kv_heads = heads
-    intermediate = _positive(text.get("intermediate_size") or text.get("ffn_dim") or text.get("n_inner")) or 4 * hidden
+    intermediate = (_positive(text.get("intermediate_size") or text.get("ffn_dim") or text.get("n_inner") or text.get("hidden_dim"))
+                    or 4 * hidden)
     vocab = _positive(text.get("vocab_size")) if task == "logprob" else None
     return KernelPlan(hidden, heads, kv_heads, head_dim, intermediate, vocab)
 
